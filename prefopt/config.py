@@ -1,0 +1,25 @@
+"""Where the configs live, and the OmegaConf resolvers they use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def conf_dir() -> Path:
+    """The `conf/` tree: inside the package when installed from a wheel, beside it in a checkout."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def _top_or(key: str, default, *, _root_):
+    # `${top_or:beta,2.0}`: the top-level value when the run sets it, else this yaml's own default.
+    # oc.select cannot do this: it returns a null top-level value instead of the default.
+    value = OmegaConf.select(_root_, key, default=None)
+    return default if value is None else value
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("top_or"):
+        OmegaConf.register_new_resolver("top_or", _top_or)
