@@ -1,0 +1,192 @@
+"""The loss yamls against the spec's table: keys, defaults, top-level beta, Hydra instantiation, bad values."""
+
+from __future__ import annotations
+
+import math
+
+import hydra.utils
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prefopt.config import conf_dir
+from prefopt.errors import ConfigError
+from prefopt.losses import LOSS_KEYS, Loss, PairLogps, available_losses, get_loss
+
+# spec/losses.md, "The losses" table, copied literally.
+SPEC_DEFAULTS = {
+    "dpo": {"beta": 0.1},
+    "cdpo": {"beta": 0.1, "label_smoothing": 0.1},
+    "robust": {"beta": 0.1, "label_smoothing": 0.1},
+    "ipo": {"beta": 0.1, "length_normalize": True},
+    "slic": {"beta": 0.1},
+    "caldpo": {"beta": 0.1, "calibration_weight": 1.0},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "alpha_dpo": {"beta": 2.5, "gamma": 1.0, "alpha": 0.2, "momentum": 0.9},
+    "bpo": {"beta": 0.1, "alpha": 0.3, "form": "hinge"},
+    "dpop": {"beta": 0.1, "dpop_lambda": 50},
+    "rdpo": {"beta": 0.1, "length_alpha": 0.05},
+    "orpo": {"beta": 0.1},
+    "nca": {"beta": 0.1},
+    "apo_zero": {"beta": 0.1},
+    "apo_down": {"beta": 0.1},
+    "rpo": {"beta": 0.1, "nll_weight": 1.0},
+    "typo": {"beta": 0.1, "kl_weight": 1.0},
+}
+REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def yaml_path(key):
+    return conf_dir() / "loss" / f"{key}.yaml"
+
+
+def test_yaml_stems_are_the_spec_keys():
+    assert len(SPEC_DEFAULTS) == 17
+    assert set(available_losses()) == set(SPEC_DEFAULTS)
+    assert set(LOSS_KEYS) == set(SPEC_DEFAULTS)
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+def test_yaml_shape(key):
+    text = yaml_path(key).read_text(encoding="utf-8")
+    assert text.startswith("# ") and len(text.splitlines()[0]) > 10
+    node = OmegaConf.load(yaml_path(key))
+    assert node._target_ == "prefopt.losses.Loss"
+    assert node.key == key
+    assert node.reference is (key not in REFERENCE_FREE)
+    assert OmegaConf.to_container(node)["beta"] == f"${{top_or:beta,{SPEC_DEFAULTS[key]['beta']}}}"
+    hparams = [k for k in node if k not in ("_target_", "key", "fn", "reference")]
+    assert hparams == list(SPEC_DEFAULTS[key])  # same names, in the spec's order
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+def test_get_loss_defaults_are_the_spec_defaults(key):
+    loss = get_loss(key)
+    assert isinstance(loss, Loss) and loss.key == key
+    assert loss.hparams == SPEC_DEFAULTS[key]
+    assert {k: type(v) for k, v in loss.hparams.items()} == {k: type(v) for k, v in SPEC_DEFAULTS[key].items()}
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+def test_function_defaults_are_the_spec_defaults(key):
+    # A Loss built from the function alone (no yaml values) has the same defaults: direct calls agree.
+    node = OmegaConf.load(yaml_path(key))
+    loss = Loss(key, node.fn, reference=node.reference)
+    assert loss.hparams == SPEC_DEFAULTS[key]
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+@pytest.mark.parametrize("top_beta", [None, 0.3])
+def test_every_yaml_instantiates_under_a_root_config(key, top_beta):
+    root = OmegaConf.create({"beta": top_beta, "loss": OmegaConf.load(yaml_path(key))})
+    loss = hydra.utils.instantiate(root.loss)
+    assert isinstance(loss, Loss)
+    assert loss.reference is (key not in REFERENCE_FREE)
+    expected = dict(SPEC_DEFAULTS[key])
+    if top_beta is not None:
+        expected["beta"] = top_beta
+    assert loss.hparams == expected
+    # and it runs on a batch
+    t = lambda *v: torch.tensor(v)  # noqa: E731
+    policy = PairLogps(t(-5.0, -7.0), t(-6.0, -6.5), t(3, 4), t(2, 5))
+    reference = PairLogps(t(-5.5, -6.0), t(-5.0, -7.0), t(3, 4), t(2, 5))
+    out = loss(policy, reference if loss.reference else None)
+    assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
+
+
+def test_get_loss_overrides_and_top_level_beta_absent():
+    loss = get_loss("bpo", beta=0.05, alpha=1.0, form="savage")
+    assert loss.hparams == {"beta": 0.05, "alpha": 1.0, "form": "savage"}
+    assert get_loss("simpo", gamma=0.5).hparams == {"beta": 2.0, "gamma": 0.5}
+
+
+# ------------------------------------------------------------------ bad values fail at construction
+
+BAD = [
+    ("beta", -0.1, "loss.beta must be > 0 (got -0.1)"),
+    ("beta", 0, "loss.beta must be > 0"),
+    ("beta", "abc", "loss.beta must be a finite number"),
+    ("beta", math.inf, "loss.beta must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+@pytest.mark.parametrize("name, value, message", BAD)
+def test_bad_beta_for_every_key(key, name, value, message):
+    with pytest.raises(ConfigError) as err:
+        get_loss(key, **{name: value})
+    assert message in str(err.value) and f"'{key}'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, hp, message",
+    [
+        ("bpo", {"alpha": 0}, "loss.alpha must be in (0, 1] (got 0)"),
+        ("bpo", {"alpha": 1.5}, "loss.alpha must be in (0, 1] (got 1.5)"),
+        ("bpo", {"alpha": -0.3}, "loss.alpha must be in (0, 1]"),
+        ("bpo", {"form": "relu"}, "loss.form must be one of logistic, hinge, square, exponential, truncated_quadratic, savage (got 'relu')"),
+        ("cdpo", {"label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5) (got 0.5)"),
+        ("cdpo", {"label_smoothing": -0.1}, "loss.label_smoothing must be in [0, 0.5)"),
+        ("robust", {"label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5) (got 0.5)"),
+        ("robust", {"label_smoothing": 0.7}, "loss.label_smoothing must be in [0, 0.5)"),
+        ("ipo", {"length_normalize": "yes"}, "loss.length_normalize must be true or false"),
+        ("caldpo", {"calibration_weight": -1.0}, "loss.calibration_weight must be >= 0"),
+        ("simpo", {"gamma": math.nan}, "loss.gamma must be a finite number"),
+        ("dpop", {"dpop_lambda": -1}, "loss.dpop_lambda must be >= 0"),
+        ("rdpo", {"length_alpha": -0.05}, "loss.length_alpha must be >= 0"),
+        ("rpo", {"nll_weight": -1.0}, "loss.nll_weight must be >= 0"),
+        ("typo", {"kl_weight": -1.0}, "loss.kl_weight must be >= 0"),
+        ("alpha_dpo", {"momentum": 1.0}, "loss.momentum must be in [0, 1) (got 1.0)"),
+        ("alpha_dpo", {"alpha": -0.2}, "loss.alpha must be >= 0"),
+        ("alpha_dpo", {"gamma": "x"}, "loss.gamma must be a finite number"),
+    ],
+)
+def test_bad_hyperparameter_names_the_key(key, hp, message):
+    with pytest.raises(ConfigError) as err:
+        get_loss(key, **hp)
+    assert message in str(err.value) and f"loss '{key}'" in str(err.value)
+
+
+def test_unknown_hyperparameter_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"loss 'bpo' has no hyper-parameter gamma; valid: beta, alpha, form"):
+        get_loss("bpo", gamma=1.0)
+    with pytest.raises(ConfigError, match=r"loss 'dpo' has no hyper-parameter label_smoothing; valid: beta"):
+        Loss("dpo", "prefopt.losses.sigmoid.dpo", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"valid: beta, gamma, alpha, momentum"):
+        Loss("alpha_dpo", "prefopt.losses.alpha_dpo.AlphaDPO", form="hinge")
+
+
+def test_unknown_key_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"unknown loss 'kto'; available: alpha_dpo, apo_down, .*typo"):
+        get_loss("kto")
+
+
+def test_bad_fn_and_reference_flag():
+    with pytest.raises(ConfigError, match=r"loss.fn: cannot import 'prefopt.losses.sigmoid.nope'"):
+        Loss("dpo", "prefopt.losses.sigmoid.nope")
+    # A reference loss configured reference-free would never get its reference model.
+    with pytest.raises(ConfigError, match=r"loss.reference is false but loss 'dpo' needs reference log-probs"):
+        Loss("dpo", "prefopt.losses.sigmoid.dpo", reference=False)
+    with pytest.raises(ConfigError, match=r"loss.reference must be true or false"):
+        Loss("dpo", "prefopt.losses.sigmoid.dpo", reference="yes")
+
+
+def test_bad_value_under_hydra_instantiate_chains_the_config_error():
+    root = OmegaConf.create({"beta": -1.0, "loss": OmegaConf.load(yaml_path("dpo"))})
+    with pytest.raises(Exception) as err:
+        hydra.utils.instantiate(root.loss)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__
+    assert any(isinstance(x, ConfigError) and "loss.beta must be > 0 (got -1.0)" in str(x) for x in chain)
+
+
+def test_stateless_losses_have_empty_state():
+    loss = get_loss("dpo")
+    assert loss.state_dict() == {}
+    loss.load_state_dict({})
+    with pytest.raises(ValueError, match="stateless"):
+        loss.load_state_dict({"mu": 1.0})
+    assert loss.eval() is loss and loss.training is False
+    assert loss.train() is loss and loss.training is True
