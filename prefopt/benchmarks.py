@@ -1,0 +1,304 @@
+"""Math benchmark sets for evaluation: loading `problem`/`answer` rows, prompt templates, accuracy."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from prefopt.errors import ConfigError, DataError
+
+# The instruction of Qwen2.5-Math's chain-of-thought evaluation (its `qwen25-math-cot` prompt type),
+# which the Llama-3.1 template reuses so both families are asked for the same answer format.
+COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+PROMPT_FAMILIES = ("qwen_math", "llama3", "plain")
+
+_LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gold-answer transforms: small hooks named by `answer_transform` in conf/eval/*.yaml
+
+
+def _gsm8k_answer(value: Any) -> Any:
+    # GSM8K's `answer` is a worked solution ending in "#### 72"; the gold answer is what follows `####`.
+    if not isinstance(value, str) or "####" not in value:
+        raise ValueError("has no '#### <answer>' line")
+    return value.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _boxed_answer(value: Any) -> Any:
+    # Sets that store a full solution (MATH's `solution`): the gold answer is its last \boxed{}.
+    from prefopt.verify import last_boxed
+
+    boxed = last_boxed(value) if isinstance(value, str) else None
+    if boxed is None:
+        raise ValueError("has no \\boxed{} answer")
+    return boxed
+
+
+def _join_answer(value: Any) -> Any:
+    # OlympiadBench stores `final_answer` as a list (several parts of one answer): join them.
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError("is an empty list or holds non-scalar items")
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+ANSWER_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
+    "gsm8k": _gsm8k_answer,
+    "boxed": _boxed_answer,
+    "join": _join_answer,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _is_local(path_or_id: str) -> bool:
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return True
+    # Something shaped like a file path that is not there is a missing file, not a hub id.
+    return (
+        path.suffix.lower() in _LOCAL_SUFFIXES
+        or path_or_id.startswith(("/", "./", "../", "~"))
+        or path_or_id.count("/") > 1
+    )
+
+
+def _read_json_rows(path: Path, kind: str) -> list[tuple[int, Any]]:
+    """(1-based row number, row) pairs: the line number for JSONL, the list position for JSON."""
+    text = path.read_text(encoding="utf-8")
+    if kind == "json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from e
+        return list(enumerate(data, start=1))
+    if kind == "json" and text.lstrip().startswith("{"):
+        try:  # a single object: {"data": [...]} style, or one row
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # JSON Lines saved with a .json suffix
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(data) == 1 and len(lists) == 1:
+                return list(enumerate(lists[0], start=1))
+            return [(1, data)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, row {number}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def _read_parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    from datasets import Dataset
+
+    try:
+        dataset = Dataset.from_parquet(str(path))
+    except Exception as e:  # noqa: BLE001  (pyarrow raises many types for a bad file)
+        raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from e
+    return list(enumerate(dataset, start=1))
+
+
+def _read_hub_rows(hub_id: str, split: str | None, subset: str | None) -> list[tuple[int, Any]]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(hub_id, subset, split=split or "test")
+    except Exception as e:  # noqa: BLE001  (offline, a wrong id, a missing split: one message names them)
+        raise DataError(
+            f"cannot load benchmark {hub_id!r} (subset={subset!r}, split={split or 'test'!r}) from the hub "
+            f"({type(e).__name__}: {e}); set the eval config's `path` to a local JSONL/JSON/Parquet file"
+        ) from e
+    return list(enumerate(dataset, start=1))
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+def load_benchmark(
+    path_or_id: str,
+    split: str | None = None,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    limit: int | None = None,
+    subset: str | None = None,
+    answer_transform: str | None = None,
+) -> list[dict]:
+    """Rows `{"problem", "answer", "index"}` of a benchmark: a local JSONL/JSON/Parquet file or a hub id.
+
+    `split` and `subset` (the hub config name) apply to hub ids only (default split `test`).
+    `answer_transform` names a hook of ANSWER_TRANSFORMS (`gsm8k`, `boxed`, `join`) applied to the raw
+    answer. A row whose problem or answer is missing, empty or not a string/number raises DataError
+    naming the file, the 1-based row and the field.
+    """
+    if not isinstance(path_or_id, str) or not path_or_id.strip():
+        raise ConfigError(f"eval path must be a file path or a hub dataset id, got {path_or_id!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ConfigError(f"eval limit must be null or an integer >= 0, got {limit!r}")
+    transform = None
+    if answer_transform is not None:
+        if answer_transform not in ANSWER_TRANSFORMS:
+            raise ConfigError(
+                f"eval answer_transform {answer_transform!r} is not one of {sorted(ANSWER_TRANSFORMS)}"
+            )
+        transform = ANSWER_TRANSFORMS[answer_transform]
+
+    if _is_local(path_or_id):
+        path = Path(path_or_id).expanduser()
+        if not path.is_file():
+            raise DataError(f"benchmark file {path} does not exist")
+        kind = _LOCAL_SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"benchmark file {path}: unknown format (expected .jsonl, .json or .parquet)")
+        raw = _read_parquet_rows(path) if kind == "parquet" else _read_json_rows(path, kind)
+        where = str(path)
+    else:
+        raw = _read_hub_rows(path_or_id, split, subset)
+        where = f"{path_or_id} ({split or 'test'} split)"
+
+    rows = []
+    for position, (number, row) in enumerate(raw):
+        if limit is not None and position >= limit:
+            break
+        if not isinstance(row, dict):
+            raise DataError(f"{where}, row {number}: expected an object with fields, got {type(row).__name__}")
+        values = {}
+        for key, field in (("problem", problem_field), ("answer", answer_field)):
+            if field not in row or row[field] is None:
+                raise DataError(f"{where}, row {number}: missing field {field!r}")
+            value = row[field]
+            if key == "answer" and transform is not None:
+                try:
+                    value = transform(value)
+                except ValueError as e:
+                    raise DataError(
+                        f"{where}, row {number}: field {field!r} {e} (answer_transform={answer_transform})"
+                    ) from e
+            text = _scalar(value)
+            if text is None:
+                raise DataError(
+                    f"{where}, row {number}: field {field!r} must be a non-empty string or a number, "
+                    f"got {type(value).__name__} {str(value)[:60]!r}"
+                )
+            values[key] = text
+        rows.append({"problem": values["problem"], "answer": values["answer"], "index": position})
+    return rows
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark as conf/eval/*.yaml describes it; `load()` reads its rows.
+
+    `path: null` means the engine supplies the problems itself (the held-out synthetic arithmetic set).
+    """
+
+    name: str
+    path: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    answer_transform: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"eval name must be a non-empty string, got {self.name!r}")
+        if self.answer_transform is not None and self.answer_transform not in ANSWER_TRANSFORMS:
+            raise ConfigError(
+                f"eval.answer_transform {self.answer_transform!r} (benchmark {self.name}) is not one of "
+                f"{sorted(ANSWER_TRANSFORMS)}"
+            )
+        if self.limit is not None and (
+            not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 0
+        ):
+            raise ConfigError(
+                f"eval.limit (benchmark {self.name}) must be null or an integer >= 0, got {self.limit!r}"
+            )
+
+    def load(self) -> list[dict]:
+        if self.path is None:
+            raise ConfigError(
+                f"benchmark {self.name} has eval.path null (its problems are generated): "
+                "set eval.path to a JSONL/JSON/Parquet file or a hub id to load it from there"
+            )
+        return load_benchmark(
+            self.path,
+            split=self.split,
+            problem_field=self.problem_field,
+            answer_field=self.answer_field,
+            limit=self.limit,
+            subset=self.subset,
+            answer_transform=self.answer_transform,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def format_prompt(problem: str, family: str) -> list[dict[str, str]]:
+    """The chat `messages` asking `family`'s model to solve `problem` with a final `\\boxed{}` answer.
+
+    - `qwen_math`: Qwen2.5-Math's official CoT evaluation (`qwen25-math-cot` in QwenLM/Qwen2.5-Math's
+      evaluation, and the Qwen2.5-Math-Instruct model card): the instruction is the system message, the
+      problem alone is the user message.
+    - `llama3`: Llama-3.1 chat has no math system prompt of its own, so the instruction follows the problem
+      in the user message (the chat template adds Llama's default system header).
+    - `plain`: the problem text alone, as one user message (the tiny synthetic-arithmetic models).
+    """
+    if family == "qwen_math":
+        return [{"role": "system", "content": COT_INSTRUCTION}, {"role": "user", "content": problem}]
+    if family == "llama3":
+        return [{"role": "user", "content": f"{problem}\n{COT_INSTRUCTION}"}]
+    if family == "plain":
+        return [{"role": "user", "content": problem}]
+    raise ConfigError(f"prompt family {family!r} is not one of {', '.join(PROMPT_FAMILIES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def score(verdicts: Iterable[Any]) -> dict[str, float | int]:
+    """Accuracy (correct / total) and the count of each verdict status."""
+    statuses = Counter(v.status for v in verdicts)
+    total = sum(statuses.values())
+    correct = statuses["correct"]
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "correct": correct,
+        "total": total,
+        "wrong": statuses["wrong"],
+        "no_answer": statuses["no_answer"],
+        "timeout": statuses["timeout"],
+        "error": statuses["error"],
+    }
+
+
+def mean_accuracy(scores: Sequence[dict]) -> float:
+    """The unweighted mean of several benchmarks' accuracies (the BPO paper's headline number)."""
+    return sum(s["accuracy"] for s in scores) / len(scores) if scores else 0.0
+
