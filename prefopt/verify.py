@@ -371,7 +371,12 @@ class AnswerChecker:
             for w in self._workers:
                 if w.state == "idle" and pending:
                     index = pending.popleft()
-                    w.conn.send((index, outputs[index], golds[index]))
+                    try:
+                        w.conn.send((index, outputs[index], golds[index]))
+                    except OSError:  # it died while idle: the answer goes to another worker
+                        pending.appendleft(index)
+                        self._replace(w)
+                        continue
                     w.state, w.index, w.deadline = "busy", index, now + self.timeout_s
             deadlines = [w.deadline for w in self._workers if w.state == "busy"]
             deadlines += [w.since + _START_TIMEOUT_S for w in self._workers if w.state == "starting"]

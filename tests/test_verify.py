@@ -135,3 +135,11 @@ def test_extract_answer():
     assert extract_answer("no answer here") is None
     assert extract_answer(r"\boxed{}") is None
     assert last_boxed(r"\boxed{a{b}c} \boxedsomething") == "a{b}c"
+
+
+def test_check_fn_by_name_and_a_bad_one():
+    with AnswerChecker(timeout_s=TIMEOUT_S, workers=1, check_fn="prefopt.verify:check_answer") as c:
+        assert c.check(r"\boxed{2}", "2") == Verdict(True, "correct", "2")
+    with AnswerChecker(workers=1, check_fn="no_such_module:check") as c:
+        with pytest.raises(RuntimeError, match="could not start: ModuleNotFoundError"):
+            c.check("1", "1")
