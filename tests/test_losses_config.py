@@ -190,3 +190,17 @@ def test_stateless_losses_have_empty_state():
         loss.load_state_dict({"mu": 1.0})
     assert loss.eval() is loss and loss.training is False
     assert loss.train() is loss and loss.training is True
+
+
+@pytest.mark.skipif(not (conf_dir() / "config.yaml").is_file(), reason="no root config yet")
+@pytest.mark.parametrize("overrides, beta", [(["loss=simpo"], 2.0), (["loss=simpo", "beta=0.3"], 0.3),
+                                             (["loss=bpo", "beta=0.05", "loss.form=savage"], 0.05)])
+def test_composed_run_config_reads_top_level_beta(overrides, beta):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert loss.hparams["beta"] == beta
+    if "loss.form=savage" in overrides:
+        assert loss.hparams["form"] == "savage"
