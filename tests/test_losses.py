@@ -295,13 +295,15 @@ def test_rewards_and_metric_conventions(key):
 def test_loss_specific_metrics_by_hand():
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out, _ = run("orpo")
-    zs = [(p[0] / p[4] - p[1] / p[5]) - (math.log(1 - math.exp(p[0] / p[4])) - math.log(1 - math.exp(p[1] / p[5]))) for p in PAIRS]
+    aw, al = [p[0] / p[4] for p in PAIRS], [p[1] / p[5] for p in PAIRS]
+    zs = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(aw, al)]
     assert out.metrics["orpo/log_odds"].item() == pytest.approx(mean(zs), rel=1e-6)
     assert out.metrics["orpo/nll"].item() == pytest.approx(mean([-p[0] / p[4] for p in PAIRS]), rel=1e-6)
     out, _ = run("rpo")
     assert out.metrics["rpo/nll"].item() == pytest.approx(mean([-p[0] / p[4] for p in PAIRS]), rel=1e-6)
     out, _ = run("typo")
-    assert out.metrics["typo/kl"].item() == pytest.approx(mean([0.5 * (p[2] - p[0] + p[3] - p[1]) for p in PAIRS]), rel=1e-6)
+    kl = [0.5 * ((p[2] - p[0]) + (p[3] - p[1])) for p in PAIRS]
+    assert out.metrics["typo/kl"].item() == pytest.approx(mean(kl), rel=1e-6)
     out, _ = run("caldpo", beta=0.25)
     cal = [(p[0] - p[2] - 2) ** 2 + (p[1] - p[3] + 2) ** 2 for p in PAIRS]
     assert out.metrics["caldpo/calibration"].item() == pytest.approx(mean(cal), rel=1e-6)
@@ -368,3 +370,12 @@ def test_float32_inputs_and_integer_token_counts():
     for key in LOSS_KEYS:
         out = get_loss(key)(policy, reference)
         assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss).all(), key
+
+
+def test_pair_logps_helpers():
+    policy, _ = batch(grad=True)
+    assert policy.chosen_mean.tolist() == pytest.approx([-3.0, -2.5, -1.5])
+    assert policy.rejected_mean.tolist() == pytest.approx([-2.5, -3.0, -0.9])
+    detached = policy.detach()
+    assert not detached.chosen.requires_grad and detached.chosen.tolist() == policy.chosen.tolist()
+    assert LossOutput(torch.zeros(1), torch.zeros(1), torch.zeros(1)).metrics == {}
