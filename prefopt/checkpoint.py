@@ -1,0 +1,86 @@
+"""Atomic checkpoints: written under a temporary name, completed with a marker, then renamed into place.
+
+A kill at any moment leaves either the previous checkpoint or the new one, never a half-written
+`step_*` directory; a checkpoint without its marker (or one that fails to load) is passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp-step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / MARKER).write_text(str(step))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (after a resume): replace it atomically enough
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    state = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+    if tied:
+        model.tie_weights()
+
+
+def load_latest(ckpt_dir: Path, model: torch.nn.Module) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that loads; a corrupt newest one is reported and the previous one used."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+            load_model_weights(model, path)
+            return path, state
+        except Exception as exc:  # noqa: BLE001 - any damage means "use an older one"
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(exc).__name__, exc)
+    return None

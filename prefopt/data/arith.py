@@ -1,0 +1,87 @@
+"""The embedded default data: synthetic, verifiable arithmetic with answers in `\\boxed{}` form.
+
+It is the CPU-scale analogue of the math reasoning sets of the BPO paper: every problem has an exact answer,
+so a verifier can label sampled solutions, and chosen/rejected pairs are (correct, wrong) worked answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from prefopt.data.sources import PreferencePair
+from prefopt.errors import ConfigError
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def question(a: int, op: str, b: int) -> str:
+    return f"What is {a} {op} {b}?"
+
+
+def worked_answer(a: int, op: str, b: int, result: int) -> str:
+    return f"{a} {op} {b} = {result}. The answer is \\boxed{{{result}}}."
+
+
+def wrong_result(rng: random.Random, correct: int) -> int:
+    """A plausible mistake: off by one or ten, or a swapped/mistyped last digit."""
+    delta = rng.choice([-10, -2, -1, 1, 2, 10])
+    return correct + delta
+
+
+def problems(n: int, seed: int, max_operand: int, ops: str, exclude: set | None = None) -> list[tuple[int, str, int]]:
+    """`n` distinct problems (a, op, b), none of them in `exclude`."""
+    for op in ops:
+        if op not in OPS:
+            raise ConfigError(f"data.ops: unknown operator {op!r} (valid: {''.join(OPS)})")
+    space = (max_operand + 1) ** 2 * len(ops)
+    exclude = exclude or set()
+    if n > space - len(exclude):
+        raise ConfigError(f"data: {n} distinct problems requested but only {space - len(exclude)} exist "
+                          f"with max_operand={max_operand}, ops={ops!r}")
+    rng, seen, out = random.Random(seed), set(exclude), []
+    while len(out) < n:
+        p = (rng.randint(0, max_operand), rng.choice(ops), rng.randint(0, max_operand))
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return OPS[op](a, b)
+
+
+@dataclass
+class ArithmeticData:
+    """Pairs (correct worked answer, wrong one) for train and held-out problems (`conf/data/arith.yaml`)."""
+
+    n_train: int = 512
+    n_eval: int = 64
+    max_operand: int = 20
+    ops: str = "+-"
+    seed: int = 1234
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    def split_problems(self) -> tuple[list, list]:
+        held = problems(self.n_eval, self.seed + 1, self.max_operand, self.ops)
+        train = problems(self.n_train, self.seed, self.max_operand, self.ops, exclude=set(held))
+        return train, held
+
+    def pairs(self, probs: list, seed: int, prefix: str) -> list[PreferencePair]:
+        rng = random.Random(seed)
+        out = []
+        for i, (a, op, b) in enumerate(probs):
+            right = solve(a, op, b)
+            out.append(PreferencePair(prompt=question(a, op, b), chosen=worked_answer(a, op, b, right),
+                                      rejected=worked_answer(a, op, b, wrong_result(rng, right)), pair_id=f"{prefix}{i}"))
+        return out
+
+    def load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+        train, held = self.split_problems()
+        return (self.pairs(train, self.seed + 2, "arith-train-"), self.pairs(held, self.seed + 3, "arith-eval-"),
+                {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}})

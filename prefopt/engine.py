@@ -1,0 +1,247 @@
+"""The training engine: micro-batches, accumulation, clipping, optimizer step, evaluation, logging, checkpoints.
+
+It knows no model names, loss names or distributed strategies: it gets a policy, an optional frozen
+reference, a `Loss` (see `prefopt.losses`), batches of tokenized pairs, and a `Hardware`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from prefopt.checkpoint import load_latest, save_checkpoint
+from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
+from prefopt.errors import ConfigError, TrainingError
+from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
+from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, pair_logps
+from prefopt.losses import LossOutput, PairLogps
+from prefopt.tracking import RunLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The top-level knobs of a run (`steps`, `batch_size`, ... in `conf/config.yaml`)."""
+
+    steps: int = 60
+    batch_size: int = 16  # pairs per optimizer step (global, over all ranks)
+    micro_batch_size: int = 8  # pairs per forward/backward on one rank
+    eval_every: int = 20  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only the final checkpoint
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # stop | skip
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    progress: bool = True
+
+    def validate(self, world_size: int = 1) -> None:
+        for name in ("steps", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        per_rank, rem = divmod(self.batch_size, world_size)
+        if rem:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by the number of processes ({world_size})")
+        if per_rank % self.micro_batch_size:
+            raise ConfigError(f"batch_size per process ({per_rank}) must be divisible by micro_batch_size "
+                              f"({self.micro_batch_size})")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
+
+
+def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None) -> dict[str, torch.Tensor]:
+    """Per-pair values of the metrics every loss gets (spec: 'Metrics every loss gets for free')."""
+    c, r = out.chosen_reward.detach().float(), out.rejected_reward.detach().float()
+    m = {
+        "loss": out.loss.detach().float(),
+        "rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r, "rewards/accuracies": (c > r).float(),
+        "logps/chosen": policy.chosen.detach().float(), "logps/rejected": policy.rejected.detach().float(),
+        "dcr/chosen_reward_below_zero": (c < 0).float(),
+    }
+    if reference is not None:
+        m["dcr/chosen_logp_delta_per_token"] = ((policy.chosen - reference.chosen).detach() / policy.chosen_tokens).float()
+        m["dcr/rejected_logp_delta_per_token"] = ((policy.rejected - reference.rejected).detach() / policy.rejected_tokens).float()
+    return m
+
+
+class MetricSums:
+    """Sums of per-pair metrics (and pair-weighted loss-specific scalars) over the micro-batches of a step."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.pairs = 0
+
+    def add(self, per_pair: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in per_pair.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.pairs += n
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{k}": v / max(self.pairs, 1) for k, v in self.sums.items()}
+
+
+class Trainer:
+    def __init__(self, *, policy: torch.nn.Module, reference: torch.nn.Module | None, loss, optimizer, scheduler,
+                 train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
+                 config: TrainConfig, hardware: Hardware, run_log: RunLog, run_dir: Path, seed: int,
+                 max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None):
+        config.validate(hardware.world_size)
+        if loss.reference and reference is None and reference_logps is None:
+            raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
+        self.policy, self.reference, self.loss = policy, reference, loss
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.cfg, self.hw, self.run_log = config, hardware, run_log
+        self.batcher = PairBatcher(train_pairs, config.batch_size, seed, hardware.rank, hardware.world_size)
+        self.eval_pairs = list(eval_pairs)
+        self.pad_id, self.max_grad_norm = pad_id, max_grad_norm
+        self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.device = hardware.torch_device
+        self.step = 0
+        self.skipped_steps = 0
+        self.external_reference = reference_logps  # e.g. a reference log-prob cache lookup
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def reference_logps(self, batch: PreferenceBatch) -> PairLogps | None:
+        if not self.loss.reference:
+            return None
+        if batch.reference is not None:
+            return batch.reference
+        if self.external_reference is not None:
+            return self.external_reference(batch)
+        with torch.no_grad():
+            return pair_logps(self.reference, batch, self.cfg.chunk_elements)
+
+    def forward_loss(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
+        policy = pair_logps(self.policy, batch, self.cfg.chunk_elements)
+        reference = self.reference_logps(batch)
+        return self.loss(policy, reference), policy, reference
+
+    def accumulate(self, pairs: Sequence[TokenizedPair], step: int) -> tuple[MetricSums, int]:
+        """Forward and backward over the micro-batches of one step; gradients equal the full batch's mean."""
+        sums, tokens = MetricSums(), 0
+        for micro in micro_batches(pairs, self.cfg.micro_batch_size):
+            batch = collate(micro, self.pad_id).to(self.device)
+            out, policy, reference = self.forward_loss(batch)
+            if not torch.isfinite(out.loss).all():
+                bad = [batch.pair_ids[i] for i in (~torch.isfinite(out.loss)).nonzero().flatten().tolist()]
+                raise _NonFinite(f"non-finite loss at step {step + 1} for pairs {bad}")
+            # mean over the global batch = Σ micro sums / global batch size (DDP averages over ranks too)
+            (out.loss.sum() * (self.hw.world_size / self.cfg.batch_size)).backward()
+            sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
+            tokens += batch.num_tokens
+        return sums, tokens
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.policy.train()
+        self.loss.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.step
+        try:
+            sums, tokens = self.accumulate(self.batcher.batch(step), step)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+            if not torch.isfinite(norm):
+                raise _NonFinite(f"non-finite gradient norm at step {step + 1} for pairs {self.batcher.batch_ids(step)}")
+        except _NonFinite as exc:
+            if self.cfg.on_nonfinite == "skip":
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.step += 1
+                log.warning("%s; step skipped (on_nonfinite=skip)", exc)
+                return {"train/skipped_steps": self.skipped_steps}
+            raise TrainingError(f"{exc}; the run stopped, the last checkpoint in {self.ckpt_dir} is intact "
+                                f"(set on_nonfinite=skip to skip such steps)") from None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics = sums.means("train")
+        elapsed = time.perf_counter() - t0
+        metrics.update({"train/grad_norm": float(norm), "train/lr": lr, "train/epoch": self.batcher.epoch(self.step),
+                        "train/tokens_per_s": tokens * self.hw.world_size / elapsed, "train/step_time_s": elapsed})
+        return self.hw.all_reduce_mean(metrics)
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_pairs:
+            return {}
+        self.policy.eval()
+        self.loss.eval()
+        sums = MetricSums()
+        share = self.eval_pairs[self.hw.rank:: self.hw.world_size]
+        for micro in micro_batches(share, self.cfg.micro_batch_size):
+            batch = collate(micro, self.pad_id).to(self.device)
+            out, policy, reference = self.forward_loss(batch)
+            sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
+        self.policy.train()
+        self.loss.train()
+        return self.hw.all_reduce_mean(sums.means("eval"))
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "loss": self.loss.state_dict(), "rng": rng_state(), "skipped_steps": self.skipped_steps}
+
+    def save(self) -> Path | None:
+        if not self.hw.is_main:
+            return None
+        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(), keep=self.cfg.keep_checkpoints)
+
+    def try_resume(self) -> int | None:
+        """Continue from the newest complete checkpoint in this run directory, if there is one."""
+        found = load_latest(self.ckpt_dir, self.policy)
+        if found is None:
+            return None
+        path, state = found
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss.load_state_dict(state["loss"])
+        set_rng_state(state["rng"])
+        self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        log.info("resumed from %s (step %d)", path, self.step)
+        return self.step
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        start = time.perf_counter()
+        last: dict[str, float] = {}
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
+                   dynamic_ncols=True)
+        while self.step < self.cfg.steps:
+            metrics = self.train_step()
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                metrics.update(self.evaluate())
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                self.run_log.log(self.step, metrics)
+            last.update(metrics)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last.get('train/loss', math.nan):.4f}",
+                            acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}")
+        bar.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            self.run_log.log(self.step, final_eval)
+            last.update(final_eval)
+        self.save()
+        return {"metrics": last, "wall_time_s": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
+                "skipped_steps": self.skipped_steps}
+
+
+class _NonFinite(Exception):
+    pass

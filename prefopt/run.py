@@ -1,0 +1,170 @@
+"""The Hydra entry point: `python -m prefopt.run [group=option ...] [key=value ...]`.
+
+This is the composition root: it turns the config into plain objects (models, tokenizer, pairs, loss,
+optimizer, hardware, loggers) and hands them to the engine. No `DictConfig` travels past this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import prefopt  # noqa: F401 - registers the config resolvers
+from prefopt.config import conf_dir
+from prefopt.errors import ConfigError, PrefoptError
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass
+class RunPlan:
+    """Everything built and validated from the config before any model or data is loaded."""
+
+    cfg: DictConfig
+    hardware: Any
+    loss: Any
+    train: Any
+    model: Any
+    data: Any
+    wandb: Any
+
+
+def instantiate(node, *args, **kwargs):
+    """`hydra.utils.instantiate`, but our own errors come out as themselves, not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, PrefoptError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def plan(cfg: DictConfig) -> RunPlan:
+    """Instantiate the cheap parts; every bad value raises a ConfigError naming its key."""
+    if cfg.beta is not None and not cfg.beta > 0:
+        raise ConfigError(f"beta must be > 0 (got {cfg.beta})")
+    hardware = instantiate(cfg.hardware)
+    loss = instantiate(cfg.loss)
+    train = instantiate(cfg.train)
+    train.validate(hardware.world_size)
+    model = instantiate(cfg.model)
+    data = instantiate(cfg.data.source)
+    wandb = instantiate(cfg.logger.wandb) if cfg.logger.get("wandb") else None
+    return RunPlan(cfg, hardware, loss, train, model, data, wandb)
+
+
+def _hydra_info() -> dict[str, Any]:
+    """Run directory, choices and sweep name from Hydra (empty when called outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    return {"run_dir": Path(hc.runtime.output_dir), "choices": dict(hc.runtime.choices),
+            "group": Path(hc.sweep.dir).name if multirun else Path(hc.runtime.output_dir).name,
+            "overrides": list(hc.overrides.task)}
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    """One preference-optimization run; returns the summary that is also written to `summary.json`."""
+    import torch
+    from transformers import get_scheduler
+
+    from prefopt.data.batching import tokenize_pairs
+    from prefopt.engine import Trainer
+    from prefopt.hardware import seed_everything
+    from prefopt.models import freeze, load_model, load_tokenizer
+    from prefopt.tracking import RunLog
+
+    info = _hydra_info()
+    run_dir = Path(run_dir or info.get("run_dir") or cfg.get("output_dir") or "outputs/run")
+    p = plan(cfg)
+    p.model.check_available()  # seconds, before any data is read
+    hw = p.hardware.setup()
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(p.model)
+    train_rows, eval_rows, data_info = p.data.load()
+    tok_args = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                    completion_eos=p.model.completion_eos, chat_template=cfg.data.chat_template,
+                    system_prompt=cfg.data.system_prompt)
+    train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **tok_args)
+    eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **tok_args)
+
+    policy = load_model(p.model, vocab_size=len(tokenizer)).to(hw.torch_device)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
+    reference = freeze(copy.deepcopy(policy)) if p.loss.reference else None
+
+    params = [q for q in policy.parameters() if q.requires_grad]
+    optimizer = instantiate(cfg.optimizer.factory)(params)
+    scheduler = get_scheduler(cfg.optimizer.scheduler, optimizer, num_warmup_steps=cfg.optimizer.warmup_steps,
+                              num_training_steps=p.train.steps)
+    trainer = Trainer(policy=policy, reference=reference, loss=p.loss, optimizer=optimizer, scheduler=scheduler,
+                      train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train,
+                      hardware=hw, run_log=None, run_dir=run_dir, seed=cfg.seed,
+                      max_grad_norm=cfg.optimizer.max_grad_norm)
+    resumed = None
+    if cfg.resume == "auto":
+        resumed = trainer.try_resume()
+    elif cfg.resume:
+        trainer.ckpt_dir = Path(cfg.resume)
+        resumed = trainer.try_resume()
+        if resumed is None:
+            raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
+        trainer.ckpt_dir = run_dir / "checkpoints"
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if p.wandb is not None:
+        choices = info.get("choices", {})
+        p.wandb.group = p.wandb.group or info.get("group")
+        p.wandb.name = p.wandb.name or run_dir.name
+        p.wandb.tags = [f"{g}:{choices[g]}" for g in ("loss", "model", "data") if g in choices] + list(p.wandb.tags)
+    trainer.run_log = RunLog(run_dir, resolved, p.wandb, enabled=hw.is_main, resume_step=resumed)
+    if hw.is_main:
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir, len(train_pairs),
+                 len(eval_pairs), p.loss.key, p.loss.hparams, f"{sum(q.numel() for q in params):,}")
+
+    result = trainer.fit()
+    if hw.is_main:
+        final = run_dir / "final"
+        policy.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    summary = {"status": "complete", "step": trainer.step, "loss": p.loss.key, "hparams": p.loss.hparams,
+               "overrides": info.get("overrides", []), "resumed_from_step": resumed,
+               "data": {**data_info, "tokenize": {"train": vars(train_tok), "eval": vars(eval_tok)}},
+               "torch_threads": torch.get_num_threads(), **result}
+    trainer.run_log.finish(summary)
+    hw.teardown()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except PrefoptError as exc:
+        log.error("%s", exc)
+        print(f"prefopt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return summary["metrics"].get("eval/loss")  # the objective a Hydra sweeper minimises
+
+
+if __name__ == "__main__":
+    main()

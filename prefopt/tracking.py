@@ -1,0 +1,124 @@
+"""Where metrics go: `metrics.jsonl` and `summary.json` in the run directory, and W&B when configured.
+
+A run never fails because W&B is unreachable: a failed `wandb.init` or `log` is reported once and the
+run goes on with its local files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WandbSpec:
+    """`conf/logger/wandb.yaml`. `mode` None follows WANDB_MODE (online when unset)."""
+
+    project: str = "prefopt"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None
+    name: str | None = None
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class RunLog:
+    """Writes one JSON object per logging step; only the main process writes anything."""
+
+    def __init__(self, run_dir: Path, config: dict, wandb_spec: WandbSpec | None = None, enabled: bool = True,
+                 resume_step: int | None = None):
+        self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if wandb_spec is not None:
+            self._init_wandb(wandb_spec, config)
+
+    def _truncate_after(self, step: int) -> None:
+        # After a resume the steps past the checkpoint are logged again; drop their old lines.
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def _init_wandb(self, spec: WandbSpec, config: dict) -> None:
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)  # the same id after a requeue or resume: the W&B run continues
+        try:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,
+                tags=list(spec.tags), name=spec.name, config=config, id=run_id, resume="allow",
+                dir=str(self.run_dir), mode=spec.mode or os.environ.get("WANDB_MODE") or "online",
+                settings=wandb.Settings(init_timeout=60, silent=True),
+            )
+            self.wandb.define_metric("step")
+            for prefix in ("train", "eval"):
+                self.wandb.define_metric(f"{prefix}/*", step_metric="step")
+        except Exception as exc:  # noqa: BLE001 - W&B problems never stop a run
+            log.warning("W&B is unavailable (%s: %s); logging to %s only", type(exc).__name__, exc, self.metrics_path)
+            self.wandb = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(row)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B log failed (%s); continuing with local files", exc)
+                self.wandb = None
+
+    def write_json(self, name: str, payload: dict) -> Path | None:
+        if not self.enabled:
+            return None
+        path = self.run_dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def finish(self, summary: dict) -> None:
+        self.write_json("summary.json", summary)
+        if self.wandb is not None:
+            try:
+                for key, value in summary.get("metrics", {}).items():
+                    self.wandb.summary[key] = value
+                self.wandb.finish()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B finish failed (%s)", exc)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,41 @@
+"""Shared test set-up: offline, deterministic, and a helper that composes the real config."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from prefopt.config import conf_dir  # noqa: E402
+
+# Small enough for a few seconds per run on 2 cores.
+TINY = ["steps=3", "batch_size=4", "micro_batch_size=2", "eval_every=2", "data.source.n_train=32",
+        "data.source.n_eval=8", "train.progress=false"]
+
+
+def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):
+    overrides = list(overrides or [])
+    base = TINY if tiny else []
+    if any(o.startswith("data=") for o in overrides):  # the sizes below belong to the arithmetic source only
+        base = [o for o in base if not o.startswith("data.source.")]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=base + overrides)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Run the real entry point's `train` on the tiny model; returns (summary, run_dir)."""
+    from prefopt.run import train
+
+    def _run(*overrides: str, run_dir=None, tiny: bool = True):
+        cfg = compose_cfg(list(overrides), tiny=tiny)
+        out = run_dir or tmp_path / "run"
+        return train(cfg, run_dir=out), out
+
+    return _run
