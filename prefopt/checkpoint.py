@@ -30,14 +30,15 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2,
+                    state_dict: dict | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp-step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / MARKER).write_text(str(step))
     _fsync_dir(tmp)

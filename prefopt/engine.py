@@ -20,7 +20,7 @@ from prefopt.checkpoint import load_latest, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
-from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, pair_logps
+from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
@@ -93,15 +93,18 @@ class MetricSums:
 
 
 class Trainer:
-    def __init__(self, *, policy: torch.nn.Module, reference: torch.nn.Module | None, loss, optimizer, scheduler,
+    """Owns the order that distributed training needs: resume weights → wrap (DDP/FSDP) → optimizer → its state."""
+
+    def __init__(self, *, policy: torch.nn.Module, reference: torch.nn.Module | None, loss,
+                 optimizer_factory: Callable, scheduler_factory: Callable,
                  train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
-                 config: TrainConfig, hardware: Hardware, run_log: RunLog, run_dir: Path, seed: int,
-                 max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None):
+                 config: TrainConfig, hardware: Hardware, run_log: RunLog | None, run_dir: Path, seed: int,
+                 max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
+                 resume_from: Path | None = None):
         config.validate(hardware.world_size)
         if loss.reference and reference is None and reference_logps is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
-        self.policy, self.reference, self.loss = policy, reference, loss
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.policy, self.loss = policy, loss
         self.cfg, self.hw, self.run_log = config, hardware, run_log
         self.batcher = PairBatcher(train_pairs, config.batch_size, seed, hardware.rank, hardware.world_size)
         self.eval_pairs = list(eval_pairs)
@@ -111,7 +114,20 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.external_reference = reference_logps  # e.g. a reference log-prob cache lookup
+
+        # Weights first (into the unwrapped model), so every rank starts from the same full state.
+        found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
+        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements), trainable=True)
+        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements), trainable=False)
+                                if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = optimizer_factory(self.params)
+        self.scheduler = scheduler_factory(self.optimizer)
+        self.resumed_from: int | None = None
+        if found is not None:
+            self._restore(*found)
+        elif resume_from:
+            raise ConfigError(f"resume={resume_from}: no complete checkpoint there")
 
     # -- one optimizer step -------------------------------------------------------------------------
     def reference_logps(self, batch: PreferenceBatch) -> PairLogps | None:
@@ -122,10 +138,10 @@ class Trainer:
         if self.external_reference is not None:
             return self.external_reference(batch)
         with torch.no_grad():
-            return pair_logps(self.reference, batch, self.cfg.chunk_elements)
+            return self.reference_model(batch)
 
     def forward_loss(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
-        policy = pair_logps(self.policy, batch, self.cfg.chunk_elements)
+        policy = self.policy_logps(batch)
         reference = self.reference_logps(batch)
         return self.loss(policy, reference), policy, reference
 
@@ -153,6 +169,7 @@ class Trainer:
         try:
             sums, tokens = self.accumulate(self.batcher.batch(step), step)
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
             if not torch.isfinite(norm):
                 raise _NonFinite(f"non-finite gradient norm at step {step + 1} for pairs {self.batcher.batch_ids(step)}")
         except _NonFinite as exc:
@@ -193,27 +210,35 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loss": self.loss.state_dict(), "rng": rng_state(), "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
+                "scheduler": self.scheduler.state_dict(), "loss": self.loss.state_dict(), "rng": rng_state(),
+                "skipped_steps": self.skipped_steps}
 
     def save(self) -> Path | None:
-        if not self.hw.is_main:
-            return None
-        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(), keep=self.cfg.keep_checkpoints)
+        """A checkpoint of the current step (collective under FSDP: every rank calls it, rank 0 writes)."""
+        weights, state = self.hw.full_state_dict(self.policy), self.state()
+        path = None
+        if self.hw.is_main:
+            path = save_checkpoint(self.ckpt_dir, self.step, self.policy, state, keep=self.cfg.keep_checkpoints,
+                                   state_dict=weights)
+        self.hw.barrier()
+        return path
 
-    def try_resume(self) -> int | None:
-        """Continue from the newest complete checkpoint in this run directory, if there is one."""
-        found = load_latest(self.ckpt_dir, self.policy)
-        if found is None:
-            return None
-        path, state = found
-        self.optimizer.load_state_dict(state["optimizer"])
+    def export(self, path: Path) -> None:
+        """The trained policy as a `from_pretrained`-loadable directory (collective under FSDP)."""
+        weights = self.hw.full_state_dict(self.policy)
+        if self.hw.is_main:
+            self.policy.save_pretrained(path, safe_serialization=True, state_dict=weights)
+        self.hw.barrier()
+
+    def _restore(self, path: Path, state: dict) -> None:
+        self.hw.load_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        self.resumed_from = self.step
         log.info("resumed from %s (step %d)", path, self.step)
-        return self.step
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -32,6 +32,9 @@ class Hardware:
     strategy: str = "none"  # none | ddp | fsdp
     backend: str | None = None  # process-group backend; None = nccl on CUDA, gloo on CPU
     threads: int | None = None  # torch CPU threads; None = torch's default
+    mixed_precision: str | None = None  # fsdp: "bf16" computes in bf16 over fp32 master weights
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
+    find_unused_parameters: bool = False  # ddp
 
     def __post_init__(self):
         if self.strategy not in ("none", "ddp", "fsdp"):
@@ -74,6 +77,50 @@ class Hardware:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
+    # -- wrapping and state dicts -------------------------------------------------------------------------
+    def wrap(self, module: torch.nn.Module, trainable: bool = True) -> torch.nn.Module:
+        """DDP or FSDP2 (`fully_shard`) around `module`: the policy (trainable) or a frozen reference."""
+        if not self.distributed:
+            return module
+        if self.strategy == "ddp":
+            if not trainable:
+                return module  # a frozen reference needs no gradient sync: each rank keeps a copy
+            ids = [self.local_rank] if self.torch_device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                                             find_unused_parameters=self.find_unused_parameters)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if self.mixed_precision:
+            if self.mixed_precision != "bf16":
+                raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {self.mixed_precision!r})")
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in _decoder_layers(module):  # one FSDP unit per decoder layer, then the rest as the root
+            fully_shard(block, **kwargs)
+        fully_shard(module, **kwargs)
+        return module
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict:
+        """The model's full, unsharded state on CPU (collective under FSDP; empty off rank 0 then)."""
+        if not (self.distributed and self.strategy == "fsdp"):
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))  # every rank read the file
+
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (every rank gets the same dict back)."""
         if not self.distributed or not values:
@@ -86,6 +133,15 @@ class Hardware:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (what FSDP shards one by one), found by the usual `layers` list."""
+    for sub in module.modules():
+        layers = getattr(sub, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    return []
 
 
 def seed_everything(seed: int) -> None:

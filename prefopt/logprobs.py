@@ -72,3 +72,19 @@ def pair_logps(model: torch.nn.Module, batch: PreferenceBatch,
     sums, counts = sequence_logps(model, batch, chunk_elements)
     b = batch.num_pairs
     return PairLogps(chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:])
+
+
+class PairLogpsModel(torch.nn.Module):
+    """A causal LM whose forward returns the batch's `PairLogps`.
+
+    The engine wraps this module, not the bare LM, in DDP or FSDP: the backbone and the chunked LM head
+    then run inside one `forward`, so the wrappers' hooks (gradient sync, parameter all-gather) fire.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        super().__init__()
+        self.model = model
+        self.chunk_elements = chunk_elements
+
+    def forward(self, batch: PreferenceBatch) -> PairLogps:
+        return pair_logps(self.model, batch, self.chunk_elements)

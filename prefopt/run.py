@@ -111,24 +111,21 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
     reference = freeze(copy.deepcopy(policy)) if p.loss.reference else None
 
-    params = [q for q in policy.parameters() if q.requires_grad]
-    optimizer = instantiate(cfg.optimizer.factory)(params)
-    scheduler = get_scheduler(cfg.optimizer.scheduler, optimizer, num_warmup_steps=cfg.optimizer.warmup_steps,
-                              num_training_steps=p.train.steps)
-    trainer = Trainer(policy=policy, reference=reference, loss=p.loss, optimizer=optimizer, scheduler=scheduler,
-                      train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train,
-                      hardware=hw, run_log=None, run_dir=run_dir, seed=cfg.seed,
-                      max_grad_norm=cfg.optimizer.max_grad_norm)
-    resumed = None
-    if cfg.resume == "auto":
-        resumed = trainer.try_resume()
-    elif cfg.resume:
-        trainer.ckpt_dir = Path(cfg.resume)
-        resumed = trainer.try_resume()
-        if resumed is None:
-            raise ConfigError(f"resume={cfg.resume}: no complete checkpoint there")
-        trainer.ckpt_dir = run_dir / "checkpoints"
-
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume}: not a directory of checkpoints")
+    trainer = Trainer(
+        policy=policy, reference=reference, loss=p.loss,
+        optimizer_factory=instantiate(cfg.optimizer.factory),
+        scheduler_factory=lambda opt: get_scheduler(cfg.optimizer.scheduler, opt,
+                                                    num_warmup_steps=cfg.optimizer.warmup_steps,
+                                                    num_training_steps=p.train.steps),
+        train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train, hardware=hw,
+        run_log=None, run_dir=run_dir, seed=cfg.seed, max_grad_norm=cfg.optimizer.max_grad_norm,
+        resume_from=None if cfg.resume in (None, "auto") else Path(cfg.resume),
+    )
+    if cfg.resume is None and trainer.resumed_from is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
+    resumed = trainer.resumed_from
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if p.wandb is not None:
         choices = info.get("choices", {})
@@ -139,13 +136,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if hw.is_main:
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
         log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir, len(train_pairs),
-                 len(eval_pairs), p.loss.key, p.loss.hparams, f"{sum(q.numel() for q in params):,}")
+                 len(eval_pairs), p.loss.key, p.loss.hparams, f"{sum(q.numel() for q in trainer.params):,}")
 
     result = trainer.fit()
+    trainer.export(run_dir / "final")
     if hw.is_main:
-        final = run_dir / "final"
-        policy.save_pretrained(final, safe_serialization=True)
-        tokenizer.save_pretrained(final)
+        tokenizer.save_pretrained(run_dir / "final")
     summary = {"status": "complete", "step": trainer.step, "loss": p.loss.key, "hparams": p.loss.hparams,
                "overrides": info.get("overrides", []), "resumed_from_step": resumed,
                "data": {**data_info, "tokenize": {"train": vars(train_tok), "eval": vars(eval_tok)}},

@@ -101,15 +101,15 @@ def _grads_after(model, micro, pairs, tok, cfg_overrides=None):
 
     policy = copy.deepcopy(model)
     reference = copy.deepcopy(model).eval()
-    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=micro, progress=False)
-    t = Trainer(policy=policy, reference=reference, loss=get_loss("dpo", beta=0.5), optimizer=opt, scheduler=sched,
+    t = Trainer(policy=policy, reference=reference, loss=get_loss("dpo", beta=0.5),
+                optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0),
+                scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                 train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, config=cfg, hardware=Hardware(device="cpu"),
                 run_log=None, run_dir="/nonexistent", seed=0, max_grad_norm=None)
     # one pass of step 0 without the optimizer: make the reference differ so gradients are not trivial
     with torch.no_grad():
-        for p in t.reference.parameters():
+        for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
     sums, _ = t.accumulate(t.batcher.batch(0), 0)
     return {n: p.grad.clone() for n, p in policy.named_parameters()}, sums.means("train")

@@ -77,9 +77,7 @@ def test_reference_free_loss_loads_and_runs_no_reference(tiny_run, monkeypatch, 
     real_load, real_freeze, real_pair = prefopt.models.load_model, prefopt.models.freeze, prefopt.logprobs.pair_logps
     monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(prefopt.models, "freeze", lambda m: frozen.append(1) or real_freeze(m))
-    import prefopt.engine
-
-    monkeypatch.setattr(prefopt.engine, "pair_logps", lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real_pair(m, *a, **k))
+    monkeypatch.setattr(prefopt.logprobs, "pair_logps", lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real_pair(m, *a, **k))
     tiny_run("loss=simpo", "steps=2", "eval_every=0", run_dir=tmp_path / "simpo")
     assert loads == [1] and frozen == []
     assert calls and all(calls)  # every forward was the trainable policy: no reference forward at all
@@ -121,9 +119,9 @@ def test_empty_data_set_stops(tiny_run, tmp_path):
 
 
 def test_nan_loss_stops_naming_step_and_pairs_and_keeps_the_checkpoint(tiny_run, monkeypatch, tmp_path):
-    import prefopt.engine
+    import prefopt.logprobs
 
-    real = prefopt.engine.pair_logps
+    real = prefopt.logprobs.pair_logps
     calls = {"n": 0}
 
     def poisoned(model, batch, *a, **k):
@@ -133,7 +131,7 @@ def test_nan_loss_stops_naming_step_and_pairs_and_keeps_the_checkpoint(tiny_run,
             out.chosen = out.chosen * float("nan")
         return out
 
-    monkeypatch.setattr(prefopt.engine, "pair_logps", poisoned)
+    monkeypatch.setattr(prefopt.logprobs, "pair_logps", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 3 for pairs \['arith-train-\d+'"):
         tiny_run("steps=4", "save_every=2", "eval_every=0", run_dir=tmp_path / "nan")
     assert (tmp_path / "nan" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
