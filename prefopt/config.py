@@ -20,6 +20,24 @@ def _top_or(key: str, default, *, _root_):
     return default if value is None else value
 
 
+def run_stamp() -> str:
+    """The default run directory's name: the same in every process of one distributed launch.
+
+    A timestamp for a single process; the job id under SLURM (so a requeued job finds its own run directory
+    and resumes) and the rendezvous id under torchrun (so all ranks agree on one directory).
+    """
+    import datetime
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 or os.environ.get("SLURM_JOB_ID"):
+        if os.environ.get("SLURM_JOB_ID"):
+            return f"slurm-{os.environ['SLURM_JOB_ID']}"
+        return f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')[:8]}"
+    return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("top_or"):
         OmegaConf.register_new_resolver("top_or", _top_or)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

@@ -145,7 +145,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     summary = {"status": "complete", "step": trainer.step, "loss": p.loss.key, "hparams": p.loss.hparams,
                "overrides": info.get("overrides", []), "resumed_from_step": resumed,
                "data": {**data_info, "tokenize": {"train": vars(train_tok), "eval": vars(eval_tok)}},
-               "torch_threads": torch.get_num_threads(), **result}
+               "torch_threads": torch.get_num_threads(), "world_size": hw.world_size, "strategy": hw.strategy,
+               "rank": hw.rank, **result}
     trainer.run_log.finish(summary)
     hw.teardown()
     return summary
@@ -159,8 +160,20 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", exc)
         print(f"prefopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("rank", 0) != 0:
+        return None
     return summary["metrics"].get("eval/loss")  # the objective a Hydra sweeper minimises
 
 
+def _quiet_other_ranks() -> None:
+    """Under torchrun/SLURM only rank 0 writes: the other ranks keep Hydra's files and logs to themselves."""
+    import os
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
 if __name__ == "__main__":
+    _quiet_other_ranks()
     main()
