@@ -80,6 +80,13 @@ class RunLog:
             self.wandb.define_metric("step")
             for prefix in ("train", "eval"):
                 self.wandb.define_metric(f"{prefix}/*", step_metric="step")
+            # The runs table keeps the best value next to the last: the lowest eval loss and chosen reward
+            # (how far DCR went), the highest accuracy, margin and share of chosen rewards below zero.
+            for name, summary in (("eval/loss", "min,last"), ("eval/rewards/accuracies", "max,last"),
+                                  ("eval/rewards/margins", "max,last"), ("eval/rewards/chosen", "min,last"),
+                                  ("train/dcr/chosen_reward_below_zero", "max,last"),
+                                  ("eval/dcr/chosen_reward_below_zero", "max,last")):
+                self.wandb.define_metric(name, step_metric="step", summary=summary)
         except Exception as exc:  # noqa: BLE001 - W&B problems never stop a run
             log.warning("W&B is unavailable (%s: %s); logging to %s only", type(exc).__name__, exc, self.metrics_path)
             self.wandb = None
