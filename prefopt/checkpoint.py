@@ -61,6 +61,13 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    if hasattr(model, "peft_config"):  # a LoRA policy: its checkpoints hold the adapters only
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise RuntimeError(f"{path}: adapter weights do not match the model ({result.unexpected_keys[:5]})")
+        return
     state = {}
     for shard in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(shard))

@@ -100,9 +100,9 @@ class Trainer:
                  train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
                  config: TrainConfig, hardware: Hardware, run_log: RunLog | None, run_dir: Path, seed: int,
                  max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
-                 resume_from: Path | None = None):
+                 resume_from: Path | None = None, reference_context: Callable | None = None):
         config.validate(hardware.world_size)
-        if loss.reference and reference is None and reference_logps is None:
+        if loss.reference and reference is None and reference_logps is None and reference_context is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
         self.policy, self.loss = policy, loss
         self.cfg, self.hw, self.run_log = config, hardware, run_log
@@ -114,6 +114,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.external_reference = reference_logps  # e.g. a reference log-prob cache lookup
+        self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
@@ -138,6 +139,9 @@ class Trainer:
         if self.external_reference is not None:
             return self.external_reference(batch)
         with torch.no_grad():
+            if self.reference_context is not None:
+                with self.reference_context():
+                    return self.policy_logps(batch)
             return self.reference_model(batch)
 
     def forward_loss(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:

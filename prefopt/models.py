@@ -36,12 +36,30 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     revision: str | None = None
     init_seed: int = 0  # seed of the random init of from-config models
+    lora: dict[str, Any] = field(default_factory=lambda: {"r": 0})  # conf/model/lora/default.yaml
 
     def __post_init__(self):
         if (self.name_or_path is None) == (self.arch is None):
             raise ConfigError("model: set exactly one of model.name_or_path (a checkpoint) or model.arch (a tiny model)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
+        self.lora = {"r": 0, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "load_in_4bit": False,
+                     "merge_on_export": False, **dict(self.lora or {})}
+        if self.lora["r"] < 0:
+            raise ConfigError(f"model.lora.r must be >= 0 (got {self.lora['r']})")
+        if self.lora["load_in_4bit"]:
+            if self.lora["r"] == 0:
+                raise ConfigError("model.lora.load_in_4bit=true needs adapters: set model.lora.r > 0")
+            if not torch.cuda.is_available():
+                raise ConfigError("model.lora.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError("model.lora.load_in_4bit=true needs the bitsandbytes package") from None
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora["r"] > 0
 
     @property
     def identity(self) -> str:
@@ -98,21 +116,58 @@ def load_model(spec: ModelSpec, vocab_size: int | None = None) -> torch.nn.Modul
         if vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
         config = AutoConfig.for_model(spec.arch, **kwargs)
-        config._attn_implementation = spec.attn_implementation
+        config._attn_implementation = resolve_attention(spec.attn_implementation)
         with torch.random.fork_rng(devices=[]):  # the init seed is the model's own, not the run's
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         spec.check_available()
+        extra = {}
+        if spec.lora["load_in_4bit"]:
+            from transformers import BitsAndBytesConfig
+
+            extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                              bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path, revision=spec.revision, dtype=dtype,
-            attn_implementation=spec.attn_implementation, **spec.config,
+            attn_implementation=resolve_attention(spec.attn_implementation), **extra, **spec.config,
         )
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if spec.uses_lora:
+        model = add_lora(model, spec)
     model.train()
     return model
+
+
+def resolve_attention(choice: str) -> str:
+    """`auto`: flash-attention 2 when it is installed and a GPU is there, else PyTorch's sdpa."""
+    if choice != "auto":
+        return choice
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def add_lora(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA adapters; the base weights are frozen (and may be 4-bit)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.lora["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    targets = spec.lora["target_modules"]
+    config = LoraConfig(r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
+                        target_modules=targets if isinstance(targets, str) else list(targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def reference_context(model: torch.nn.Module):
+    """For a LoRA policy the reference is its own base: adapters switched off, no second copy in memory."""
+    return model.disable_adapter
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

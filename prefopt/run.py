@@ -87,7 +87,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     from prefopt.data.batching import tokenize_pairs
     from prefopt.engine import Trainer
     from prefopt.hardware import seed_everything
-    from prefopt.models import freeze, load_model, load_tokenizer
+    from prefopt.models import freeze, load_model, load_tokenizer, reference_context
     from prefopt.tracking import RunLog
 
     info = _hydra_info()
@@ -109,7 +109,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     vocab = policy.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
-    reference = freeze(copy.deepcopy(policy)) if p.loss.reference else None
+    # The reference is a frozen copy of the initial policy; with LoRA it is the policy's own base (adapters off).
+    lora_reference = p.loss.reference and p.model.uses_lora
+    reference = freeze(copy.deepcopy(policy)) if p.loss.reference and not lora_reference else None
 
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume}: not a directory of checkpoints")
@@ -122,6 +124,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train, hardware=hw,
         run_log=None, run_dir=run_dir, seed=cfg.seed, max_grad_norm=cfg.optimizer.max_grad_norm,
         resume_from=None if cfg.resume in (None, "auto") else Path(cfg.resume),
+        reference_context=reference_context(policy) if lora_reference else None,
     )
     if cfg.resume is None and trainer.resumed_from is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
@@ -142,6 +145,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     trainer.export(run_dir / "final")
     if hw.is_main:
         tokenizer.save_pretrained(run_dir / "final")
+        if p.model.uses_lora and p.model.lora["merge_on_export"] and hw.strategy != "fsdp":
+            merged = policy.merge_and_unload()  # training is over: merging in place is safe now
+            merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
+            tokenizer.save_pretrained(run_dir / "final_merged")
     summary = {"status": "complete", "step": trainer.step, "loss": p.loss.key, "hparams": p.loss.hparams,
                "overrides": info.get("overrides", []), "resumed_from_step": resumed,
                "data": {**data_info, "tokenize": {"train": vars(train_tok), "eval": vars(eval_tok)}},
