@@ -33,6 +33,9 @@ class TokenizeStats:
 def render_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None) -> str:
     if not chat_template:
         return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.chat_template=true but this tokenizer has no chat template "
+                          "(a base model?): set data.chat_template=false to train on raw prompts")
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
