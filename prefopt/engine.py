@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +102,8 @@ class Trainer:
                  train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
                  config: TrainConfig, hardware: Hardware, run_log: RunLog | None, run_dir: Path, seed: int,
                  max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
-                 resume_from: Path | None = None, reference_context: Callable | None = None):
+                 resume_from: Path | None = None, reference_context: Callable | None = None,
+                 config_record: dict | None = None):
         config.validate(hardware.world_size)
         if loss.reference and reference is None and reference_logps is None and reference_context is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
@@ -113,6 +116,8 @@ class Trainer:
         self.device = hardware.torch_device
         self.step = 0
         self.skipped_steps = 0
+        self.finished = False  # the final evaluation and checkpoint are done
+        self.config_record = config_record or {}  # what a checkpoint must have been made with to be resumed
         self.external_reference = reference_logps  # e.g. a reference log-prob cache lookup
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
@@ -216,7 +221,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "loss": self.loss.state_dict(), "rng": rng_state(),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "finished": self.finished, "config": self.config_record}
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (collective under FSDP: every rank calls it, rank 0 writes)."""
@@ -236,40 +241,104 @@ class Trainer:
         self.hw.barrier()
 
     def _restore(self, path: Path, state: dict) -> None:
+        saved = state.get("config", {})
+        changed = sorted(k for k in set(saved) | set(self.config_record) if saved.get(k) != self.config_record.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config_record.get(k)!r}" for k in changed[:6])
+            raise ConfigError(f"{path} was written by a different config ({shown}); resume it with the same "
+                              f"settings, or start in a new run directory (hydra.run.dir=...)")
         self.hw.load_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        # finished = its final evaluation and checkpoint were written; a resume with more steps goes on
+        self.finished = state.get("finished", False) and self.step >= self.cfg.steps
         self.resumed_from = self.step
         log.info("resumed from %s (step %d)", path, self.step)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
         start = time.perf_counter()
-        last: dict[str, float] = {}
+        last: dict[str, float] = self.run_log.history() if self.resumed_from is not None else {}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
                    dynamic_ncols=True)
-        while self.step < self.cfg.steps:
-            metrics = self.train_step()
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
-                metrics.update(self.evaluate())
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                self.run_log.log(self.step, metrics)
-            last.update(metrics)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
-                self.save()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last.get('train/loss', math.nan):.4f}",
-                            acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}")
+        with StopSignals() as stop:
+            while self.step < self.cfg.steps and not self.finished:
+                metrics = self.train_step()
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                    metrics.update(self.evaluate())
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    self.run_log.log(self.step, metrics)
+                last.update(metrics)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last.get('train/loss', math.nan):.4f}",
+                                acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}")
+                if self._agreed(stop.received is not None) and self.step < self.cfg.steps:
+                    self.save()  # SLURM's warning before the time limit, or a preemption: keep this step
+                    bar.close()
+                    log.warning("%s received: checkpoint of step %d written to %s; exiting for a requeue",
+                                stop.name, self.step, self.ckpt_dir)
+                    stop.hand_over()  # to submitit's own handler (it requeues the job), else a clean exit
         bar.close()
-        final_eval = self.evaluate()
-        if final_eval:
-            self.run_log.log(self.step, final_eval)
-            last.update(final_eval)
-        self.save()
+        if not self.finished:
+            final_eval = self.evaluate()
+            if final_eval:
+                self.run_log.log(self.step, final_eval)
+                last.update(final_eval)
+            self.finished = True
+            self.save()
         return {"metrics": last, "wall_time_s": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
                 "skipped_steps": self.skipped_steps}
+
+    def _agreed(self, flag: bool) -> bool:
+        """Every rank stops at the same step (the signal may reach them a step apart)."""
+        if not self.hw.distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the loop to checkpoint and stop.
+
+    The handler only records the signal; the loop checks it between steps, writes a checkpoint, then hands the
+    signal on to the handler that was there before (submitit's requeues the job) or exits cleanly.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def _record(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self.previous[num] = signal.signal(num, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for num, handler in self.previous.items():
+            signal.signal(num, handler)
+
+    def hand_over(self) -> None:
+        previous = self.previous.get(self.received)
+        self.__exit__()
+        if callable(previous):
+            previous(self.received, None)
+        raise SystemExit(128 + int(self.received))
 
 
 class _NonFinite(Exception):

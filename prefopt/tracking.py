@@ -64,6 +64,15 @@ class RunLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
 
+    def history(self) -> dict[str, float]:
+        """The latest logged value of every metric (what a resumed run's summary starts from)."""
+        last: dict[str, float] = {}
+        if self.enabled and self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip():
+                    last.update({k: v for k, v in json.loads(line).items() if k != "step"})
+        return last
+
     def _init_wandb(self, spec: WandbSpec, config: dict) -> None:
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]

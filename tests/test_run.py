@@ -62,10 +62,10 @@ def test_two_identical_runs_give_identical_metrics(tiny_run, tmp_path):
     assert strip(read_metrics(a)) != strip(read_metrics(c))
 
 
-def test_top_level_beta_reaches_every_loss(tiny_run):
-    summary, _ = tiny_run("loss=bpo", "beta=0.05", "steps=1")
+def test_top_level_beta_reaches_every_loss(tiny_run, tmp_path):
+    summary, _ = tiny_run("loss=bpo", "beta=0.05", "steps=1", run_dir=tmp_path / "bpo")
     assert summary["hparams"]["beta"] == 0.05 and summary["loss"] == "bpo"
-    summary, _ = tiny_run("loss=simpo", "steps=1")
+    summary, _ = tiny_run("loss=simpo", "steps=1", run_dir=tmp_path / "simpo")
     assert summary["hparams"]["beta"] == 2.0  # the loss's own default when no beta is set
 
 
@@ -136,6 +136,12 @@ def test_nan_loss_stops_naming_step_and_pairs_and_keeps_the_checkpoint(tiny_run,
         tiny_run("steps=4", "save_every=2", "eval_every=0", run_dir=tmp_path / "nan")
     assert (tmp_path / "nan" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "nan")] == [1, 2]
+
+
+def test_resuming_a_run_directory_with_another_config_is_refused(tiny_run, tmp_path):
+    tiny_run("steps=2", "save_every=2", run_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"different config \(beta: None -> 0.2, loss.beta: 0.1 -> 0.2"):
+        tiny_run("steps=4", "beta=0.2", run_dir=tmp_path / "a")
 
 
 def test_resume_after_a_stop_continues_to_the_same_result(tiny_run, tmp_path):
