@@ -127,7 +127,8 @@ class RunLog:
         if self.wandb is not None:
             try:
                 for key, value in summary.get("metrics", {}).items():
-                    self.wandb.summary[key] = value
+                    if self.wandb.summary.get(key) is None:  # keep define_metric's min/max/last summaries
+                        self.wandb.summary[key] = value
                 self.wandb.finish()
             except Exception as exc:  # noqa: BLE001
                 log.warning("W&B finish failed (%s)", exc)
