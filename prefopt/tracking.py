@@ -29,6 +29,7 @@ class WandbSpec:
     tags: list[str] = field(default_factory=list)
     mode: str | None = None
     name: str | None = None
+    init_timeout: float = 60.0  # seconds wandb.init may take before the run goes on without W&B
 
 
 def _clean(value: Any) -> Any:
@@ -84,7 +85,7 @@ class RunLog:
                 project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,
                 tags=list(spec.tags), name=spec.name, config=config, id=run_id, resume="allow",
                 dir=str(self.run_dir), mode=spec.mode or os.environ.get("WANDB_MODE") or "online",
-                settings=wandb.Settings(init_timeout=60, silent=True),
+                settings=wandb.Settings(init_timeout=spec.init_timeout, silent=True),
             )
             self.wandb.define_metric("step")
             for prefix in ("train", "eval"):
