@@ -32,7 +32,7 @@ class Hardware:
     strategy: str = "none"  # none | ddp | fsdp
     backend: str | None = None  # process-group backend; None = nccl on CUDA, gloo on CPU
     threads: int | None = None  # torch CPU threads; None = torch's default
-    mixed_precision: str | None = None  # fsdp: "bf16" computes in bf16 over fp32 master weights
+    mixed_precision: str | None = None  # fsdp: "bf16" computes in bf16 over fp32 master weights (upcast first)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     find_unused_parameters: bool = False  # ddp
 
@@ -95,6 +95,9 @@ class Hardware:
             if self.mixed_precision != "bf16":
                 raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {self.mixed_precision!r})")
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # fp32 master weights (a bf16 checkpoint is upcast), bf16 compute: cast before sharding so each
+            # rank keeps only its fp32 shard afterwards
+            module.float()
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for block in _decoder_layers(module):  # one FSDP unit per decoder layer, then the rest as the root
