@@ -22,7 +22,7 @@ from prefopt.checkpoint import load_latest, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
-from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel
+from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, supports_packing
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
@@ -42,6 +42,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    packing: bool = True  # one shared-prefix row per pair instead of two padded rows (same values, less work)
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
@@ -118,7 +119,8 @@ class Trainer:
         self.skipped_steps = 0
         self.finished = False  # the final evaluation and checkpoint are done
         self.config_record = config_record or {}  # what a checkpoint must have been made with to be resumed
-        self.external_reference = reference_logps  # e.g. a reference log-prob cache lookup
+        self.external_reference = reference_logps  # pairs -> reference PairLogps, e.g. prefopt.reference's cache
+        self.packing = config.packing and supports_packing(policy)  # flash-attention takes no 4D mask: padded rows
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
@@ -141,13 +143,18 @@ class Trainer:
             return None
         if batch.reference is not None:
             return batch.reference
-        if self.external_reference is not None:
-            return self.external_reference(batch)
         with torch.no_grad():
             if self.reference_context is not None:
                 with self.reference_context():
                     return self.policy_logps(batch)
             return self.reference_model(batch)
+
+    def collate(self, pairs: Sequence[TokenizedPair]) -> PreferenceBatch:
+        """A micro-batch on the device, with its cached reference log-probs when a cache is in use."""
+        batch = collate(pairs, self.pad_id, packing=self.packing).to(self.device)
+        if self.external_reference is not None and self.loss.reference:
+            batch.reference = self.external_reference(pairs)
+        return batch
 
     def forward_loss(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
         policy = self.policy_logps(batch)
@@ -158,7 +165,7 @@ class Trainer:
         """Forward and backward over the micro-batches of one step; gradients equal the full batch's mean."""
         sums, tokens = MetricSums(), 0
         for micro in micro_batches(pairs, self.cfg.micro_batch_size):
-            batch = collate(micro, self.pad_id).to(self.device)
+            batch = self.collate(micro)
             out, policy, reference = self.forward_loss(batch)
             if not torch.isfinite(out.loss).all():
                 bad = [batch.pair_ids[i] for i in (~torch.isfinite(out.loss)).nonzero().flatten().tolist()]
@@ -210,7 +217,7 @@ class Trainer:
         sums = MetricSums()
         share = self.eval_pairs[self.hw.rank:: self.hw.world_size]
         for micro in micro_batches(share, self.cfg.micro_batch_size):
-            batch = collate(micro, self.pad_id).to(self.device)
+            batch = self.collate(micro)
             out, policy, reference = self.forward_loss(batch)
             sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
         self.policy.train()

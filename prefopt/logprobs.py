@@ -3,42 +3,101 @@
 The losses need log π(y|x) summed over completion tokens, nothing else. Computing `[rows, length, vocab]`
 logits and their log-softmax (what a plain `model(**batch).logits` does) costs memory that grows with
 batch × length × vocab: 3.6 GB at Qwen's 151,936 tokens for a 4M-parameter model. Here the backbone
-runs once over chosen and rejected rows together, the LM head is applied only at positions whose next
-token is a completion token, in chunks, and each chunk is checkpointed so backward recomputes its logits
-instead of keeping them (the idea of fused linear cross-entropy, in plain PyTorch).
+runs once over chosen and rejected rows together (or over shared-prefix packed rows, see
+`prefopt.data.batching.SharedPrefixRows`), and the LM head is applied only at positions whose next token
+is a completion token, one (tokens × vocabulary) tile at a time: the forward keeps per-tile
+log-normalizers only, and the backward recomputes each tile's logits to form its gradient (the idea of
+fused linear cross-entropy, in plain PyTorch). Tiles are small enough to stay in a CPU's last-level cache,
+and the only full-tile elementwise work is one fused `log_softmax` (forward) and one `softmax` (backward):
+per-row factors are folded into the small (tokens × hidden) operands of the gradient matmuls instead.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from prefopt.data.batching import PreferenceBatch
 from prefopt.losses import PairLogps
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk: 32M floats = 128 MB in float32
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per tile: 4M floats = 16 MB in float32 (fits a CPU's last-level cache)
+VOCAB_TILE = 4096  # vocabulary columns per tile
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _tiles(n: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
+    cols = max(1, min(vocab, VOCAB_TILE, chunk_elements))
+    return max(1, chunk_elements // cols), cols
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[target] for N hidden states, tile by tile; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_elements):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows, cols = _tiles(n, vocab, chunk_elements)
+        tile_lse = torch.empty((math.ceil(vocab / cols), n), dtype=torch.float32, device=hidden.device)
+        for t, v0 in enumerate(range(0, vocab, cols)):
+            w = weight[v0: v0 + cols]
+            b = bias[v0: v0 + cols] if bias is not None else None
+            for r0 in range(0, n, rows):
+                logits = torch.nn.functional.linear(hidden[r0: r0 + rows], w, b).float()
+                ls = torch.log_softmax(logits, dim=-1)
+                # this tile's log Σ exp(logits): max logit − max log-softmax (both exact near the top)
+                tile_lse[t, r0: r0 + rows] = logits.amax(dim=-1) - ls.amax(dim=-1)
+        lse = torch.logsumexp(tile_lse, dim=0)
+        target_logit = (hidden.float() * weight[targets].float()).sum(-1)
+        if bias is not None:
+            target_logit = target_logit + bias[targets].float()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, tile_lse)
+        ctx.chunk_elements = chunk_elements
+        return target_logit - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse, tile_lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows, cols = _tiles(n, vocab, ctx.chunk_elements)
+        g = grad.float()
+        dt = weight.dtype
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # d logp / d logit_v = 1[v = target] − p_v. The softmax term, tile by tile: p = softmax_tile · e^(lse_t − lse),
+        # so a = −g · e^(lse_t − lse) scales rows of the small operands, never the (tokens × vocab) tile.
+        for t, v0 in enumerate(range(0, vocab, cols)):
+            w = weight[v0: v0 + cols]
+            b = bias[v0: v0 + cols] if bias is not None else None
+            for r0 in range(0, n, rows):
+                h = hidden[r0: r0 + rows]
+                p = torch.softmax(torch.nn.functional.linear(h, w, b).float(), dim=-1)
+                a = -g[r0: r0 + rows] * torch.exp(tile_lse[t, r0: r0 + rows] - lse[r0: r0 + rows])
+                p = p.to(dt)
+                if need_h:
+                    grad_h[r0: r0 + rows].addcmul_((p @ w).float(), a[:, None])
+                if need_w:
+                    grad_w[v0: v0 + cols] += (p.t() @ (h.float() * a[:, None]).to(dt)).float()
+                if need_b:
+                    grad_b[v0: v0 + cols] += (p.float().t() @ a)
+        # the target term (+1 at the target's logit)
+        if need_h:
+            grad_h += g[:, None] * weight[targets].float()
+        if need_w:
+            grad_w.index_add_(0, targets, g[:, None] * hidden.float())
+        if need_b:
+            grad_b.index_add_(0, targets, g)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """log p(target) for N hidden states (N, H) under the LM head, `chunk_elements` logits at a time."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    chunk = max(1, chunk_elements // weight.shape[0])
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    parts = []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start: start + chunk], targets[start: start + chunk]
-        if needs_grad:  # keep only the chunk's inputs; backward recomputes its logits
-            parts.append(checkpoint(_token_logps, h, weight, bias, t, use_reentrant=False))
-        else:
-            parts.append(_token_logps(h, weight, bias, t))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * head.weight.sum()  # keeps the graph connected
+    return _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements)
 
 
 def _positions(batch: PreferenceBatch):
@@ -50,13 +109,37 @@ def _positions(batch: PreferenceBatch):
 
 def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed completion log-prob, completion token count) per row, from one forward over all rows."""
+    """(summed completion log-prob, completion token count) per sequence, from one forward over all rows.
+
+    Sequences are the batch's 2B prompt+completion sequences (chosen, then rejected), whatever its layout.
+    """
+    if batch.packed is not None:
+        return _packed_sequence_logps(model, batch, chunk_elements)
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     rows, cols, targets, counts = _positions(batch)
     token_logps = chunked_token_logps(hidden[rows, cols], head, targets, chunk_elements)
     sums = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), counts.to(token_logps.dtype)
+
+
+def _packed_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
+                           chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The 4D mask is passed through as is (transformers' masking utils return a 4D mask unchanged).
+    pk = batch.packed
+    backbone, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=pk.mask, position_ids=pk.position_ids,
+                      use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    token_logps = chunked_token_logps(flat[pk.score_index], head, pk.score_target, chunk_elements)
+    sums = torch.zeros(2 * batch.num_pairs, dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, pk.contrib_seq, token_logps[pk.contrib_score]), pk.counts.to(token_logps.dtype)
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether the model's attention takes the packed layout's 4D mask (sdpa and eager do; flash-attention not)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in ("sdpa", "eager")
 
 
 def plain_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:

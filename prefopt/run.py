@@ -79,8 +79,11 @@ def _hydra_info() -> dict[str, Any]:
             "overrides": list(hc.overrides.task)}
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """One preference-optimization run; returns the summary that is also written to `summary.json`."""
+def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False) -> dict:
+    """One preference-optimization run; returns the summary that is also written to `summary.json`.
+
+    `cache_only`: stop once the reference log-prob cache is built (`python -m prefopt.reference`).
+    """
     import torch
     from transformers import get_scheduler
 
@@ -93,6 +96,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     info = _hydra_info()
     run_dir = Path(run_dir or info.get("run_dir") or cfg.get("output_dir") or "outputs/run")
     p = plan(cfg)
+    from prefopt import reference as refcache
+
+    cache_dir = refcache.cache_dir(cfg.get("reference_cache") or ("auto" if cache_only else None), p.loss)
     p.model.check_available()  # seconds, before any data is read
     hw = p.hardware.setup()
     seed_everything(cfg.seed)
@@ -110,8 +116,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab}")
     # The reference is a frozen copy of the initial policy; with LoRA it is the policy's own base (adapters off).
-    lora_reference = p.loss.reference and p.model.uses_lora
-    reference = freeze(copy.deepcopy(policy)) if p.loss.reference and not lora_reference else None
+    cached = None if cache_dir is None else refcache.reference_cache(
+        cache_dir, spec=p.model, policy=policy, tokenizer=tokenizer, data=p.data, tokenize=tok_args,
+        train_pairs=train_pairs, eval_pairs=eval_pairs, train_cfg=p.train, hardware=hw)
+    if cache_only:
+        return {"status": "reference cache", "path": str(cached.path), "key": cached.key, "pairs": len(cached)}
+    lora_reference = p.loss.reference and p.model.uses_lora and cached is None
+    reference = freeze(copy.deepcopy(policy)) if p.loss.reference and not lora_reference and cached is None else None
 
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume}: not a directory of checkpoints")
@@ -124,7 +135,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train, hardware=hw,
         run_log=None, run_dir=run_dir, seed=cfg.seed, max_grad_norm=cfg.optimizer.max_grad_norm,
         resume_from=None if cfg.resume in (None, "auto") else Path(cfg.resume),
-        reference_context=reference_context(policy) if lora_reference else None,
+        reference_context=reference_context(policy) if lora_reference else None, reference_logps=cached,
     )
     if cfg.resume is None and trainer.resumed_from is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")

@@ -122,7 +122,7 @@ def test_gradient_accumulation_equals_full_batch(setup):
     for n in full:
         torch.testing.assert_close(acc[n], full[n], atol=1e-6, rtol=1e-5, msg=n)
     for k in m_full:
-        assert m_acc[k] == pytest.approx(m_full[k], abs=1e-5), k
+        assert m_acc[k] == pytest.approx(m_full[k], rel=1e-6, abs=1e-5), k  # float32: sums of ~40 log-probs
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step(setup):

@@ -76,11 +76,37 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
 
 
 @dataclass
+class SharedPrefixRows:
+    """The packed layout of a batch: one row per pair instead of two, nothing computed twice.
+
+    Prompt+chosen and prompt+rejected share a prefix (the prompt, and often the start of the answers): the
+    "trunk", their longest common prefix. Row i holds trunk_i, then the chosen tail, then the rejected tail.
+    Position ids restart at len(trunk) for each tail, and `mask` (B, 1, L, L) lets a tail token see the trunk
+    and its own tail only (causally), so every hidden state equals the one in the two separate sequences.
+    A trunk completion token is scored once and counted for both sequences of its pair.
+    """
+
+    position_ids: torch.Tensor  # (B, L)
+    mask: torch.Tensor  # (B, 1, L, L) bool, True = may attend
+    score_index: torch.Tensor  # (S,) flat index row * L + col of the hidden state that predicts a scored token
+    score_target: torch.Tensor  # (S,) the scored token
+    contrib_score: torch.Tensor  # (C,) index into the S scored tokens ...
+    contrib_seq: torch.Tensor  # (C,) ... and the sequence (0..2B-1: chosen rows, then rejected) it counts for
+    counts: torch.Tensor  # (2B,) scored tokens per sequence
+    tokens: int  # tokens of the 2B unpacked sequences (what tokens/s counts)
+
+    def to(self, device) -> "SharedPrefixRows":
+        t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return SharedPrefixRows(**t)
+
+
+@dataclass
 class PreferenceBatch:
     """B pairs as 2B right-padded rows: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected.
 
     `completion_mask[r, t]` is 1 where token t of row r is a completion token (what the log-probs sum over):
-    prompt and padding are 0.
+    prompt and padding are 0. With `packed` set (see `SharedPrefixRows`), the tensors hold B packed rows
+    instead and the log-probs come from the packed layout.
     """
 
     input_ids: torch.Tensor
@@ -89,6 +115,7 @@ class PreferenceBatch:
     pair_ids: list[str]
     reference: "object | None" = None  # PairLogps from the reference cache, when one is used
     extras: dict = field(default_factory=dict)
+    packed: SharedPrefixRows | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -96,15 +123,20 @@ class PreferenceBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens of the 2B prompt+completion sequences, whatever the layout."""
+        return self.packed.tokens if self.packed is not None else int(self.attention_mask.sum())
 
     def to(self, device) -> "PreferenceBatch":
         ref = self.reference.to(device) if self.reference is not None and hasattr(self.reference, "to") else self.reference
         return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                               self.completion_mask.to(device), self.pair_ids, ref, self.extras)
+                               self.completion_mask.to(device), self.pair_ids, ref, self.extras,
+                               self.packed.to(device) if self.packed is not None else None)
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool = False) -> PreferenceBatch:
+    """Pairs → a batch: 2B padded rows, or with `packing` B shared-prefix rows (`SharedPrefixRows`)."""
+    if packing:
+        return collate_packed(pairs, pad_id)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -116,6 +148,69 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
         attn[r, : n + m] = 1
         comp[r, n: n + m] = True
     return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs])
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
+    """B rows of trunk + chosen tail + rejected tail (see `SharedPrefixRows`); same log-probs as `collate`."""
+    b = len(pairs)
+    layout = []
+    for p in pairs:
+        n = len(p.prompt_ids)
+        t = n + _common_prefix(p.chosen_ids, p.rejected_ids)  # the trunk: prompt + shared start of the answers
+        full_c, full_r = p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids
+        layout.append((n, t, full_c[:t], full_c[t:], full_r[t:]))
+    width = max(len(trunk) + len(tc) + len(tr) for _, _, trunk, tc, tr in layout)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    comp = torch.zeros((b, width), dtype=torch.bool)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)  # 0 trunk, 1 chosen tail, 2 rejected tail, -1 padding
+    score_index, score_target, contrib_score, contrib_seq = [], [], [], []
+    tokens = 0
+
+    def score(row: int, predictor: int, target: int, *seqs: int) -> None:
+        if predictor < 0:  # a first token with nothing before it is not scored (as in the padded layout)
+            return
+        for s in seqs:
+            contrib_score.append(len(score_index))
+            contrib_seq.append(s)
+        score_index.append(row * width + predictor)
+        score_target.append(target)
+
+    for i, (n, t, trunk, tail_c, tail_r) in enumerate(layout):
+        a, r = len(tail_c), len(tail_r)
+        ids[i, : t + a + r] = torch.tensor(trunk + tail_c + tail_r, dtype=torch.long)
+        attn[i, : t + a + r] = 1
+        comp[i, n: t + a + r] = True
+        pos[i, :t] = torch.arange(t)
+        pos[i, t: t + a] = torch.arange(t, t + a)
+        pos[i, t + a: t + a + r] = torch.arange(t, t + r)
+        seg[i, :t], seg[i, t: t + a], seg[i, t + a: t + a + r] = 0, 1, 2
+        tokens += 2 * n + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
+        for j in range(n, t):  # shared completion tokens: scored once, counted for chosen and rejected
+            score(i, j - 1, trunk[j], i, b + i)
+        for m in range(a):
+            score(i, t + m - 1, tail_c[m], i)
+        for m in range(r):
+            score(i, (t - 1) if m == 0 else (t + a + m - 1), tail_r[m], b + i)
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & (((k == 0) & (q >= 0)) | ((k == q) & (q > 0)))
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no fully masked row)
+    contrib_seq_t = torch.tensor(contrib_seq, dtype=torch.long)
+    packed = SharedPrefixRows(
+        position_ids=pos, mask=mask[:, None], score_index=torch.tensor(score_index, dtype=torch.long),
+        score_target=torch.tensor(score_target, dtype=torch.long), contrib_score=torch.tensor(contrib_score, dtype=torch.long),
+        contrib_seq=contrib_seq_t, counts=torch.bincount(contrib_seq_t, minlength=2 * b), tokens=tokens)
+    return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs], packed=packed)
 
 
 class PairBatcher:

@@ -1,0 +1,117 @@
+"""Shared-prefix packing: one row per pair gives the padded layout's log-probs and gradients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prefopt.data.arith import ArithmeticData
+from prefopt.data.batching import TokenizedPair, collate, tokenize_pairs
+from prefopt.logprobs import pair_logps, sequence_logps, supports_packing
+from prefopt.models import ModelSpec, load_model, load_tokenizer
+
+SPEC = dict(arch="qwen2", config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+            tokenizer="char")
+
+
+@pytest.fixture(scope="module", params=["qwen", "llama3"])
+def setup(request):
+    arch = "qwen2" if request.param == "qwen" else "llama"
+    spec = ModelSpec(**{**SPEC, "arch": arch, "tokenizer_family": request.param})
+    tok = load_tokenizer(spec)
+    model = load_model(spec, vocab_size=len(tok))
+    train, _, _ = ArithmeticData(n_train=12, n_eval=2).load()
+    pairs, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64)
+    odd = [  # chosen a prefix of rejected, no common answer start, identical answers, an empty prompt
+        TokenizedPair("prefix", pairs[0].prompt_ids, (40, 41), (40, 41, 42, 43)),
+        TokenizedPair("disjoint", pairs[1].prompt_ids, (50, 51, 52), (60,)),
+        TokenizedPair("same", pairs[2].prompt_ids, (70, 71, 72), (70, 71, 72)),
+        TokenizedPair("no-prompt", (), (40, 44, 45), (40, 46)),
+    ]
+    return model, tok, pairs, odd
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    sums, counts = sequence_logps(model, batch)
+    (sums * torch.linspace(-1.0, 2.0, len(sums))).sum().backward()  # a different weight per sequence
+    return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("which", ["arith", "odd", "mixed"])
+def test_packed_equals_padded_values_and_gradients(setup, which):
+    model, tok, pairs, odd = setup
+    micro = {"arith": pairs[:6], "odd": odd, "mixed": pairs[6:9] + odd[:2]}[which]
+    padded, packed = collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing=True)
+    assert packed.input_ids.shape[0] == len(micro) and padded.input_ids.shape[0] == 2 * len(micro)
+    assert packed.num_tokens == padded.num_tokens  # tokens/s counts the same work in both layouts
+    s_pad, c_pad, g_pad = _grads(model, padded)
+    s_pk, c_pk, g_pk = _grads(model, packed)
+    torch.testing.assert_close(s_pk, s_pad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_pk, c_pad)
+    for n in g_pad:
+        torch.testing.assert_close(g_pk[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
+    _, tok, pairs, odd = setup
+    p = odd[0]  # chosen (40, 41) is a prefix of rejected (40, 41, 42, 43)
+    batch = collate([p], tok.pad_token_id, packing=True)
+    n = len(p.prompt_ids)
+    assert batch.input_ids[0].tolist() == list(p.prompt_ids) + [40, 41, 42, 43]  # trunk = prompt + 40 41
+    assert batch.packed.position_ids[0].tolist() == list(range(n + 4))
+
+    q = pairs[0]  # "a + b = X. ..." vs "a + b = Y. ...": a shared answer start, then two tails
+    batch = collate([q], tok.pad_token_id, packing=True)
+    t = n + next(i for i, (a, b) in enumerate(zip(q.chosen_ids, q.rejected_ids)) if a != b)
+    tail_c, tail_r = len(q.chosen_ids) - (t - n), len(q.rejected_ids) - (t - n)
+    pos = batch.packed.position_ids[0].tolist()
+    assert pos[:t + tail_c] == list(range(t + tail_c)) and pos[t + tail_c: t + tail_c + tail_r] == list(range(t, t + tail_r))
+    mask = batch.packed.mask[0, 0]
+    chosen = slice(t, t + tail_c)
+    rejected = slice(t + tail_c, t + tail_c + tail_r)
+    assert not mask[rejected, chosen].any()  # the rejected answer never sees the chosen one
+    assert mask[rejected, :t].all() and mask[chosen, :t].all()  # both see the whole trunk
+    assert not mask.triu(1).any()  # causal
+    # shared answer tokens are scored once and counted for both sequences
+    shared = t - n
+    assert batch.packed.counts.tolist() == [len(q.chosen_ids), len(q.rejected_ids)]
+    assert len(batch.packed.score_target) == shared + tail_c + tail_r
+
+
+def test_a_run_with_packing_equals_one_without(tiny_run, tmp_path):
+    def losses(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], k, v) for r in rows for k, v in sorted(r.items()) if k.startswith(("train/loss", "eval/loss",
+                "train/logps", "train/rewards/margins"))]
+
+    _, packed = tiny_run("train.packing=true", run_dir=tmp_path / "packed")
+    _, padded = tiny_run("train.packing=false", run_dir=tmp_path / "padded")
+    a, b = losses(packed), losses(padded)
+    assert [x[:2] for x in a] == [x[:2] for x in b] and a
+    for (step, key, va), (_, _, vb) in zip(a, b):
+        assert va == pytest.approx(vb, rel=1e-5, abs=1e-5), (step, key)
+
+
+def test_attention_without_4d_masks_falls_back_to_padded_rows(setup):
+    model, *_ = setup
+    assert supports_packing(model)
+    impl = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "flash_attention_2"
+        assert not supports_packing(model)
+    finally:
+        model.config._attn_implementation = impl
+
+
+def test_pair_logps_split_chosen_and_rejected_in_both_layouts(setup):
+    model, tok, pairs, _ = setup
+    with torch.no_grad():
+        a = pair_logps(model, collate(pairs[:3], tok.pad_token_id))
+        b = pair_logps(model, collate(pairs[:3], tok.pad_token_id, packing=True))
+    torch.testing.assert_close(b.chosen, a.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.rejected, a.rejected, rtol=1e-5, atol=1e-5)
+    assert b.chosen_tokens.tolist() == [len(p.chosen_ids) for p in pairs[:3]]
