@@ -1,7 +1,9 @@
 """On-policy preference pairs from verified samples: chosen = verified correct, rejected = verified wrong.
 
-No generation here: the pairs entry point samples k completions per prompt, checks them with
-`prefopt.verify.AnswerChecker`, and hands prompts, samples and verdicts to `build_pairs`.
+`python -m prefopt.pairs policy=DIR` samples k completions per prompt from a policy (`prefopt.generate`),
+checks each final answer with `prefopt.verify.AnswerChecker`, and hands prompts, samples and verdicts to
+`build_pairs`; `write_pairs` writes a JSONL file that `data=jsonl data.source.path=...` reads, with its
+provenance beside it. The embedded default run does the same through `prefopt.pipeline`, cached.
 """
 
 from __future__ import annotations
@@ -34,6 +36,49 @@ class PairStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass
+class PairsConfig:
+    """`pairs:` in conf/verified_math.yaml: what to sample, and from which problems."""
+
+    k: int = 8  # completions per prompt
+    temperature: float = 0.7
+    seed: int = 0
+    max_pairs_per_prompt: Any = 1  # an integer, or "all"
+    eval_size: int = 32  # pairs held out (the file's last ones) for the preference run's eval metrics
+    # Problems with gold answers; path null: the generated arithmetic problems of the run's data config.
+    path: str | None = None
+    split: str | None = "train"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    answer_transform: str | None = None
+    limit: int | None = None
+    output: str | None = None  # the pairs entry point's file (null: pairs.jsonl in its run directory)
+
+    def __post_init__(self):
+        validate_sampling(self.k, self.temperature)
+        limit = self.max_pairs_per_prompt
+        if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ConfigError(f"pairs.max_pairs_per_prompt must be an integer >= 1 or 'all', got {limit!r}")
+        if self.eval_size < 0:
+            raise ConfigError(f"pairs.eval_size must be >= 0 (got {self.eval_size})")
+
+    def problems(self):
+        """The BenchmarkSpec of `path` (None when the problems are the generated arithmetic ones)."""
+        from prefopt.benchmarks import BenchmarkSpec
+
+        if self.path is None:
+            return None
+        return BenchmarkSpec(name="pairs", path=self.path, split=self.split, problem_field=self.problem_field,
+                             answer_field=self.answer_field, answer_transform=self.answer_transform, limit=self.limit)
+
+    def fingerprint(self) -> dict:
+        """What the pairs depend on (not eval_size or output: they only split or place the same file)."""
+        d = asdict(self)
+        for name in ("eval_size", "output"):
+            d.pop(name)
+        return d
 
 
 def validate_sampling(k: Any, temperature: Any) -> None:
@@ -166,3 +211,48 @@ def write_pairs(
     meta = provenance_path(path)
     _write_atomic(meta, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return meta
+
+
+def sample_pairs(generator, rows: Sequence[dict], prompts: Sequence[str], checker, config: PairsConfig,
+                 ) -> tuple[list[dict], PairStats, dict]:
+    """Sample `config.k` completions of each prompt, verify them against `rows[i]["answer"]`, build pairs.
+
+    `prompts[i]` is row i's problem rendered the way the preference run will render it (so the samples
+    are on-policy for that run); the pairs keep the raw problem text as their `prompt`. Returns
+    (pairs, stats, extra counts for the provenance).
+    """
+    validate_sampling(config.k, config.temperature)
+    if len(rows) != len(prompts):
+        raise DataError(f"sample_pairs got {len(rows)} problems but {len(prompts)} prompts")
+    done = generator.generate(list(prompts), n=config.k, temperature=config.temperature, seed=config.seed)
+    flat = [t for texts in done.texts for t in texts]
+    golds = [str(r["answer"]) for r in rows for _ in range(config.k)]
+    verdicts = checker.check_many(flat, golds)
+    per_prompt = [verdicts[i * config.k:(i + 1) * config.k] for i in range(len(rows))]
+    pairs, stats = build_pairs([r["problem"] for r in rows], done.texts, per_prompt, seed=config.seed,
+                               max_pairs_per_prompt=config.max_pairs_per_prompt)
+    extra = {"unfinished_samples": done.unfinished, "sample_accuracy": stats.correct / max(stats.samples, 1)}
+    return pairs, stats, extra
+
+
+def main() -> None:
+    """`python -m prefopt.pairs [policy=DIR] [pairs.k=8 pairs.temperature=1.0 ...]`: writes pairs + provenance."""
+    import hydra
+
+    from prefopt.config import conf_dir
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+    def _main(cfg) -> None:
+        from prefopt.pipeline import exit_on_error
+        from prefopt.run import _hydra_info, build_loop, plan
+
+        with exit_on_error():
+            p = plan(cfg)
+            run_dir = Path(_hydra_info().get("run_dir") or "outputs/pairs")
+            build_loop(cfg).pairs_entry(p.model, p.data, p.hardware, run_dir)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

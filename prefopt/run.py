@@ -66,6 +66,17 @@ def plan(cfg: DictConfig) -> RunPlan:
     return RunPlan(cfg, hardware, loss, train, model, data, wandb)
 
 
+def build_loop(cfg: DictConfig):
+    """The verified-math loop's stages as plain objects (conf/verified_math.yaml; see prefopt.pipeline)."""
+    from prefopt.pipeline import Loop
+
+    tokenize = {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+    return Loop(pipeline=instantiate(cfg.pipeline), warmup=instantiate(cfg.warmup), pairs=instantiate(cfg.pairs),
+                evaluation=instantiate(cfg.evaluation), generation=instantiate(cfg.generation),
+                verify=instantiate(cfg.verify), tokenize=tokenize, optimizer_factory=instantiate(cfg.optimizer.factory),
+                max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements, policy=cfg.policy)
+
+
 def _hydra_info() -> dict[str, Any]:
     """Run directory, choices and sweep name from Hydra (empty when called outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
@@ -101,6 +112,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     cache_dir = refcache.cache_dir(cfg.get("reference_cache") or ("auto" if cache_only else None), p.loss)
     p.model.check_available()  # seconds, before any data is read
     hw = p.hardware.setup()
+    seed_everything(cfg.seed)
+    loop = build_loop(cfg)
+    prepared = loop.prepare(p.model, p.data, hw, run_dir)  # warm-up → on-policy pairs → accuracy before (cached)
+    p.model, p.data = prepared.model, prepared.data
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(p.model)
@@ -160,11 +175,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
             merged = policy.merge_and_unload()  # training is over: merging in place is safe now
             merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
             tokenizer.save_pretrained(run_dir / "final_merged")
+    verified, verified_after = loop.verify_after(policy, tokenizer, prepared, hw, run_dir)
+    if verified or prepared.metrics:
+        result["metrics"].update({**prepared.metrics, **verified})
+        trainer.run_log.log(trainer.step, {**prepared.metrics, **verified})
     summary = {"status": "complete", "step": trainer.step, "loss": p.loss.key, "hparams": p.loss.hparams,
                "overrides": info.get("overrides", []), "resumed_from_step": resumed,
                "data": {**data_info, "tokenize": {"train": vars(train_tok), "eval": vars(eval_tok)}},
                "torch_threads": torch.get_num_threads(), "world_size": hw.world_size, "strategy": hw.strategy,
-               "rank": hw.rank, **result}
+               "rank": hw.rank, **result,
+               "pipeline": prepared.info, "verified": {"before": prepared.verified, "after": verified_after}}
     trainer.run_log.finish(summary)
     hw.teardown()
     return summary

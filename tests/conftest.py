@@ -14,9 +14,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from prefopt.config import conf_dir  # noqa: E402
 
+# The verified-math stages around a run (warm-up, on-policy pairs, verified accuracy) have tests of their own.
+PIPELINE_OFF = ["pipeline.warmup=false", "pipeline.pairs=false", "pipeline.evaluate=false"]
 # Small enough for a few seconds per run on 2 cores.
 TINY = ["steps=3", "batch_size=4", "micro_batch_size=2", "eval_every=2", "data.source.n_train=32",
-        "data.source.n_eval=8", "train.progress=false"]
+        "data.source.n_eval=8", "train.progress=false"] + PIPELINE_OFF
 
 
 def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):

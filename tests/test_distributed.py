@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import PIPELINE_OFF
 
 COMMON = ["steps=5", "batch_size=8", "micro_batch_size=2", "eval_every=2", "data.source.n_train=40",
-          "data.source.n_eval=8", "train.progress=false", "optimizer.warmup_steps=1", "save_every=5"]
+          "data.source.n_eval=8", "train.progress=false", "optimizer.warmup_steps=1", "save_every=5", *PIPELINE_OFF]
 
 
 def launch(tmp_path, name, nproc, *overrides):

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
+from tests.conftest import PIPELINE_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launchers" / "sbatch_torchrun.sh"
@@ -144,7 +145,7 @@ def test_submitit_local_sweep_runs_two_points_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "prefopt.run", "-m", "hydra/launcher=submitit_local", "loss=dpo,bpo", "steps=2",
            "batch_size=4", "micro_batch_size=2", "data.source.n_train=16", "data.source.n_eval=4",
-           "train.progress=false", f"hydra.sweep.dir={sweep}"]
+           "train.progress=false", f"hydra.sweep.dir={sweep}", *PIPELINE_OFF]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
@@ -168,7 +169,7 @@ def test_a_requeued_task_reruns_in_its_run_directory_and_resumes(tmp_path, monke
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     cmd = [sys.executable, "-m", "prefopt.run", "-m", "hydra/launcher=submitit_local", "loss=dpo", "steps=2",
            "batch_size=4", "micro_batch_size=2", "data.source.n_train=16", "data.source.n_eval=4", "save_every=1",
-           "train.progress=false", "logger=wandb"]
+           "train.progress=false", "logger=wandb", *PIPELINE_OFF]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")  # the default, timestamped sweep directory

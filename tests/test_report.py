@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 
 from prefopt import report, report_plots, wandb_dashboard
 from prefopt.report import ReportCallback, ReportError, write_report
+from tests.conftest import PIPELINE_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["loss=dpo,bpo", "beta=0.05,0.1", "steps=2", "batch_size=4", "micro_batch_size=4", "eval_every=1",
-         "data.source.n_train=8", "data.source.n_eval=8", "train.progress=false"]
+         "data.source.n_train=8", "data.source.n_eval=8", "train.progress=false", *PIPELINE_OFF]
 
 
 @pytest.fixture(scope="module")

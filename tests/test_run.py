@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from prefopt.errors import ConfigError, DataError, TrainingError
+from tests.conftest import PIPELINE_OFF
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,7 +182,7 @@ def test_cli_real_model_without_hub_fails_fast_with_one_clear_line(tmp_path):
 
 def test_cli_multirun_makes_one_directory_per_run(tmp_path):
     out = cli("-m", "loss=dpo,bpo", "beta=0.05,0.1", "steps=2", "batch_size=4", "micro_batch_size=4",
-              "data.source.n_train=16", "data.source.n_eval=4", "train.progress=false",
+              "data.source.n_train=16", "data.source.n_eval=4", "train.progress=false", *PIPELINE_OFF,
               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "summary.json").exists())

@@ -58,11 +58,12 @@ def solve(a: int, op: str, b: int) -> int:
 class ArithmeticData:
     """Pairs (correct worked answer, wrong one) for train and held-out problems (`conf/data/arith.yaml`)."""
 
-    n_train: int = 512
-    n_eval: int = 64
-    max_operand: int = 20
+    n_train: int = 150
+    n_eval: int = 50
+    max_operand: int = 9
     ops: str = "+-"
     seed: int = 1234
+    n_pairs: int = 0  # problems of their own for on-policy pair sampling (0: sample on the training problems)
 
     def fingerprint(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -71,6 +72,23 @@ class ArithmeticData:
         held = problems(self.n_eval, self.seed + 1, self.max_operand, self.ops)
         train = problems(self.n_train, self.seed, self.max_operand, self.ops, exclude=set(held))
         return train, held
+
+    def pair_problems(self) -> list:
+        """Problems for on-policy pair sampling: `n_pairs` of their own (neither train nor held out), else train."""
+        train, held = self.split_problems()
+        if not self.n_pairs:
+            return train
+        return problems(self.n_pairs, self.seed + 4, self.max_operand, self.ops, exclude=set(train) | set(held))
+
+    def problem_rows(self, split: str) -> list[dict]:
+        """{problem, answer, index} rows (the shape of a benchmark file) of `split`: train, eval or pairs."""
+        if split == "pairs":
+            probs = self.pair_problems()
+        elif split in ("train", "eval"):
+            probs = self.split_problems()[split == "eval"]
+        else:
+            raise ValueError(f"unknown split {split!r} (train, eval or pairs)")
+        return [{"problem": question(*p), "answer": str(solve(*p)), "index": i} for i, p in enumerate(probs)]
 
     def pairs(self, probs: list, seed: int, prefix: str) -> list[PreferencePair]:
         rng = random.Random(seed)

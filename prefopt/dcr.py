@@ -1,0 +1,110 @@
+"""The DCR study's table: one row per loss, verified accuracy before/after and the degraded-chosen-response signals.
+
+    python -m prefopt.dcr outputs/dcr_arith/2026-11-22/07-00-00      # any sweep or run directories
+
+`DCRTableCallback` writes it at the end of `python -m prefopt.run -m experiment=dcr_arith loss=...`
+(conf/experiment/dcr_arith.yaml). Runs are read with `prefopt.report.collect`, so a killed run shows its
+last logged values. Columns (final values, on the held-out preference pairs where the metric is per pair):
+
+- verified accuracy before / after preference training (`eval/verified_before/mean`, `eval/verified/mean`)
+- `eval/rewards/chosen`, `eval/rewards/rejected`: β·log(π/π_ref) summed over the completion
+- `eval/dcr/chosen_reward_below_zero`: share of pairs whose chosen reward fell below zero
+- `eval/dcr/chosen_logp_delta_per_token`: mean change of the chosen completion's log-prob per token
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    ("acc before", "eval/verified_before/mean"),
+    ("acc after", "eval/verified/mean"),
+    ("rewards/chosen", "eval/rewards/chosen"),
+    ("rewards/rejected", "eval/rewards/rejected"),
+    ("chosen reward < 0", "eval/dcr/chosen_reward_below_zero"),
+    ("chosen Δlogp/token", "eval/dcr/chosen_logp_delta_per_token"),
+]
+
+
+def dcr_rows(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], Path | None]:
+    from prefopt.report import collect
+
+    records, root = collect([str(p) for p in paths])
+    rows = []
+    for r in records:
+        row = {"loss": r.loss or r.overrides.get("loss", r.name), "run": r.name, "status": r.status}
+        row.update({key: r.final.get(key) for _, key in COLUMNS})
+        rows.append(row)
+    return rows, root
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if "verified" in key:
+        return f"{100 * value:.1f}%"
+    if "below_zero" in key:
+        return f"{value:.2f}"
+    return f"{value:+.3f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    from prefopt.report import markdown_table
+
+    header = ["loss", *(name for name, _ in COLUMNS)]
+    body = [[row["loss"] + ("" if row["status"] == "complete" else f" ({row['status']})"),
+             *(_fmt(row[key], key) for _, key in COLUMNS)] for row in rows]
+    return markdown_table(header, body)
+
+
+def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True) -> dict:
+    """Write `dcr_table.md` and `dcr_table.csv` over the runs under `paths`; returns the rows and files."""
+    paths = list(paths)
+    rows, root = dcr_rows(paths)
+    out = Path(out_dir or root or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    md = out / "dcr_table.md"
+    md.write_text("# DCR study\n\n" + table + "\n\nAccuracy: greedy pass@1, answers checked by math-verify, on the "
+                  "held-out problems. Rewards (β·log π/π_ref, summed) and the DCR signals: final values on the "
+                  "held-out on-policy pairs.\n")
+    path = out / "dcr_table.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["loss", "run", "status", *(key for _, key in COLUMNS)])
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    if echo:
+        print(table)
+        print(f"\nDCR table: {md} and {path}")
+    return {"rows": rows, "table": table, "files": {"md": md, "csv": path}}
+
+
+class DCRTableCallback(Callback):
+    """Hydra callback: the DCR table over the sweep directory when a multirun ends (never raises)."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        try:
+            write_dcr_table([config.hydra.sweep.dir])
+        except Exception as exc:  # noqa: BLE001 - the runs are what matter
+            log.warning("DCR table not written (%s: %s)", type(exc).__name__, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m prefopt.dcr RUN_OR_SWEEP_DIR [...]")
+        return 0 if args else 2
+    write_dcr_table(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

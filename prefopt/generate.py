@@ -1,0 +1,151 @@
+"""Completions from a policy: batched Hugging Face `generate` (left padding), or vLLM on a GPU when installed.
+
+Both backends take rendered prompt texts (chat template already applied) and return, per prompt, `n`
+completion texts with special tokens removed. Greedy decoding is `temperature=0` with `n=1`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from prefopt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class GenerationConfig:
+    """How completions are produced (`generation:` in conf/pipeline.yaml)."""
+
+    backend: str = "auto"  # auto: vLLM when it is installed and a GPU is visible, else hf
+    batch_size: int = 64  # prompts per `generate` call (hf); each brings its n samples along
+    max_new_tokens: int = 64
+    top_p: float = 1.0
+    vllm_gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"generation.backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.batch_size < 1:
+            raise ConfigError(f"generation.batch_size must be >= 1 (got {self.batch_size})")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class Completions:
+    """`texts[i]` are prompt i's samples; `finished[i][j]` says sample j ended with a stop token."""
+
+    texts: list[list[str]]
+    finished: list[list[bool]]
+
+    @property
+    def unfinished(self) -> int:
+        return sum(not f for row in self.finished for f in row)
+
+
+def stop_token_ids(tokenizer, completion_eos: str | None) -> list[int]:
+    """The tokens that end a completion: the model's completion EOS (e.g. <|im_end|>) and the tokenizer's EOS."""
+    ids = []
+    for token in (completion_eos, tokenizer.eos_token):
+        if token is not None:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
+                ids.append(tid)
+    if not ids:
+        raise ConfigError("the tokenizer has no EOS token to stop generation at (set model.completion_eos)")
+    return ids
+
+
+class HFGenerator:
+    """Batched `model.generate` with left padding; works for any causal LM prefopt can load, on any device."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: GenerationConfig, completion_eos: str | None = None):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, config
+        self.stop_ids = stop_token_ids(tokenizer, completion_eos)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, seed: int = 0) -> Completions:
+        if n < 1:
+            raise ConfigError(f"number of samples per prompt must be >= 1 (got {n})")
+        if temperature <= 0 and n > 1:
+            raise ConfigError("greedy decoding (temperature 0) gives one completion per prompt; n must be 1")
+        model, tok = self.model, self.tokenizer
+        was_training = model.training
+        model.eval()
+        side, tok.padding_side = tok.padding_side, "left"  # new tokens follow every prompt's last token
+        device = next(model.parameters()).device
+        sample = temperature > 0
+        kwargs = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=sample, eos_token_id=self.stop_ids,
+                      pad_token_id=tok.pad_token_id, num_return_sequences=n)
+        if sample:
+            kwargs.update(temperature=float(temperature), top_p=self.cfg.top_p, top_k=0)
+        texts, finished = [], []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), self.cfg.batch_size):
+                    chunk = list(prompts[start: start + self.cfg.batch_size])
+                    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    out = model.generate(**enc, **kwargs)
+                    new = out[:, enc.input_ids.shape[1]:].cpu()
+                    ended = torch.isin(new, torch.tensor(self.stop_ids)).any(dim=1).tolist()
+                    decoded = tok.batch_decode(new, skip_special_tokens=True)
+                    for i in range(len(chunk)):
+                        texts.append(decoded[i * n:(i + 1) * n])
+                        finished.append(ended[i * n:(i + 1) * n])
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
+        return Completions(texts, finished)
+
+
+class VLLMGenerator:
+    """vLLM's offline engine on a saved policy directory or hub id (GPU only)."""
+
+    def __init__(self, model_path: str, tokenizer, config: GenerationConfig, completion_eos: str | None = None,
+                 dtype: str = "bfloat16", seed: int = 0):
+        from vllm import LLM
+
+        self.cfg, self.tokenizer = config, tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, completion_eos)
+        self.llm = LLM(model=str(model_path), dtype=dtype, seed=seed,
+                       gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+
+    def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, seed: int = 0) -> Completions:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=float(temperature), top_p=self.cfg.top_p if temperature > 0 else 1.0,
+                                max_tokens=self.cfg.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
+                                skip_special_tokens=True)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        texts = [[c.text for c in o.outputs] for o in outputs]
+        finished = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
+        return Completions(texts, finished)
+
+
+def vllm_usable() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def choose_backend(config: GenerationConfig, saved_path: str | None) -> str:
+    """`hf` or `vllm`: vLLM needs the package, a GPU and weights on disk (or a hub id) to load from."""
+    if config.backend == "vllm":
+        if not vllm_usable():
+            raise ConfigError("generation.backend=vllm but vLLM is not installed or no GPU is visible "
+                              "(use generation.backend=hf)")
+        if saved_path is None:
+            raise ConfigError("generation.backend=vllm needs the policy saved on disk (set policy=DIR)")
+        return "vllm"
+    if config.backend == "auto" and saved_path is not None and vllm_usable():
+        return "vllm"
+    return "hf"

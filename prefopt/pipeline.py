@@ -1,0 +1,456 @@
+"""The verified-math loop around a preference run: warm-up → on-policy pairs → (training) → verified accuracy.
+
+`run.train` calls `Loop.prepare` before preference training and `Loop.verify_after` at its end; the
+sibling entry points (`prefopt.sft`, `prefopt.pairs`, `prefopt.evaluate`) call one stage each. The
+warm-up policy, the pairs and the accuracy of the starting policy are cached under
+`<pipeline.cache_dir>/{warmup,pairs,eval}/<key>`, the key being a sha256 of everything that made them,
+so a second run, or every run of a sweep, reuses them. Cache entries appear atomically (built under a
+temporary name, then renamed) and concurrent runs wait on a lock file instead of computing twice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from prefopt.errors import ConfigError, DataError, PrefoptError
+from prefopt.evaluate import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
+from prefopt.models import ModelSpec
+from prefopt.pairs import PairsConfig, sample_pairs, write_pairs
+from prefopt.sft import WarmupConfig, warm_up
+
+log = logging.getLogger("prefopt")
+
+CACHE_VERSION = 1  # bump when a stage's code changes what it produces for the same config
+
+
+@dataclass
+class Pipeline:
+    """`pipeline:` in conf/verified_math.yaml: which stages run around preference training."""
+
+    warmup: bool = True  # SFT the starting policy on the data's chosen responses first
+    pairs: bool = True  # train on on-policy pairs sampled from the starting policy instead of `data`'s pairs
+    evaluate: bool = True  # verified accuracy before and after preference training (evaluation.*)
+    cache_dir: str = "outputs/cache"
+    cache: bool = True  # false: compute every stage afresh, read and write no cache
+
+
+@dataclass
+class VerifyConfig:
+    """`verify:`: the math-verify answer checker (a worker pool, per-answer timeout)."""
+
+    timeout_s: float = 5.0
+    workers: int | None = None  # null: one per CPU core, at most 8
+
+
+@dataclass
+class Prepared:
+    """What preference training starts from once the stages before it ran (or came from the cache)."""
+
+    model: ModelSpec
+    data: Any
+    problems: Any = None  # the original data source: its held-out problems are the `arith` benchmark
+    metrics: dict = field(default_factory=dict)  # eval/verified_before/*
+    verified: dict = field(default_factory=dict)  # per benchmark: accuracy and counts (no_answer, timeout, ...)
+    info: dict = field(default_factory=dict)  # per stage: key, path, cached, counts
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def cache_key(payload: dict) -> str:
+    """sha256 of the canonical JSON of `payload` (first 16 hex digits: a directory name, not a password)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (a sibling `.lock` file) while computing what will be cached there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exit_on_error():
+    """For entry points: a PrefoptError ends the program with one line on stderr and exit status 2."""
+    try:
+        yield
+    except PrefoptError as exc:
+        log.error("%s", exc)
+        print(f"prefopt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def with_weights(spec: ModelSpec, path: str | os.PathLike) -> ModelSpec:
+    """`spec` loading its weights from the saved policy `path` (tokenizer: the char one stays, else the saved one)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"policy={str(path)!r}: not a directory with a saved model (config.json missing)")
+    return dataclasses.replace(spec, name_or_path=str(path), arch=None, revision=None,
+                               config={} if spec.arch is not None else dict(spec.config),
+                               tokenizer="char" if spec.tokenizer == "char" else None)
+
+
+def _weights_id(spec: ModelSpec) -> str:
+    """A string that changes when the weights `spec` loads change (local directories: file sizes and times)."""
+    if spec.name_or_path and Path(spec.name_or_path).is_dir():
+        files = sorted(p for p in Path(spec.name_or_path).iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return f"{Path(spec.name_or_path).resolve()}:{stamp}"
+    return spec.identity
+
+
+def _spec_fingerprint(spec: ModelSpec) -> dict:
+    return {"weights": _weights_id(spec), "dtype": spec.dtype, "tokenizer": spec.tokenizer,
+            "tokenizer_family": spec.tokenizer_family, "completion_eos": spec.completion_eos}
+
+
+def _data_fingerprint(data) -> Any:
+    fp = data.fingerprint() if hasattr(data, "fingerprint") else repr(data)
+    path = getattr(data, "path", None)  # a local file: its size and time too, so an edited file is new data
+    if isinstance(path, str) and Path(path).is_file():
+        st = Path(path).stat()
+        fp = [fp, st.st_size, st.st_mtime_ns]
+    return fp
+
+
+def _optimizer_fingerprint(factory: Callable) -> dict:
+    func = getattr(factory, "func", factory)
+    keywords = {k: v for k, v in getattr(factory, "keywords", {}).items() if k != "lr"}
+    return {"target": f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}", **keywords}
+
+
+_CHECKERS: dict[tuple, Any] = {}
+
+
+def answer_checker(config: VerifyConfig):
+    """One AnswerChecker per setting and process: the runs of a local sweep share its worker pool."""
+    from prefopt.verify import AnswerChecker
+
+    key = (config.timeout_s, config.workers)
+    if key not in _CHECKERS:
+        _CHECKERS[key] = AnswerChecker(timeout_s=config.timeout_s, workers=config.workers)
+    return _CHECKERS[key]
+
+
+@atexit.register
+def _close_checkers() -> None:
+    for checker in _CHECKERS.values():
+        checker.close()
+    _CHECKERS.clear()
+
+
+def _free(*models) -> None:
+    for m in models:
+        del m
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Loop:
+    """The plain objects of the loop's config (built by `prefopt.run.build_loop`) and its stages."""
+
+    pipeline: Pipeline
+    warmup: WarmupConfig
+    pairs: PairsConfig
+    evaluation: EvalConfig
+    generation: GenerationConfig
+    verify: VerifyConfig
+    tokenize: dict  # tokenize_pairs' max_length, max_prompt_length, chat_template, system_prompt
+    optimizer_factory: Callable
+    max_grad_norm: float | None = 1.0
+    chunk_elements: int | None = None
+    policy: str | None = None  # start from these saved weights instead of the model's own
+
+    # -- building blocks ------------------------------------------------------------------------------
+    def start_spec(self, spec: ModelSpec) -> ModelSpec:
+        return with_weights(spec, self.policy) if self.policy else spec
+
+    def load(self, spec: ModelSpec, hardware):
+        from prefopt.models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(spec)
+        model = load_model(spec, vocab_size=len(tokenizer)).to(hardware.torch_device)
+        return model, tokenizer
+
+    def render(self, tokenizer, problem: str) -> str:
+        """A problem as the preference run renders its prompts (so pair samples are on-policy for it)."""
+        from prefopt.data.batching import render_prompt
+
+        return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"])
+
+    def generator(self, model, tokenizer, spec: ModelSpec):
+        saved = spec.name_or_path
+        if choose_backend(self.generation, saved) == "vllm":
+            return VLLMGenerator(saved, tokenizer, self.generation, spec.completion_eos, dtype=spec.dtype)
+        return HFGenerator(model, tokenizer, self.generation, spec.completion_eos)
+
+    @staticmethod
+    def problem_source(data):
+        """Where generated problems come from: the run's arithmetic data, else the arithmetic defaults."""
+        from prefopt.data.arith import ArithmeticData
+
+        return data if hasattr(data, "problem_rows") else ArithmeticData()
+
+    def pair_problems(self, data) -> tuple[list[dict], Any]:
+        """(rows, fingerprint) of the problems pairs are sampled on."""
+        spec = self.pairs.problems()
+        if spec is not None:
+            return spec.load(), [vars(spec), _data_fingerprint(spec)]
+        source = self.problem_source(data)
+        rows = source.problem_rows("pairs")
+        return (rows[: self.pairs.limit] if self.pairs.limit is not None else rows), source.fingerprint()
+
+    def benchmarks(self, data) -> list:
+        generated = {"arith": self.problem_source(data).problem_rows("eval")}
+        return [(spec, benchmark_rows(spec, generated)) for spec in self.evaluation.specs()]
+
+    def _key(self, stage: str, payload: dict) -> str:
+        return cache_key({"stage": stage, "version": CACHE_VERSION, **payload})
+
+    def _cache(self, stage: str) -> Path:
+        return Path(self.pipeline.cache_dir) / stage
+
+    # -- warm-up ----------------------------------------------------------------------------------------
+    def warmup_key(self, spec: ModelSpec, data) -> str:
+        return self._key("warmup", {"model": _spec_fingerprint(spec), "data": _data_fingerprint(data),
+                                    "tokenize": self.tokenize, "warmup": {**vars(self.warmup), "progress": None},
+                                    "optimizer": _optimizer_fingerprint(self.optimizer_factory),
+                                    "max_grad_norm": self.max_grad_norm})
+
+    def run_warmup(self, spec: ModelSpec, data, hardware, out_dir: Path, run_log=None):
+        """SFT from `spec` on `data`'s chosen responses; the policy (weights + tokenizer) goes to out_dir/final."""
+        from prefopt.data.batching import tokenize_pairs
+
+        model, tokenizer = self.load(spec, hardware)
+        train_rows, eval_rows, _ = data.load()
+        args = dict(self.tokenize, completion_eos=spec.completion_eos)
+        train_pairs, _ = tokenize_pairs(train_rows, tokenizer, **args)
+        eval_pairs, _ = tokenize_pairs(eval_rows, tokenizer, **args)
+        result = warm_up(model, train_pairs, eval_pairs, tokenizer.pad_token_id, self.warmup, self.optimizer_factory,
+                         hardware, out_dir, max_grad_norm=self.max_grad_norm, chunk_elements=self.chunk_elements,
+                         run_log=run_log)
+        trainer = result.pop("trainer")
+        trainer.export(out_dir / "final")
+        if hardware.is_main:
+            tokenizer.save_pretrained(out_dir / "final")
+        model.eval()
+        return model, tokenizer, result
+
+    def cached_warmup(self, spec: ModelSpec, data, hardware) -> tuple[ModelSpec, dict, Any]:
+        """(spec of the warmed-up policy, info, (model, tokenizer) when it was just trained in this process)."""
+        key = self.warmup_key(spec, data)
+        final = self._cache("warmup") / key
+        info = {"key": key, "path": str(final)}
+        if self.pipeline.cache and (final / "warmup.json").is_file():
+            log.info("warm-up: reusing the cached policy %s", final)
+            return with_weights(spec, final / "policy"), {**info, "cached": True}, None
+        with locked(final) if self.pipeline.cache and hardware.is_main else contextlib.nullcontext():
+            if self.pipeline.cache and (final / "warmup.json").is_file():  # another run finished it meanwhile
+                return with_weights(spec, final / "policy"), {**info, "cached": True}, None
+            build = final.with_name(f".{key}.build") if self.pipeline.cache else final
+            t0 = time.perf_counter()
+            model, tokenizer, result = self.run_warmup(spec, data, hardware, build)
+            if hardware.is_main:
+                shutil.rmtree(build / "checkpoints", ignore_errors=True)  # resumable while building; not needed after
+                os.replace(build / "final", build / "policy")
+                record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
+                          "model": _spec_fingerprint(spec), "warmup": vars(self.warmup)}
+                (build / "warmup.json").write_text(json.dumps(record, indent=2, default=str))
+                if build != final:
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(build, final)
+            hardware.barrier()
+        log.info("warm-up: %d steps in %.0f s, final train loss %.4f; cached in %s", self.warmup.steps,
+                 time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), final)
+        return with_weights(spec, final / "policy"), {**info, "cached": False}, (model, tokenizer)
+
+    # -- pairs ------------------------------------------------------------------------------------------
+    def pairs_key(self, policy_spec: ModelSpec, problems_id: Any) -> str:
+        return self._key("pairs", {"policy": _spec_fingerprint(policy_spec), "problems": problems_id,
+                                   "render": {k: self.tokenize[k] for k in ("chat_template", "system_prompt")},
+                                   "pairs": self.pairs.fingerprint(), "max_new_tokens": self.generation.max_new_tokens,
+                                   "top_p": self.generation.top_p, "verify_timeout_s": self.verify.timeout_s})
+
+    def run_pairs(self, model, tokenizer, spec: ModelSpec, data, path: Path, problems=None) -> dict:
+        """Sample, verify and write pairs to `path` (+ provenance); returns the provenance record."""
+        rows, problems_id = problems or self.pair_problems(data)
+        prompts = [self.render(tokenizer, r["problem"]) for r in rows]
+        t0 = time.perf_counter()
+        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts,
+                                           answer_checker(self.verify), self.pairs)
+        provenance = {"policy": _weights_id(spec), "k": self.pairs.k, "temperature": self.pairs.temperature,
+                      "top_p": self.generation.top_p, "seed": self.pairs.seed,
+                      "max_new_tokens": self.generation.max_new_tokens,
+                      "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt, "problems": problems_id,
+                      "verify_timeout_s": self.verify.timeout_s, "seconds": time.perf_counter() - t0, **extra}
+        write_pairs(path, pairs, provenance, stats)
+        log.info("pairs: %d from %d prompts x %d samples (sample accuracy %.2f; dropped %d all-correct, "
+                 "%d all-wrong; no_answer %d, timeout %d) -> %s", stats.pairs, stats.prompts, self.pairs.k,
+                 extra["sample_accuracy"], stats.dropped_all_correct, stats.dropped_all_wrong, stats.no_answer,
+                 stats.timeout, path)
+        return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
+
+    def cached_pairs(self, spec: ModelSpec, loaded, data, hardware) -> tuple[Path, dict]:
+        from prefopt.pairs import provenance_path
+
+        problems = self.pair_problems(data)
+        key = self.pairs_key(spec, problems[1])
+        path = self._cache("pairs") / f"{key}.jsonl"
+        info = {"key": key, "path": str(path), "cached": True}
+        meta = provenance_path(path)
+        if not (self.pipeline.cache and meta.is_file()):
+            with locked(path) if self.pipeline.cache else contextlib.nullcontext():
+                if not (self.pipeline.cache and meta.is_file()) and hardware.is_main:
+                    model, tokenizer = loaded or self.load(spec, hardware)
+                    self.run_pairs(model, tokenizer, spec, data, path, problems)
+                    info["cached"] = False
+                hardware.barrier()
+        if info["cached"]:
+            log.info("pairs: reusing the cached %s", path)
+        record = json.loads(meta.read_text())
+        return path, {**info, "num_pairs": record.get("num_pairs"), "counts": record.get("counts")}
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def run_eval(self, model, tokenizer, spec: ModelSpec, data, out_dir: Path | None, prefix: str) -> tuple[dict, dict]:
+        return evaluate_policy(self.generator(model, tokenizer, spec), tokenizer, self.benchmarks(data),
+                               answer_checker(self.verify), self.evaluation, out_dir, prefix=prefix)
+
+    def cached_eval(self, spec: ModelSpec, loaded, data, hardware, out_dir: Path, prefix: str) -> tuple[dict, dict]:
+        """The starting policy's verified accuracy, cached (per-sample files copied into out_dir)."""
+        key = self._key("eval", {"policy": _spec_fingerprint(spec), "evaluation": self.evaluation.fingerprint(),
+                                 "problems": self.problem_source(data).fingerprint(), "prefix": prefix,
+                                 "max_new_tokens": self.generation.max_new_tokens,
+                                 "verify_timeout_s": self.verify.timeout_s})
+        entry = self._cache("eval") / key
+        if not self.pipeline.cache:
+            model, tokenizer = loaded or self.load(spec, hardware)
+            return self.run_eval(model, tokenizer, spec, data, out_dir, prefix)
+        if (entry / "result.json").is_file():
+            log.info("%s: reusing the cached result %s", prefix, entry)
+        else:
+            with locked(entry):
+                if not (entry / "result.json").is_file():
+                    build = entry.with_name(f".{key}.build{os.getpid()}")
+                    model, tokenizer = loaded or self.load(spec, hardware)
+                    metrics, details = self.run_eval(model, tokenizer, spec, data, build, prefix)
+                    (build / "result.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2))
+                    shutil.rmtree(entry, ignore_errors=True)
+                    os.replace(build, entry)
+        result = json.loads((entry / "result.json").read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in entry.glob("*.jsonl"):
+            shutil.copyfile(f, out_dir / f.name)
+        return result["metrics"], result["details"]
+
+    # -- the stages around a preference run -------------------------------------------------------------
+    def prepare(self, spec: ModelSpec, data, hardware, run_dir: Path) -> Prepared:
+        """Warm-up → pairs → accuracy before, as the pipeline switches say; returns what training starts from."""
+        spec = self.start_spec(spec)
+        prepared = Prepared(model=spec, data=data, problems=data)
+        loaded = None
+        if self.pipeline.warmup:
+            spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware)
+            prepared.model = spec
+        if self.pipeline.pairs:
+            path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware)
+            from prefopt.data.sources import FileData
+
+            n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
+            if n <= self.pairs.eval_size:
+                raise DataError(f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "
+                                f"held out); the starting policy is almost always right or always wrong "
+                                f"(see the counts in {path}.provenance.json)")
+            prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size)
+        if self.pipeline.evaluate and hardware.is_main:
+            prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
+                                                         run_dir / "verified_before", "eval/verified_before")
+            prepared.verified = details
+        _free(*(loaded or ()))
+        return prepared
+
+    def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
+        """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean."""
+        if not (self.pipeline.evaluate and hardware.is_main):
+            return {}, {}
+        spec = prepared.model
+        if (run_dir / "final" / "config.json").is_file():
+            spec = with_weights(spec, run_dir / "final")
+        return self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified", "eval/verified")
+
+    # -- the sibling entry points -------------------------------------------------------------------------
+    def sft_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
+        from prefopt.tracking import RunLog
+
+        hardware.setup()
+        spec = self.start_spec(spec)
+        run_log = RunLog(run_dir, {"warmup": vars(self.warmup)}, None, enabled=hardware.is_main)
+        model, tokenizer, result = self.run_warmup(spec, data, hardware, run_dir, run_log=run_log)
+        metrics, details = dict(result["metrics"]), {}
+        if self.pipeline.evaluate and hardware.is_main:
+            verified, details = self.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
+            metrics.update(verified)
+            run_log.log(self.warmup.steps, verified)
+        summary = {"status": "complete", "stage": "warmup", "policy": str(run_dir / "final"), "metrics": metrics,
+                   "verified": {"after": details}, "wall_time_s": result["wall_time_s"]}
+        run_log.finish(summary)
+        hardware.teardown()
+        return summary
+
+    def pairs_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
+        hardware.setup()
+        spec = self.start_spec(spec)
+        model, tokenizer = self.load(spec, hardware)
+        path = Path(self.pairs.output) if self.pairs.output else run_dir / "pairs.jsonl"
+        record = self.run_pairs(model, tokenizer, spec, data, path)
+        print(f"prefopt: {record['num_pairs']} pairs -> {path} (provenance: {path}.provenance.json)")
+        return record
+
+    def evaluate_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
+        from prefopt.tracking import RunLog
+
+        hardware.setup()
+        spec = self.start_spec(spec)
+        model, tokenizer = self.load(spec, hardware)
+        metrics, details = self.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
+        run_log = RunLog(run_dir, {"evaluation": vars(self.evaluation)}, None)
+        run_log.log(0, metrics)
+        summary = {"status": "complete", "stage": "evaluate", "policy": _weights_id(spec), "metrics": metrics,
+                   "verified": {"after": details}}
+        run_log.finish(summary)
+        for name, value in metrics.items():
+            print(f"{name}: {value:.4f}")
+        return summary
+
+
+def copy_loop(loop: Loop, **changes) -> Loop:
+    """A copy of `loop` with some fields replaced (tests, and entry points that adjust one stage)."""
+    return dataclasses.replace(copy.copy(loop), **changes)
