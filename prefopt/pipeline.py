@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
-import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +25,8 @@ from typing import Any, Callable
 import torch
 
 from prefopt.errors import ConfigError, DataError, PrefoptError
+from prefopt.cache import (cache_key, data_fingerprint, locked, optimizer_fingerprint, spec_fingerprint,
+                           weights_id, with_weights)
 from prefopt.evaluate import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
 from prefopt.models import ModelSpec
@@ -75,24 +73,6 @@ class Prepared:
 # Helpers
 
 
-def cache_key(payload: dict) -> str:
-    """sha256 of the canonical JSON of `payload` (first 16 hex digits: a directory name, not a password)."""
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on `path` (a sibling `.lock` file) while computing what will be cached there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @contextlib.contextmanager
 def exit_on_error():
     """For entry points: a PrefoptError ends the program with one line on stderr and exit status 2."""
@@ -102,45 +82,6 @@ def exit_on_error():
         log.error("%s", exc)
         print(f"prefopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def with_weights(spec: ModelSpec, path: str | os.PathLike) -> ModelSpec:
-    """`spec` loading its weights from the saved policy `path` (tokenizer: the char one stays, else the saved one)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"policy={str(path)!r}: not a directory with a saved model (config.json missing)")
-    return dataclasses.replace(spec, name_or_path=str(path), arch=None, revision=None,
-                               config={} if spec.arch is not None else dict(spec.config),
-                               tokenizer="char" if spec.tokenizer == "char" else None)
-
-
-def _weights_id(spec: ModelSpec) -> str:
-    """A string that changes when the weights `spec` loads change (local directories: file sizes and times)."""
-    if spec.name_or_path and Path(spec.name_or_path).is_dir():
-        files = sorted(p for p in Path(spec.name_or_path).iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        return f"{Path(spec.name_or_path).resolve()}:{stamp}"
-    return spec.identity
-
-
-def _spec_fingerprint(spec: ModelSpec) -> dict:
-    return {"weights": _weights_id(spec), "dtype": spec.dtype, "tokenizer": spec.tokenizer,
-            "tokenizer_family": spec.tokenizer_family, "completion_eos": spec.completion_eos}
-
-
-def _data_fingerprint(data) -> Any:
-    fp = data.fingerprint() if hasattr(data, "fingerprint") else repr(data)
-    path = getattr(data, "path", None)  # a local file: its size and time too, so an edited file is new data
-    if isinstance(path, str) and Path(path).is_file():
-        st = Path(path).stat()
-        fp = [fp, st.st_size, st.st_mtime_ns]
-    return fp
-
-
-def _optimizer_fingerprint(factory: Callable) -> dict:
-    func = getattr(factory, "func", factory)
-    keywords = {k: v for k, v in getattr(factory, "keywords", {}).items() if k != "lr"}
-    return {"target": f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}", **keywords}
 
 
 _CHECKERS: dict[tuple, Any] = {}
@@ -163,9 +104,8 @@ def _close_checkers() -> None:
     _CHECKERS.clear()
 
 
-def _free(*models) -> None:
-    for m in models:
-        del m
+def _release_memory() -> None:
+    """After the stages: their model copies are gone; give their GPU memory back before training."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -224,7 +164,7 @@ class Loop:
         """(rows, fingerprint) of the problems pairs are sampled on."""
         spec = self.pairs.problems()
         if spec is not None:
-            return spec.load(), [vars(spec), _data_fingerprint(spec)]
+            return spec.load(), [vars(spec), data_fingerprint(spec)]
         source = self.problem_source(data)
         rows = source.problem_rows("pairs")
         return (rows[: self.pairs.limit] if self.pairs.limit is not None else rows), source.fingerprint()
@@ -241,9 +181,9 @@ class Loop:
 
     # -- warm-up ----------------------------------------------------------------------------------------
     def warmup_key(self, spec: ModelSpec, data) -> str:
-        return self._key("warmup", {"model": _spec_fingerprint(spec), "data": _data_fingerprint(data),
+        return self._key("warmup", {"model": spec_fingerprint(spec), "data": data_fingerprint(data),
                                     "tokenize": self.tokenize, "warmup": {**vars(self.warmup), "progress": None},
-                                    "optimizer": _optimizer_fingerprint(self.optimizer_factory),
+                                    "optimizer": optimizer_fingerprint(self.optimizer_factory),
                                     "max_grad_norm": self.max_grad_norm})
 
     def run_warmup(self, spec: ModelSpec, data, hardware, out_dir: Path, run_log=None):
@@ -259,16 +199,28 @@ class Loop:
                          hardware, out_dir, max_grad_norm=self.max_grad_norm, chunk_elements=self.chunk_elements,
                          run_log=run_log)
         trainer = result.pop("trainer")
-        trainer.export(out_dir / "final")
+        if getattr(spec, "uses_lora", False):  # later stages load full weights: merge the adapters in
+            if getattr(hardware, "strategy", "none") == "fsdp":
+                raise ConfigError("a warm-up with LoRA under FSDP cannot export merged weights; warm up without "
+                                  "LoRA (model.lora.r=0) or with pipeline.warmup=false and policy=DIR")
+            if hardware.is_main:
+                model = model.merge_and_unload()
+                model.save_pretrained(out_dir / "final", safe_serialization=True)
+            hardware.barrier()
+        else:
+            trainer.export(out_dir / "final")
         if hardware.is_main:
             tokenizer.save_pretrained(out_dir / "final")
         model.eval()
         return model, tokenizer, result
 
-    def cached_warmup(self, spec: ModelSpec, data, hardware) -> tuple[ModelSpec, dict, Any]:
-        """(spec of the warmed-up policy, info, (model, tokenizer) when it was just trained in this process)."""
+    def cached_warmup(self, spec: ModelSpec, data, hardware, run_dir: Path) -> tuple[ModelSpec, dict, Any]:
+        """(spec of the warmed-up policy, info, (model, tokenizer) when it was trained in this process).
+
+        With `pipeline.cache=false` the warm-up goes to `run_dir/warmup` and no cache entry is read or written.
+        """
         key = self.warmup_key(spec, data)
-        final = self._cache("warmup") / key
+        final = self._cache("warmup") / key if self.pipeline.cache else run_dir / "warmup"
         info = {"key": key, "path": str(final)}
         if self.pipeline.cache and (final / "warmup.json").is_file():
             log.info("warm-up: reusing the cached policy %s", final)
@@ -276,26 +228,28 @@ class Loop:
         with locked(final) if self.pipeline.cache and hardware.is_main else contextlib.nullcontext():
             if self.pipeline.cache and (final / "warmup.json").is_file():  # another run finished it meanwhile
                 return with_weights(spec, final / "policy"), {**info, "cached": True}, None
+            # built under a temporary name (resumable from its checkpoints), renamed into place when complete
             build = final.with_name(f".{key}.build") if self.pipeline.cache else final
             t0 = time.perf_counter()
             model, tokenizer, result = self.run_warmup(spec, data, hardware, build)
             if hardware.is_main:
-                shutil.rmtree(build / "checkpoints", ignore_errors=True)  # resumable while building; not needed after
+                shutil.rmtree(build / "checkpoints", ignore_errors=True)
+                shutil.rmtree(build / "policy", ignore_errors=True)
                 os.replace(build / "final", build / "policy")
                 record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
-                          "model": _spec_fingerprint(spec), "warmup": vars(self.warmup)}
+                          "model": spec_fingerprint(spec), "warmup": vars(self.warmup)}
                 (build / "warmup.json").write_text(json.dumps(record, indent=2, default=str))
                 if build != final:
                     shutil.rmtree(final, ignore_errors=True)
                     os.replace(build, final)
             hardware.barrier()
-        log.info("warm-up: %d steps in %.0f s, final train loss %.4f; cached in %s", self.warmup.steps,
+        log.info("warm-up: %d steps in %.0f s, final train loss %.4f -> %s", self.warmup.steps,
                  time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), final)
         return with_weights(spec, final / "policy"), {**info, "cached": False}, (model, tokenizer)
 
     # -- pairs ------------------------------------------------------------------------------------------
     def pairs_key(self, policy_spec: ModelSpec, problems_id: Any) -> str:
-        return self._key("pairs", {"policy": _spec_fingerprint(policy_spec), "problems": problems_id,
+        return self._key("pairs", {"policy": spec_fingerprint(policy_spec), "problems": problems_id,
                                    "render": {k: self.tokenize[k] for k in ("chat_template", "system_prompt")},
                                    "pairs": self.pairs.fingerprint(), "max_new_tokens": self.generation.max_new_tokens,
                                    "top_p": self.generation.top_p, "verify_timeout_s": self.verify.timeout_s})
@@ -307,7 +261,7 @@ class Loop:
         t0 = time.perf_counter()
         pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts,
                                            answer_checker(self.verify), self.pairs)
-        provenance = {"policy": _weights_id(spec), "k": self.pairs.k, "temperature": self.pairs.temperature,
+        provenance = {"policy": weights_id(spec), "k": self.pairs.k, "temperature": self.pairs.temperature,
                       "top_p": self.generation.top_p, "seed": self.pairs.seed,
                       "max_new_tokens": self.generation.max_new_tokens,
                       "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt, "problems": problems_id,
@@ -319,12 +273,13 @@ class Loop:
                  stats.timeout, path)
         return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
 
-    def cached_pairs(self, spec: ModelSpec, loaded, data, hardware) -> tuple[Path, dict]:
+    def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
+        """The pairs file of `spec`'s samples (cached; with `pipeline.cache=false`, run_dir/pairs.jsonl)."""
         from prefopt.pairs import provenance_path
 
         problems = self.pair_problems(data)
         key = self.pairs_key(spec, problems[1])
-        path = self._cache("pairs") / f"{key}.jsonl"
+        path = self._cache("pairs") / f"{key}.jsonl" if self.pipeline.cache else run_dir / "pairs.jsonl"
         info = {"key": key, "path": str(path), "cached": True}
         meta = provenance_path(path)
         if not (self.pipeline.cache and meta.is_file()):
@@ -346,7 +301,7 @@ class Loop:
 
     def cached_eval(self, spec: ModelSpec, loaded, data, hardware, out_dir: Path, prefix: str) -> tuple[dict, dict]:
         """The starting policy's verified accuracy, cached (per-sample files copied into out_dir)."""
-        key = self._key("eval", {"policy": _spec_fingerprint(spec), "evaluation": self.evaluation.fingerprint(),
+        key = self._key("eval", {"policy": spec_fingerprint(spec), "evaluation": self.evaluation.fingerprint(),
                                  "problems": self.problem_source(data).fingerprint(), "prefix": prefix,
                                  "max_new_tokens": self.generation.max_new_tokens,
                                  "verify_timeout_s": self.verify.timeout_s})
@@ -378,10 +333,10 @@ class Loop:
         prepared = Prepared(model=spec, data=data, problems=data)
         loaded = None
         if self.pipeline.warmup:
-            spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware)
+            spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware, run_dir)
             prepared.model = spec
         if self.pipeline.pairs:
-            path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware)
+            path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
             from prefopt.data.sources import FileData
 
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
@@ -394,7 +349,8 @@ class Loop:
             prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
                                                          run_dir / "verified_before", "eval/verified_before")
             prepared.verified = details
-        _free(*(loaded or ()))
+        loaded = None
+        _release_memory()
         return prepared
 
     def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
@@ -443,14 +399,9 @@ class Loop:
         metrics, details = self.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
         run_log = RunLog(run_dir, {"evaluation": vars(self.evaluation)}, None)
         run_log.log(0, metrics)
-        summary = {"status": "complete", "stage": "evaluate", "policy": _weights_id(spec), "metrics": metrics,
+        summary = {"status": "complete", "stage": "evaluate", "policy": weights_id(spec), "metrics": metrics,
                    "verified": {"after": details}}
         run_log.finish(summary)
         for name, value in metrics.items():
             print(f"{name}: {value:.4f}")
         return summary
-
-
-def copy_loop(loop: Loop, **changes) -> Loop:
-    """A copy of `loop` with some fields replaced (tests, and entry points that adjust one stage)."""
-    return dataclasses.replace(copy.copy(loop), **changes)

@@ -215,6 +215,16 @@ def test_the_loop_caches_warmup_and_pairs_and_a_changed_key_recomputes(tiny_run,
     assert not list((tmp_path / "cache" / "warmup").glob(".*.build*"))  # no half-built entries left
 
 
+def test_without_the_cache_the_stages_write_into_the_run_directory_only(tiny_run, tmp_path, counted):
+    summary, run = tiny_run(*LOOP, "pipeline.cache=false", f"pipeline.cache_dir={tmp_path / 'cache'}",
+                            run_dir=tmp_path / "r")
+    assert not (tmp_path / "cache").exists()
+    assert (run / "warmup" / "policy" / "model.safetensors").is_file() and (run / "pairs.jsonl").is_file()
+    assert summary["pipeline"]["warmup"]["cached"] is False and counted["eval"] == 2
+    tiny_run(*LOOP, "pipeline.cache=false", f"pipeline.cache_dir={tmp_path / 'cache'}", run_dir=tmp_path / "r2")
+    assert counted == {"warmup": 2, "pairs": 2, "eval": 4}
+
+
 def test_sampling_settings_that_cannot_make_pairs_are_refused():
     from prefopt.run import build_loop
 
