@@ -77,6 +77,27 @@ def build_loop(cfg: DictConfig):
                 max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements, policy=cfg.policy)
 
 
+# Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
+                     "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
+                     "train.on_nonfinite", "validate")
+
+
+def resume_record(resolved: dict) -> dict:
+    """The flattened config a checkpoint is tied to: a resume with other values is refused."""
+    flat: dict[str, Any] = {}
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk({k: v for k, v in resolved.items() if k != "hydra"})
+    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)}
+
+
 def _hydra_info() -> dict[str, Any]:
     """Run directory, choices and sweep name from Hydra (empty when called outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
@@ -139,6 +160,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     lora_reference = p.loss.reference and p.model.uses_lora and cached is None
     reference = freeze(copy.deepcopy(policy)) if p.loss.reference and not lora_reference and cached is None else None
 
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume}: not a directory of checkpoints")
     trainer = Trainer(
@@ -151,6 +173,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
         run_log=None, run_dir=run_dir, seed=cfg.seed, max_grad_norm=cfg.optimizer.max_grad_norm,
         resume_from=None if cfg.resume in (None, "auto") else Path(cfg.resume),
         reference_context=reference_context(policy) if lora_reference else None, reference_logps=cached,
+        config_record=resume_record(resolved),
     )
     if cfg.resume is None and trainer.resumed_from is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
