@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import prefopt  # noqa: F401 - registers the config resolvers
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError, PrefoptError
+from prefopt.validate import problems, report
 
 log = logging.getLogger("prefopt")
 
@@ -127,11 +128,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
 
     info = _hydra_info()
     run_dir = Path(run_dir or info.get("run_dir") or cfg.get("output_dir") or "outputs/run")
+    found = problems(cfg)  # every problem at once, in seconds, before any data or model is loaded
+    if found:
+        raise ConfigError(found[0] if len(found) == 1 else report(found))
     p = plan(cfg)
     from prefopt import reference as refcache
 
     cache_dir = refcache.cache_dir(cfg.get("reference_cache") or ("auto" if cache_only else None), p.loss)
-    p.model.check_available()  # seconds, before any data is read
     hw = p.hardware.setup()
     seed_everything(cfg.seed)
     loop = build_loop(cfg)
@@ -216,6 +219,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
+        if cfg.get("validate"):  # report every problem (data rows included) and stop: no model is loaded
+            found = problems(cfg, read_data=True)
+            print(report(found))
+            if found:
+                sys.exit(2)
+            return None
         summary = train(cfg)
     except PrefoptError as exc:
         log.error("%s", exc)

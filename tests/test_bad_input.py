@@ -76,3 +76,31 @@ def test_unreachable_wandb_never_stops_a_run(tiny_run, tmp_path, monkeypatch, ca
     assert summary["status"] == "complete"
     assert len([1 for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]) == 2
     assert "W&B is unavailable" in caplog.text
+
+
+def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    args = [sys.executable, "-m", "prefopt.run", "validate=true", "loss=bpo", "loss.alpha=2",
+            "batch_size=6", "micro_batch_size=4", "data.max_prompt_length=500", "model=qwen_math",
+            f"model.name_or_path={tmp_path / 'no_model'}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    for expected in ("loss.alpha must be in (0, 1]", "divisible by micro_batch_size", "not a directory with a saved model",
+                     "data.max_prompt_length (500) must be < data.max_length (128)"):
+        assert expected in out.stdout, (expected, out.stdout)
+    assert out.stdout.startswith("prefopt: 4 problems:")
+    tiny = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true", "data.max_length=8192",
+                           "data.max_prompt_length=64"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert tiny.returncode == 2 and "data.max_length (8192) exceeds the model's context (4096 positions)" in tiny.stdout
+    ok = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true", "data=jsonl",
+                         f"data.source.path={bad}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ok.returncode == 2 and "bad.jsonl: row 2: missing field 'rejected'" in ok.stdout
+    good = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert good.returncode == 0 and "config OK" in good.stdout
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing was trained, sampled or cached

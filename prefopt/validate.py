@@ -1,0 +1,88 @@
+"""Check a composed config before any work: every problem at once, no model loaded.
+
+`python -m prefopt.run ... validate=true` prints the report and exits (0 when clean, 2 otherwise); every
+run also calls `problems()` first, so a typo or a missing file stops it in seconds, not after loading a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from prefopt.errors import PrefoptError
+
+
+def _check(problems: list[str], what: str, fn: Callable[[], Any]) -> Any:
+    from hydra.errors import InstantiationException
+
+    try:
+        return fn()
+    except PrefoptError as exc:
+        problems.append(f"{what}: {exc}")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, PrefoptError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        problems.append(f"{what}: {cause or exc}")
+    except Exception as exc:  # noqa: BLE001 - a validation report lists whatever went wrong
+        problems.append(f"{what}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def max_positions(spec) -> int | None:
+    """The model's context length from its config alone (no weights)."""
+    if spec.arch is not None:
+        return spec.config.get("max_position_embeddings")
+    if spec.name_or_path and Path(spec.name_or_path).is_dir():
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(spec.name_or_path), "max_position_embeddings", None)
+    return None
+
+
+def problems(cfg: DictConfig, read_data: bool = False) -> list[str]:
+    """Everything wrong with `cfg`, each naming its key; `read_data` also reads and validates the data rows."""
+    from hydra.utils import instantiate
+
+    found: list[str] = []
+    if cfg.get("beta") is not None and not cfg.beta > 0:
+        found.append(f"beta must be > 0 (got {cfg.beta})")
+    hardware = _check(found, "hardware", lambda: instantiate(cfg.hardware))
+    loss = _check(found, "loss", lambda: instantiate(cfg.loss))
+    train = _check(found, "train", lambda: instantiate(cfg.train))
+    if train is not None:
+        _check(found, "train", lambda: train.validate(hardware.world_size if hardware else 1))
+    model = _check(found, "model", lambda: instantiate(cfg.model))
+    if model is not None:
+        _check(found, "model", model.check_available)
+        length = _check(found, "model", lambda: max_positions(model))
+        if length and cfg.data.max_length > length:
+            found.append(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
+                         f"({length} positions): lower data.max_length")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        found.append(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
+                     f"({cfg.data.max_length})")
+    if loss is not None and not loss.reference and cfg.get("reference_cache"):
+        found.append(f"reference_cache={cfg.reference_cache}: loss {loss.key!r} is reference-free and uses no "
+                     f"reference log-probs; drop reference_cache")
+    if cfg.get("resume") not in (None, "auto") and not Path(str(cfg.resume)).is_dir():
+        found.append(f"resume={cfg.resume}: not a directory of checkpoints")
+    source = _check(found, "data", lambda: instantiate(cfg.data.source))
+    if source is not None:
+        for key in ("path", "eval_path"):
+            value = getattr(source, key, None)
+            if value and (Path(value).suffix in (".jsonl", ".json", ".parquet")) and not Path(value).expanduser().is_file():
+                found.append(f"data.source.{key}={value}: no such file")
+        if read_data:
+            _check(found, "data", source.load)
+    if cfg.logger.get("wandb"):
+        _check(found, "logger", lambda: instantiate(cfg.logger.wandb))
+    return found
+
+
+def report(found: list[str]) -> str:
+    if not found:
+        return "prefopt: config OK"
+    return "prefopt: {} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
