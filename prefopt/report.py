@@ -329,14 +329,17 @@ class ReportCallback(Callback):
     """Hydra callback: the report over the sweep directory when a multirun ends (and over the run directory
     when a single run ends, if `run`). A failing report is logged, never raised: the runs are what matter."""
 
-    def __init__(self, multirun: bool = True, run: bool = True) -> None:
-        self.multirun, self.run = multirun, run
+    def __init__(self, multirun: bool = True, run: bool = True, jobs: list[str] | None = None) -> None:
+        # `jobs`: the Hydra job names (entry-point modules) whose single runs get a report; None = all
+        self.multirun, self.run, self.jobs = multirun, run, list(jobs) if jobs else None
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         if self.multirun:
             self._report(lambda: config.hydra.sweep.dir)
 
     def on_run_end(self, config, **kwargs: Any) -> None:
+        if self.jobs is not None and config.hydra.job.name not in self.jobs:
+            return  # e.g. `python -m prefopt.sft` writes no preference metrics to report on
         if self.run and os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this
             self._report(lambda: config.hydra.runtime.output_dir)
 
