@@ -18,7 +18,7 @@ import csv
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from hydra.experimental.callback import Callback
 
@@ -34,16 +34,35 @@ COLUMNS = [
 ]
 
 
-def dcr_rows(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], Path | None]:
-    from prefopt.report import collect
+def dcr_rows(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str], Path | None]:
+    """One row per run: loss, the overrides besides the loss that differ between runs (seed, lr, ...), COLUMNS."""
+    from prefopt.report import collect, differing
 
     records, root = collect([str(p) for p in paths])
+    extra = [k for k in differing(records)[0] if k != "loss"]
     rows = []
     for r in records:
         row = {"loss": r.loss or r.overrides.get("loss", r.name), "run": r.name, "status": r.status}
+        row.update({k: r.overrides.get(k, "") for k in extra})
         row.update({key: r.final.get(key) for _, key in COLUMNS})
         rows.append(row)
-    return rows, root
+    return rows, extra, root
+
+
+def means_by_loss(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The mean of each column over the runs of each loss (in first-seen order), with the run count."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        agg = out.setdefault(row["loss"], {"loss": row["loss"], "runs": 0, "status": "complete",
+                                           **{key: [] for _, key in COLUMNS}})
+        agg["runs"] += 1
+        for _, key in COLUMNS:
+            if row[key] is not None:
+                agg[key].append(row[key])
+    for agg in out.values():
+        for _, key in COLUMNS:
+            agg[key] = sum(agg[key]) / len(agg[key]) if agg[key] else None
+    return list(out.values())
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -56,35 +75,42 @@ def _fmt(value: Any, key: str) -> str:
     return f"{value:+.3f}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
     from prefopt.report import markdown_table
 
-    header = ["loss", *(name for name, _ in COLUMNS)]
+    header = ["loss", *extra, *(name for name, _ in COLUMNS)]
     body = [[row["loss"] + ("" if row["status"] == "complete" else f" ({row['status']})"),
-             *(_fmt(row[key], key) for _, key in COLUMNS)] for row in rows]
+             *(row.get(k, "") for k in extra), *(_fmt(row[key], key) for _, key in COLUMNS)] for row in rows]
     return markdown_table(header, body)
 
 
 def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True) -> dict:
-    """Write `dcr_table.md` and `dcr_table.csv` over the runs under `paths`; returns the rows and files."""
+    """Write `dcr_table.md` and `dcr_table.csv` over the runs under `paths`; returns the rows and files.
+
+    With several runs per loss (a seed sweep), the markdown adds their means per loss.
+    """
     paths = list(paths)
-    rows, root = dcr_rows(paths)
+    rows, extra, root = dcr_rows(paths)
     out = Path(out_dir or root or paths[0])
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(rows, extra)
+    means = means_by_loss(rows)
+    if len(means) < len(rows):
+        counts = ", ".join(f"{m['loss']}: {m['runs']}" for m in means)
+        table += f"\n\nMean over the runs of each loss ({counts}):\n\n" + markdown(means)
     md = out / "dcr_table.md"
     md.write_text("# DCR study\n\n" + table + "\n\nAccuracy: greedy pass@1, answers checked by math-verify, on the "
-                  "held-out problems. Rewards (β·log π/π_ref, summed) and the DCR signals: final values on the "
-                  "held-out on-policy pairs.\n")
+                  "held-out problems, before and after preference training. Rewards (β·log π/π_ref, summed over the "
+                  "completion) and the DCR signals: final values on the held-out on-policy pairs.\n")
     path = out / "dcr_table.csv"
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["loss", "run", "status", *(key for _, key in COLUMNS)])
+        writer = csv.DictWriter(fh, fieldnames=["loss", *extra, "run", "status", *(key for _, key in COLUMNS)])
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     if echo:
         print(table)
         print(f"\nDCR table: {md} and {path}")
-    return {"rows": rows, "table": table, "files": {"md": md, "csv": path}}
+    return {"rows": rows, "means": means, "table": table, "files": {"md": md, "csv": path}}
 
 
 class DCRTableCallback(Callback):

@@ -25,7 +25,7 @@ class GenerationConfig:
     """How completions are produced (`generation:` in conf/pipeline.yaml)."""
 
     backend: str = "auto"  # auto: vLLM when it is installed and a GPU is visible, else hf
-    batch_size: int = 64  # prompts per `generate` call (hf); each brings its n samples along
+    batch_size: int = 1024  # sequences (prompts x samples) per HF `generate` call; vLLM batches itself
     max_new_tokens: int = 64
     top_p: float = 1.0
     vllm_gpu_memory_utilization: float = 0.5
@@ -93,8 +93,9 @@ class HFGenerator:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                for start in range(0, len(prompts), self.cfg.batch_size):
-                    chunk = list(prompts[start: start + self.cfg.batch_size])
+                per_call = max(1, self.cfg.batch_size // n)  # memory grows with sequences, not prompts
+                for start in range(0, len(prompts), per_call):
+                    chunk = list(prompts[start: start + per_call])
                     enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                     out = model.generate(**enc, **kwargs)
                     new = out[:, enc.input_ids.shape[1]:].cpu()
