@@ -22,7 +22,7 @@ from prefopt.checkpoint import load_latest, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
-from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, supports_packing
+from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, supports_packing
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
@@ -125,8 +125,9 @@ class Trainer:
 
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
-        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements), trainable=True)
-        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements), trainable=False)
+        autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
+        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast), trainable=True)
+        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast), trainable=False)
                                 if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)

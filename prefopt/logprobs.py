@@ -37,21 +37,26 @@ class _HeadLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_elements):
         n, vocab = hidden.shape[0], weight.shape[0]
         rows, cols = _tiles(n, vocab, chunk_elements)
+        device = hidden.device.type
+        # Under autocast the matmuls run in its dtype, in backward too (autocast is off there): cast explicitly.
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        h_all = hidden.detach().to(dt)
         tile_lse = torch.empty((math.ceil(vocab / cols), n), dtype=torch.float32, device=hidden.device)
         for t, v0 in enumerate(range(0, vocab, cols)):
-            w = weight[v0: v0 + cols]
-            b = bias[v0: v0 + cols] if bias is not None else None
+            w = weight[v0: v0 + cols].detach().to(dt)
+            b = bias[v0: v0 + cols].detach().to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
-                logits = torch.nn.functional.linear(hidden[r0: r0 + rows], w, b).float()
+                logits = torch.nn.functional.linear(h_all[r0: r0 + rows], w, b).float()
                 ls = torch.log_softmax(logits, dim=-1)
-                # this tile's log Σ exp(logits): max logit − max log-softmax (both exact near the top)
-                tile_lse[t, r0: r0 + rows] = logits.amax(dim=-1) - ls.amax(dim=-1)
+                tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
         lse = torch.logsumexp(tile_lse, dim=0)
-        target_logit = (hidden.float() * weight[targets].float()).sum(-1)
+        # the target's logit as the tile's matmul makes it: operands in `dt`, sum in float32, result rounded to `dt`
+        target_logit = (h_all.float() * weight[targets].detach().to(dt).float()).sum(-1)
         if bias is not None:
-            target_logit = target_logit + bias[targets].float()
+            target_logit = target_logit + bias[targets].detach().to(dt).float()
+        target_logit = target_logit.to(dt).float()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, tile_lse)
-        ctx.chunk_elements = chunk_elements
+        ctx.chunk_elements, ctx.dt = chunk_elements, dt
         return target_logit - lse
 
     @staticmethod
@@ -61,20 +66,21 @@ class _HeadLogprobs(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         rows, cols = _tiles(n, vocab, ctx.chunk_elements)
         g = grad.float()
-        dt = weight.dtype
+        dt = ctx.dt
+        h_all = hidden.to(dt)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         # d logp / d logit_v = 1[v = target] − p_v. The softmax term, tile by tile: p = softmax_tile · e^(lse_t − lse),
         # so a = −g · e^(lse_t − lse) scales rows of the small operands, never the (tokens × vocab) tile.
         for t, v0 in enumerate(range(0, vocab, cols)):
-            w = weight[v0: v0 + cols]
-            b = bias[v0: v0 + cols] if bias is not None else None
+            w = weight[v0: v0 + cols].to(dt)
+            b = bias[v0: v0 + cols].to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
-                h = hidden[r0: r0 + rows]
-                p = torch.softmax(torch.nn.functional.linear(h, w, b).float(), dim=-1)
+                h = h_all[r0: r0 + rows]
+                # in `dt` (bf16 under autocast: accumulated in float32 inside the kernel), the dtype the matmuls take
+                p = torch.softmax(torch.nn.functional.linear(h, w, b), dim=-1)
                 a = -g[r0: r0 + rows] * torch.exp(tile_lse[t, r0: r0 + rows] - lse[r0: r0 + rows])
-                p = p.to(dt)
                 if need_h:
                     grad_h[r0: r0 + rows].addcmul_((p @ w).float(), a[:, None])
                 if need_w:
@@ -162,12 +168,30 @@ class PairLogpsModel(torch.nn.Module):
 
     The engine wraps this module, not the bare LM, in DDP or FSDP: the backbone and the chunked LM head
     then run inside one `forward`, so the wrappers' hooks (gradient sync, parameter all-gather) fire.
+    `autocast`: a dtype to run the forward in under `torch.autocast` (mixed precision over float32 weights).
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.chunk_elements = chunk_elements
+        self.autocast = autocast
 
     def forward(self, batch: PreferenceBatch) -> PairLogps:
-        return pair_logps(self.model, batch, self.chunk_elements)
+        if self.autocast is None:
+            return pair_logps(self.model, batch, self.chunk_elements)
+        with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
+            return pair_logps(self.model, batch, self.chunk_elements)
+
+
+def autocast_dtype(hardware) -> torch.dtype | None:
+    """`hardware.mixed_precision=bf16` without FSDP (whose MixedPrecisionPolicy casts instead): bf16 autocast."""
+    mode = getattr(hardware, "mixed_precision", None)
+    if mode is None or getattr(hardware, "strategy", "none") == "fsdp":
+        return None
+    if mode != "bf16":
+        from prefopt.errors import ConfigError
+
+        raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
+    return torch.bfloat16

@@ -216,11 +216,13 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
     The reference *is* the initial policy, so no second model is needed: the pass runs on the policy itself
     in eval mode without gradients (LoRA: with its adapters switched off, i.e. its base).
     """
-    from prefopt.logprobs import PairLogpsModel, supports_packing
+    from prefopt.logprobs import PairLogpsModel, autocast_dtype, supports_packing
 
+    autocast = autocast_dtype(hardware)  # the same arithmetic as a live reference of this run
     header = cache_header(spec=spec, model=policy, tokenizer=tokenizer, data_fingerprint=data.fingerprint(),
-                          tokenize=tokenize, train_pairs=train_pairs, eval_pairs=eval_pairs)
-    logps_model = PairLogpsModel(policy, train_cfg.chunk_elements)
+                          tokenize=tokenize, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                          autocast=str(autocast) if autocast else None)
+    logps_model = PairLogpsModel(policy, train_cfg.chunk_elements, autocast)
 
     def logps(batch):
         if getattr(spec, "uses_lora", False):

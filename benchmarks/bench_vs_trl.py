@@ -1,0 +1,273 @@
+"""prefopt vs TRL's `DPOTrainer` on one DPO workload: steps/s, tokens/s, peak RSS, model-FLOPs utilisation.
+
+    python benchmarks/bench_vs_trl.py [--steps 12] [--json rows.json] [--vocab small,qwen] [--reference live,cached]
+
+The workload (issue 6): a tiny Qwen2 (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024, tied
+embeddings) with a 128-token ("small") or Qwen's 151,936-token ("qwen") vocabulary; prefopt's character-level
+arithmetic pairs without a chat template; 32 pairs per optimizer step; DPO sigmoid, β = 0.1; AdamW, lr 5e-4,
+gradient clipping at 1.0; no evaluation during training. Both tools start from the same weights and the same
+pairs, each in its own process (`--child`), in two reference modes: `live` (a frozen reference model runs
+every step) and `cached` (reference log-probs computed before training: prefopt's `reference_cache`, TRL's
+`precompute_ref_log_probs=True`).
+
+- prefopt runs its real entry point (`prefopt.run.train` on the composed Hydra config: Trainer, pair_logps,
+  get_loss), with its defaults (packing, tiled LM head) plus `optimizer.factory.fused=true`, the AdamW
+  implementation TRL uses by default (`adamw_torch_fused`).
+- TRL runs `DPOTrainer` with `DPOConfig` defaults; only what the workload fixes is set (batch, lr, steps, β,
+  no saving/eval/reporting, logging at the end only) plus `use_cpu=True`, without which TRL refuses to start
+  on a machine without a GPU. On CPU its defaults then are bf16 autocast and gradient checkpointing.
+  `--trl-args '{"bf16": false}'` passes more `DPOConfig` fields.
+- `--precision bf16` runs prefopt under bf16 autocast too (hardware.mixed_precision=bf16), the same arithmetic
+  as TRL's default; `fp32` (the default) keeps prefopt in float32.
+
+Timing: the wall-clock time of each optimizer step after the first `--warmup` steps, between hooks at the
+end of consecutive steps (the same for both tools); steps/s is 1 / the median step (robust to bursts of other
+work on a shared machine; `steps_per_s_mean` in the JSON is the plain mean). tokens/s counts the prompt+completion tokens of the chosen and
+rejected sequences of a step (no padding), the same number for both tools. Peak RSS is the child process's
+maximum resident set size as the kernel reports it (`wait4`). MFU = model FLOPs / s over the float32 matmul
+peak measured here at start, with model FLOPs = 6·params·tokens for the policy (+ 2·params·tokens for a live
+reference). On a machine shared with other work, timings are perturbed: run it when the machine is quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             tie_word_embeddings=True, max_position_embeddings=512)
+VOCABS = {"small": 128, "qwen": 151936}
+PAIRS_PER_STEP, BETA, LR, N_EVAL = 32, 0.1, 5e-4, 32
+DATA = dict(max_operand=20, ops="+-", seed=1234)  # pinned, so the workload does not move with the data defaults
+
+
+def n_train(steps: int) -> int:
+    return min(PAIRS_PER_STEP * steps, 800)  # distinct pairs for every step (the problem space has ~880)
+
+
+def dataset(steps: int):
+    """The pairs both tools train on, and prefopt's tokenization of them (what tokens/s counts)."""
+    from prefopt.data.arith import ArithmeticData
+    from prefopt.data.batching import tokenize_pairs
+    from prefopt.tokenizer import char_tokenizer
+
+    train, _, _ = ArithmeticData(n_train=n_train(steps), n_eval=N_EVAL, **DATA).load()
+    tok = char_tokenizer("qwen")
+    tokenized, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64, chat_template=False)
+    return train, tokenized, tok
+
+
+def tokens_per_step(tokenized) -> float:
+    per_pair = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized]
+    return PAIRS_PER_STEP * sum(per_pair) / len(per_pair)
+
+
+# -- children ------------------------------------------------------------------------------------------------
+def run_prefopt(args, out: dict) -> None:
+    from hydra import compose, initialize_config_dir
+
+    import prefopt.engine
+    from prefopt.config import conf_dir
+    from prefopt.run import train
+
+    work = Path(tempfile.mkdtemp(prefix="bench-prefopt-"))
+    overrides = ["model=tiny_qwen", *[f"model.config.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                      for k, v in MODEL.items()],
+                 f"model.config.vocab_size={VOCABS[args.vocab]}", "data=arith", "data.chat_template=false",
+                 f"data.source.n_train={n_train(args.steps)}", f"data.source.n_eval={N_EVAL}",
+                 *[f"data.source.{k}={v}" for k, v in DATA.items()], "loss=dpo",
+                 f"beta={BETA}", f"lr={LR}", f"batch_size={PAIRS_PER_STEP}", f"micro_batch_size={PAIRS_PER_STEP}",
+                 f"steps={args.steps}", "eval_every=0", "resume=null", "logger=none", "train.progress=false",
+                 "++optimizer.factory.fused=true",
+                 f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}"]
+    if args.precision == "bf16":
+        overrides.append("++hardware.mixed_precision=bf16")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+        if "pipeline" in cfg:  # the verified-math stages around a run are not part of this workload
+            cfg = compose(config_name="config", overrides=overrides + [
+                f"pipeline.{k}=false" for k in ("warmup", "pairs", "evaluate") if k in cfg.pipeline])
+    ends: list[float] = []
+    step = prefopt.engine.Trainer.train_step
+
+    def timed_step(self):
+        metrics = step(self)
+        ends.append(time.perf_counter())
+        return metrics
+
+    prefopt.engine.Trainer.train_step = timed_step
+    start = time.perf_counter()
+    summary = train(cfg, run_dir=work / "run")
+    out.update(ends=ends, setup_s=None, total_s=time.perf_counter() - start, final_loss=summary["metrics"].get("train/loss"))
+
+
+def run_trl(args, out: dict) -> None:
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from prefopt.models import ModelSpec, load_model
+
+    train, tokenized, tok = dataset(args.steps)
+    spec = ModelSpec(arch="qwen2", config={**MODEL, "vocab_size": VOCABS[args.vocab]}, tokenizer="char")
+    model = load_model(spec)  # the same weights as prefopt's policy (same config, same init seed)
+    ref = copy.deepcopy(model).eval() if args.reference == "live" else None
+    ds = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in train])
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True,
+                       per_device_train_batch_size=PAIRS_PER_STEP, learning_rate=LR, max_steps=args.steps, beta=BETA,
+                       save_strategy="no", eval_strategy="no", report_to="none", logging_steps=args.steps,
+                       disable_tqdm=True, seed=0, precompute_ref_log_probs=args.reference == "cached",
+                       **json.loads(args.trl_args))
+    start = time.perf_counter()
+    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=tok,
+                         callbacks=[Clock()])
+    setup = time.perf_counter() - start
+    # TRL tokenizes by itself: check that it sees the same tokens as prefopt (tokens/s counts the same work)
+    seen = trainer.train_dataset
+    trl_tokens = PAIRS_PER_STEP * sum(2 * len(a) + len(b) + len(c) for a, b, c in
+                                      zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])) / len(seen)
+    result = trainer.train()
+    out.update(ends=ends, setup_s=setup, total_s=time.perf_counter() - start, final_loss=result.training_loss,
+               tokens_per_step_seen=trl_tokens, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
+               optim=str(config.optim))
+    del torch
+
+
+def child(args) -> None:
+    out: dict = {"tool": args.child, "vocab": VOCABS[args.vocab], "reference": args.reference}
+    (run_prefopt if args.child == "prefopt" else run_trl)(args, out)
+    Path(args.out).write_text(json.dumps(out))
+
+
+# -- parent --------------------------------------------------------------------------------------------------
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul throughput (best of `repeats`), the MFU denominator."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def param_count(vocab: int) -> int:
+    import torch
+
+    from prefopt.models import ModelSpec, load_model
+
+    with torch.device("meta"):
+        model = load_model(ModelSpec(arch="qwen2", config={**MODEL, "vocab_size": vocab}, tokenizer="char"))
+    return sum(p.numel() for p in model.parameters())
+
+
+def spawn(tool: str, vocab: str, reference: str, args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--vocab", vocab, "--reference", reference,
+           "--steps", str(args.steps), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+           "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    log = Path(out).with_suffix(".log")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tool} {vocab} {reference} failed (exit {proc.returncode}); log: {log}\n"
+                         + log.read_text()[-3000:])
+    row = json.loads(Path(out).read_text())
+    row["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2, at least 1)")
+    ap.add_argument("--vocab", default="small,qwen", help="small, qwen or both (comma-separated)")
+    ap.add_argument("--reference", default="live,cached", help="live, cached or both")
+    ap.add_argument("--tools", default="prefopt,trl")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="prefopt's arithmetic")
+    ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
+    ap.add_argument("--json", help="write the rows to this file as a JSON list")
+    ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        args.vocab = args.vocab if args.vocab in VOCABS else "small"
+        return child(args)
+    if not 1 <= args.warmup < args.steps:
+        raise SystemExit(f"need 1 <= --warmup ({args.warmup}) < --steps ({args.steps})")
+
+    import torch
+
+    peak = matmul_peak_gflops()
+    _, tokenized, _ = dataset(args.steps)
+    tps = tokens_per_step(tokenized)
+    print(f"# {torch.get_num_threads()} threads; float32 matmul peak {peak:.1f} GFLOP/s; "
+          f"{tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, {tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; "
+          f"{args.steps} steps ({args.warmup} warm-up)", flush=True)
+    rows = []
+    for vocab in args.vocab.split(","):
+        params = param_count(VOCABS[vocab])
+        for reference in args.reference.split(","):
+            for tool in args.tools.split(","):
+                row = spawn(tool, vocab, reference, args)
+                ends = row.pop("ends")
+                row["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
+                # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
+                row["steps_per_s"] = 1 / statistics.median(row["step_s"])
+                row["steps_per_s_mean"] = len(row["step_s"]) / sum(row["step_s"])
+                row["tokens_per_s"] = row["steps_per_s"] * tps
+                flops = (6 + (2 if reference == "live" else 0)) * params * tps
+                row["mfu"] = flops * row["steps_per_s"] / (peak * 1e9)
+                row.update(params=params, tokens_per_step=tps, steps=args.steps, warmup=args.warmup, matmul_peak_gflops=peak,
+                           precision=args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32"))
+                rows.append(row)
+                print(f"  {tool:8s} vocab {VOCABS[vocab]:>6} {reference:6s} {row['steps_per_s']:.3f} steps/s "
+                      f"{row['tokens_per_s']:.0f} tok/s {row['peak_rss_mb']:.0f} MB", flush=True)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "tok/s ×TRL", "RSS ×TRL")
+    lines = []
+    for r in rows:
+        trl = next((t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]), None)
+        ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl and r["tool"] == "prefopt" else ""
+        rss = f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if trl and r["tool"] == "prefopt" else ""
+        lines.append((f"{r['vocab']:,}", r["reference"], r["tool"], r["precision"], f"{r['steps_per_s']:.3f}",
+                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{100 * r['mfu']:.1f}%", ratio, rss))
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
+    fmt = "| " + " | ".join(f"{{:{'>' if i > 3 else '<'}{w}}}" for i, w in enumerate(widths)) + " |"
+    print(fmt.format(*head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for x in lines:
+        print(fmt.format(*x))
+
+
+if __name__ == "__main__":
+    main()
