@@ -1,6 +1,7 @@
 """prefopt vs TRL's `DPOTrainer` on one DPO workload: steps/s, tokens/s, peak RSS, model-FLOPs utilisation.
 
-    python benchmarks/bench_vs_trl.py [--steps 12] [--json rows.json] [--vocab small,qwen] [--reference live,cached]
+    python benchmarks/bench_vs_trl.py [--steps 12] [--large-steps 5] [--json rows.json] [--vocab small,qwen]
+                                      [--reference live,cached] [--precision bf16|fp32]
 
 The workload (issue 6): a tiny Qwen2 (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024, tied
 embeddings) with a 128-token ("small") or Qwen's 151,936-token ("qwen") vocabulary; prefopt's character-level
@@ -16,9 +17,9 @@ every step) and `cached` (reference log-probs computed before training: prefopt'
 - TRL runs `DPOTrainer` with `DPOConfig` defaults; only what the workload fixes is set (batch, lr, steps, β,
   no saving/eval/reporting, logging at the end only) plus `use_cpu=True`, without which TRL refuses to start
   on a machine without a GPU. On CPU its defaults then are bf16 autocast and gradient checkpointing.
-  `--trl-args '{"bf16": false}'` passes more `DPOConfig` fields.
-- `--precision bf16` runs prefopt under bf16 autocast too (hardware.mixed_precision=bf16), the same arithmetic
-  as TRL's default; `fp32` (the default) keeps prefopt in float32.
+  `--trl-args '{"gradient_checkpointing": false}'` passes more `DPOConfig` fields.
+- `--precision` sets the arithmetic of both tools: `bf16` (the default, TRL's own default here: bf16 autocast
+  over float32 weights; prefopt's `hardware.mixed_precision=bf16`) or `fp32` (TRL `bf16=False`, prefopt plain).
 
 Timing: the wall-clock time of each optimizer step after the first `--warmup` steps, between hooks at the
 end of consecutive steps (the same for both tools); steps/s is 1 / the median step (robust to bursts of other
@@ -53,13 +54,13 @@ def n_train(steps: int) -> int:
     return min(PAIRS_PER_STEP * steps, 800)  # distinct pairs for every step (the problem space has ~880)
 
 
-def dataset(steps: int):
+def dataset(pairs: int):
     """The pairs both tools train on, and prefopt's tokenization of them (what tokens/s counts)."""
     from prefopt.data.arith import ArithmeticData
     from prefopt.data.batching import tokenize_pairs
     from prefopt.tokenizer import char_tokenizer
 
-    train, _, _ = ArithmeticData(n_train=n_train(steps), n_eval=N_EVAL, **DATA).load()
+    train, _, _ = ArithmeticData(n_train=pairs, n_eval=N_EVAL, **DATA).load()
     tok = char_tokenizer("qwen")
     tokenized, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64, chat_template=False)
     return train, tokenized, tok
@@ -82,14 +83,13 @@ def run_prefopt(args, out: dict) -> None:
     overrides = ["model=tiny_qwen", *[f"model.config.{k}={str(v).lower() if isinstance(v, bool) else v}"
                                       for k, v in MODEL.items()],
                  f"model.config.vocab_size={VOCABS[args.vocab]}", "data=arith", "data.chat_template=false",
-                 f"data.source.n_train={n_train(args.steps)}", f"data.source.n_eval={N_EVAL}",
+                 f"data.source.n_train={args.pairs}", f"data.source.n_eval={N_EVAL}",
                  *[f"data.source.{k}={v}" for k, v in DATA.items()], "loss=dpo",
                  f"beta={BETA}", f"lr={LR}", f"batch_size={PAIRS_PER_STEP}", f"micro_batch_size={PAIRS_PER_STEP}",
                  f"steps={args.steps}", "eval_every=0", "resume=null", "logger=none", "train.progress=false",
                  "++optimizer.factory.fused=true",
                  f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}"]
-    if args.precision == "bf16":
-        overrides.append("++hardware.mixed_precision=bf16")
+    overrides.append(f"++hardware.mixed_precision={'bf16' if args.precision == 'bf16' else 'null'}")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
         if "pipeline" in cfg:  # the verified-math stages around a run are not part of this workload
@@ -112,14 +112,13 @@ def run_prefopt(args, out: dict) -> None:
 def run_trl(args, out: dict) -> None:
     import copy
 
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from prefopt.models import ModelSpec, load_model
 
-    train, tokenized, tok = dataset(args.steps)
+    train, tokenized, tok = dataset(args.pairs)
     spec = ModelSpec(arch="qwen2", config={**MODEL, "vocab_size": VOCABS[args.vocab]}, tokenizer="char")
     model = load_model(spec)  # the same weights as prefopt's policy (same config, same init seed)
     ref = copy.deepcopy(model).eval() if args.reference == "live" else None
@@ -134,7 +133,7 @@ def run_trl(args, out: dict) -> None:
                        per_device_train_batch_size=PAIRS_PER_STEP, learning_rate=LR, max_steps=args.steps, beta=BETA,
                        save_strategy="no", eval_strategy="no", report_to="none", logging_steps=args.steps,
                        disable_tqdm=True, seed=0, precompute_ref_log_probs=args.reference == "cached",
-                       **json.loads(args.trl_args))
+                       **{"bf16": args.precision == "bf16", **json.loads(args.trl_args)})
     start = time.perf_counter()
     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=tok,
                          callbacks=[Clock()])
@@ -147,7 +146,6 @@ def run_trl(args, out: dict) -> None:
     out.update(ends=ends, setup_s=setup, total_s=time.perf_counter() - start, final_loss=result.training_loss,
                tokens_per_step_seen=trl_tokens, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
                optim=str(config.optim))
-    del torch
 
 
 def child(args) -> None:
@@ -181,11 +179,11 @@ def param_count(vocab: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def spawn(tool: str, vocab: str, reference: str, args) -> dict:
+def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--vocab", vocab, "--reference", reference,
-           "--steps", str(args.steps), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
+           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     log = Path(out).with_suffix(".log")
@@ -204,36 +202,41 @@ def spawn(tool: str, vocab: str, reference: str, args) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    ap.add_argument("--large-steps", type=int, default=5,
+                    help="steps per run at the 151,936 vocabulary (default 5; at most --steps): TRL takes ~1 min a step")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2, at least 1)")
     ap.add_argument("--vocab", default="small,qwen", help="small, qwen or both (comma-separated)")
     ap.add_argument("--reference", default="live,cached", help="live, cached or both")
     ap.add_argument("--tools", default="prefopt,trl")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="prefopt's arithmetic")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
     ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         args.vocab = args.vocab if args.vocab in VOCABS else "small"
         return child(args)
-    if not 1 <= args.warmup < args.steps:
-        raise SystemExit(f"need 1 <= --warmup ({args.warmup}) < --steps ({args.steps})")
+    if not 1 <= args.warmup < min(args.steps, args.large_steps):
+        raise SystemExit(f"need 1 <= --warmup ({args.warmup}) < --steps ({args.steps}) and --large-steps")
 
     import torch
 
     peak = matmul_peak_gflops()
-    _, tokenized, _ = dataset(args.steps)
-    tps = tokens_per_step(tokenized)
-    print(f"# {torch.get_num_threads()} threads; float32 matmul peak {peak:.1f} GFLOP/s; "
+    _, tokenized, _ = dataset(n_train(args.steps))
+    tps = tokens_per_step(tokenized)  # the same pairs at both vocabularies: the large one runs fewer steps of them
+    print(f"# {torch.get_num_threads()} threads; float32 matmul peak {peak:.1f} GFLOP/s; {len(tokenized)} pairs, "
           f"{tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, {tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; "
-          f"{args.steps} steps ({args.warmup} warm-up)", flush=True)
+          f"{args.steps} steps ({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up",
+          flush=True)
     rows = []
     for vocab in args.vocab.split(","):
         params = param_count(VOCABS[vocab])
+        steps = args.steps if vocab == "small" else min(args.steps, args.large_steps)
         for reference in args.reference.split(","):
             for tool in args.tools.split(","):
-                row = spawn(tool, vocab, reference, args)
+                row = spawn(tool, vocab, reference, args, steps)
                 ends = row.pop("ends")
                 row["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
                 # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
@@ -242,7 +245,7 @@ def main(argv=None) -> None:
                 row["tokens_per_s"] = row["steps_per_s"] * tps
                 flops = (6 + (2 if reference == "live" else 0)) * params * tps
                 row["mfu"] = flops * row["steps_per_s"] / (peak * 1e9)
-                row.update(params=params, tokens_per_step=tps, steps=args.steps, warmup=args.warmup, matmul_peak_gflops=peak,
+                row.update(params=params, tokens_per_step=tps, steps=steps, warmup=args.warmup, matmul_peak_gflops=peak,
                            precision=args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32"))
                 rows.append(row)
                 print(f"  {tool:8s} vocab {VOCABS[vocab]:>6} {reference:6s} {row['steps_per_s']:.3f} steps/s "
