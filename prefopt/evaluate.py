@@ -143,16 +143,35 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
     return metrics, details
 
 
+def evaluate_entry(loop, spec, data, hardware, run_dir: Path, wandb=None) -> dict:
+    """What `python -m prefopt.evaluate` does (`loop`: a `prefopt.pipeline.Loop`): evaluate, write summary.json."""
+    from prefopt.cache import weights_id
+    from prefopt.tracking import RunLog
+
+    hardware.setup()
+    spec = loop.start_spec(spec)
+    model, tokenizer = loop.load(spec, hardware)
+    metrics, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
+    run_log = RunLog(run_dir, {"evaluation": vars(loop.evaluation)}, wandb, enabled=hardware.is_main)
+    run_log.log(0, metrics)
+    summary = {"status": "complete", "stage": "evaluate", "policy": weights_id(spec), "metrics": metrics,
+               "verified": {"after": details}}
+    run_log.finish(summary)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    return summary
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg) -> None:
     """Evaluate `policy=DIR` (or the configured model) on `evaluation.benchmarks`; writes summary.json."""
-    from prefopt.pipeline import exit_on_error
+    from prefopt.pipeline import entry_wandb, exit_on_error
     from prefopt.run import _hydra_info, build_loop, plan
 
     with exit_on_error():
         p = plan(cfg)
         run_dir = Path(_hydra_info().get("run_dir") or "outputs/evaluate")
-        build_loop(cfg).evaluate_entry(p.model, p.data, p.hardware, run_dir)
+        evaluate_entry(build_loop(cfg), p.model, p.data, p.hardware, run_dir, wandb=entry_wandb(p, run_dir, "evaluate"))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ class VLLMGenerator:
         params = SamplingParams(n=n, temperature=float(temperature), top_p=self.cfg.top_p if temperature > 0 else 1.0,
                                 max_tokens=self.cfg.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
                                 skip_special_tokens=True)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        # Token ids, not text: the rendered chat template already holds any BOS, and vLLM would add another.
+        ids = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
+        outputs = self.llm.generate(ids, params, use_tqdm=False)
         texts = [[c.text for c in o.outputs] for o in outputs]
         finished = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
         return Completions(texts, finished)

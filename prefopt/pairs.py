@@ -235,6 +235,17 @@ def sample_pairs(generator, rows: Sequence[dict], prompts: Sequence[str], checke
     return pairs, stats, extra
 
 
+def pairs_entry(loop, spec, data, hardware, run_dir: Path) -> dict:
+    """What `python -m prefopt.pairs` does (`loop`: a `prefopt.pipeline.Loop`): sample from the policy, write pairs."""
+    hardware.setup()
+    spec = loop.start_spec(spec)
+    model, tokenizer = loop.load(spec, hardware)
+    path = Path(loop.pairs.output) if loop.pairs.output else run_dir / "pairs.jsonl"
+    record = loop.run_pairs(model, tokenizer, spec, data, path)
+    print(f"prefopt: {record['num_pairs']} pairs -> {path} (provenance: {path}.provenance.json)")
+    return record
+
+
 def main() -> None:
     """`python -m prefopt.pairs [policy=DIR] [pairs.k=8 pairs.temperature=1.0 ...]`: writes pairs + provenance."""
     import hydra
@@ -249,7 +260,7 @@ def main() -> None:
         with exit_on_error():
             p = plan(cfg)
             run_dir = Path(_hydra_info().get("run_dir") or "outputs/pairs")
-            build_loop(cfg).pairs_entry(p.model, p.data, p.hardware, run_dir)
+            pairs_entry(build_loop(cfg), p.model, p.data, p.hardware, run_dir)
 
     _main()
 

@@ -84,7 +84,15 @@ def exit_on_error():
         sys.exit(2)
 
 
+def entry_wandb(plan, run_dir: Path, job_type: str):
+    """The run's W&B settings (logger=wandb) for a sibling entry point, with its own job type and name."""
+    if plan.wandb is not None:
+        plan.wandb.job_type, plan.wandb.name = job_type, plan.wandb.name or run_dir.name
+    return plan.wandb
+
+
 _CHECKERS: dict[tuple, Any] = {}
+_VLLM: dict[str, Any] = {}  # vLLM engines by weights path: building one takes a while and holds GPU memory
 
 
 def answer_checker(config: VerifyConfig):
@@ -148,9 +156,12 @@ class Loop:
         return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"])
 
     def generator(self, model, tokenizer, spec: ModelSpec):
+        """HF generate on `model`, or a vLLM engine on the weights `spec` names (one engine per weights, reused)."""
         saved = spec.name_or_path
         if choose_backend(self.generation, saved) == "vllm":
-            return VLLMGenerator(saved, tokenizer, self.generation, spec.completion_eos, dtype=spec.dtype)
+            if saved not in _VLLM:
+                _VLLM[saved] = VLLMGenerator(saved, tokenizer, self.generation, spec.completion_eos, dtype=spec.dtype)
+            return _VLLM[saved]
         return HFGenerator(model, tokenizer, self.generation, spec.completion_eos)
 
     @staticmethod
@@ -360,48 +371,6 @@ class Loop:
         spec = prepared.model
         if (run_dir / "final" / "config.json").is_file():
             spec = with_weights(spec, run_dir / "final")
+            if getattr(hardware, "strategy", "none") == "fsdp":  # sharded weights: generate from the exported copy
+                policy, tokenizer = self.load(spec, hardware)
         return self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified", "eval/verified")
-
-    # -- the sibling entry points -------------------------------------------------------------------------
-    def sft_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
-        from prefopt.tracking import RunLog
-
-        hardware.setup()
-        spec = self.start_spec(spec)
-        run_log = RunLog(run_dir, {"warmup": vars(self.warmup)}, None, enabled=hardware.is_main)
-        model, tokenizer, result = self.run_warmup(spec, data, hardware, run_dir, run_log=run_log)
-        metrics, details = dict(result["metrics"]), {}
-        if self.pipeline.evaluate and hardware.is_main:
-            verified, details = self.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
-            metrics.update(verified)
-            run_log.log(self.warmup.steps, verified)
-        summary = {"status": "complete", "stage": "warmup", "policy": str(run_dir / "final"), "metrics": metrics,
-                   "verified": {"after": details}, "wall_time_s": result["wall_time_s"]}
-        run_log.finish(summary)
-        hardware.teardown()
-        return summary
-
-    def pairs_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
-        hardware.setup()
-        spec = self.start_spec(spec)
-        model, tokenizer = self.load(spec, hardware)
-        path = Path(self.pairs.output) if self.pairs.output else run_dir / "pairs.jsonl"
-        record = self.run_pairs(model, tokenizer, spec, data, path)
-        print(f"prefopt: {record['num_pairs']} pairs -> {path} (provenance: {path}.provenance.json)")
-        return record
-
-    def evaluate_entry(self, spec: ModelSpec, data, hardware, run_dir: Path) -> dict:
-        from prefopt.tracking import RunLog
-
-        hardware.setup()
-        spec = self.start_spec(spec)
-        model, tokenizer = self.load(spec, hardware)
-        metrics, details = self.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
-        run_log = RunLog(run_dir, {"evaluation": vars(self.evaluation)}, None)
-        run_log.log(0, metrics)
-        summary = {"status": "complete", "stage": "evaluate", "policy": weights_id(spec), "metrics": metrics,
-                   "verified": {"after": details}}
-        run_log.finish(summary)
-        for name, value in metrics.items():
-            print(f"{name}: {value:.4f}")
-        return summary

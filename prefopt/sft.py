@@ -103,6 +103,26 @@ def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence
     return result
 
 
+def sft_entry(loop, spec, data, hardware, run_dir: Path, wandb=None) -> dict:
+    """What `python -m prefopt.sft` does: warm up (`loop`: a `prefopt.pipeline.Loop`), write run_dir/final, evaluate."""
+    from prefopt.tracking import RunLog
+
+    hardware.setup()
+    spec = loop.start_spec(spec)
+    run_log = RunLog(run_dir, {"warmup": vars(loop.warmup)}, wandb, enabled=hardware.is_main)
+    model, tokenizer, result = loop.run_warmup(spec, data, hardware, run_dir, run_log=run_log)
+    metrics, details = dict(result["metrics"]), {}
+    if loop.pipeline.evaluate and hardware.is_main:
+        verified, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
+        metrics.update(verified)
+        run_log.log(loop.warmup.steps, verified)
+    summary = {"status": "complete", "stage": "warmup", "policy": str(run_dir / "final"), "metrics": metrics,
+               "verified": {"after": details}, "wall_time_s": result["wall_time_s"]}
+    run_log.finish(summary)
+    hardware.teardown()
+    return summary
+
+
 def main() -> None:
     """`python -m prefopt.sft [policy=DIR] [warmup.steps=...]`: writes the warmed-up policy to <run_dir>/final."""
     import hydra
@@ -111,13 +131,13 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _main(cfg) -> None:
-        from prefopt.pipeline import exit_on_error
+        from prefopt.pipeline import entry_wandb, exit_on_error
         from prefopt.run import _hydra_info, build_loop, plan
 
         with exit_on_error():
             p = plan(cfg)
             run_dir = Path(_hydra_info().get("run_dir") or "outputs/sft")
-            build_loop(cfg).sft_entry(p.model, p.data, p.hardware, run_dir)
+            sft_entry(build_loop(cfg), p.model, p.data, p.hardware, run_dir, wandb=entry_wandb(p, run_dir, "warmup"))
 
     _main()
 

@@ -245,22 +245,25 @@ def test_too_few_pairs_stop_with_the_counts(tiny_run, tmp_path, monkeypatch):
 
 def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     """What `python -m prefopt.{sft,pairs,evaluate}` run, on tiny settings (the CLI itself: test below)."""
+    from prefopt.evaluate import evaluate_entry
+    from prefopt.pairs import pairs_entry
     from prefopt.pipeline import Loop
     from prefopt.run import build_loop, plan
+    from prefopt.sft import sft_entry
 
     stub = StubGenerator(half_right)
     monkeypatch.setattr(Loop, "generator", lambda self, model, tok, spec: stub)
     over = LOOP + ["warmup.steps=3"]
     cfg = compose_cfg(over)
     p = plan(cfg)
-    summary = build_loop(cfg).sft_entry(p.model, p.data, p.hardware, tmp_path / "sft")
+    summary = sft_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "sft")
     share = even_share()
     assert summary["metrics"]["eval/verified/arith"] == share and (tmp_path / "sft" / "final" / "config.json").is_file()
     assert json.loads((tmp_path / "sft" / "summary.json").read_text())["metrics"]["eval/verified/mean"] == share
 
     cfg = compose_cfg(over + [f"policy={tmp_path / 'sft' / 'final'}"])
     p = plan(cfg)
-    record = build_loop(cfg).pairs_entry(p.model, p.data, p.hardware, tmp_path / "pairs")
+    record = pairs_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "pairs")
     rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert record["num_pairs"] == len(rows) == 32 and record["k"] == 2
     assert "sft/final" in record["policy"]
@@ -272,7 +275,7 @@ def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     train, held, _ = FileData(path=str(tmp_path / "pairs" / "pairs.jsonl"), eval_size=4).load()
     assert len(train) == 28 and len(held) == 4
 
-    summary = build_loop(cfg).evaluate_entry(p.model, p.data, p.hardware, tmp_path / "eval")
+    summary = evaluate_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "eval")
     assert summary["metrics"] == {"eval/verified/arith": share, "eval/verified/mean": share}
     assert (tmp_path / "eval" / "verified" / "arith.jsonl").is_file()
 
