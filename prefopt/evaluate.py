@@ -106,6 +106,8 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
     and counted as `timeout` (the counts are in `details[benchmark]`).
     """
     metrics, details, greedy_scores, sampled_scores = {}, {}, [], []
+    if not benchmarks:  # evaluation.benchmarks=[]: nothing to score, and no mean of nothing
+        return metrics, details
     for spec, rows in benchmarks:
         if not rows:
             raise ConfigError(f"benchmark {spec.name}: no problems to evaluate")

@@ -326,6 +326,7 @@ class Loop:
             with locked(entry):
                 if not (entry / "result.json").is_file():
                     build = entry.with_name(f".{key}.build{os.getpid()}")
+                    build.mkdir(parents=True, exist_ok=True)
                     model, tokenizer = loaded or self.load(spec, hardware)
                     metrics, details = self.run_eval(model, tokenizer, spec, data, build, prefix)
                     (build / "result.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2))

@@ -100,6 +100,11 @@ def test_evaluation_avg_at_k_and_a_timeout_count_wrong(tmp_path):
     assert row["status"] == "timeout" and len(row["sampled"]) == 4
 
 
+def test_no_benchmarks_no_metrics(tmp_path, checker):
+    assert evaluate_policy(StubGenerator(half_right), char_tokenizer("qwen"), [], checker, EvalConfig(benchmarks=[]),
+                           tmp_path) == ({}, {})
+
+
 def test_benchmark_paths_and_bad_rows_name_file_row_and_field(tmp_path):
     path = tmp_path / "math.jsonl"
     path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
