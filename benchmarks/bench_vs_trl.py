@@ -18,12 +18,15 @@ every step) and `cached` (reference log-probs computed before training: prefopt'
   no saving/eval/reporting, logging at the end only) plus `use_cpu=True`, without which TRL refuses to start
   on a machine without a GPU. On CPU its defaults then are bf16 autocast and gradient checkpointing.
   `--trl-args '{"gradient_checkpointing": false}'` passes more `DPOConfig` fields.
+- `--threads` (default: all cores) sets the torch threads of both tools: the same CPU for each.
 - `--precision` sets the arithmetic of both tools: `bf16` (the default, TRL's own default here: bf16 autocast
   over float32 weights; prefopt's `hardware.mixed_precision=bf16`) or `fp32` (TRL `bf16=False`, prefopt plain).
 
 Timing: the wall-clock time of each optimizer step after the first `--warmup` steps, between hooks at the
 end of consecutive steps (the same for both tools); steps/s is 1 / the median step (robust to bursts of other
-work on a shared machine; `steps_per_s_mean` in the JSON is the plain mean). tokens/s counts the prompt+completion tokens of the chosen and
+work on a shared machine; `steps_per_s_mean` in the JSON is the plain mean). "CPU s/step" is the median CPU
+time (all threads) of a step, and "CPU ×TRL" TRL's over prefopt's: the work done, which other load on the
+machine hardly changes. tokens/s counts the prompt+completion tokens of the chosen and
 rejected sequences of a step (no padding), the same number for both tools. Peak RSS is the child process's
 maximum resident set size as the kernel reports it (`wait4`). MFU = model FLOPs / s over the float32 matmul
 peak measured here at start, with model FLOPs = 6·params·tokens for the policy (+ 2·params·tokens for a live
@@ -90,23 +93,26 @@ def run_prefopt(args, out: dict) -> None:
                  "++optimizer.factory.fused=true",
                  f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}"]
     overrides.append(f"++hardware.mixed_precision={'bf16' if args.precision == 'bf16' else 'null'}")
+    overrides.append(f"hardware.threads={args.threads}")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
         if "pipeline" in cfg:  # the verified-math stages around a run are not part of this workload
             cfg = compose(config_name="config", overrides=overrides + [
                 f"pipeline.{k}=false" for k in ("warmup", "pairs", "evaluate") if k in cfg.pipeline])
     ends: list[float] = []
+    cpu: list[float] = []
     step = prefopt.engine.Trainer.train_step
 
     def timed_step(self):
         metrics = step(self)
         ends.append(time.perf_counter())
+        cpu.append(time.process_time())
         return metrics
 
     prefopt.engine.Trainer.train_step = timed_step
     start = time.perf_counter()
     summary = train(cfg, run_dir=work / "run")
-    out.update(ends=ends, setup_s=None, total_s=time.perf_counter() - start, final_loss=summary["metrics"].get("train/loss"))
+    out.update(ends=ends, cpu_ends=cpu, setup_s=None, total_s=time.perf_counter() - start, final_loss=summary["metrics"].get("train/loss"))
 
 
 def run_trl(args, out: dict) -> None:
@@ -116,18 +122,23 @@ def run_trl(args, out: dict) -> None:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    import torch
+
     from prefopt.models import ModelSpec, load_model
 
+    torch.set_num_threads(args.threads)
     train, tokenized, tok = dataset(args.pairs)
     spec = ModelSpec(arch="qwen2", config={**MODEL, "vocab_size": VOCABS[args.vocab]}, tokenizer="char")
     model = load_model(spec)  # the same weights as prefopt's policy (same config, same init seed)
     ref = copy.deepcopy(model).eval() if args.reference == "live" else None
     ds = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in train])
     ends: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True,
                        per_device_train_batch_size=PAIRS_PER_STEP, learning_rate=LR, max_steps=args.steps, beta=BETA,
@@ -143,7 +154,7 @@ def run_trl(args, out: dict) -> None:
     trl_tokens = PAIRS_PER_STEP * sum(2 * len(a) + len(b) + len(c) for a, b, c in
                                       zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])) / len(seen)
     result = trainer.train()
-    out.update(ends=ends, setup_s=setup, total_s=time.perf_counter() - start, final_loss=result.training_loss,
+    out.update(ends=ends, cpu_ends=cpu, setup_s=setup, total_s=time.perf_counter() - start, final_loss=result.training_loss,
                tokens_per_step_seen=trl_tokens, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
                optim=str(config.optim))
 
@@ -183,7 +194,7 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--vocab", vocab, "--reference", reference,
-           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
+           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--threads", str(args.threads), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     log = Path(out).with_suffix(".log")
@@ -209,6 +220,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reference", default="live,cached", help="live, cached or both")
     ap.add_argument("--tools", default="prefopt,trl")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of both tools (default: all cores, TRL's default; prefopt's hardware=cpu uses 1)")
     ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
@@ -226,7 +239,8 @@ def main(argv=None) -> None:
     peak = matmul_peak_gflops()
     _, tokenized, _ = dataset(n_train(args.steps))
     tps = tokens_per_step(tokenized)  # the same pairs at both vocabularies: the large one runs fewer steps of them
-    print(f"# {torch.get_num_threads()} threads; float32 matmul peak {peak:.1f} GFLOP/s; {len(tokenized)} pairs, "
+    torch.set_num_threads(args.threads)
+    print(f"# {args.threads} threads per tool; float32 matmul peak {peak:.1f} GFLOP/s; {len(tokenized)} pairs, "
           f"{tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, {tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; "
           f"{args.steps} steps ({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up",
           flush=True)
@@ -242,6 +256,9 @@ def main(argv=None) -> None:
                 # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
                 row["steps_per_s"] = 1 / statistics.median(row["step_s"])
                 row["steps_per_s_mean"] = len(row["step_s"]) / sum(row["step_s"])
+                cpu = row.pop("cpu_ends")
+                # CPU seconds (all threads) per step: the work, nearly independent of other load on the machine
+                row["cpu_s_per_step"] = statistics.median(b - a for a, b in zip(cpu[args.warmup - 1:], cpu[args.warmup:]))
                 row["tokens_per_s"] = row["steps_per_s"] * tps
                 flops = (6 + (2 if reference == "live" else 0)) * params * tps
                 row["mfu"] = flops * row["steps_per_s"] / (peak * 1e9)
@@ -256,14 +273,18 @@ def main(argv=None) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "tok/s ×TRL", "RSS ×TRL")
+    head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "CPU s/step",
+            "tok/s ×TRL", "RSS ×TRL", "CPU ×TRL")
     lines = []
     for r in rows:
         trl = next((t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]), None)
         ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl and r["tool"] == "prefopt" else ""
         rss = f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if trl and r["tool"] == "prefopt" else ""
+        cpu = (f"{trl['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}"
+               if trl and r["tool"] == "prefopt" and "cpu_s_per_step" in r else "")
         lines.append((f"{r['vocab']:,}", r["reference"], r["tool"], r["precision"], f"{r['steps_per_s']:.3f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{100 * r['mfu']:.1f}%", ratio, rss))
+                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{100 * r['mfu']:.1f}%",
+                      f"{r['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in r else "", ratio, rss, cpu))
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:{'>' if i > 3 else '<'}{w}}}" for i, w in enumerate(widths)) + " |"
     print(fmt.format(*head))

@@ -56,6 +56,17 @@ def test_packed_equals_padded_values_and_gradients(setup, which):
         torch.testing.assert_close(g_pk[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
 
 
+def test_packed_equals_padded_with_eager_attention(setup):
+    _, tok, pairs, odd = setup
+    model = load_model(ModelSpec(**{**SPEC, "attn_implementation": "eager"}), vocab_size=len(tok))
+    micro = pairs[:4] + odd[:2]
+    s_pad, _, g_pad = _grads(model, collate(micro, tok.pad_token_id))
+    s_pk, _, g_pk = _grads(model, collate(micro, tok.pad_token_id, packing=True))  # additive mask for eager
+    torch.testing.assert_close(s_pk, s_pad, rtol=1e-5, atol=1e-5)
+    for n in g_pad:
+        torch.testing.assert_close(g_pk[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
     _, tok, pairs, odd = setup
     p = odd[0]  # chosen (40, 41) is a prefix of rejected (40, 41, 42, 43)
