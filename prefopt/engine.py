@@ -43,6 +43,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     packing: bool = True  # one shared-prefix row per pair instead of two padded rows (same values, less work)
+    compile: bool = False  # torch.compile the decoder of the policy and the live reference (see PairLogpsModel)
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
@@ -126,9 +127,10 @@ class Trainer:
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
-        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast), trainable=True)
-        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast), trainable=False)
-                                if reference is not None else None)
+        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile),
+                                          trainable=True)
+        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile),
+                                              trainable=False) if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)
         self.scheduler = scheduler_factory(self.optimizer)

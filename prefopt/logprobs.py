@@ -15,6 +15,7 @@ per-row factors are folded into the small (tokens × hidden) operands of the gra
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -114,14 +115,17 @@ def _positions(batch: PreferenceBatch):
 
 
 def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
-                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                   backbone: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-prob, completion token count) per sequence, from one forward over all rows.
 
     Sequences are the batch's 2B prompt+completion sequences (chosen, then rejected), whatever its layout.
+    `backbone`: what to call instead of `model.get_decoder()` (e.g. its `torch.compile`d form).
     """
+    backbone = model.get_decoder() if backbone is None else backbone
     if batch.packed is not None:
-        return _packed_sequence_logps(model, batch, chunk_elements)
-    backbone, head = model.get_decoder(), model.get_output_embeddings()
+        return _packed_sequence_logps(model, backbone, batch, chunk_elements)
+    head = model.get_output_embeddings()
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     rows, cols, targets, counts = _positions(batch)
     token_logps = chunked_token_logps(hidden[rows, cols], head, targets, chunk_elements)
@@ -129,12 +133,12 @@ def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
     return sums.index_add(0, rows, token_logps), counts.to(token_logps.dtype)
 
 
-def _packed_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
+def _packed_sequence_logps(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
                            chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     # A 4D mask is passed through as is (transformers' masking utils return it unchanged): boolean for sdpa,
     # additive for eager attention (which adds it to the scores).
     pk = batch.packed
-    backbone, head = model.get_decoder(), model.get_output_embeddings()
+    head = model.get_output_embeddings()
     mask = pk.mask
     if _attention(model) == "eager":
         dtype = head.weight.dtype
@@ -181,8 +185,8 @@ def plain_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tupl
 
 
 def pair_logps(model: torch.nn.Module, batch: PreferenceBatch,
-               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> PairLogps:
-    sums, counts = sequence_logps(model, batch, chunk_elements)
+               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backbone: Callable | None = None) -> PairLogps:
+    sums, counts = sequence_logps(model, batch, chunk_elements, backbone)
     b = batch.num_pairs
     return PairLogps(chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:])
 
@@ -193,20 +197,26 @@ class PairLogpsModel(torch.nn.Module):
     The engine wraps this module, not the bare LM, in DDP or FSDP: the backbone and the chunked LM head
     then run inside one `forward`, so the wrappers' hooks (gradient sync, parameter all-gather) fire.
     `autocast`: a dtype to run the forward in under `torch.autocast` (mixed precision over float32 weights).
+    `compile`: run the decoder (embeddings, layers, final norm) through `torch.compile(dynamic=True)`, which
+    fuses the elementwise work between the matmuls (norms, rotary, SiLU·gate, residuals, casts); the LM
+    head stays the tiled function above. The compiled form is held beside the model, not in it: the
+    model's own forward (generation, evaluation, export) and its state-dict keys are unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, compile: bool = False):
         super().__init__()
         self.model = model
         self.chunk_elements = chunk_elements
         self.autocast = autocast
+        # in __dict__, not as a submodule: a submodule would add `_orig_mod.` keys to this module's state dict
+        self.__dict__["compiled_backbone"] = torch.compile(model.get_decoder(), dynamic=True) if compile else None
 
     def forward(self, batch: PreferenceBatch) -> PairLogps:
         if self.autocast is None:
-            return pair_logps(self.model, batch, self.chunk_elements)
+            return pair_logps(self.model, batch, self.chunk_elements, self.compiled_backbone)
         with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
-            return pair_logps(self.model, batch, self.chunk_elements)
+            return pair_logps(self.model, batch, self.chunk_elements, self.compiled_backbone)
 
 
 def autocast_dtype(hardware) -> torch.dtype | None:
