@@ -13,7 +13,10 @@ every step) and `cached` (reference log-probs computed before training: prefopt'
 
 - prefopt runs its real entry point (`prefopt.run.train` on the composed Hydra config: Trainer, pair_logps,
   get_loss), with its defaults (packing, tiled LM head) plus `optimizer.factory.fused=true`, the AdamW
-  implementation TRL uses by default (`adamw_torch_fused`).
+  implementation TRL uses by default (`adamw_torch_fused`), and `--prefopt-args` (default
+  `train.compile=true`: the decoder through torch.compile; it costs ~1 minute in the first step, which the
+  "first step s" column shows; `--prefopt-args train.compile=false` measures without it). TRL's own
+  `torch_compile` is off by default and stays off unless `--trl-args '{"torch_compile": true}'`.
 - TRL runs `DPOTrainer` with `DPOConfig` defaults; only what the workload fixes is set (batch, lr, steps, β,
   no saving/eval/reporting, logging at the end only) plus `use_cpu=True`, without which TRL refuses to start
   on a machine without a GPU. On CPU its defaults then are bf16 autocast and gradient checkpointing.
@@ -22,15 +25,18 @@ every step) and `cached` (reference log-probs computed before training: prefopt'
 - `--precision` sets the arithmetic of both tools: `bf16` (the default, TRL's own default here: bf16 autocast
   over float32 weights; prefopt's `hardware.mixed_precision=bf16`) or `fp32` (TRL `bf16=False`, prefopt plain).
 
-Timing: the wall-clock time of each optimizer step after the first `--warmup` steps, between hooks at the
+Timing: "first step s" is the wall-clock time from a tool's start (model, data, reference precompute,
+compilation) to the end of its first step. Throughput: the wall-clock time of each optimizer step after the first
+`--warmup` steps, between hooks at the
 end of consecutive steps (the same for both tools); steps/s is 1 / the median step (robust to bursts of other
 work on a shared machine; `steps_per_s_mean` in the JSON is the plain mean). "CPU s/step" is the median CPU
 time (all threads) of a step, and "CPU ×TRL" TRL's over prefopt's: the work done, which other load on the
 machine hardly changes. tokens/s counts the prompt+completion tokens of the chosen and
 rejected sequences of a step (no padding), the same number for both tools. Peak RSS is the child process's
-maximum resident set size as the kernel reports it (`wait4`). MFU = model FLOPs / s over the float32 matmul
-peak measured here at start, with model FLOPs = 6·params·tokens for the policy (+ 2·params·tokens for a live
-reference). On a machine shared with other work, timings are perturbed: run it when the machine is quiet.
+maximum resident set size as the kernel reports it (`wait4`). MFU = model FLOPs / s over the matmul peak
+measured here at start in the tool's precision (bf16 or float32), with model FLOPs = 6·params·tokens for the
+policy (+ 2·params·tokens for a live reference) counted on the unpacked sequences: the workload's FLOPs, the
+same for both tools, whatever work a tool saves (prefopt's shared-prefix packing computes a prompt once). On a machine shared with other work, timings are perturbed: run it when the machine is quiet.
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def run_prefopt(args, out: dict) -> None:
                  *[f"data.source.{k}={v}" for k, v in DATA.items()], "loss=dpo",
                  f"beta={BETA}", f"lr={LR}", f"batch_size={PAIRS_PER_STEP}", f"micro_batch_size={PAIRS_PER_STEP}",
                  f"steps={args.steps}", "eval_every=0", "resume=null", "logger=none", "train.progress=false",
-                 "++optimizer.factory.fused=true",
+                 "++optimizer.factory.fused=true", *args.prefopt_args.split(),
                  f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}"]
     overrides.append(f"++hardware.mixed_precision={'bf16' if args.precision == 'bf16' else 'null'}")
     overrides.append(f"hardware.threads={args.threads}")
@@ -112,7 +118,8 @@ def run_prefopt(args, out: dict) -> None:
     prefopt.engine.Trainer.train_step = timed_step
     start = time.perf_counter()
     summary = train(cfg, run_dir=work / "run")
-    out.update(ends=ends, cpu_ends=cpu, setup_s=None, total_s=time.perf_counter() - start, final_loss=summary["metrics"].get("train/loss"))
+    out.update(ends=ends, cpu_ends=cpu, first_step_s=ends[0] - start, total_s=time.perf_counter() - start,
+               final_loss=summary["metrics"].get("train/loss"), overrides=overrides)
 
 
 def run_trl(args, out: dict) -> None:
@@ -154,7 +161,8 @@ def run_trl(args, out: dict) -> None:
     trl_tokens = PAIRS_PER_STEP * sum(2 * len(a) + len(b) + len(c) for a, b, c in
                                       zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])) / len(seen)
     result = trainer.train()
-    out.update(ends=ends, cpu_ends=cpu, setup_s=setup, total_s=time.perf_counter() - start, final_loss=result.training_loss,
+    out.update(ends=ends, cpu_ends=cpu, setup_s=setup, first_step_s=ends[0] - start, total_s=time.perf_counter() - start,
+               final_loss=result.training_loss,
                tokens_per_step_seen=trl_tokens, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
                optim=str(config.optim))
 
@@ -166,11 +174,15 @@ def child(args) -> None:
 
 
 # -- parent --------------------------------------------------------------------------------------------------
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul throughput (best of `repeats`), the MFU denominator."""
+def matmul_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul throughput in `dtype` (best of `repeats`), the MFU denominator.
+
+    Measured in the precision the tools compute in: a CPU with AVX512-BF16 does bf16 matmuls ~2.2x faster
+    than float32 ones, so an MFU over the float32 peak reads above 100% for bf16 work."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     a @ b
     best = 0.0
     for _ in range(repeats):
@@ -194,7 +206,8 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--vocab", vocab, "--reference", reference,
-           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--threads", str(args.threads), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision]
+           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--threads", str(args.threads), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision,
+           "--prefopt-args", args.prefopt_args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     log = Path(out).with_suffix(".log")
@@ -223,6 +236,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads of both tools (default: all cores, TRL's default; prefopt's hardware=cpu uses 1)")
     ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
+    ap.add_argument("--prefopt-args", default="train.compile=true",
+                    help="extra prefopt overrides, space-separated (default: train.compile=true)")
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -236,11 +251,12 @@ def main(argv=None) -> None:
 
     import torch
 
-    peak = matmul_peak_gflops()
+    torch.set_num_threads(args.threads)
+    peaks = {dt: matmul_peak_gflops(dt) for dt in ("fp32", "bf16")}
     _, tokenized, _ = dataset(n_train(args.steps))
     tps = tokens_per_step(tokenized)  # the same pairs at both vocabularies: the large one runs fewer steps of them
-    torch.set_num_threads(args.threads)
-    print(f"# {args.threads} threads per tool; float32 matmul peak {peak:.1f} GFLOP/s; {len(tokenized)} pairs, "
+    print(f"# {args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
+          f"bf16; {len(tokenized)} pairs, "
           f"{tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, {tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; "
           f"{args.steps} steps ({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up",
           flush=True)
@@ -260,10 +276,11 @@ def main(argv=None) -> None:
                 # CPU seconds (all threads) per step: the work, nearly independent of other load on the machine
                 row["cpu_s_per_step"] = statistics.median(b - a for a, b in zip(cpu[args.warmup - 1:], cpu[args.warmup:]))
                 row["tokens_per_s"] = row["steps_per_s"] * tps
+                precision = args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32")
                 flops = (6 + (2 if reference == "live" else 0)) * params * tps
-                row["mfu"] = flops * row["steps_per_s"] / (peak * 1e9)
-                row.update(params=params, tokens_per_step=tps, steps=steps, warmup=args.warmup, matmul_peak_gflops=peak,
-                           precision=args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32"))
+                row["mfu"] = flops * row["steps_per_s"] / (peaks[precision] * 1e9)
+                row.update(params=params, tokens_per_step=tps, steps=steps, warmup=args.warmup,
+                           matmul_peak_gflops=peaks[precision], precision=precision)
                 rows.append(row)
                 print(f"  {tool:8s} vocab {VOCABS[vocab]:>6} {reference:6s} {row['steps_per_s']:.3f} steps/s "
                       f"{row['tokens_per_s']:.0f} tok/s {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -274,7 +291,7 @@ def main(argv=None) -> None:
 
 def print_table(rows: list[dict]) -> None:
     head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "CPU s/step",
-            "tok/s ×TRL", "RSS ×TRL", "CPU ×TRL")
+            "first step s", "tok/s ×TRL", "RSS ×TRL", "CPU ×TRL")
     lines = []
     for r in rows:
         trl = next((t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]), None)
@@ -284,7 +301,8 @@ def print_table(rows: list[dict]) -> None:
                if trl and r["tool"] == "prefopt" and "cpu_s_per_step" in r else "")
         lines.append((f"{r['vocab']:,}", r["reference"], r["tool"], r["precision"], f"{r['steps_per_s']:.3f}",
                       f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{100 * r['mfu']:.1f}%",
-                      f"{r['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in r else "", ratio, rss, cpu))
+                      f"{r['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in r else "",
+                      f"{r['first_step_s']:.0f}" if "first_step_s" in r else "", ratio, rss, cpu))
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:{'>' if i > 3 else '<'}{w}}}" for i, w in enumerate(widths)) + " |"
     print(fmt.format(*head))
