@@ -204,3 +204,23 @@ def test_cache_entry_point_builds_the_cache_a_run_then_loads(tiny_run, tmp_path,
     caplog.set_level(logging.INFO, logger="prefopt")
     tiny_run(f"reference_cache={cache}", run_dir=tmp_path / "run")
     assert "reference log-probs: loaded 40 pairs" in caplog.text
+
+
+def test_a_five_loss_sweep_computes_reference_logps_once(tmp_path):
+    """`-m loss=dpo,ipo,slic,caldpo,bpo reference_cache=DIR`: the first job computes the reference log-probs, the
+    other four load them (each job's own log says which), and no job loads a reference model."""
+    from tests.conftest import TINY
+
+    cache, sweep = tmp_path / "cache", tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", "loss=dpo,ipo,slic,caldpo,bpo", *TINY,
+                          "eval_every=0", f"reference_cache={cache}", f"hydra.sweep.dir={sweep}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = {json.loads((d / "summary.json").read_text())["loss"]: (d / "run.log").read_text()
+            for d in sweep.iterdir() if (d / "summary.json").is_file()}
+    assert sorted(logs) == ["bpo", "caldpo", "dpo", "ipo", "slic"]
+    computed = [k for k, text in logs.items() if "reference log-probs: computed 40 pairs" in text]
+    loaded = [k for k, text in logs.items() if "reference log-probs: loaded 40 pairs from cache" in text]
+    assert computed == ["dpo"] and sorted(loaded) == ["bpo", "caldpo", "ipo", "slic"]
+    assert len(list(cache.glob("*.safetensors"))) == 1
