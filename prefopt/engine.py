@@ -22,7 +22,7 @@ from prefopt.checkpoint import load_latest, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
-from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, supports_packing
+from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
@@ -42,7 +42,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    packing: bool = True  # one shared-prefix row per pair instead of two padded rows (same values, less work)
+    # true: one shared-prefix row per pair (sdpa/eager), or one flat row of all sequences (flash-attention's
+    # variable-length kernels); false: padded rows; or "shared_prefix" / "flat". Same values, less work.
+    packing: bool | str = True
     compile: bool = False  # torch.compile the decoder of the policy and the live reference (see PairLogpsModel)
     progress: bool = True
 
@@ -59,6 +61,8 @@ class TrainConfig:
         if per_rank % self.micro_batch_size:
             raise ConfigError(f"batch_size per process ({per_rank}) must be divisible by micro_batch_size "
                               f"({self.micro_batch_size})")
+        if self.packing not in (True, False, "auto", "shared_prefix", "flat"):
+            raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {self.packing!r})")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
 
@@ -121,7 +125,7 @@ class Trainer:
         self.finished = False  # the final evaluation and checkpoint are done
         self.config_record = config_record or {}  # what a checkpoint must have been made with to be resumed
         self.external_reference = reference_logps  # pairs -> reference PairLogps, e.g. prefopt.reference's cache
-        self.packing = config.packing and supports_packing(policy)  # flash-attention takes no 4D mask: padded rows
+        self.packing = packing_layout(config.packing, policy)  # the batch layout: shared_prefix, flat or None
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
         # Weights first (into the unwrapped model), so every rank starts from the same full state.

@@ -139,8 +139,8 @@ def _packed_sequence_logps(model: torch.nn.Module, backbone: Callable, batch: Pr
     # additive for eager attention (which adds it to the scores).
     pk = batch.packed
     head = model.get_output_embeddings()
-    mask = pk.mask
-    if _attention(model) == "eager":
+    mask = pk.mask  # None in the flat layout: transformers separates the sequences by their position ids
+    if mask is not None and _attention(model) == "eager":
         dtype = head.weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     with _attention_kernel(batch.input_ids):
@@ -172,8 +172,29 @@ def _attention(model: torch.nn.Module) -> str | None:
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether the model's attention takes the packed layout's 4D mask (sdpa and eager do; flash-attention not)."""
+    """Whether the model's attention takes the shared-prefix layout's 4D mask (sdpa and eager do; flash-attention not)."""
     return _attention(model) in ("sdpa", "eager")
+
+
+def packing_layout(setting: bool | str | None, model: torch.nn.Module) -> str | None:
+    """`train.packing` → the batch layout for this model: "shared_prefix", "flat" or None (padded rows).
+
+    true (auto): shared-prefix rows where the attention takes a 4D mask (sdpa, eager), else the flat layout
+    (flash-attention: its variable-length kernel, no padding); false: padded rows; or a layout by name."""
+    from prefopt.errors import ConfigError
+
+    if setting in (False, None, "none", "padded"):
+        return None
+    if setting in (True, "auto"):
+        return "shared_prefix" if supports_packing(model) else "flat"
+    if setting == "flat":
+        return "flat"
+    if setting == "shared_prefix":
+        if not supports_packing(model):
+            raise ConfigError(f"train.packing=shared_prefix needs attention that takes a 4D mask (sdpa or eager), "
+                              f"not {_attention(model)!r}: use train.packing=flat or true")
+        return "shared_prefix"
+    raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {setting!r})")
 
 
 def plain_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ class ReferenceCache:
 
 @torch.no_grad()
 def compute_values(logps: Callable, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch_size: int,
-                   packing: bool, device: torch.device) -> torch.Tensor:
+                   packing: bool | str | None, device: torch.device) -> torch.Tensor:
     """(N, 4) float32: chosen, rejected, chosen tokens, rejected tokens, by the engine's own log-prob path."""
     out = []
     for micro in micro_batches(list(pairs), micro_batch_size):
@@ -182,7 +182,7 @@ def load(path: Path, key: str, sizes: dict[str, int]) -> dict[str, torch.Tensor]
 
 def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Module,
           train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
-          micro_batch_size: int, packing: bool, device: torch.device, is_main: bool = True) -> ReferenceCache:
+          micro_batch_size: int, packing: bool | str | None, device: torch.device, is_main: bool = True) -> ReferenceCache:
     """Load the cache for `header`, or compute it with `logps` (no grad, `model` in eval mode) and store it."""
     key = cache_key(header)
     path = directory / f"{key}.safetensors"
@@ -216,7 +216,7 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
     The reference *is* the initial policy, so no second model is needed: the pass runs on the policy itself
     in eval mode without gradients (LoRA: with its adapters switched off, i.e. its base).
     """
-    from prefopt.logprobs import PairLogpsModel, autocast_dtype, supports_packing
+    from prefopt.logprobs import PairLogpsModel, autocast_dtype, packing_layout
 
     autocast = autocast_dtype(hardware)  # the same arithmetic as a live reference of this run
     header = cache_header(spec=spec, model=policy, tokenizer=tokenizer, data_fingerprint=data.fingerprint(),
@@ -230,7 +230,7 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
                 return logps_model(batch)
         return logps_model(batch)
 
-    packing = getattr(train_cfg, "packing", False) and supports_packing(policy)
+    packing = packing_layout(getattr(train_cfg, "packing", False), policy)
     return build(directory=directory, header=header, logps=logps, model=policy, train_pairs=train_pairs,
                  eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, micro_batch_size=train_cfg.micro_batch_size,
                  packing=packing, device=hardware.torch_device, is_main=hardware.is_main)

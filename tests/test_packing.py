@@ -93,13 +93,14 @@ def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
     assert len(batch.packed.score_target) == shared + tail_c + tail_r
 
 
-def test_a_run_with_packing_equals_one_without(tiny_run, tmp_path):
+@pytest.mark.parametrize("layout", ["true", "flat"])
+def test_a_run_with_packing_equals_one_without(tiny_run, tmp_path, layout):
     def losses(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], k, v) for r in rows for k, v in sorted(r.items()) if k.startswith(("train/loss", "eval/loss",
                 "train/logps", "train/rewards/margins"))]
 
-    _, packed = tiny_run("train.packing=true", run_dir=tmp_path / "packed")
+    _, packed = tiny_run(f"train.packing={layout}", run_dir=tmp_path / "packed")
     _, padded = tiny_run("train.packing=false", run_dir=tmp_path / "padded")
     a, b = losses(packed), losses(padded)
     assert [x[:2] for x in a] == [x[:2] for x in b] and a
@@ -126,3 +127,44 @@ def test_pair_logps_split_chosen_and_rejected_in_both_layouts(setup):
     torch.testing.assert_close(b.chosen, a.chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.rejected, a.rejected, rtol=1e-5, atol=1e-5)
     assert b.chosen_tokens.tolist() == [len(p.chosen_ids) for p in pairs[:3]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("which", ["arith", "odd"])
+def test_flat_layout_equals_padded_values_and_gradients(setup, attn, which):
+    """One row of 2B sequences, position ids restarting, no mask: transformers separates the sequences (the
+    variable-length path flash-attention takes on a GPU), and the log-probs and gradients equal the padded ones."""
+    _, tok, pairs, odd = setup
+    model = load_model(ModelSpec(**{**SPEC, "attn_implementation": attn}), vocab_size=len(tok))
+    micro = {"arith": pairs[:5], "odd": odd}[which]
+    padded, flat = collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing="flat")
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in micro] + [len(p.prompt_ids) + len(p.rejected_ids) for p in micro]
+    assert flat.input_ids.shape == (1, sum(lengths)) and flat.packed.mask is None  # no padding at all
+    assert flat.num_tokens == padded.num_tokens
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert all(flat.packed.position_ids[0, s].item() == 0 for s in starts)
+    s_pad, c_pad, g_pad = _grads(model, padded)
+    s_flat, c_flat, g_flat = _grads(model, flat)
+    torch.testing.assert_close(s_flat, s_pad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_flat, c_pad)
+    for n in g_pad:
+        torch.testing.assert_close(g_flat[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_packing_setting_picks_the_layout_the_attention_takes(setup):
+    from prefopt.errors import ConfigError
+    from prefopt.logprobs import packing_layout
+
+    model, *_ = setup
+    impl = model.config._attn_implementation
+    assert packing_layout(True, model) == "shared_prefix" and packing_layout(False, model) is None
+    assert packing_layout("flat", model) == "flat"
+    try:
+        model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask: its varlen kernel instead
+        assert packing_layout(True, model) == "flat"
+        with pytest.raises(ConfigError, match="shared_prefix needs attention that takes a 4D mask"):
+            packing_layout("shared_prefix", model)
+    finally:
+        model.config._attn_implementation = impl
+    with pytest.raises(ConfigError, match="train.packing must be"):
+        packing_layout("zigzag", model)

@@ -84,10 +84,14 @@ class SharedPrefixRows:
     Position ids restart at len(trunk) for each tail, and `mask` (B, 1, L, L) lets a tail token see the trunk
     and its own tail only (causally), so every hidden state equals the one in the two separate sequences.
     A trunk completion token is scored once and counted for both sequences of its pair.
+
+    The flat layout (`collate_flat`) uses the same fields with `mask=None`: one row of all 2B sequences end to
+    end, position ids restarting at 0 for each, for attention that separates sequences by their position ids
+    (flash-attention's variable-length kernels; transformers builds the block mask for sdpa and eager).
     """
 
     position_ids: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, 1, L, L) bool, True = may attend
+    mask: torch.Tensor | None  # (B, 1, L, L) bool, True = may attend; None: sequences separated by position ids
     score_index: torch.Tensor  # (S,) flat index row * L + col of the hidden state that predicts a scored token
     score_target: torch.Tensor  # (S,) the scored token
     contrib_score: torch.Tensor  # (C,) index into the S scored tokens ...
@@ -133,10 +137,18 @@ class PreferenceBatch:
                                self.packed.to(device) if self.packed is not None else None)
 
 
-def collate(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool = False) -> PreferenceBatch:
-    """Pairs → a batch: 2B padded rows, or with `packing` B shared-prefix rows (`SharedPrefixRows`)."""
-    if packing:
+PACKING_LAYOUTS = ("shared_prefix", "flat")
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool | str | None = False) -> PreferenceBatch:
+    """Pairs → a batch: 2B padded rows; with `packing` True or "shared_prefix" B shared-prefix rows, with
+    "flat" one row of 2B sequences (see `SharedPrefixRows`). Every layout gives the same log-probs."""
+    if packing == "flat":
+        return collate_flat(pairs, pad_id)
+    if packing in (True, "shared_prefix"):
         return collate_packed(pairs, pad_id)
+    if packing not in (False, None):
+        raise ValueError(f"packing must be False, True or one of {PACKING_LAYOUTS} (got {packing!r})")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -253,3 +265,35 @@ class PairBatcher:
 
 def micro_batches(pairs: Sequence[TokenizedPair], micro_batch_size: int) -> list[Sequence[TokenizedPair]]:
     return [pairs[i: i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
+
+
+def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
+    """One row of the 2B sequences end to end (prompt+chosen for each pair, then prompt+rejected), no padding.
+
+    Position ids restart at 0 for each sequence and there is no attention mask: the attention tells the
+    sequences apart by their position ids (`SharedPrefixRows` with `mask=None`). Nothing is shared, nothing padded.
+    """
+    b = len(pairs)
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    ids, pos, comp = [], [], []
+    score_index, score_target = [], []
+    for s, (prompt, completion) in enumerate(seqs):
+        start, n = len(ids), len(prompt)
+        ids += list(prompt) + list(completion)
+        pos += range(n + len(completion))
+        comp += [False] * n + [True] * len(completion)
+        for m, token in enumerate(completion):
+            if n + m == 0:  # a first token with nothing before it is not scored (as in the padded layout)
+                continue
+            score_index.append(start + n + m - 1)
+            score_target.append(token)
+    seq_of_score = [s for s, (prompt, completion) in enumerate(seqs)
+                    for m in range(len(completion)) if len(prompt) + m > 0]
+    contrib_seq = torch.tensor(seq_of_score, dtype=torch.long)
+    packed = SharedPrefixRows(
+        position_ids=torch.tensor([pos], dtype=torch.long), mask=None,
+        score_index=torch.tensor(score_index, dtype=torch.long), score_target=torch.tensor(score_target, dtype=torch.long),
+        contrib_score=torch.arange(len(score_index)), contrib_seq=contrib_seq,
+        counts=torch.bincount(contrib_seq, minlength=2 * b), tokens=len(ids))
+    return PreferenceBatch(torch.tensor([ids], dtype=torch.long), torch.ones((1, len(ids)), dtype=torch.long),
+                           torch.tensor([comp], dtype=torch.bool), [p.pair_id for p in pairs], packed=packed)
