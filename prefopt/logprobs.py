@@ -230,6 +230,8 @@ class PairLogpsModel(torch.nn.Module):
         self.model = model
         self.chunk_elements = chunk_elements
         self.autocast = autocast
+        if compile:
+            check_compiler(next(model.parameters()).device)
         # in __dict__, not as a submodule: a submodule would add `_orig_mod.` keys to this module's state dict
         self.__dict__["compiled_backbone"] = torch.compile(model.get_decoder(), dynamic=True) if compile else None
 
@@ -250,3 +252,18 @@ def autocast_dtype(hardware) -> torch.dtype | None:
 
         raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
     return torch.bfloat16
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU generates C++: fail at start, naming the fix, when no C++ compiler is installed."""
+    import os
+    import shutil
+
+    from prefopt.errors import ConfigError
+
+    if device.type != "cpu":
+        return
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in candidates):
+        raise ConfigError("train.compile=true on CPU needs a C++ compiler for torch.compile (g++, c++ or clang++ on "
+                          "PATH, or CXX): install one (e.g. apt install g++) or set train.compile=false")

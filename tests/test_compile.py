@@ -12,7 +12,17 @@ from prefopt.data.batching import collate
 from prefopt.logprobs import PairLogpsModel
 from prefopt.models import ModelSpec, load_model
 
-pytest.importorskip("torch._inductor")
+
+
+def test_compile_without_a_cxx_compiler_is_refused_naming_the_fix(monkeypatch):
+    from prefopt.errors import ConfigError
+    from prefopt.logprobs import check_compiler
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler.*train.compile=false"):
+        check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("meta"))  # only CPU code generation needs one
 
 
 def _rows(run_dir):
