@@ -41,6 +41,16 @@ def _grads(model, batch):
     return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_same_logps_and_grads(model, expected, actual):
+    """Two layouts of the same pairs: equal log-prob sums, token counts and parameter gradients (1e-5)."""
+    s_exp, c_exp, g_exp = _grads(model, expected)
+    s_act, c_act, g_act = _grads(model, actual)
+    torch.testing.assert_close(s_act, s_exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_act, c_exp)
+    for n in g_exp:
+        torch.testing.assert_close(g_act[n], g_exp[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("which", ["arith", "odd", "mixed"])
 def test_packed_equals_padded_values_and_gradients(setup, which):
     model, tok, pairs, odd = setup
@@ -48,23 +58,15 @@ def test_packed_equals_padded_values_and_gradients(setup, which):
     padded, packed = collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing=True)
     assert packed.input_ids.shape[0] == len(micro) and padded.input_ids.shape[0] == 2 * len(micro)
     assert packed.num_tokens == padded.num_tokens  # tokens/s counts the same work in both layouts
-    s_pad, c_pad, g_pad = _grads(model, padded)
-    s_pk, c_pk, g_pk = _grads(model, packed)
-    torch.testing.assert_close(s_pk, s_pad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c_pk, c_pad)
-    for n in g_pad:
-        torch.testing.assert_close(g_pk[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+    assert_same_logps_and_grads(model, padded, packed)
 
 
 def test_packed_equals_padded_with_eager_attention(setup):
     _, tok, pairs, odd = setup
     model = load_model(ModelSpec(**{**SPEC, "attn_implementation": "eager"}), vocab_size=len(tok))
     micro = pairs[:4] + odd[:2]
-    s_pad, _, g_pad = _grads(model, collate(micro, tok.pad_token_id))
-    s_pk, _, g_pk = _grads(model, collate(micro, tok.pad_token_id, packing=True))  # additive mask for eager
-    torch.testing.assert_close(s_pk, s_pad, rtol=1e-5, atol=1e-5)
-    for n in g_pad:
-        torch.testing.assert_close(g_pk[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+    # an additive mask for eager attention
+    assert_same_logps_and_grads(model, collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing=True))
 
 
 def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
@@ -143,12 +145,7 @@ def test_flat_layout_equals_padded_values_and_gradients(setup, attn, which):
     assert flat.num_tokens == padded.num_tokens
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     assert all(flat.packed.position_ids[0, s].item() == 0 for s in starts)
-    s_pad, c_pad, g_pad = _grads(model, padded)
-    s_flat, c_flat, g_flat = _grads(model, flat)
-    torch.testing.assert_close(s_flat, s_pad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c_flat, c_pad)
-    for n in g_pad:
-        torch.testing.assert_close(g_flat[n], g_pad[n], rtol=1e-5, atol=1e-5, msg=n)
+    assert_same_logps_and_grads(model, padded, flat)
 
 
 def test_packing_setting_picks_the_layout_the_attention_takes(setup):
