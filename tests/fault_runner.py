@@ -52,7 +52,8 @@ elif point == "mid_save":
 elif point == "after_final":
     tracking.RunLog.finish = lambda self, summary: kill()
 
-from prefopt.run import _quiet_other_ranks, main  # noqa: E402
+from prefopt.compose import quiet_other_ranks as _quiet_other_ranks  # noqa: E402
+from prefopt.run import main  # noqa: E402
 
 _quiet_other_ranks()
 main()

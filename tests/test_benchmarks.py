@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from prefopt.benchmarks import (  # noqa: E402
+from prefopt.mathloop.benchmarks import (  # noqa: E402
     COT_INSTRUCTION,
     BenchmarkSpec,
     format_prompt,

@@ -13,10 +13,11 @@ import torch
 def test_lora_run_loads_one_model_and_trains_adapters_only(tiny_run, monkeypatch, tmp_path):
     import prefopt.engine
     import prefopt.models
+    import prefopt.training
 
     loads, grads = [], {}
     real_load = prefopt.models.load_model
-    monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(prefopt.training, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     real_step = prefopt.engine.Trainer.train_step
 
     def spy(self):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.pairs import PairStats, build_pairs, provenance_path, validate_sampling, write_pairs
+from prefopt.mathloop.pairs import PairStats, build_pairs, provenance_path, validate_sampling, write_pairs
 from prefopt.verify import Verdict
 
 OK = Verdict(True, "correct", "1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt import reference as refcache
+from prefopt import refcache
 from prefopt.data.arith import ArithmeticData
 from prefopt.data.batching import TokenizedPair, tokenize_pairs
 from prefopt.errors import ConfigError
@@ -38,7 +38,7 @@ def header(spec_kw=None, data_kw=None, tokenize_kw=None, edit_pairs=None, model_
     evals, _ = tokenize_pairs(eval_rows, tok, **tok_args)
     if edit_pairs:
         train = edit_pairs(train)
-    return refcache.cache_key(refcache.cache_header(spec=spec, model=model, tokenizer=tok,
+    return refcache.reference_key(refcache.cache_header(spec=spec, model=model, tokenizer=tok,
                                                     data_fingerprint=data.fingerprint(), tokenize=tok_args,
                                                     train_pairs=train, eval_pairs=evals))
 
@@ -116,12 +116,12 @@ def test_a_cached_run_constructs_no_reference_model(tiny_run, monkeypatch, tmp_p
     import prefopt.engine
     import prefopt.logprobs
     import prefopt.models
-    import prefopt.run
+    import prefopt.training
 
     loads, frozen, copies, calls = [], [], [], []
     real_load, real_freeze, real_pair = prefopt.models.load_model, prefopt.models.freeze, prefopt.logprobs.pair_logps
-    monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
-    monkeypatch.setattr(prefopt.models, "freeze", lambda m: frozen.append(1) or real_freeze(m))
+    monkeypatch.setattr(prefopt.training, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(prefopt.training, "freeze", lambda m: frozen.append(1) or real_freeze(m))
     real_deepcopy = copy.deepcopy
 
     def counting_deepcopy(obj, *a, **k):

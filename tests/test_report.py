@@ -16,8 +16,9 @@ import pytest
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from prefopt import report, report_plots, wandb_dashboard
-from prefopt.report import ReportCallback, ReportError, write_report
+from prefopt import report, wandb_dashboard
+from prefopt.reporting import dashboard, plots as report_plots
+from prefopt.reporting.report import ReportCallback, ReportError, fmt, write_report
 from tests.conftest import PIPELINE_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def sweep(tmp_path_factory) -> Path:
     # One thread: the tiny model gains nothing from more, and spinning threads crawl on a busy machine.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", *SWEEP, f"hydra.sweep.dir={out}",
-                           "++hydra.callbacks.report._target_=prefopt.report.ReportCallback"],
+                           "++hydra.callbacks.report._target_=prefopt.reporting.report.ReportCallback"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report.md" in proc.stdout  # the callback printed the table and where it wrote
@@ -83,7 +84,7 @@ def test_table_numbers_equal_the_summaries(sweep, tmp_path, capsys):
             assert float(row[col]) == summary["metrics"][col], col  # exact: the CSV keeps full precision
             assert raw[col] == summary["metrics"][col]
         assert float(row["wall_time_s"]) == summary["wall_time_s"]
-        assert report.fmt(summary["metrics"]["eval/loss"]) in printed
+        assert fmt(summary["metrics"]["eval/loss"]) in printed
 
 
 def test_columns_are_the_overrides_that_differ(sweep, tmp_path):
@@ -223,9 +224,9 @@ def test_dashboard_charts_plot_logged_metrics(sweep, monkeypatch, capsys):
                                                          "P", "H2", "Report")})
     wr.P = lambda text: ("P", text)
     wr.H2 = lambda text: ("H2", text)
-    kind, kw = wandb_dashboard.build_report(wr, "me", "prefopt", "sweep-1")
+    kind, kw = dashboard.build_report(wr, "me", "prefopt", "sweep-1")
     grids = [b[1] for b in kw["blocks"] if b[0] == "PanelGrid"]
-    assert kind == "Report" and kw["entity"] == "me" and len(grids) == len(wandb_dashboard.SECTIONS) + 1
+    assert kind == "Report" and kw["entity"] == "me" and len(grids) == len(dashboard.SECTIONS) + 1
     assert all(g["runsets"][0][1]["filters"] == "Metric('Group') == 'sweep-1'" for g in grids)
     logged = {k for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
     lines = [p[1] for g in grids for p in g["panels"] if p[0] == "LinePlot"]

@@ -73,11 +73,12 @@ def test_top_level_beta_reaches_every_loss(tiny_run, tmp_path):
 def test_reference_free_loss_loads_and_runs_no_reference(tiny_run, monkeypatch, tmp_path):
     import prefopt.logprobs
     import prefopt.models
+    import prefopt.training
 
     loads, frozen, calls = [], [], []
     real_load, real_freeze, real_pair = prefopt.models.load_model, prefopt.models.freeze, prefopt.logprobs.pair_logps
-    monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
-    monkeypatch.setattr(prefopt.models, "freeze", lambda m: frozen.append(1) or real_freeze(m))
+    monkeypatch.setattr(prefopt.training, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(prefopt.training, "freeze", lambda m: frozen.append(1) or real_freeze(m))
     monkeypatch.setattr(prefopt.logprobs, "pair_logps", lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real_pair(m, *a, **k))
     tiny_run("loss=simpo", "steps=2", "eval_every=0", run_dir=tmp_path / "simpo")
     assert loads == [1] and frozen == []
@@ -94,7 +95,7 @@ def test_logger_wandb_offline_writes_a_local_run(tiny_run):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("beta=-0.1", "beta must be > 0"),
+    ("beta=-0.1", r"beta=-0.1: must be a number > 0"),
     ("batch_size=5", "divisible by micro_batch_size"),
     ("loss=bpo loss.alpha=1.5", "alpha"),
 ])

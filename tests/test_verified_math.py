@@ -12,7 +12,9 @@ import torch
 
 from tests.conftest import PIPELINE_OFF, compose_cfg
 from prefopt.errors import ConfigError, DataError
-from prefopt.evaluate import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.compose import build
+from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.mathloop.loop import MathLoop
 from prefopt.generate import Completions, GenerationConfig, HFGenerator
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import AnswerChecker
@@ -68,7 +70,7 @@ def test_evaluation_scores_known_outputs_and_writes_per_sample_rows(tmp_path, ch
                "What is 5 + 0?": "so x = 5",  # right, without a box
                "What is 6 + 1?": "\\boxed{\\frac{14}{2}}"}  # right, another form
     stub = StubGenerator(lambda prompt, j: outputs[QUESTION.search(prompt).group(0)])
-    from prefopt.benchmarks import BenchmarkSpec
+    from prefopt.mathloop.benchmarks import BenchmarkSpec
 
     config = EvalConfig(benchmarks=["arith"])
     metrics, details = evaluate_policy(stub, char_tokenizer("qwen"), [(BenchmarkSpec(name="arith"), rows)], checker,
@@ -85,7 +87,7 @@ def test_evaluation_scores_known_outputs_and_writes_per_sample_rows(tmp_path, ch
 
 
 def test_evaluation_avg_at_k_and_a_timeout_count_wrong(tmp_path):
-    from prefopt.benchmarks import BenchmarkSpec
+    from prefopt.mathloop.benchmarks import BenchmarkSpec
 
     rows = [{"problem": "What is 2 + 2?", "answer": "4", "index": 0}, {"problem": "What is 3 + 3?", "answer": "6", "index": 1}]
     stub = StubGenerator(lambda p, j: "SLEEP" if "3 + 3" in p and j == 0 else f"\\boxed{{{arith_answer(p)}}}")
@@ -143,12 +145,12 @@ def test_hf_generator_on_the_tiny_model_left_pads_and_is_reproducible():
 # -- warm-up (SFT) ------------------------------------------------------------------------------------------
 
 def test_sft_lowers_the_nll_through_the_engine(tmp_path):
-    from prefopt.run import build_loop, plan
-    from prefopt.sft import SFTObjective, nll
+    from prefopt.mathloop.warmup import SFTObjective, nll
 
     cfg = compose_cfg(["warmup.steps=8", "warmup.batch_size=8", "warmup.micro_batch_size=4", "warmup.lr=3e-3",
                        "warmup.warmup_steps=1", "warmup.progress=false"])
-    p, loop = plan(cfg), build_loop(cfg)
+    p = build(cfg)
+    loop = p.loop
     model, tok, result = loop.run_warmup(p.model, p.data, p.hardware.setup(), tmp_path / "sft")
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -173,19 +175,18 @@ LOOP = ["pipeline.warmup=true", "pipeline.pairs=true", "pipeline.evaluate=true",
 @pytest.fixture
 def counted(monkeypatch):
     """The stub generator for every stage, and counters of the stages that really ran."""
-    from prefopt.pipeline import Loop
 
     calls = {"warmup": 0, "pairs": 0, "eval": 0}
     stub = StubGenerator(half_right)
-    monkeypatch.setattr(Loop, "generator", lambda self, model, tok, spec: stub)
+    monkeypatch.setattr(MathLoop, "generator", lambda self, model, tok, spec: stub)
     for stage, name in (("warmup", "run_warmup"), ("pairs", "run_pairs"), ("eval", "run_eval")):
-        real = getattr(Loop, name)
+        real = getattr(MathLoop, name)
 
         def wrapped(self, *a, _real=real, _stage=stage, **k):
             calls[_stage] += 1
             return _real(self, *a, **k)
 
-        monkeypatch.setattr(Loop, name, wrapped)
+        monkeypatch.setattr(MathLoop, name, wrapped)
     return calls
 
 
@@ -230,18 +231,15 @@ def test_without_the_cache_the_stages_write_into_the_run_directory_only(tiny_run
 
 
 def test_sampling_settings_that_cannot_make_pairs_are_refused():
-    from prefopt.run import build_loop
-
     with pytest.raises(ConfigError, match=r"pairs.k must be an integer >= 2"):
-        build_loop(compose_cfg(["pairs.k=1"]))
+        build(compose_cfg(["pairs.k=1"]))
     with pytest.raises(ConfigError, match=r"pairs.temperature must be > 0"):
-        build_loop(compose_cfg(["pairs.temperature=0"]))
+        build(compose_cfg(["pairs.temperature=0"]))
 
 
 def test_too_few_pairs_stop_with_the_counts(tiny_run, tmp_path, monkeypatch):
-    from prefopt.pipeline import Loop
 
-    monkeypatch.setattr(Loop, "generator", lambda self, m, t, s: StubGenerator(lambda p, j: "\\boxed{0}"))
+    monkeypatch.setattr(MathLoop, "generator", lambda self, m, t, s: StubGenerator(lambda p, j: "\\boxed{0}"))
     with pytest.raises(DataError, match=r"only \d+ pairs .* always right or always wrong"):
         tiny_run(*LOOP, f"pipeline.cache_dir={tmp_path}", "pipeline.evaluate=false")
 
@@ -250,25 +248,21 @@ def test_too_few_pairs_stop_with_the_counts(tiny_run, tmp_path, monkeypatch):
 
 def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     """What `python -m prefopt.{sft,pairs,evaluate}` run, on tiny settings (the CLI itself: test below)."""
-    from prefopt.evaluate import evaluate_entry
-    from prefopt.pairs import pairs_entry
-    from prefopt.pipeline import Loop
-    from prefopt.run import build_loop, plan
-    from prefopt.sft import sft_entry
+    from prefopt.mathloop.jobs import evaluate_job, pairs_job, sft_job
 
     stub = StubGenerator(half_right)
-    monkeypatch.setattr(Loop, "generator", lambda self, model, tok, spec: stub)
+    monkeypatch.setattr(MathLoop, "generator", lambda self, model, tok, spec: stub)
     over = LOOP + ["warmup.steps=3"]
     cfg = compose_cfg(over)
-    p = plan(cfg)
-    summary = sft_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "sft")
+    p = build(cfg)
+    summary = sft_job(p.loop, p.model, p.data, p.hardware, tmp_path / "sft")
     share = even_share()
     assert summary["metrics"]["eval/verified/arith"] == share and (tmp_path / "sft" / "final" / "config.json").is_file()
     assert json.loads((tmp_path / "sft" / "summary.json").read_text())["metrics"]["eval/verified/mean"] == share
 
     cfg = compose_cfg(over + [f"policy={tmp_path / 'sft' / 'final'}"])
-    p = plan(cfg)
-    record = pairs_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "pairs")
+    p = build(cfg)
+    record = pairs_job(p.loop, p.model, p.data, p.hardware, tmp_path / "pairs")
     rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert record["num_pairs"] == len(rows) == 32 and record["k"] == 2
     assert "sft/final" in record["policy"]
@@ -280,7 +274,7 @@ def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     train, held, _ = FileData(path=str(tmp_path / "pairs" / "pairs.jsonl"), eval_size=4).load()
     assert len(train) == 28 and len(held) == 4
 
-    summary = evaluate_entry(build_loop(cfg), p.model, p.data, p.hardware, tmp_path / "eval")
+    summary = evaluate_job(p.loop, p.model, p.data, p.hardware, tmp_path / "eval")
     assert summary["metrics"] == {"eval/verified/arith": share, "eval/verified/mean": share}
     assert (tmp_path / "eval" / "verified" / "arith.jsonl").is_file()
 
@@ -334,7 +328,7 @@ def test_the_default_warmup_makes_a_policy_that_is_sometimes_right(tmp_path):
 # -- the DCR table ------------------------------------------------------------------------------------------
 
 def test_dcr_table_from_run_directories(tmp_path):
-    from prefopt.dcr import write_dcr_table
+    from prefopt.reporting.dcr import write_dcr_table
 
     for i, (loss, after, chosen) in enumerate([("dpo", 0.4, -1.5), ("bpo", 0.5, 0.2)]):
         run = tmp_path / str(i)
@@ -352,7 +346,7 @@ def test_dcr_table_from_run_directories(tmp_path):
 
 
 def test_dcr_table_with_seeds_shows_them_and_the_means(tmp_path):
-    from prefopt.dcr import write_dcr_table
+    from prefopt.reporting.dcr import write_dcr_table
 
     for i, (loss, seed, after) in enumerate([("dpo", "0", 0.2), ("dpo", "1", 0.4), ("bpo", "0", 0.5), ("bpo", "1", 0.7)]):
         run = tmp_path / str(i)

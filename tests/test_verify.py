@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from prefopt.benchmarks import score
+from prefopt.mathloop.benchmarks import score
 from prefopt.errors import ConfigError
 from prefopt.verify import AnswerChecker, Verdict, check_answer, extract_answer, last_boxed
 

@@ -1,15 +1,12 @@
-"""Cache keys and entries for the verified-math loop's stages (`prefopt.pipeline`).
+"""Fingerprints for the verified-math loop's cache keys: weights, model specs, data and optimizers.
 
-A key is a sha256 of everything that made an artifact (model weights, data, settings); an entry is built
-under a temporary name and renamed into place, and a lock file keeps concurrent runs from building it twice.
+A key (`prefopt.io.cache_key`) is a sha256 of everything that made an artifact; these functions say what
+"everything" is for a model, a data source and an optimizer factory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,24 +14,6 @@ from typing import Any, Callable
 
 from prefopt.errors import ConfigError
 from prefopt.models import ModelSpec
-
-
-def cache_key(payload: dict) -> str:
-    """sha256 of the canonical JSON of `payload` (first 16 hex digits: a directory name, not a password)."""
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on `path` (a sibling `.lock` file) while computing what will be cached there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def with_weights(spec: ModelSpec, path: str | os.PathLike) -> ModelSpec:

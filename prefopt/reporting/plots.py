@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from prefopt.reporting.runs import VERIFIED, VERIFIED_BEFORE
+
 DPI = 100
 SIZES = {"rewards.png": (15.0, 4.8), "chosen_below_zero.png": (9.0, 4.8), "verified_accuracy.png": (11.0, 5.0)}
 REWARDS = (("rewards/chosen", "chosen reward"), ("rewards/rejected", "rejected reward"),
@@ -109,8 +111,6 @@ def verified_bars(runs: Sequence[Any], keys: Sequence[str], path: Path, prefix: 
 
 def plot_all(runs: Sequence[Any], out_dir: Path, verified_keys: Sequence[str]) -> list[Path]:
     """Every figure the report has data for; returns their paths."""
-    from prefopt.report import VERIFIED, VERIFIED_BEFORE
-
     out_dir = Path(out_dir)
     paths = [reward_curves(runs, out_dir / "rewards.png"), chosen_below_zero(runs, out_dir / "chosen_below_zero.png")]
     stale = out_dir / "verified_accuracy.png"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from prefopt.errors import ConfigError, DataError
+from prefopt.verify import last_boxed
 
 # The instruction of Qwen2.5-Math's chain-of-thought evaluation (its `qwen25-math-cot` prompt type),
 # which the Llama-3.1 template reuses so both families are asked for the same answer format.
@@ -32,8 +33,6 @@ def _gsm8k_answer(value: Any) -> Any:
 
 def _boxed_answer(value: Any) -> Any:
     # Sets that store a full solution (MATH's `solution`): the gold answer is its last \boxed{}.
-    from prefopt.verify import last_boxed
-
     boxed = last_boxed(value) if isinstance(value, str) else None
     if boxed is None:
         raise ValueError("has no \\boxed{} answer")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefopt.report import ReportError, RunRecord, to_number
+from prefopt.reporting.runs import ReportError, RunRecord, to_number
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:

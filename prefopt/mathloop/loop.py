@@ -1,7 +1,7 @@
 """The verified-math loop around a preference run: warm-up → on-policy pairs → (training) → verified accuracy.
 
-`run.train` calls `Loop.prepare` before preference training and `Loop.verify_after` at its end; the
-sibling entry points (`prefopt.sft`, `prefopt.pairs`, `prefopt.evaluate`) call one stage each. The
+`prefopt.training.train` calls `MathLoop.prepare` before preference training and `MathLoop.verify_after` at
+its end; the entry points `prefopt.sft`, `prefopt.pairs` and `prefopt.evaluate` run one stage each. The
 warm-up policy, the pairs and the accuracy of the starting policy are cached under
 `<pipeline.cache_dir>/{warmup,pairs,eval}/<key>`, the key being a sha256 of everything that made them,
 so a second run, or every run of a sweep, reuses them. Cache entries appear atomically (built under a
@@ -14,9 +14,7 @@ import atexit
 import contextlib
 import json
 import logging
-import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +22,19 @@ from typing import Any, Callable
 
 import torch
 
-from prefopt.errors import ConfigError, DataError, PrefoptError
-from prefopt.cache import (cache_key, data_fingerprint, locked, optimizer_fingerprint, spec_fingerprint,
-                           weights_id, with_weights)
-from prefopt.evaluate import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.data.arith import ArithmeticData
+from prefopt.data.batching import render_prompt, tokenize_pairs
+from prefopt.data.sources import FileData
+from prefopt.errors import ConfigError, DataError
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
-from prefopt.models import ModelSpec
-from prefopt.pairs import PairsConfig, sample_pairs, write_pairs
-from prefopt.sft import WarmupConfig, warm_up
+from prefopt.io import cache_key, locked, replace_dir, write_text_atomic
+from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
+                                           with_weights)
+from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
+from prefopt.mathloop.warmup import WarmupConfig, warm_up
+from prefopt.models import ModelSpec, load_model, load_tokenizer
+from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
 
@@ -39,8 +42,8 @@ CACHE_VERSION = 1  # bump when a stage's code changes what it produces for the s
 
 
 @dataclass
-class Pipeline:
-    """`pipeline:` in conf/verified_math.yaml: which stages run around preference training."""
+class StageSwitches:
+    """`pipeline:` in conf/mathloop.yaml: which stages of the loop run around preference training."""
 
     warmup: bool = True  # SFT the starting policy on the data's chosen responses first
     pairs: bool = True  # train on on-policy pairs sampled from the starting policy instead of `data`'s pairs
@@ -73,32 +76,12 @@ class Prepared:
 # Helpers
 
 
-@contextlib.contextmanager
-def exit_on_error():
-    """For entry points: a PrefoptError ends the program with one line on stderr and exit status 2."""
-    try:
-        yield
-    except PrefoptError as exc:
-        log.error("%s", exc)
-        print(f"prefopt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def entry_wandb(plan, run_dir: Path, job_type: str):
-    """The run's W&B settings (logger=wandb) for a sibling entry point, with its own job type and name."""
-    if plan.wandb is not None:
-        plan.wandb.job_type, plan.wandb.name = job_type, plan.wandb.name or run_dir.name
-    return plan.wandb
-
-
 _CHECKERS: dict[tuple, Any] = {}
 _VLLM: dict[str, Any] = {}  # vLLM engines by weights path: building one takes a while and holds GPU memory
 
 
 def answer_checker(config: VerifyConfig):
     """One AnswerChecker per setting and process: the runs of a local sweep share its worker pool."""
-    from prefopt.verify import AnswerChecker
-
     key = (config.timeout_s, config.workers)
     if key not in _CHECKERS:
         _CHECKERS[key] = AnswerChecker(timeout_s=config.timeout_s, workers=config.workers)
@@ -123,10 +106,10 @@ def _release_memory() -> None:
 
 
 @dataclass
-class Loop:
-    """The plain objects of the loop's config (built by `prefopt.run.build_loop`) and its stages."""
+class MathLoop:
+    """The verified-math loop: its config as plain objects (built by `prefopt.compose`) and its stages."""
 
-    pipeline: Pipeline
+    pipeline: StageSwitches
     warmup: WarmupConfig
     pairs: PairsConfig
     evaluation: EvalConfig
@@ -143,16 +126,12 @@ class Loop:
         return with_weights(spec, self.policy) if self.policy else spec
 
     def load(self, spec: ModelSpec, hardware):
-        from prefopt.models import load_model, load_tokenizer
-
         tokenizer = load_tokenizer(spec)
         model = load_model(spec, vocab_size=len(tokenizer)).to(hardware.torch_device)
         return model, tokenizer
 
     def render(self, tokenizer, problem: str) -> str:
         """A problem as the preference run renders its prompts (so pair samples are on-policy for it)."""
-        from prefopt.data.batching import render_prompt
-
         return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"])
 
     def generator(self, model, tokenizer, spec: ModelSpec):
@@ -167,8 +146,6 @@ class Loop:
     @staticmethod
     def problem_source(data):
         """Where generated problems come from: the run's arithmetic data, else the arithmetic defaults."""
-        from prefopt.data.arith import ArithmeticData
-
         return data if hasattr(data, "problem_rows") else ArithmeticData()
 
     def pair_problems(self, data) -> tuple[list[dict], Any]:
@@ -199,8 +176,6 @@ class Loop:
 
     def run_warmup(self, spec: ModelSpec, data, hardware, out_dir: Path, run_log=None):
         """SFT from `spec` on `data`'s chosen responses; the policy (weights + tokenizer) goes to out_dir/final."""
-        from prefopt.data.batching import tokenize_pairs
-
         model, tokenizer = self.load(spec, hardware)
         train_rows, eval_rows, _ = data.load()
         args = dict(self.tokenize, completion_eos=spec.completion_eos)
@@ -246,13 +221,11 @@ class Loop:
             if hardware.is_main:
                 shutil.rmtree(build / "checkpoints", ignore_errors=True)
                 shutil.rmtree(build / "policy", ignore_errors=True)
-                os.replace(build / "final", build / "policy")
+                (build / "final").rename(build / "policy")
                 record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
                           "model": spec_fingerprint(spec), "warmup": vars(self.warmup)}
-                (build / "warmup.json").write_text(json.dumps(record, indent=2, default=str))
-                if build != final:
-                    shutil.rmtree(final, ignore_errors=True)
-                    os.replace(build, final)
+                write_text_atomic(build / "warmup.json", json.dumps(record, indent=2, default=str))
+                replace_dir(build, final)
             hardware.barrier()
         log.info("warm-up: %d steps in %.0f s, final train loss %.4f -> %s", self.warmup.steps,
                  time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), final)
@@ -286,8 +259,6 @@ class Loop:
 
     def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
         """The pairs file of `spec`'s samples (cached; with `pipeline.cache=false`, run_dir/pairs.jsonl)."""
-        from prefopt.pairs import provenance_path
-
         problems = self.pair_problems(data)
         key = self.pairs_key(spec, problems[1])
         path = self._cache("pairs") / f"{key}.jsonl" if self.pipeline.cache else run_dir / "pairs.jsonl"
@@ -325,13 +296,13 @@ class Loop:
         else:
             with locked(entry):
                 if not (entry / "result.json").is_file():
-                    build = entry.with_name(f".{key}.build{os.getpid()}")
+                    build = entry.with_name(f".{key}.build")
                     build.mkdir(parents=True, exist_ok=True)
                     model, tokenizer = loaded or self.load(spec, hardware)
                     metrics, details = self.run_eval(model, tokenizer, spec, data, build, prefix)
-                    (build / "result.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2))
-                    shutil.rmtree(entry, ignore_errors=True)
-                    os.replace(build, entry)
+                    write_text_atomic(build / "result.json", json.dumps({"metrics": metrics, "details": details},
+                                                                         indent=2))
+                    replace_dir(build, entry)
         result = json.loads((entry / "result.json").read_text())
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in entry.glob("*.jsonl"):
@@ -349,8 +320,6 @@ class Loop:
             prepared.model = spec
         if self.pipeline.pairs:
             path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
-            from prefopt.data.sources import FileData
-
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
             if n <= self.pairs.eval_size:
                 raise DataError(f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "

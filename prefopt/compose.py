@@ -1,0 +1,322 @@
+"""The composition root: a composed Hydra config in, a `RunPlan` of plain objects out.
+
+Every entry point (`python -m prefopt.run`, `.sft`, `.pairs`, `.evaluate`, `.reference`) calls `build` and
+hands the plan to a stage; nothing below this module sees a `DictConfig`. Each config node is instantiated
+once, with `_convert_="all"` (nested lists and dicts arrive as plain Python), and every problem found on the
+way (a bad value, a missing file, a typo'd `+key`) is collected in the same pass, so one run of
+`validate=true` (or any run's start) names them all before a model or data row is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, get_scheduler
+
+from prefopt.config import conf_dir
+from prefopt.errors import ConfigError, PrefoptError
+from prefopt.mathloop.loop import MathLoop
+from prefopt.refcache import cache_dir as reference_cache_dir
+
+log = logging.getLogger("prefopt")
+
+# Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
+                     "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
+                     "train.on_nonfinite", "validate")
+
+# Top-level knobs: (what a value must be, the check). Checked before anything is instantiated.
+_NUMBER = (int, float)
+TOP_LEVEL = {
+    "beta": ("a number > 0, or null", lambda v: v is None or (_is_number(v) and v > 0)),
+    "lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "seed": ("an integer", lambda v: _is_int(v)),
+    "steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "micro_batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "eval_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "save_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "validate": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, _NUMBER) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class HydraInfo:
+    """What Hydra knows about this job: its directory, group choices, sweep name and overrides."""
+
+    run_dir: Path | None = None
+    choices: dict = field(default_factory=dict)
+    group: str | None = None
+    overrides: list = field(default_factory=list)
+
+
+def hydra_info() -> HydraInfo:
+    """This job's `HydraInfo` (empty when called outside a Hydra app, e.g. from a test)."""
+    if not HydraConfig.initialized():
+        return HydraInfo()
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    return HydraInfo(run_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices),
+                     group=Path(hc.sweep.dir).name if multirun else Path(hc.runtime.output_dir).name,
+                     overrides=list(hc.overrides.task))
+
+
+@dataclass
+class Schedule:
+    """`optimizer.scheduler` / `optimizer.warmup_steps`: a transformers schedule over `steps` optimizer steps."""
+
+    name: str
+    warmup_steps: int
+
+    def factory(self, steps: int) -> Callable:
+        return lambda opt: get_scheduler(self.name, opt, num_warmup_steps=self.warmup_steps, num_training_steps=steps)
+
+
+@dataclass
+class RunPlan:
+    """Everything a stage needs, as plain objects; built and validated before any model or data is loaded."""
+
+    hardware: Any
+    loss: Any
+    train: Any
+    model: Any
+    data: Any
+    wandb: Any
+    loop: MathLoop
+    optimizer_factory: Callable
+    schedule: Schedule
+    max_grad_norm: float | None
+    tokenize: dict  # tokenize_pairs' max_length, max_prompt_length, chat_template, system_prompt
+    seed: int
+    resume: str | None
+    reference_cache: Path | None
+    resolved: dict  # the resolved config (plain), as written to resolved_config.yaml and W&B
+    info: HydraInfo
+
+    def run_dir(self, default: str) -> Path:
+        """Hydra's job directory, else `default` (outside a Hydra app)."""
+        return self.info.run_dir or Path(default)
+
+    def job_wandb(self, run_dir: Path):
+        """The W&B settings of a single-stage job: named after its directory (None without logger=wandb)."""
+        if self.wandb is not None:
+            self.wandb.name = self.wandb.name or run_dir.name
+        return self.wandb
+
+
+def instantiate(node, *args, **kwargs):
+    """`hydra.utils.instantiate` with plain containers; our own errors come out as themselves, not wrapped."""
+    try:
+        return hydra_instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, PrefoptError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, PrefoptError):
+            raise cause from None
+        raise ConfigError(str(cause or exc).strip().splitlines()[0]) from None
+
+
+def _attempt(found: list[str], what: str, fn: Callable[[], Any]) -> Any:
+    """fn(), or None with the problem it raised appended to `found` (named by `what`)."""
+    try:
+        return fn()
+    except PrefoptError as exc:
+        found.append(f"{what}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a validation report lists whatever went wrong, one line each
+        first = (str(exc).strip().splitlines() or [""])[0]
+        found.append(f"{what}: {type(exc).__name__}: {first}")
+    return None
+
+
+def max_positions(spec) -> int | None:
+    """The model's context length from its config alone (no weights)."""
+    if spec.arch is not None:
+        return spec.config.get("max_position_embeddings")
+    if spec.name_or_path and Path(spec.name_or_path).is_dir():
+        return getattr(AutoConfig.from_pretrained(spec.name_or_path), "max_position_embeddings", None)
+    return None
+
+
+def known_keys() -> list[str]:
+    """Top-level keys some part of prefopt reads: the base configs' keys and the config groups."""
+    keys = {"hydra"}
+    for name in ("config.yaml", "mathloop.yaml"):
+        keys |= set(OmegaConf.load(conf_dir() / name).keys()) - {"defaults"}
+    keys |= {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    return sorted(keys)
+
+
+def unknown_additions(overrides: list[str]) -> list[str]:
+    """`+key=value` overrides that add a top-level key nothing reads (`+los=ipo` for `loss=ipo`)."""
+    known, found = known_keys(), []
+    for item in overrides:
+        if not item.startswith("+") or item.startswith("++"):
+            continue
+        key = item[1:].split("=", 1)[0]
+        top = key.split(".", 1)[0].split("@", 1)[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(known)}"
+            found.append(f"{item}: no part of prefopt reads {top!r}{hint}")
+    return found
+
+
+def top_level_problems(cfg: DictConfig) -> list[str]:
+    """Wrong types and out-of-range values of the top-level knobs, each naming key, value and what it must be."""
+    found = []
+    for key, (must, ok) in TOP_LEVEL.items():
+        if key in cfg and not ok(cfg[key]):
+            found.append(f"{key}={cfg[key]!r}: must be {must}")
+    return found
+
+
+def _node_problems(cfg: DictConfig, objects: dict, found: list[str], read_data: bool, check_inputs: bool) -> None:
+    """Instantiate each node once into `objects`; append what is wrong with them to `found`."""
+    make = lambda key, node: objects.__setitem__(key, _attempt(found, key, lambda: instantiate(node)))  # noqa: E731
+    for key, node in (("hardware", cfg.hardware), ("loss", cfg.loss), ("train", cfg.train), ("model", cfg.model),
+                      ("data", cfg.data.source), ("optimizer", cfg.optimizer.factory),
+                      ("logger", cfg.logger.get("wandb"))):
+        make(key, node) if node is not None else objects.__setitem__(key, None)
+    for key in ("pipeline", "warmup", "pairs", "evaluation", "generation", "verify"):
+        make(key, cfg[key])
+    hardware, train, model, source, loss = (objects[k] for k in ("hardware", "train", "model", "data", "loss"))
+    if train is not None:
+        _attempt(found, "train", lambda: train.validate(hardware.world_size if hardware else 1))
+    if model is not None and check_inputs:
+        _attempt(found, "model", model.check_available)
+    if model is not None:
+        length = _attempt(found, "model", lambda: max_positions(model))
+        if length and cfg.data.max_length > length:
+            found.append(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
+                         f"({length} positions): lower data.max_length")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        found.append(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
+                     f"({cfg.data.max_length})")
+    if loss is not None:
+        objects["reference_cache"] = _attempt(found, "reference_cache",
+                                              lambda: reference_cache_dir(cfg.get("reference_cache"), loss))
+    if check_inputs:
+        _input_problems(cfg, source, found, read_data)
+
+
+def _input_problems(cfg: DictConfig, source, found: list[str], read_data: bool) -> None:
+    """Files and directories the run will read: missing ones, and (`read_data`) bad data rows."""
+    if cfg.get("resume") not in (None, "auto") and not Path(str(cfg.resume)).is_dir():
+        found.append(f"resume={cfg.resume}: not a directory of checkpoints")
+    if source is not None:
+        for key in ("path", "eval_path"):
+            value = getattr(source, key, None)
+            if value and Path(value).suffix in (".jsonl", ".json", ".parquet") and not Path(value).expanduser().is_file():
+                found.append(f"data.source.{key}={value}: no such file")
+        if read_data:
+            _attempt(found, "data", source.load)
+
+
+def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
+            overrides: list[str] | None = None) -> tuple[dict, list[str]]:
+    """(the instantiated nodes by key, every problem found): one pass over the whole config.
+
+    `check_inputs=False` skips what is outside the config (model availability, files, data rows): for
+    composing a plan to look at, e.g. a 7B recipe on a machine that does not hold the weights.
+    """
+    info = hydra_info()
+    found = unknown_additions(info.overrides if overrides is None else overrides) + top_level_problems(cfg)
+    objects: dict[str, Any] = {}
+    if not found:  # a mistyped top-level value would only resurface, garbled, inside the nodes that read it
+        _node_problems(cfg, objects, found, read_data, check_inputs)
+    return objects, list(dict.fromkeys(found))
+
+
+def report(found: list[str]) -> str:
+    if not found:
+        return "prefopt: config OK"
+    return "prefopt: {} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
+
+
+def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
+          check_inputs: bool = True) -> RunPlan:
+    """The run's `RunPlan`; one ConfigError naming every problem when the config has any."""
+    objects, found = collect(cfg, read_data, check_inputs)
+    if found:
+        raise ConfigError(found[0] if len(found) == 1 else report(found))
+    info = hydra_info()
+    loop = MathLoop(pipeline=objects["pipeline"], warmup=objects["warmup"], pairs=objects["pairs"],
+                    evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
+                    tokenize=tokenize_settings(cfg), optimizer_factory=objects["optimizer"],
+                    max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,
+                    policy=cfg.policy)
+    wandb = objects["logger"]
+    if wandb is not None and job_type is not None:
+        wandb.job_type = job_type
+    return RunPlan(hardware=objects["hardware"], loss=objects["loss"], train=objects["train"], model=objects["model"],
+                   data=objects["data"], wandb=wandb, loop=loop, optimizer_factory=objects["optimizer"],
+                   schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps),
+                   max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize_settings(cfg), seed=cfg.seed,
+                   resume=cfg.resume, reference_cache=objects.get("reference_cache"),
+                   resolved=OmegaConf.to_container(cfg, resolve=True), info=info)
+
+
+def tokenize_settings(cfg: DictConfig) -> dict:
+    return {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+
+
+def resume_record(resolved: dict) -> dict:
+    """The flattened config a checkpoint is tied to: a resume with other values is refused."""
+    flat: dict[str, Any] = {}
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk({k: v for k, v in resolved.items() if k != "hydra"})
+    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)}
+
+
+def fail(exc: PrefoptError) -> None:
+    """End an entry point on a PrefoptError: one line on stderr (and in the log), exit status 2."""
+    log.error("%s", exc)
+    print(f"prefopt: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap an entry point's Hydra main: a PrefoptError becomes one line and exit status 2."""
+
+    @functools.wraps(job)
+    def wrapped(cfg: DictConfig):
+        try:
+            return job(cfg)
+        except PrefoptError as exc:
+            fail(exc)
+
+    return wrapped
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun/SLURM only rank 0 writes: the other ranks keep Hydra's files and logs to themselves."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

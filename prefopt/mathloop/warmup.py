@@ -1,0 +1,101 @@
+"""The warm-up stage (SFT): train a policy by NLL on the chosen (target) responses (`python -m prefopt.sft`).
+
+The objective is one more `prefopt.losses.Loss` (reference-free, per-pair −ℓ_w / n_w), so the warm-up
+runs through the same `Trainer` step as preference training: micro-batches, accumulation, clipping,
+checkpoints, DDP/FSDP. Each example goes in as a pair whose rejected side is its chosen side again: with
+the engine's shared-prefix packing (`train.packing`) the two are one row, so nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from transformers import get_scheduler
+
+from prefopt.engine import TrainConfig, Trainer
+from prefopt.errors import ConfigError
+from prefopt.losses import Loss, LossOutput, PairLogps
+from prefopt.tracking import RunLog
+
+log = logging.getLogger("prefopt")
+
+
+def nll(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
+    """Per-pair mean token negative log-likelihood of the chosen response, −ℓ_w / n_w.
+
+    The rejected side is not used; rewards report the per-token log-probs ℓ̄_w and ℓ̄_l, as reference-free
+    losses do.
+    """
+    return LossOutput(loss=-policy.chosen_mean, chosen_reward=policy.chosen_mean.detach(),
+                      rejected_reward=policy.rejected_mean.detach())
+
+
+class SFTObjective(Loss):
+    """The warm-up objective: `nll` as a reference-free Loss."""
+
+    def __init__(self):
+        super().__init__("sft", nll, reference=False)
+
+
+def targets_only(pairs: Sequence) -> list:
+    """Pairs whose rejected side is their chosen side (one packed row each: the NLL needs no second answer)."""
+    return [dataclasses.replace(p, rejected_ids=p.chosen_ids) for p in pairs]
+
+
+@dataclass
+class WarmupConfig:
+    """`warmup:` in conf/verified_math.yaml: the SFT stage's own schedule (the optimizer is the run's)."""
+
+    steps: int = 350
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 3.0e-3
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"warmup.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ConfigError(f"warmup.lr must be > 0 (got {self.lr})")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"warmup.batch_size ({self.batch_size}) must be divisible by warmup.micro_batch_size "
+                              f"({self.micro_batch_size})")
+
+
+def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence, pad_id: int,
+            config: WarmupConfig, optimizer_factory: Callable, hardware, run_dir: Path,
+            max_grad_norm: float | None = 1.0, chunk_elements: int | None = None, run_log=None) -> dict:
+    """Train `policy` in place on the chosen responses of `train_pairs`; returns the Trainer's result.
+
+    Checkpoints go to `run_dir/checkpoints`, so an interrupted warm-up resumes where it stopped.
+    """
+    train_pairs, eval_pairs = targets_only(train_pairs), targets_only(eval_pairs)
+    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                        eval_every=0, progress=config.progress)
+    if chunk_elements:
+        train.chunk_elements = chunk_elements
+    trainer = Trainer(
+        policy=policy, reference=None, loss=SFTObjective(),
+        optimizer_factory=lambda params: optimizer_factory(params, lr=config.lr),
+        scheduler_factory=lambda opt: get_scheduler(config.scheduler, opt, num_warmup_steps=config.warmup_steps,
+                                                    num_training_steps=config.steps),
+        train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
+        run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm,
+    )
+    trainer.run_log = run_log or RunLog(run_dir, {"warmup": vars(config)}, None, enabled=hardware.is_main,
+                                        resume_step=trainer.resumed_from)
+    if trainer.resumed_from is not None:
+        log.info("warm-up resumed at step %d", trainer.resumed_from)
+    log.info("warm-up (SFT): %d steps of %d responses, lr %g", config.steps, config.batch_size, config.lr)
+    result = trainer.fit()
+    result["trainer"] = trainer
+    return result

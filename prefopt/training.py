@@ -1,0 +1,192 @@
+"""One preference-optimization run from a `RunPlan`: the steps `python -m prefopt.run` takes, in order.
+
+    inputs → policy → reference → trainer → fit and export → verify → summary
+
+Each step is one function below. The verified-math loop (`prefopt.mathloop`) runs its stages before training
+(warm-up, on-policy pairs, accuracy before) and returns what training starts from; the plan itself is never
+changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from prefopt.compose import RunPlan, resume_record
+from prefopt.data.batching import tokenize_pairs
+from prefopt.engine import Trainer
+from prefopt.errors import ConfigError
+from prefopt.hardware import seed_everything
+from prefopt.mathloop.loop import Prepared
+from prefopt.models import freeze, load_model, load_tokenizer, reference_context
+from prefopt.refcache import ReferenceCache, reference_cache
+from prefopt.tracking import RunLog
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass
+class Inputs:
+    """What training reads: the loop's result, the tokenizer and the tokenized pairs."""
+
+    prepared: Prepared
+    tokenizer: Any
+    train_pairs: list
+    eval_pairs: list
+    data_info: dict
+    tokenize_stats: dict
+
+
+@dataclass
+class Reference:
+    """The reference policy in one of its three forms (or none, for a reference-free loss)."""
+
+    model: torch.nn.Module | None = None  # a frozen copy of the initial policy
+    context: Any = None  # LoRA: the policy's own base, adapters switched off
+    cached: ReferenceCache | None = None  # log-probs from the disk cache: no reference model at all
+
+
+def run_directory(plan: RunPlan, run_dir: Path | str | None, default: str = "outputs/run") -> Path:
+    return Path(run_dir or plan.info.run_dir or plan.resolved.get("output_dir") or default)
+
+
+def prepare_inputs(plan: RunPlan, hw, run_dir: Path) -> Inputs:
+    """The loop's stages before training (cached), then the tokenizer and the tokenized train/eval pairs."""
+    seed_everything(plan.seed)
+    prepared = plan.loop.prepare(plan.model, plan.data, hw, run_dir)  # warm-up → pairs → accuracy before
+    seed_everything(plan.seed)
+    tokenizer = load_tokenizer(prepared.model)
+    train_rows, eval_rows, data_info = prepared.data.load()
+    args = dict(plan.tokenize, completion_eos=prepared.model.completion_eos)
+    train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **args)
+    eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **args)
+    return Inputs(prepared, tokenizer, train_pairs, eval_pairs, data_info,
+                  {"train": vars(train_tok), "eval": vars(eval_tok)})
+
+
+def load_policy(inputs: Inputs, hw) -> torch.nn.Module:
+    policy = load_model(inputs.prepared.model, vocab_size=len(inputs.tokenizer)).to(hw.torch_device)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    if len(inputs.tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(inputs.tokenizer)} tokens but the model's vocabulary only {vocab}")
+    return policy
+
+
+def cached_reference(plan: RunPlan, policy, inputs: Inputs, hw, directory: Path) -> ReferenceCache:
+    """Reference log-probs of the initial policy from (or into) the disk cache in `directory`."""
+    return reference_cache(directory, spec=inputs.prepared.model, policy=policy, tokenizer=inputs.tokenizer,
+                           data=inputs.prepared.data, tokenize=plan.tokenize, train_pairs=inputs.train_pairs,
+                           eval_pairs=inputs.eval_pairs, train_cfg=plan.train, hardware=hw)
+
+
+def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> Reference:
+    """The reference the loss compares with: none, cached log-probs, the LoRA base, or a frozen copy."""
+    if not plan.loss.reference:
+        return Reference()
+    if plan.reference_cache is not None:
+        return Reference(cached=cached_reference(plan, policy, inputs, hw, plan.reference_cache))
+    if inputs.prepared.model.uses_lora:
+        return Reference(context=reference_context(policy))
+    return Reference(model=freeze(copy.deepcopy(policy)))
+
+
+def make_trainer(plan: RunPlan, policy, reference: Reference, inputs: Inputs, hw, run_dir: Path) -> Trainer:
+    if plan.resume not in (None, "auto") and not Path(plan.resume).is_dir():
+        raise ConfigError(f"resume={plan.resume}: not a directory of checkpoints")
+    trainer = Trainer(
+        policy=policy, reference=reference.model, loss=plan.loss, optimizer_factory=plan.optimizer_factory,
+        scheduler_factory=plan.schedule.factory(plan.train.steps), train_pairs=inputs.train_pairs,
+        eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, config=plan.train, hardware=hw,
+        run_log=None, run_dir=run_dir, seed=plan.seed, max_grad_norm=plan.max_grad_norm,
+        resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),
+        reference_context=reference.context, reference_logps=reference.cached,
+        config_record=resume_record(plan.resolved),
+    )
+    if plan.resume is None and trainer.resumed_from is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
+    trainer.run_log = RunLog(run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main,
+                             resume_step=trainer.resumed_from)
+    if hw.is_main:
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(plan.resolved))
+        log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir,
+                 len(inputs.train_pairs), len(inputs.eval_pairs), plan.loss.key, plan.loss.hparams,
+                 f"{sum(q.numel() for q in trainer.params):,}")
+    return trainer
+
+
+def name_wandb(plan: RunPlan, run_dir: Path):
+    """The W&B settings with the sweep as group, the run directory as name, and loss/model/data tags."""
+    spec = plan.wandb
+    if spec is not None:
+        choices = plan.info.choices
+        spec.group = spec.group or plan.info.group
+        spec.name = spec.name or run_dir.name
+        spec.tags = [f"{g}:{choices[g]}" for g in ("loss", "model", "data") if g in choices] + list(spec.tags)
+    return spec
+
+
+def fit_and_export(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path) -> dict:
+    """Train; write the policy (and, with LoRA, the merged weights) with its tokenizer."""
+    result = trainer.fit()
+    trainer.export(run_dir / "final")
+    if hw.is_main:
+        inputs.tokenizer.save_pretrained(run_dir / "final")
+        spec = inputs.prepared.model
+        if spec.uses_lora and spec.lora["merge_on_export"] and hw.strategy != "fsdp":
+            merged = policy.merge_and_unload()  # training is over: merging in place is safe now
+            merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
+            inputs.tokenizer.save_pretrained(run_dir / "final_merged")
+    return result
+
+
+def verify(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path, result: dict) -> dict:
+    """Verified accuracy after training (the loop's last stage); its metrics join the run's. Returns details."""
+    prepared = inputs.prepared
+    verified, details = plan.loop.verify_after(policy, inputs.tokenizer, prepared, hw, run_dir)
+    if verified or prepared.metrics:
+        result["metrics"].update({**prepared.metrics, **verified})
+        trainer.run_log.log(trainer.step, {**prepared.metrics, **verified})
+    return details
+
+
+def summarize(plan: RunPlan, trainer: Trainer, inputs: Inputs, hw, result: dict, verified_after: dict) -> dict:
+    prepared = inputs.prepared
+    return {"status": "complete", "step": trainer.step, "loss": plan.loss.key, "hparams": plan.loss.hparams,
+            "overrides": plan.info.overrides, "resumed_from_step": trainer.resumed_from,
+            "data": {**inputs.data_info, "tokenize": inputs.tokenize_stats},
+            "torch_threads": torch.get_num_threads(), "world_size": hw.world_size, "strategy": hw.strategy,
+            "rank": hw.rank, **result,
+            "pipeline": prepared.info, "verified": {"before": prepared.verified, "after": verified_after}}
+
+
+def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
+    """One preference-optimization run; returns the summary that is also written to `summary.json`."""
+    run_dir = run_directory(plan, run_dir)
+    hw = plan.hardware.setup()
+    inputs = prepare_inputs(plan, hw, run_dir)
+    policy = load_policy(inputs, hw)
+    reference = make_reference(plan, policy, inputs, hw)
+    trainer = make_trainer(plan, policy, reference, inputs, hw, run_dir)
+    result = fit_and_export(trainer, plan, policy, inputs, hw, run_dir)
+    details = verify(trainer, plan, policy, inputs, hw, run_dir, result)
+    summary = summarize(plan, trainer, inputs, hw, result, details)
+    trainer.run_log.finish(summary)
+    hw.teardown()
+    return summary
+
+
+def build_reference_cache(plan: RunPlan, directory: Path, run_dir: Path | str | None = None) -> dict:
+    """`python -m prefopt.reference`: the run's inputs and initial policy, reference log-probs cached; no training."""
+    run_dir = run_directory(plan, run_dir, default="outputs/reference")
+    hw = plan.hardware.setup()
+    inputs = prepare_inputs(plan, hw, run_dir)
+    policy = load_policy(inputs, hw)
+    cached = cached_reference(plan, policy, inputs, hw, directory)
+    hw.teardown()
+    return {"status": "reference cache", "path": str(cached.path), "key": cached.key, "pairs": len(cached)}
