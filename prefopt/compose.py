@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,19 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, get_scheduler
+from transformers import AutoConfig
 
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.mathloop.loop import MathLoop
 from prefopt.refcache import cache_dir as reference_cache_dir
+from prefopt.training import HydraInfo, RunPlan, Schedule
 
 log = logging.getLogger("prefopt")
-
-# Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
-                     "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
-                     "train.on_nonfinite", "validate")
 
 # Top-level knobs: (what a value must be, the check). Checked before anything is instantiated.
 _NUMBER = (int, float)
@@ -59,16 +54,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-@dataclass
-class HydraInfo:
-    """What Hydra knows about this job: its directory, group choices, sweep name and overrides."""
-
-    run_dir: Path | None = None
-    choices: dict = field(default_factory=dict)
-    group: str | None = None
-    overrides: list = field(default_factory=list)
-
-
 def hydra_info() -> HydraInfo:
     """This job's `HydraInfo` (empty when called outside a Hydra app, e.g. from a test)."""
     if not HydraConfig.initialized():
@@ -78,49 +63,6 @@ def hydra_info() -> HydraInfo:
     return HydraInfo(run_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices),
                      group=Path(hc.sweep.dir).name if multirun else Path(hc.runtime.output_dir).name,
                      overrides=list(hc.overrides.task))
-
-
-@dataclass
-class Schedule:
-    """`optimizer.scheduler` / `optimizer.warmup_steps`: a transformers schedule over `steps` optimizer steps."""
-
-    name: str
-    warmup_steps: int
-
-    def factory(self, steps: int) -> Callable:
-        return lambda opt: get_scheduler(self.name, opt, num_warmup_steps=self.warmup_steps, num_training_steps=steps)
-
-
-@dataclass
-class RunPlan:
-    """Everything a stage needs, as plain objects; built and validated before any model or data is loaded."""
-
-    hardware: Any
-    loss: Any
-    train: Any
-    model: Any
-    data: Any
-    wandb: Any
-    loop: MathLoop
-    optimizer_factory: Callable
-    schedule: Schedule
-    max_grad_norm: float | None
-    tokenize: dict  # tokenize_pairs' max_length, max_prompt_length, chat_template, system_prompt
-    seed: int
-    resume: str | None
-    reference_cache: Path | None
-    resolved: dict  # the resolved config (plain), as written to resolved_config.yaml and W&B
-    info: HydraInfo
-
-    def run_dir(self, default: str) -> Path:
-        """Hydra's job directory, else `default` (outside a Hydra app)."""
-        return self.info.run_dir or Path(default)
-
-    def job_wandb(self, run_dir: Path):
-        """The W&B settings of a single-stage job: named after its directory (None without logger=wandb)."""
-        if self.wandb is not None:
-            self.wandb.name = self.wandb.name or run_dir.name
-        return self.wandb
 
 
 def instantiate(node, *args, **kwargs):
@@ -278,21 +220,6 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
 
 def tokenize_settings(cfg: DictConfig) -> dict:
     return {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
-
-
-def resume_record(resolved: dict) -> dict:
-    """The flattened config a checkpoint is tied to: a resume with other values is refused."""
-    flat: dict[str, Any] = {}
-
-    def walk(node, prefix=""):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk({k: v for k, v in resolved.items() if k != "hydra"})
-    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)}
 
 
 def fail(exc: PrefoptError) -> None:

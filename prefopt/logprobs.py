@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from prefopt.data.batching import PreferenceBatch
+from prefopt.errors import ConfigError
 from prefopt.losses import PairLogps
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per tile: 4M floats = 16 MB in float32 (fits a CPU's last-level cache)
@@ -181,8 +182,6 @@ def packing_layout(setting: bool | str | None, model: torch.nn.Module) -> str | 
 
     true (auto): shared-prefix rows where the attention takes a 4D mask (sdpa, eager), else the flat layout
     (flash-attention: its variable-length kernel, no padding); false: padded rows; or a layout by name."""
-    from prefopt.errors import ConfigError
-
     if setting in (False, None, "none", "padded"):
         return None
     if setting in (True, "auto"):
@@ -248,9 +247,7 @@ def autocast_dtype(hardware) -> torch.dtype | None:
     if mode is None or getattr(hardware, "strategy", "none") == "fsdp":
         return None
     if mode != "bf16":
-        from prefopt.errors import ConfigError
-
-        raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
+            raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
     return torch.bfloat16
 
 
@@ -258,8 +255,6 @@ def check_compiler(device: torch.device) -> None:
     """torch.compile on CPU generates C++: fail at start, naming the fix, when no C++ compiler is installed."""
     import os
     import shutil
-
-    from prefopt.errors import ConfigError
 
     if device.type != "cpu":
         return

@@ -1,5 +1,8 @@
 """One preference-optimization run from a `RunPlan`: the steps `python -m prefopt.run` takes, in order.
 
+`RunPlan` is what a run needs, as plain objects; the composition root (`prefopt.compose`) builds it from the
+Hydra config, so this module never sees one.
+
     inputs → policy → reference → trainer → fit and export → verify → summary
 
 Each step is one function below. The verified-math loop (`prefopt.mathloop`) runs its stages before training
@@ -11,24 +14,100 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
+from transformers import get_scheduler
 
-from prefopt.compose import RunPlan, resume_record
 from prefopt.data.batching import tokenize_pairs
 from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
-from prefopt.mathloop.loop import Prepared
+from prefopt.mathloop.loop import MathLoop, Prepared
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
 from prefopt.tracking import RunLog
 
 log = logging.getLogger("prefopt")
+
+# Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
+                     "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
+                     "train.on_nonfinite", "validate")
+
+
+@dataclass
+class HydraInfo:
+    """What Hydra knows about this job: its directory, group choices, sweep name and overrides."""
+
+    run_dir: Path | None = None
+    choices: dict = field(default_factory=dict)
+    group: str | None = None
+    overrides: list = field(default_factory=list)
+
+
+@dataclass
+class Schedule:
+    """`optimizer.scheduler` / `optimizer.warmup_steps`: a transformers schedule over `steps` optimizer steps."""
+
+    name: str
+    warmup_steps: int
+
+    def factory(self, steps: int) -> Callable:
+        return lambda opt: get_scheduler(self.name, opt, num_warmup_steps=self.warmup_steps, num_training_steps=steps)
+
+
+@dataclass
+class RunPlan:
+    """Everything a stage needs, as plain objects; built and validated before any model or data is loaded."""
+
+    hardware: Any
+    loss: Any
+    train: Any
+    model: Any
+    data: Any
+    wandb: Any
+    loop: MathLoop
+    optimizer_factory: Callable
+    schedule: Schedule
+    max_grad_norm: float | None
+    tokenize: dict  # tokenize_pairs' max_length, max_prompt_length, chat_template, system_prompt
+    seed: int
+    resume: str | None
+    reference_cache: Path | None
+    resolved: dict  # the resolved config (plain), as written to resolved_config.yaml and W&B
+    info: HydraInfo
+
+    def run_dir(self, default: str) -> Path:
+        """Hydra's job directory, else `default` (outside a Hydra app)."""
+        return self.info.run_dir or Path(default)
+
+    def job_wandb(self, run_dir: Path):
+        """The W&B settings of a single-stage job: named after its directory (None without logger=wandb)."""
+        if self.wandb is not None:
+            self.wandb.name = self.wandb.name or run_dir.name
+        return self.wandb
+
+
+def resume_record(resolved: dict) -> dict:
+    """The flattened config a checkpoint is tied to: a resume with other values is refused."""
+    flat: dict[str, Any] = {}
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk({k: v for k, v in resolved.items() if k != "hydra"})
+    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)}
+
+
+
 
 
 @dataclass

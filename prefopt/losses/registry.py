@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 
-import hydra.utils
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
@@ -28,6 +27,15 @@ def _hyperparameters(target: Callable) -> dict[str, object]:
     else:
         wanted = (inspect.Parameter.KEYWORD_ONLY,)
     return {p.name: p.default for p in params if p.kind in wanted}
+
+
+def import_object(path: str) -> Callable:
+    """The object a dotted path names (`prefopt.losses.sigmoid.dpo`)."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"cannot import {path!r} ({err})") from None
 
 
 def _dummy_pair() -> tuple[PairLogps, PairLogps]:
@@ -52,9 +60,9 @@ class Loss:
             raise ConfigError(f"loss.reference must be true or false (got {reference!r}) in loss '{key}'")
         self.reference = reference
         try:
-            target = hydra.utils.get_object(fn) if isinstance(fn, str) else fn
-        except Exception as err:  # hydra wraps import errors in its own types
-            raise ConfigError(f"loss.fn: cannot import {fn!r} for loss '{key}' ({err})") from None
+            target = import_object(fn) if isinstance(fn, str) else fn
+        except ConfigError as err:
+            raise ConfigError(f"loss.fn: {err} for loss '{key}'") from None
         self.fn = target
         valid = _hyperparameters(target)
         unknown = sorted(set(hparams) - set(valid))
@@ -140,10 +148,5 @@ def get_loss(key: str, **hparams) -> Loss:
     root = OmegaConf.create({"loss": node})
     for name, value in hparams.items():
         root.loss[name] = value
-    try:
-        return hydra.utils.instantiate(root.loss)
-    except InstantiationException as err:
-        # Hydra wraps what the constructor raised; our own errors read better unwrapped.
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
+    spec = OmegaConf.to_container(root.loss, resolve=True)
+    return import_object(spec.pop("_target_"))(**spec)
