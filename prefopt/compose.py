@@ -189,10 +189,13 @@ def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
     return objects, list(dict.fromkeys(found))
 
 
+def listing(found: list[str]) -> str:
+    """'N problems:' and one indented line per problem."""
+    return "{} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
+
+
 def report(found: list[str]) -> str:
-    if not found:
-        return "prefopt: config OK"
-    return "prefopt: {} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
+    return f"prefopt: {listing(found)}" if found else "prefopt: config OK"
 
 
 def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
@@ -200,7 +203,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
     """The run's `RunPlan`; one ConfigError naming every problem when the config has any."""
     objects, found = collect(cfg, read_data, check_inputs)
     if found:
-        raise ConfigError(found[0] if len(found) == 1 else report(found))
+        raise ConfigError(found[0] if len(found) == 1 else listing(found))
     info = hydra_info()
     loop = MathLoop(pipeline=objects["pipeline"], warmup=objects["warmup"], pairs=objects["pairs"],
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
@@ -223,8 +226,11 @@ def tokenize_settings(cfg: DictConfig) -> dict:
 
 
 def fail(exc: PrefoptError) -> None:
-    """End an entry point on a PrefoptError: one line on stderr (and in the log), exit status 2."""
-    log.error("%s", exc)
+    """End an entry point on a PrefoptError: printed once on stderr, kept in the run's log file, exit status 2."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None)
+    for handler in logging.getLogger().handlers:  # Hydra's run.log; its console handler would print it twice
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"prefopt: error: {exc}", file=sys.stderr)
     sys.exit(2)
 

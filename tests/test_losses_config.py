@@ -13,7 +13,7 @@ from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
 from prefopt.losses import LOSS_KEYS, Loss, PairLogps, available_losses, get_loss
 
-# spec/losses.md, "The losses" table, copied literally.
+# docs/losses.md, "The losses" table, copied literally.
 SPEC_DEFAULTS = {
     "dpo": {"beta": 0.1},
     "cdpo": {"beta": 0.1, "label_smoothing": 0.1},
@@ -105,7 +105,7 @@ def test_get_loss_overrides_and_top_level_beta_absent():
 BAD = [
     ("beta", -0.1, "loss.beta must be > 0 (got -0.1)"),
     ("beta", 0, "loss.beta must be > 0"),
-    ("beta", "abc", "loss.beta must be a finite number"),
+    ("beta", "abc", "loss.beta='abc': must be a number"),
     ("beta", math.inf, "loss.beta must be a finite number"),
 ]
 
@@ -130,7 +130,7 @@ def test_bad_beta_for_every_key(key, name, value, message):
         ("cdpo", {"label_smoothing": -0.1}, "loss.label_smoothing must be in [0, 0.5)"),
         ("robust", {"label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5) (got 0.5)"),
         ("robust", {"label_smoothing": 0.7}, "loss.label_smoothing must be in [0, 0.5)"),
-        ("ipo", {"length_normalize": "yes"}, "loss.length_normalize must be true or false"),
+        ("ipo", {"length_normalize": "yes"}, "loss.length_normalize='yes': must be true or false"),
         ("caldpo", {"calibration_weight": -1.0}, "loss.calibration_weight must be >= 0"),
         ("simpo", {"gamma": math.nan}, "loss.gamma must be a finite number"),
         ("dpop", {"dpop_lambda": -1}, "loss.dpop_lambda must be >= 0"),
@@ -139,7 +139,7 @@ def test_bad_beta_for_every_key(key, name, value, message):
         ("typo", {"kl_weight": -1.0}, "loss.kl_weight must be >= 0"),
         ("alpha_dpo", {"momentum": 1.0}, "loss.momentum must be in [0, 1) (got 1.0)"),
         ("alpha_dpo", {"alpha": -0.2}, "loss.alpha must be >= 0"),
-        ("alpha_dpo", {"gamma": "x"}, "loss.gamma must be a finite number"),
+        ("alpha_dpo", {"gamma": "x"}, "loss.gamma='x': must be a number"),
     ],
 )
 def test_bad_hyperparameter_names_the_key(key, hp, message):

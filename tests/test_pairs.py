@@ -97,9 +97,11 @@ def test_validate_sampling_refuses_temperature(temperature):
         validate_sampling(4, temperature)
 
 
-def test_validate_sampling_accepts_good_settings():
-    validate_sampling(2, 0.7)
-    validate_sampling(8, 1)
+def test_the_smallest_valid_sampling_settings_make_pairs():
+    """k=2 at an integer temperature is accepted: one right and one wrong sample make one pair."""
+    validate_sampling(2, 1)
+    pairs, stats = build_pairs(["q"], [["\\boxed{1}", "\\boxed{2}"]], [[OK, BAD]], seed=0)
+    assert stats.pairs == len(pairs) == 1 and pairs[0]["chosen"] == "\\boxed{1}"
 
 
 def test_write_pairs_round_trip_and_provenance(tmp_path):

@@ -45,7 +45,7 @@ def global_mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
 class AlphaDPO:
     """α-DPO: −log σ(β·(ℓ̄_w − ℓ̄_l − M) − γ), M = sg(α·(Δ − μ)/s), Δ = (ℓ̄_w − ℓ̄_l) − (ℓ̄ʳ_w − ℓ̄ʳ_l).
 
-    Wu et al. 2024, arXiv 2410.10148, Eq. 11, with the running statistics of spec/losses.md: in training
+    Wu et al. 2024, arXiv 2410.10148, Eq. 11, with the running statistics of docs/losses.md: in training
     mode, before use and without gradient, μ ← m·μ + (1−m)·mean(Δ) and s ← m·s + (1−m)·std(Δ) (unbiased std,
     both start at 0, no bias correction; mean and std over the global batch under data parallelism, so
     every rank computes the same margin). In eval mode the current μ, s are used and not updated. s is

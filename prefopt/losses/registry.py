@@ -38,6 +38,18 @@ def import_object(path: str) -> Callable:
         raise ConfigError(f"cannot import {path!r} ({err})") from None
 
 
+def _expected_kind(default: object, value: object) -> str | None:
+    """What `value` must be, judged by the type of the hyper-parameter's default; None when it fits."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        return None if is_number else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
 def _dummy_pair() -> tuple[PairLogps, PairLogps]:
     one = functools.partial(torch.tensor, dtype=torch.float32)
     policy = PairLogps(one([-4.0]), one([-6.0]), one([4.0]), one([5.0]))
@@ -70,6 +82,10 @@ class Loss:
             raise ConfigError(
                 f"loss '{key}' has no hyper-parameter {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
             )
+        for name, value in hparams.items():
+            must = _expected_kind(valid[name], value)
+            if must:
+                raise ConfigError(f"loss.{name}={value!r}: must be {must} (loss '{key}')")
         self.hparams = {**valid, **hparams}
         self.training = True
         try:

@@ -52,7 +52,7 @@ def typo(
     """TYPO, in this project's reading: −log σ(β·(ℓ_w − ℓ_l)) + λ·½·[(ℓʳ_w − ℓ_w) + (ℓʳ_l − ℓ_l)].
 
     Hu, He, Wipf 2024, arXiv 2407.09072. The published form could not be checked against the paper's
-    text, so this implements the reading in spec/losses.md: a reference-free Bradley–Terry term on the
+    text, so this implements the reading in docs/losses.md: a reference-free Bradley–Terry term on the
     policy's summed log-probs plus a forward-KL anchor KL(π_ref ‖ π_θ), estimated on the pair's two
     responses as if they were reference samples (true for on-policy pairs). Metric `typo/kl` is the mean
     of that estimate, ½·[(ℓʳ_w − ℓ_w) + (ℓʳ_l − ℓ_l)].
