@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from prefopt.checkpoint import load_latest, save_checkpoint
+from prefopt.checkpoint import load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
@@ -128,6 +128,8 @@ class Trainer:
         self.packing = packing_layout(config.packing, policy)  # the batch layout: shared_prefix, flat or None
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
+        if hardware.is_main:
+            remove_partial(self.ckpt_dir)  # a killed save's `.tmp-step_*` holds the space the next save needs
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
