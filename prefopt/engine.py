@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from prefopt.checkpoint import load_latest, remove_partial, save_checkpoint
+from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
+from prefopt.io import atomic_dir
 from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
@@ -253,7 +254,8 @@ class Trainer:
         """The trained policy as a `from_pretrained`-loadable directory (collective under FSDP)."""
         weights = self.hw.full_state_dict(self.policy)
         if self.hw.is_main:
-            self.policy.save_pretrained(path, safe_serialization=True, state_dict=weights)
+            with atomic_dir(path, "the trained policy", note=lambda: last_complete(self.ckpt_dir)) as tmp:
+                self.policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         self.hw.barrier()
 
     def _restore(self, path: Path, state: dict) -> None:
