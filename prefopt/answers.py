@@ -8,6 +8,7 @@ carries no mathematical content (dollar signs, LaTeX spacing, thousands separato
 trailing unit in `\\text{}`, degree signs, percent signs, a trailing full stop, spaces) and spells what has two
 spellings one way (`\\dfrac` → `\\frac`, `bmatrix` → `pmatrix`, `\\leq` → `\\le`, `.5` → `0.5`).
 The word lists of the harness (units of MathQA: `a`, `t`, `s`, ...) are left out: they also delete variables.
+`last_boxed` finds the answer in a model output: the content of its last complete `\\boxed{}`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _strip_dollars(s: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """The answer as the harness would compare it: `\\$32,\\!348` → `32348`, `90^\\circ` → `90`, `$221,$8$` → `221,8`."""
+    """The answer as the harness compares it: `\\$32,\\!348` → `32348`, `$221,$8$` → `221,8`."""
     s = str(answer).strip().replace("\n", " ")
     s = _strip_dollars(s)
     s = s.replace("{,}", ",")  # `10{,}000`: LaTeX's comma without the space after it
@@ -77,3 +78,69 @@ def same_answer(a: str, b: str) -> bool:
         return True
     words = len(na) > 1 and na.isalpha() and nb.isalpha()  # `x` and `X` are different variables
     return words and na.casefold() == nb.casefold()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _braced(text: str, start: int) -> int | None:
+    """Index just past the `}` closing the `{` at `start`, or None when the braces never balance."""
+    depth = 0
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # an escaped character (`\{`, `\}`, `\\`) is not a group delimiter
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`) in `text`, else None.
+
+    Braces are matched, so nested groups (`\\boxed{\\frac{1}{2}}`) come out whole; a box cut off before
+    its closing brace (a truncated generation) does not count, nor does an empty one.
+    """
+    found: str | None = None
+    i = 0
+    while True:
+        hits = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
+        hits = [(pos, cmd) for pos, cmd in hits if pos >= 0]
+        if not hits:
+            return found
+        pos, cmd = min(hits)
+        j = pos + len(cmd)
+        if j < len(text) and (text[j].isalpha()):  # `\boxedsomething` is another macro
+            i = j
+            continue
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            end = _braced(text, j)
+            if end is not None:
+                content = text[j + 1 : end - 1].strip()
+                if content:
+                    found = content
+                i = end
+                continue
+            i = j + 1
+        elif j > pos + len(cmd):  # `\boxed 5`: the answer runs to the next space or `$`
+            k = j
+            while k < len(text) and not text[k].isspace() and text[k] != "$":
+                k += 1
+            if k > j:
+                found = text[j:k]
+            i = k
+        else:
+            i = j

@@ -17,9 +17,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 from prefopt.errors import StorageError
 

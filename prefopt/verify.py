@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Literal, Sequence
 
-from prefopt.answers import normalize_answer, same_answer
+from prefopt.answers import last_boxed, normalize_answer, same_answer
 from prefopt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,68 +52,6 @@ class Verdict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Extraction
-
-
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def _braced(text: str, start: int) -> int | None:
-    """Index just past the `}` closing the `{` at `start`, or None when the braces never balance."""
-    depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # an escaped character (`\{`, `\}`, `\\`) is not a group delimiter
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`) in `text`, else None.
-
-    Braces are matched, so nested groups (`\\boxed{\\frac{1}{2}}`) come out whole; a box cut off before
-    its closing brace (a truncated generation) does not count, nor does an empty one.
-    """
-    found: str | None = None
-    i = 0
-    while True:
-        hits = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
-        hits = [(pos, cmd) for pos, cmd in hits if pos >= 0]
-        if not hits:
-            return found
-        pos, cmd = min(hits)
-        j = pos + len(cmd)
-        if j < len(text) and (text[j].isalpha()):  # `\boxedsomething` is another macro
-            i = j
-            continue
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            end = _braced(text, j)
-            if end is not None:
-                content = text[j + 1 : end - 1].strip()
-                if content:
-                    found = content
-                i = end
-                continue
-            i = j + 1
-        elif j > pos + len(cmd):  # `\boxed 5`: the answer runs to the next space or `$`
-            k = j
-            while k < len(text) and not text[k].isspace() and text[k] != "$":
-                k += 1
-            if k > j:
-                found = text[j:k]
-            i = k
-        else:
-            i = j
 
 
 def _parse(text: str, timeout: int | None):

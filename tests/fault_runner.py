@@ -71,7 +71,7 @@ elif point == "fill_disk":
         path = real_ckpt(*a, **k)
         calls["n"] += 1
         if calls["n"] == n:
-            filler, leave = os.environ["PREFOPT_FILL"], int(os.environ.get("PREFOPT_FILL_LEAVE", 64 * 1024))
+            filler, leave = os.environ["PREFOPT_FILL"], int(os.environ.get("PREFOPT_FILL_LEAVE", "65536"))
             st = os.statvfs(os.path.dirname(filler))
             with open(filler, "wb") as fh:
                 fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
