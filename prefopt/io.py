@@ -149,18 +149,19 @@ def atomic_write_json(path: Path | str, payload: Any, what: str = "", note: Note
 def append_text(path: Path | str, text: str, what: str = "", note: Note = None) -> None:
     """Append `text` to `path`; a failed append is cut back to the old length (no torn last line)."""
     path = Path(path)
-    with named_errors(path, what, note=note):
-        with open(path, "a", encoding="utf-8") as fh:
-            size = fh.tell()
+    data = text.encode("utf-8")
+    with named_errors(path, what, note=note), open(path, "ab", buffering=0) as fh:  # unbuffered: no retry at close
+        size = fh.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[fh.write(view):]
+        except BaseException:
             try:
-                fh.write(text)
-                fh.flush()
-            except BaseException:
-                try:
-                    fh.truncate(size)
-                except OSError:
-                    pass
-                raise
+                os.ftruncate(fh.fileno(), size)
+            except OSError:
+                pass
+            raise
 
 
 @contextmanager
