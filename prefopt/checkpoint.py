@@ -1,54 +1,55 @@
 """Atomic checkpoints: written under a temporary name, completed with a marker, then renamed into place.
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a half-written
-`step_*` directory; a checkpoint without its marker (or one that fails to load) is passed over.
+`step_*` directory; a checkpoint without its marker (or one that fails to load) is passed over. A failed
+write (disk full, permission, read-only) removes the partial one and stops with one line naming the path,
+the errno text and the last complete checkpoint (`prefopt.io`); what a killed save left is removed at the
+next start (`remove_partial`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from prefopt.io import atomic_dir, remove_leftovers
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def last_complete(ckpt_dir: Path) -> str:
+    """Where a run can go on from, for error messages: the newest complete checkpoint, or that there is none."""
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        return f"the last complete checkpoint is {found[-1]}; rerun the same command to resume from it"
+    return f"no complete checkpoint in {ckpt_dir} yet"
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2,
                     state_dict: dict | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f".tmp-step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / MARKER).write_text(str(step))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (after a resume): replace it atomically enough
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    with atomic_dir(final, what="checkpoint", note=lambda: last_complete(ckpt_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        # Through a Python file, so that a failed write (ENOSPC) reaches us as the OSError behind torch's
+        # `[enforce fail at inline_container.cc]`, not as that message alone.
+        with open(tmp / "trainer.pt", "wb") as fh:
+            torch.save(trainer_state, fh)
+        (tmp / MARKER).write_text(str(step))
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial(ckpt_dir: Path) -> list[Path]:
+    """Remove what a killed save left (`.tmp-step_*`): on a full disk it holds the space the next save needs."""
+    return remove_leftovers(ckpt_dir)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

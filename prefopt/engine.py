@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from prefopt.checkpoint import load_latest, save_checkpoint
+from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
+from prefopt.io import atomic_dir
 from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import LossOutput, PairLogps
 from prefopt.tracking import RunLog
@@ -128,6 +129,8 @@ class Trainer:
         self.packing = packing_layout(config.packing, policy)  # the batch layout: shared_prefix, flat or None
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
 
+        if hardware.is_main:
+            remove_partial(self.ckpt_dir)  # a killed save's `.tmp-step_*` holds the space the next save needs
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
@@ -251,7 +254,8 @@ class Trainer:
         """The trained policy as a `from_pretrained`-loadable directory (collective under FSDP)."""
         weights = self.hw.full_state_dict(self.policy)
         if self.hw.is_main:
-            self.policy.save_pretrained(path, safe_serialization=True, state_dict=weights)
+            with atomic_dir(path, "the trained policy", note=lambda: last_complete(self.ckpt_dir)) as tmp:
+                self.policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         self.hw.barrier()
 
     def _restore(self, path: Path, state: dict) -> None:

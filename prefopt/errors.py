@@ -15,3 +15,8 @@ class DataError(PrefoptError, ValueError):
 
 class TrainingError(PrefoptError, RuntimeError):
     """Training cannot go on (a non-finite loss, say); the message names the step and the pairs."""
+
+
+class StorageError(PrefoptError, RuntimeError):
+    """A write failed (disk full, permission, read-only): the message names the path, the errno text and what
+    is still intact (the last complete checkpoint). See `prefopt.io`."""

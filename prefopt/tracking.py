@@ -1,7 +1,9 @@
 """Where metrics go: `metrics.jsonl` and `summary.json` in the run directory, and W&B when configured.
 
 A run never fails because W&B is unreachable: a failed `wandb.init` or `log` is reported once and the
-run goes on with its local files.
+run goes on with its local files. A failed local write (disk full, permission, read-only) stops the run with one
+line naming the file, the errno text and the last complete checkpoint; files are replaced atomically and an
+append that fails is cut back, so what was written before stays readable.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prefopt.checkpoint import last_complete
+from prefopt.io import append_text, atomic_write_json, atomic_write_text, named_errors, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +52,19 @@ class RunLog:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with named_errors(self.run_dir, "run directory", action="create", note=self._note):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.run_dir)
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.metrics_path.exists():
-            self.metrics_path.unlink()
+            with named_errors(self.metrics_path, "the old metrics file", action="remove", note=self._note):
+                self.metrics_path.unlink()
         if wandb_spec is not None:
             self._init_wandb(wandb_spec, config)
+
+    def _note(self) -> str:
+        return last_complete(self.run_dir / "checkpoints")
 
     def _truncate_after(self, step: int) -> None:
         # After a resume the steps past the checkpoint are logged again; drop their old lines.
@@ -61,9 +72,7 @@ class RunLog:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept), "metrics", self._note)
 
     def history(self) -> dict[str, float]:
         """The latest logged value of every metric (what a resumed run's summary starts from)."""
@@ -77,7 +86,7 @@ class RunLog:
     def _init_wandb(self, spec: WandbSpec, config: dict) -> None:
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)  # the same id after a requeue or resume: the W&B run continues
+        atomic_write_text(id_file, run_id, "W&B run id", self._note)  # the same id after a requeue: the run continues
         try:
             import wandb
 
@@ -105,8 +114,7 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_text(self.metrics_path, json.dumps(row) + "\n", "metrics", self._note)
         if self.wandb is not None:
             try:
                 self.wandb.log(row)
@@ -117,11 +125,7 @@ class RunLog:
     def write_json(self, name: str, payload: dict) -> Path | None:
         if not self.enabled:
             return None
-        path = self.run_dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(self.run_dir / name, payload, note=self._note, indent=2, default=str)
 
     def finish(self, summary: dict) -> None:
         self.write_json("summary.json", summary)

@@ -26,6 +26,7 @@ from prefopt.data.batching import tokenize_pairs
 from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
+from prefopt.io import atomic_write_text
 from prefopt.mathloop.loop import MathLoop, Prepared
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
@@ -192,7 +193,7 @@ def make_trainer(plan: RunPlan, policy, reference: Reference, inputs: Inputs, hw
     trainer.run_log = RunLog(run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main,
                              resume_step=trainer.resumed_from)
     if hw.is_main:
-        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(plan.resolved))
+        atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(plan.resolved), what="resolved config")
         log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir,
                  len(inputs.train_pairs), len(inputs.eval_pairs), plan.loss.key, plan.loss.hparams,
                  f"{sum(q.numel() for q in trainer.params):,}")

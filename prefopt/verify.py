@@ -1,6 +1,8 @@
 """Answer checking: the final answer of a model output, verified against a gold answer with math-verify.
 
-math-verify (huggingface/Math-Verify) does the extraction and the equivalence test (`parse` + `verify`).
+An answer equal to the gold after the Qwen2.5-Math harness's normalisation (`prefopt.answers`) is correct at
+once; math-verify (huggingface/Math-Verify) does the extraction and the equivalence test (`parse` + `verify`)
+for the rest.
 Its own timeout uses `signal.alarm`, which only works in a process's main thread, so the checker turns it
 off and runs every check in a worker process of its own pool instead: the parent gives each answer
 `timeout_s` seconds, and a worker that overruns is killed and replaced, its answer counted as `timeout`.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Literal, Sequence
 
+from prefopt.answers import last_boxed, normalize_answer, same_answer
 from prefopt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,68 +52,6 @@ class Verdict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Extraction
-
-
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def _braced(text: str, start: int) -> int | None:
-    """Index just past the `}` closing the `{` at `start`, or None when the braces never balance."""
-    depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # an escaped character (`\{`, `\}`, `\\`) is not a group delimiter
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`) in `text`, else None.
-
-    Braces are matched, so nested groups (`\\boxed{\\frac{1}{2}}`) come out whole; a box cut off before
-    its closing brace (a truncated generation) does not count, nor does an empty one.
-    """
-    found: str | None = None
-    i = 0
-    while True:
-        hits = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
-        hits = [(pos, cmd) for pos, cmd in hits if pos >= 0]
-        if not hits:
-            return found
-        pos, cmd = min(hits)
-        j = pos + len(cmd)
-        if j < len(text) and (text[j].isalpha()):  # `\boxedsomething` is another macro
-            i = j
-            continue
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            end = _braced(text, j)
-            if end is not None:
-                content = text[j + 1 : end - 1].strip()
-                if content:
-                    found = content
-                i = end
-                continue
-            i = j + 1
-        elif j > pos + len(cmd):  # `\boxed 5`: the answer runs to the next space or `$`
-            k = j
-            while k < len(text) and not text[k].isspace() and text[k] != "$":
-                k += 1
-            if k > j:
-                found = text[j:k]
-            i = k
-        else:
-            i = j
 
 
 def _parse(text: str, timeout: int | None):
@@ -155,26 +96,43 @@ def _parse_gold(gold: str) -> list:
     return [gold]  # unparseable: math-verify still compares it as a string
 
 
-def check_answer(output: str, gold: str) -> Verdict:
-    """Verify one model output against one gold answer with math-verify (no timeout of its own).
-
-    The prediction is the last `\\boxed{}` when there is one (math-verify alone would read several boxes
-    as a set), else whatever math-verify extracts from the whole output. Runs inside the checker's workers.
-    """
+def _verify(gold: str, pred_box: str | None, pred: list | None) -> bool:
     from math_verify import verify
 
+    if pred is None:
+        pred = _parse(f"\\boxed{{{pred_box}}}", None) or [pred_box]
+    return bool(verify(_parse_gold(gold), pred, timeout_seconds=None))
+
+
+def check_answer(output: str, gold: str) -> Verdict:
+    """Verify one model output against one gold answer: the harness's normalised match, then math-verify.
+
+    The prediction is the last `\\boxed{}` when there is one (math-verify alone would read several boxes
+    as a set), else whatever math-verify extracts from the whole output. Equal after `normalize_answer`
+    (what the Qwen2.5-Math harness strips: `\\$`, `\\!`, thousands commas, units, `^\\circ`, `\\%`, ...) is
+    correct at once; otherwise math-verify decides, on the strings as written and, when normalising changed
+    them, once more on the normalised strings (a gold `\\$18.90` does not parse, `18.90` does).
+    Runs inside the checker's workers (no timeout of its own).
+    """
     if not isinstance(output, str) or not output.strip():
         return Verdict(False, "no_answer", None)
+    gold = str(gold)
     boxed = last_boxed(output)
+    pred: list | None = None
     if boxed is not None:
-        pred = _parse(f"\\boxed{{{boxed}}}", None) or [boxed]
         extracted: str | None = boxed
     else:
         pred = _parse(output, None)
         extracted = _parsed_string(pred)
         if not pred:
             return Verdict(False, "no_answer", None)
-    correct = bool(verify(_parse_gold(str(gold)), pred, timeout_seconds=None))
+    if extracted is not None and same_answer(extracted, gold):
+        return Verdict(True, "correct", extracted)
+    correct = _verify(gold, boxed, pred)
+    if not correct and extracted is not None:
+        norm_gold, norm_pred = normalize_answer(gold), normalize_answer(extracted)
+        if norm_gold and norm_pred and (norm_gold, norm_pred) != (gold.strip(), extracted.strip()):
+            correct = _verify(norm_gold, norm_pred, None)
     return Verdict(correct, "correct" if correct else "wrong", extracted)
 
 

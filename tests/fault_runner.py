@@ -2,8 +2,13 @@
 
 Points: `mid_step:N` SIGKILL after step N's backward, before its optimizer update; `mid_save:N` SIGKILL inside
 the N-th checkpoint save (weights written, trainer state and marker not yet); `sigterm:N` SIGTERM to itself
-during step N (the graceful path); `after_final:1` SIGKILL after the final checkpoint, before summary.json.
+during step N (the graceful path); `after_final:1` SIGKILL after the final checkpoint, before summary.json;
+`enospc_save:N` the N-th checkpoint's trainer-state write fails with OSError(ENOSPC); `fill_disk:N` after the N-th
+checkpoint, fill the filesystem of the file $PREFOPT_FILL (the run's) with that file, leaving $PREFOPT_FILL_LEAVE
+bytes (default 64 KiB) free, so that the next checkpoint meets a really full disk.
 """
+
+import errno
 
 import os
 import signal
@@ -49,6 +54,30 @@ elif point == "mid_save":
         return real_save(*a, **k)
 
     checkpoint.torch.save = save
+elif point == "enospc_save":
+    real_save, calls = checkpoint.torch.save, {"n": 0}
+
+    def save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(*a, **k)
+
+    checkpoint.torch.save = save
+elif point == "fill_disk":
+    real_ckpt, calls = engine.save_checkpoint, {"n": 0}
+
+    def save_checkpoint(*a, **k):
+        path = real_ckpt(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == n:
+            filler, leave = os.environ["PREFOPT_FILL"], int(os.environ.get("PREFOPT_FILL_LEAVE", "65536"))
+            st = os.statvfs(os.path.dirname(filler))
+            with open(filler, "wb") as fh:
+                fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        return path
+
+    engine.save_checkpoint = save_checkpoint
 elif point == "after_final":
     tracking.RunLog.finish = lambda self, summary: kill()
 

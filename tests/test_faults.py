@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from prefopt.checkpoint import list_checkpoints
 from tests.conftest import PIPELINE_OFF
+from tests.small_fs import tmpfs
 
 HERE = Path(__file__).resolve().parent
 ARGS = ["steps=8", "save_every=3", "eval_every=2", "batch_size=4", "micro_batch_size=2", "data.source.n_train=24",
@@ -19,8 +21,8 @@ ARGS = ["steps=8", "save_every=3", "eval_every=2", "batch_size=4", "micro_batch_
 TIMING = ("time", "per_s", "wall", "peak_memory")
 
 
-def run(run_dir, fault=None, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run(run_dir, fault=None, *extra, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(HERE / "fault_runner.py"), fault] if fault else [sys.executable, "-m", "prefopt.run"]
     return subprocess.run(cmd + ARGS + list(extra) + [f"hydra.run.dir={run_dir}"], env=env, capture_output=True,
                           text=True, timeout=300, cwd=run_dir.parent)
@@ -101,3 +103,56 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path):
     assert not list(ckpts.glob("step_*")) and list(ckpts.glob(".tmp-step_00000003"))
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 3
     shutil.rmtree(run_dir)
+
+
+def one_error_line(out) -> str:
+    """The run stopped with exit code 2 and one `prefopt: error:` line, no traceback, no torch internals."""
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("prefopt: error:")]
+    assert len(lines) == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "inline_container" not in out.stderr + out.stdout
+    return lines[0]
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes(baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    line = one_error_line(run(run_dir, "enospc_save:2"))  # the step-6 save: its trainer state hits ENOSPC
+    assert line == (f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left on device "
+                    f"[ENOSPC]; the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command "
+                    f"to resume from it")
+    assert list_checkpoints(ckpts) == [ckpts / "step_00000003"] and not list(ckpts.glob(".tmp-*"))
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6  # what was logged before the failure is kept
+    again = run(run_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert assert_same(run_dir, baseline)["resumed_from_step"] == 3
+
+
+def test_a_really_full_disk_then_space_freed_resumes_to_the_same_result(baseline, tmp_path):
+    with tmpfs(tmp_path / "fs", size="16m") as fs:
+        run_dir, filler = fs / "run", fs / "filler"
+        ckpts = run_dir / "checkpoints"
+        # After the step-3 checkpoint a filler takes all but 64 KiB: steps 4-6 still log, the step-6 save fails.
+        line = one_error_line(run(run_dir, "fill_disk:1", env={"PREFOPT_FILL": str(filler)}))
+        assert line.startswith(f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left "
+                               f"on device [ENOSPC]")
+        assert line.endswith(f"the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command "
+                             f"to resume from it")
+        assert not list(ckpts.glob(".tmp-*"))  # the partial checkpoint gave its space back
+        filler.unlink()  # the user frees space
+        again = run(run_dir)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert assert_same(run_dir, baseline)["resumed_from_step"] == 3
+        shutil.rmtree(run_dir)
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    assert run(run_dir, "mid_save:2").returncode == -9  # the step-6 save dies half-written
+    assert list(ckpts.glob(".tmp-step_00000006"))
+    assert run(run_dir, "mid_step:5").returncode == -9  # the rerun dies in step 5, before any save of its own
+    assert not list(ckpts.glob(".tmp-*"))  # so the start removed it
+    assert list_checkpoints(ckpts) == [ckpts / "step_00000003"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PIPELINE_OFF, compose_cfg
+from tests.conftest import compose_cfg
 from prefopt.errors import ConfigError, DataError
 from prefopt.compose import build
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy

@@ -19,7 +19,7 @@ import hydra
 from prefopt.mathloop.benchmarks import PROMPT_FAMILIES, BenchmarkSpec, format_prompt, mean_accuracy, score
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
-from prefopt.io import write_text_atomic
+from prefopt.io import atomic_write_text
 
 log = logging.getLogger("prefopt")
 
@@ -129,7 +129,7 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
                                 for t, v in zip(sampled.texts[i], sv[i * config.samples:(i + 1) * config.samples])]
         details[spec.name] = result
         if out_dir is not None:
-            write_text_atomic(Path(out_dir) / f"{spec.name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+            atomic_write_text(Path(out_dir) / f"{spec.name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
         log.info("%s/%s: %.3f (%d/%d; no_answer %d, timeout %d)", prefix, spec.name, result["accuracy"],
                  result["correct"], result["total"], result["no_answer"], result["timeout"])
     metrics[f"{prefix}/mean"] = mean_accuracy(greedy_scores)

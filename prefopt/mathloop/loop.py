@@ -27,7 +27,7 @@ from prefopt.data.batching import render_prompt, tokenize_pairs
 from prefopt.data.sources import FileData
 from prefopt.errors import ConfigError, DataError
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
-from prefopt.io import cache_key, locked, replace_dir, write_text_atomic
+from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
                                            with_weights)
@@ -224,7 +224,7 @@ class MathLoop:
                 (build / "final").rename(build / "policy")
                 record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
                           "model": spec_fingerprint(spec), "warmup": vars(self.warmup)}
-                write_text_atomic(build / "warmup.json", json.dumps(record, indent=2, default=str))
+                atomic_write_text(build / "warmup.json", json.dumps(record, indent=2, default=str))
                 replace_dir(build, final)
             hardware.barrier()
         log.info("warm-up: %d steps in %.0f s, final train loss %.4f -> %s", self.warmup.steps,
@@ -300,7 +300,7 @@ class MathLoop:
                     build.mkdir(parents=True, exist_ok=True)
                     model, tokenizer = loaded or self.load(spec, hardware)
                     metrics, details = self.run_eval(model, tokenizer, spec, data, build, prefix)
-                    write_text_atomic(build / "result.json", json.dumps({"metrics": metrics, "details": details},
+                    atomic_write_text(build / "result.json", json.dumps({"metrics": metrics, "details": details},
                                                                          indent=2))
                     replace_dir(build, entry)
         result = json.loads((entry / "result.json").read_text())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.io import write_text_atomic
+from prefopt.io import atomic_write_text
 from prefopt.mathloop.benchmarks import BenchmarkSpec
 
 
@@ -195,14 +195,14 @@ def write_pairs(
         )
         for p in pairs
     ]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     record = dict(provenance)
     record["file"] = path.name
     record["num_pairs"] = len(pairs)
     if stats is not None:
         record["counts"] = stats.as_dict()
     meta = provenance_path(path)
-    write_text_atomic(meta, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(meta, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return meta
 
 

@@ -14,14 +14,14 @@ last logged values. Columns (final values, on the held-out preference pairs wher
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hydra.experimental.callback import Callback
 
-from prefopt.reporting.report import collect, differing, markdown_table
+from prefopt.io import atomic_write_text
+from prefopt.reporting.report import collect, csv_text, differing, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,12 @@ def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = No
         counts = ", ".join(f"{m['loss']}: {m['runs']}" for m in means)
         table += f"\n\nMean over the runs of each loss ({counts}):\n\n" + markdown(means)
     md = out / "dcr_table.md"
-    md.write_text("# DCR study\n\n" + table + "\n\nAccuracy: greedy pass@1, answers checked by math-verify, on the "
+    atomic_write_text(md, "# DCR study\n\n" + table + "\n\nAccuracy: greedy pass@1, answers checked by math-verify, on the "
                   "held-out problems, before and after preference training. Rewards (β·log π/π_ref, summed over the "
                   "completion) and the DCR signals: final values on the held-out on-policy pairs.\n")
     path = out / "dcr_table.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["loss", *extra, "run", "status", *(key for _, key in COLUMNS)])
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    atomic_write_text(path, csv_text(["loss", *extra, "run", "status", *(key for _, key in COLUMNS)], rows),
+                      what="DCR table")
     if echo:
         print(table)
         print(f"\nDCR table: {md} and {path}")

@@ -13,6 +13,7 @@ multirun (and of a single run).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
 
-from prefopt.io import write_text_atomic
+from prefopt.io import atomic_write_text
 from prefopt.reporting.plots import plot_all
 from prefopt.reporting.runs import (CSV_METRICS, TABLE_METRICS, VERIFIED, VERIFIED_BEFORE, ReportError,
                                     RunRecord, find_runs, read_run)
@@ -127,6 +128,15 @@ def verified_table(records: list[RunRecord], keys: list[str]) -> str:
 
 # --- writing -------------------------------------------------------------------------------------------
 
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    """Rows as CSV text (missing values empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
 def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = False) -> dict:
     """Write `report.md`, `report.csv` and the plots for the runs under `paths`; returns what it wrote."""
     paths = [str(p) for p in paths]
@@ -139,17 +149,14 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
     table = build_table(records)
 
     csv_path = out / "report.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=table["columns"])
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in table["rows"])
+    atomic_write_text(csv_path, csv_text(table["columns"], table["rows"]), what="report")
 
     plots = plot_all(records, out, table["verified"])
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     md = _markdown(records, paths, table, main, vtable, {p.name for p in plots})
     md_path = out / "report.md"
-    write_text_atomic(md_path, md)
+    atomic_write_text(md_path, md, what="report")
     if echo:
         print(main + ("\n\nVerified accuracy (%):\n" + vtable if vtable else ""))
         written = ", ".join([csv_path.name] + [p.name for p in plots])
