@@ -30,6 +30,7 @@ from prefopt.cache import (cache_key, data_fingerprint, locked, optimizer_finger
 from prefopt.evaluate import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
 from prefopt.models import ModelSpec
+from prefopt.tokenizer import save_tokenizer
 from prefopt.pairs import PairsConfig, sample_pairs, write_pairs
 from prefopt.sft import WarmupConfig, warm_up
 
@@ -221,7 +222,7 @@ class Loop:
         else:
             trainer.export(out_dir / "final")
         if hardware.is_main:
-            tokenizer.save_pretrained(out_dir / "final")
+            save_tokenizer(tokenizer, out_dir / "final")
         model.eval()
         return model, tokenizer, result
 
@@ -356,7 +357,7 @@ class Loop:
                 raise DataError(f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "
                                 f"held out); the starting policy is almost always right or always wrong "
                                 f"(see the counts in {path}.provenance.json)")
-            prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size)
+            prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size, eval_key="pairs.eval_size")
         if self.pipeline.evaluate and hardware.is_main:
             prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
                                                          run_dir / "verified_before", "eval/verified_before")

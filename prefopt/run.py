@@ -72,6 +72,8 @@ def build_loop(cfg: DictConfig):
     from prefopt.pipeline import Loop
 
     tokenize = {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+    if cfg.data.get("truncation", "keep_end") != "keep_end":  # only when set: the default keeps cache keys as they were
+        tokenize["truncation"] = cfg.data.truncation
     return Loop(pipeline=instantiate(cfg.pipeline), warmup=instantiate(cfg.warmup), pairs=instantiate(cfg.pairs),
                 evaluation=instantiate(cfg.evaluation), generation=instantiate(cfg.generation),
                 verify=instantiate(cfg.verify), tokenize=tokenize, optimizer_factory=instantiate(cfg.optimizer.factory),
@@ -124,6 +126,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     from prefopt.engine import Trainer
     from prefopt.hardware import seed_everything
     from prefopt.models import freeze, load_model, load_tokenizer, reference_context
+    from prefopt.tokenizer import save_tokenizer
     from prefopt.tracking import RunLog
 
     info = _hydra_info()
@@ -146,7 +149,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     train_rows, eval_rows, data_info = p.data.load()
     tok_args = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                     completion_eos=p.model.completion_eos, chat_template=cfg.data.chat_template,
-                    system_prompt=cfg.data.system_prompt)
+                    system_prompt=cfg.data.system_prompt, truncation=cfg.data.get("truncation", "keep_end"))
     train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **tok_args)
     eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **tok_args)
 
@@ -196,11 +199,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     result = trainer.fit()
     trainer.export(run_dir / "final")
     if hw.is_main:
-        tokenizer.save_pretrained(run_dir / "final")
+        save_tokenizer(tokenizer, run_dir / "final")
         if p.model.uses_lora and p.model.lora["merge_on_export"] and hw.strategy != "fsdp":
             merged = policy.merge_and_unload()  # training is over: merging in place is safe now
             merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
-            tokenizer.save_pretrained(run_dir / "final_merged")
+            save_tokenizer(tokenizer, run_dir / "final_merged")
     verified, verified_after = loop.verify_after(policy, tokenizer, prepared, hw, run_dir)
     if verified or prepared.metrics:
         result["metrics"].update({**prepared.metrics, **verified})
