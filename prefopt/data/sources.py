@@ -99,8 +99,10 @@ def _value(value: Any, where: str, name: str) -> str | tuple[dict, ...]:
         return value
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         return _messages(value, where, name)
-    hint = (f" with fields {sorted(value)[:6]}: map one of them with data.source.fields (e.g. {name}.{sorted(value)[0]})"
-            if isinstance(value, dict) and value else "")
+    hint = ""
+    if isinstance(value, dict) and value:
+        texts = [k for k in sorted(value) if isinstance(value[k], str)] or sorted(value)
+        hint = f" with fields {sorted(value)[:6]}: map one with data.source.fields, e.g. {name}.{texts[0]}"
     raise DataError(f"{where}: field {name!r} must be a string or a list of messages (got {type(value).__name__}{hint})")
 
 
@@ -216,7 +218,7 @@ def held_out_count(eval_size: float, total: int, where: str, key: str = "data.so
     if eval_size < 1:
         if eval_size > 0.5:
             raise ConfigError(f"{key}={eval_size}: at most half of the pairs (0.5) can be held out")
-        count = max(1, round(eval_size * total))
+        count = min(max(1, round(eval_size * total)), max(1, total // 2))  # at least 1, at most half
     elif float(eval_size).is_integer():
         count = int(eval_size)
         if count > total // 2:
@@ -243,13 +245,16 @@ class FileData:
     subset: str | None = None  # a hub data set's configuration (e.g. trl-internal-testing/zen's `standard_preference`)
     eval_key: str = "data.source.eval_size"  # the key errors name for eval_size (the verified-math loop: pairs.eval_size)
 
+    def __post_init__(self):
+        self.fields = dict(self.fields or {})  # a plain dict (Hydra hands a DictConfig), for fingerprints
+
     def fingerprint(self) -> str:
         return json.dumps({"path": self.path, "eval_path": self.eval_path, "split": self.split,
                            "eval_split": self.eval_split, "eval_size": self.eval_size, "fields": self.fields,
                            "subset": self.subset}, sort_keys=True)
 
     def load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
-        fields = dict(self.fields or {})
+        fields = self.fields
         train, stats = load_rows(self.path, self.split, fields, self.drop_identical, self.subset)
         info = {"train": stats.as_dict()}
         if self.eval_path or self.eval_split:
