@@ -69,9 +69,8 @@ def test_multi_turn_prompts_reach_the_model_whole_through_the_chat_template(real
         pairs, _ = load_rows(str(write_jsonl(tmp_path / f"{fmt}.jsonl", [FORMATS[fmt]])))
         (tp,), _ = tokenize_pairs(pairs, tok, max_length=256, max_prompt_length=128, completion_eos=eos,
                                   system_prompt="IGNORED: the row brings its own system message")
-        assert tp.prompt_ids == tuple(tok.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True)
-                                      and tok(tok.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True),
-                                              add_special_tokens=False).input_ids)
+        rendered = tok.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True)
+        assert tp.prompt_ids == tuple(tok(rendered, add_special_tokens=False).input_ids)
         text = tok.decode(tp.prompt_ids)
         for m in TURNS:  # the system message and the earlier exchange are there, in order
             assert m["content"] in text
