@@ -130,11 +130,17 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, path: str | os.PathLike) -> Non
     transformers 5 records a tokenizers-backed tokenizer (the char tokenizers, Llama-3's) as `TokenizersBackend`,
     a class earlier versions do not have: they fall back to the model type's class (`Qwen2Tokenizer`, which
     rebuilds a byte-level BPE and drops the char tokenizer's spaces and newlines). `PreTrainedTokenizerFast`,
-    as Llama-3 checkpoints name it, loads tokenizer.json as it is in every version.
+    as Llama-3 checkpoints name it, loads tokenizer.json as it is in every version; the extra special tokens go
+    under `additional_special_tokens`, the key both read (4.x takes `extra_special_tokens` for a dict).
     """
     tok.save_pretrained(str(path))
     config_file = Path(path) / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    portable = dict(config)
+    if portable.get("tokenizer_class") == "TokenizersBackend":
+        portable["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(portable.get("extra_special_tokens"), list):  # 4.x reads this key as a dict of named tokens
+        portable["additional_special_tokens"] = portable.pop("extra_special_tokens")
+    if portable != config:
+        config = portable
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
