@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from hydra.utils import instantiate
 
 from prefopt.data.batching import tokenize_pairs
 from prefopt.data.rows import read_rows
 from prefopt.data.sources import FileData, load_rows
 from prefopt.errors import ConfigError, DataError
+from tests.conftest import compose_cfg
 
 SYSTEM = {"role": "system", "content": "You are a careful math tutor."}
 TURNS = [SYSTEM, {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
@@ -155,3 +157,12 @@ def test_the_jsonl_preset_trains_on_an_implicit_prompt_conversation_file_and_war
     assert summary["status"] == "complete"
     assert summary["data"]["tokenize"]["train"]["pairs"] == 19 and summary["data"]["tokenize"]["eval"]["pairs"] == 1
     assert summary["pipeline"]["warmup"]["cached"] is False and (run_dir / "warmup" / "policy" / "config.json").is_file()
+
+
+def test_the_readme_field_mapping_override_composes_into_the_source(tmp_path):
+    rows = [{"question": "What is 3 + 5?", "chosen": {"solution": "\\boxed{8}"}, "rejected": {"solution": "\\boxed{9}"}}] * 4
+    path = write_jsonl(tmp_path / "bpo.jsonl", rows)
+    cfg = compose_cfg(["data=jsonl", f"data.source.path={path}",
+                       "data.source.fields={prompt: question, chosen: chosen.solution, rejected: rejected.solution}"])
+    train, held, _ = instantiate(cfg.data.source).load()
+    assert (len(train), len(held)) == (3, 1) and train[0].chosen == "\\boxed{8}" and cfg.data.truncation == "keep_end"

@@ -43,7 +43,9 @@ def test_a_tiny_runs_final_reloads_with_auto_classes_identically(tiny_run, tmp_p
     final = run_dir / "final"
     # The class every transformers version knows (5.x writes `TokenizersBackend`, which 4.x lacks: it would fall
     # back to the model type's Qwen2Tokenizer, a byte-level BPE that drops the char tokenizer's spaces and newlines).
-    assert json.loads((final / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    saved = json.loads((final / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not isinstance(saved.get("extra_special_tokens"), list)  # 4.x reads that key as a dict and fails on a list
     spec = ModelSpec(name_or_path=str(final), tokenizer="char", tokenizer_family=family)  # how prefopt reloads it
     ours_tok, ours = load_tokenizer(spec), load_model(spec)
     for theirs_tok in (AutoTokenizer.from_pretrained(final), PreTrainedTokenizerFast.from_pretrained(final)):
