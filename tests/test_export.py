@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from prefopt.models import ModelSpec, load_model, load_tokenizer
-from prefopt.tokenizer import save_tokenizer
+from prefopt.tokenizer import packaged_tokenizer_dir, save_tokenizer
 
 TEXTS = ["What is 12 + 7?\nLet me think.\n\nThe answer is \\boxed{19}.", "  two  spaces\tand a tab\n",
          "<|im_start|>user\nhi<|im_end|>\n", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]
@@ -67,3 +67,20 @@ def test_a_tiny_model_around_a_real_tokenizer_reloads_identically(real_tokenizer
     theirs_tok = AutoTokenizer.from_pretrained(tmp_path)
     same_tokens(tok, theirs_tok)
     assert greedy(AutoModelForCausalLM.from_pretrained(tmp_path), theirs_tok) == before
+
+
+def test_a_run_on_a_real_tokenizer_trains_on_conversations_and_its_final_reloads(real_tokenizer, tiny_run, tmp_path):
+    name, tok = real_tokenizer
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 5?"}]
+    rows = [{"prompt": turns, "chosen": [{"role": "assistant", "content": f"{i}: 8."}],
+             "rejected": [{"role": "assistant", "content": f"{i}: 9."}]} for i in range(12)]
+    path = tmp_path / "conv.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preset, eos = ("tiny_qwen", "<|im_end|>") if name.startswith("qwen") else ("tiny_llama", "<|eot_id|>")
+    summary, run_dir = tiny_run(f"model={preset}", f"model.tokenizer={packaged_tokenizer_dir(name)}",
+                                f"model.chat_template={name}", f"model.config.vocab_size={len(tok)}",
+                                "model.config.hidden_size=16", "model.config.intermediate_size=32",
+                                f"model.completion_eos='{eos}'", "data=jsonl", f"data.source.path={path}",
+                                "steps=2", "eval_every=0", run_dir=tmp_path / "run")
+    assert summary["status"] == "complete" and summary["data"]["tokenize"]["train"]["pairs"] == 11
+    same_tokens(tok, AutoTokenizer.from_pretrained(run_dir / "final"))
