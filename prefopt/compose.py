@@ -222,7 +222,11 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
 
 
 def tokenize_settings(cfg: DictConfig) -> dict:
-    return {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+    """tokenize_pairs' settings; `truncation` only when set (the default keeps the cache keys as they were)."""
+    settings = {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+    if cfg.data.get("truncation", "keep_end") != "keep_end":
+        settings["truncation"] = cfg.data.truncation
+    return settings
 
 
 def fail(exc: PrefoptError) -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from prefopt.errors import ConfigError
-from prefopt.tokenizer import char_tokenizer
+from prefopt.tokenizer import char_tokenizer, with_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,6 +30,7 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict)  # from-config kwargs (and overrides for real models)
     tokenizer: str | None = None  # hub id / path; None = same as name_or_path; "char" = offline char tokenizer
     tokenizer_family: str = "qwen"  # chat format of the char tokenizer: qwen | llama3
+    chat_template: str | None = None  # attach this template (a name in prefopt.tokenizer.TEMPLATES, or Jinja text)
     completion_eos: str | None = None  # token that ends a completion; None = tokenizer.eos_token
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
@@ -102,6 +103,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         tok = char_tokenizer(spec.tokenizer_family)
     else:
         tok = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+    with_chat_template(tok, spec.chat_template)
     if tok.pad_token is None:  # Llama ships without one; padding never counts (masked), any token will do
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -30,6 +30,7 @@ from prefopt.io import atomic_write_text
 from prefopt.mathloop.loop import MathLoop, Prepared
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
+from prefopt.tokenizer import save_tokenizer
 from prefopt.tracking import RunLog
 
 log = logging.getLogger("prefopt")
@@ -216,12 +217,12 @@ def fit_and_export(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, 
     result = trainer.fit()
     trainer.export(run_dir / "final")
     if hw.is_main:
-        inputs.tokenizer.save_pretrained(run_dir / "final")
+        save_tokenizer(inputs.tokenizer, run_dir / "final")
         spec = inputs.prepared.model
         if spec.uses_lora and spec.lora["merge_on_export"] and hw.strategy != "fsdp":
             merged = policy.merge_and_unload()  # training is over: merging in place is safe now
             merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
-            inputs.tokenizer.save_pretrained(run_dir / "final_merged")
+            save_tokenizer(inputs.tokenizer, run_dir / "final_merged")
     return result
 
 

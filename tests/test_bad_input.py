@@ -21,7 +21,7 @@ def write(path, rows):
 @pytest.mark.parametrize("bad,message", [
     ({"prompt": "q", "chosen": "a"}, r"rows\.jsonl: row 3: missing field 'rejected'"),
     ({"prompt": "q", "chosen": None, "rejected": "b"}, r"rows\.jsonl: row 3: missing field 'chosen'"),
-    ({"prompt": 7, "chosen": "a", "rejected": "b"}, r"rows\.jsonl: row 3: field 'prompt' must be a string \(got int\)"),
+    ({"prompt": 7, "chosen": "a", "rejected": "b"}, r"rows\.jsonl: row 3: field 'prompt' must be a string or a list of messages \(got int\)"),
     ('{"prompt": "q", "chosen": ', r"rows\.jsonl: row 3: not valid JSON"),
     (["q", "a", "b"], r"rows\.jsonl: row 3: expected an object with fields"),
 ])
@@ -54,6 +54,8 @@ def test_long_prompts_are_truncated_and_counted_in_the_summary(tiny_run, tmp_pat
                           "data.max_prompt_length=64", "steps=1")
     tok = summary["data"]["tokenize"]
     assert tok["train"]["truncated_prompts"] + tok["eval"]["truncated_prompts"] == 10
+    assert tok["train"]["prompt_tokens_cut"] + tok["eval"]["prompt_tokens_cut"] > 10 * 200  # " really" x 40, cut
+    assert tok["train"]["truncation"] == "keep_end" and tok["train"]["dropped_long"] == 0
 
 
 def test_bad_data_on_a_rerun_loses_nothing_already_written(tiny_run, tmp_path):

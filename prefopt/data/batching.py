@@ -23,55 +23,139 @@ class TokenizedPair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
+TRUNCATION = ("keep_end", "keep_start", "drop")
+
+
 @dataclass
 class TokenizeStats:
+    """What tokenization cut or dropped (into `summary.json` under data.tokenize.<split>).
+
+    Prompts are cut inside message text only (`data.truncation`: keep_end cuts the start of the earliest
+    non-system messages first, keep_start the end of the latest; drop drops the pair), never in the
+    template's special tokens. Completions that overflow `max_length` lose their end (drop: the pair)."""
+
     pairs: int = 0
     truncated_prompts: int = 0
     truncated_completions: int = 0
+    prompt_tokens_cut: int = 0
+    completion_tokens_cut: int = 0
+    dropped_long: int = 0  # pairs dropped: data.truncation=drop, or a template that alone exceeds max_prompt_length
+    truncation: str = "keep_end"
 
 
-def render_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None) -> str:
-    if not chat_template:
-        return prompt
+def prompt_messages(prompt, system_prompt: str | None) -> list[dict]:
+    """The chat messages of a prompt: a string becomes one user message; `system_prompt` is prepended when the
+    prompt brings no system message of its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _check_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.chat_template=true but this tokenizer has no chat template "
                           "(a base model?): set data.chat_template=false to train on raw prompts")
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}]
+
+
+def render_messages(tokenizer, messages: list[dict], chat_template: bool) -> str:
+    """The prompt text the model reads: the whole conversation through the chat template, ending with the
+    assistant header; without a template, the one message's text as it is."""
+    if not chat_template:
+        return "\n\n".join(m["content"] for m in messages)
+    _check_template(tokenizer)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt(tokenizer, prompt, chat_template: bool, system_prompt: str | None) -> str:
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise ConfigError("data.chat_template=false but the data has conversational prompts (lists of "
+                              "messages): they need the chat template")
+        return prompt
+    return render_messages(tokenizer, prompt_messages(prompt, system_prompt), True)
+
+
+def _cut_order(messages: list[dict], keep_end: bool) -> list[int]:
+    """Which message texts to cut first: keep_end the earliest, keep_start the latest; system messages last."""
+    order = list(range(len(messages))) if keep_end else list(range(len(messages)))[::-1]
+    return [i for i in order if messages[i]["role"] != "system"] + [i for i in order if messages[i]["role"] == "system"]
+
+
+def _shorten(tokenizer, text: str, excess: int, keep_end: bool) -> str:
+    """`text` without its first (keep_end) or last `excess` tokens, cut at a whole character."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    keep = max(0, len(ids) - excess)
+    kept = ids[len(ids) - keep:] if keep_end else ids[:keep]
+    out = tokenizer.decode(kept).strip("\ufffd") if keep else ""  # a byte-level cut can split a character
+    if len(out) >= len(text):  # always progress
+        out = text[1:] if keep_end else text[:-1]
+    return out
+
+
+def fit_prompt(tokenizer, messages: list[dict], chat_template: bool, limit: int,
+               truncation: str) -> tuple[list[int], int] | None:
+    """Token ids of the rendered prompt within `limit` tokens, cutting message text only (the template's
+    special tokens, BOS and assistant header stay whole); (ids, tokens cut), or None: dropped."""
+    ids = tokenizer(render_messages(tokenizer, messages, chat_template), add_special_tokens=not chat_template).input_ids
+    full = len(ids)
+    if full <= limit:
+        return ids, 0
+    if truncation == "drop":
+        return None
+    messages = [dict(m) for m in messages]
+    keep_end = truncation == "keep_end"
+    for i in _cut_order(messages, keep_end):
+        while len(ids) > limit and messages[i]["content"]:
+            messages[i]["content"] = _shorten(tokenizer, messages[i]["content"], len(ids) - limit, keep_end)
+            ids = tokenizer(render_messages(tokenizer, messages, chat_template),
+                            add_special_tokens=not chat_template).input_ids
+        if len(ids) <= limit:
+            return ids, full - len(ids)
+    return None  # the template alone is longer than the limit
 
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
                    completion_eos: str | None = None, chat_template: bool = True,
-                   system_prompt: str | None = None) -> tuple[list[TokenizedPair], TokenizeStats]:
+                   system_prompt: str | None = None, truncation: str = "keep_end") -> tuple[list[TokenizedPair], TokenizeStats]:
     """Prompt and completions tokenized separately (so the boundary is exact), completion + EOS.
 
-    Long prompts keep their end (the question is at the end of a chat); completions are then cut so that
-    prompt + completion fits `max_length`. Both are counted in the stats.
+    A prompt over `max_prompt_length` is cut inside its message text (`truncation`, see `TokenizeStats`);
+    completions are then cut at their end so that prompt + completion fits `max_length`. All counted.
     """
     if max_prompt_length >= max_length:
         raise ConfigError(f"data.max_prompt_length ({max_prompt_length}) must be < data.max_length ({max_length})")
+    if truncation not in TRUNCATION:
+        raise ConfigError(f"data.truncation must be one of {', '.join(TRUNCATION)} (got {truncation!r})")
     eos = completion_eos or tokenizer.eos_token
     bos_id = tokenizer.bos_token_id
-    out, stats = [], TokenizeStats()
+    out, stats = [], TokenizeStats(truncation=truncation)
     for pair in pairs:
-        text = render_prompt(tokenizer, pair.prompt, chat_template, system_prompt)
-        prompt = tokenizer(text, add_special_tokens=not chat_template).input_ids
+        if not chat_template and not isinstance(pair.prompt, str):
+            raise DataError(f"pair {pair.pair_id}: a conversational prompt needs data.chat_template=true")
+        fitted = fit_prompt(tokenizer, prompt_messages(pair.prompt, system_prompt if chat_template else None),
+                            chat_template, max_prompt_length, truncation)
+        if fitted is None:
+            stats.dropped_long += 1
+            continue
+        prompt, cut = fitted
         if bos_id is not None and chat_template and prompt.count(bos_id) != 1:
             raise DataError(f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens, expected exactly one")
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-            stats.truncated_prompts += 1
         budget = max_length - len(prompt)
-        completions = []
-        for text in (pair.chosen, pair.rejected):
-            ids = tokenizer(text + eos, add_special_tokens=False).input_ids
-            if len(ids) > budget:
-                ids = ids[:budget]
-                stats.truncated_completions += 1
-            completions.append(tuple(ids))
-        out.append(TokenizedPair(pair.pair_id, tuple(prompt), *completions))
+        completions = [tokenizer(text + eos, add_special_tokens=False).input_ids for text in (pair.chosen, pair.rejected)]
+        over = [max(0, len(ids) - budget) for ids in completions]
+        if truncation == "drop" and any(over):
+            stats.dropped_long += 1
+            continue
+        stats.truncated_prompts += cut > 0
+        stats.prompt_tokens_cut += cut
+        stats.truncated_completions += sum(n > 0 for n in over)
+        stats.completion_tokens_cut += sum(over)
+        out.append(TokenizedPair(pair.pair_id, tuple(prompt), *(tuple(ids[:budget]) for ids in completions)))
         stats.pairs += 1
+    if pairs and not out:
+        raise DataError(f"all {len(pairs)} pairs were dropped: each is longer than data.max_prompt_length="
+                        f"{max_prompt_length} / data.max_length={max_length} (data.truncation={truncation})")
     return out, stats
 
 

@@ -40,7 +40,8 @@ def weights_id(spec: ModelSpec) -> str:
 
 def spec_fingerprint(spec: ModelSpec) -> dict:
     return {"weights": weights_id(spec), "dtype": spec.dtype, "tokenizer": spec.tokenizer,
-            "tokenizer_family": spec.tokenizer_family, "completion_eos": spec.completion_eos}
+            "tokenizer_family": spec.tokenizer_family, "completion_eos": spec.completion_eos,
+            **({"chat_template": spec.chat_template} if spec.chat_template else {})}
 
 
 def data_fingerprint(data) -> Any:

@@ -34,6 +34,7 @@ from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerpri
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+from prefopt.tokenizer import save_tokenizer
 from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
@@ -196,7 +197,7 @@ class MathLoop:
         else:
             trainer.export(out_dir / "final")
         if hardware.is_main:
-            tokenizer.save_pretrained(out_dir / "final")
+            save_tokenizer(tokenizer, out_dir / "final")
         model.eval()
         return model, tokenizer, result
 
@@ -325,7 +326,7 @@ class MathLoop:
                 raise DataError(f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "
                                 f"held out); the starting policy is almost always right or always wrong "
                                 f"(see the counts in {path}.provenance.json)")
-            prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size)
+            prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size, eval_key="pairs.eval_size")
         if self.pipeline.evaluate and hardware.is_main:
             prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
                                                          run_dir / "verified_before", "eval/verified_before")
