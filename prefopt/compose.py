@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from prefopt.config import conf_dir
+from prefopt.data.batching import TRUNCATION
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.mathloop.loop import MathLoop
 from prefopt.refcache import cache_dir as reference_cache_dir
@@ -151,6 +152,8 @@ def _node_problems(cfg: DictConfig, objects: dict, found: list[str], read_data: 
         if length and cfg.data.max_length > length:
             found.append(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
                          f"({length} positions): lower data.max_length")
+    if cfg.data.get("truncation", "keep_end") not in TRUNCATION:
+        found.append(f"data.truncation={cfg.data.truncation!r}: must be one of {', '.join(TRUNCATION)}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         found.append(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
                      f"({cfg.data.max_length})")

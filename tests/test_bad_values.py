@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("loss=bpo loss.alpha=abc", "loss.alpha='abc': must be a number (loss 'bpo')"),
     ("loss=bpo loss.form=3", "loss.form=3: must be a string (loss 'bpo')"),
     ("loss=ipo loss.length_normalize=maybe", "loss.length_normalize='maybe': must be true or false (loss 'ipo')"),
+    ("data.truncation=middle", "data.truncation='middle': must be one of keep_end, keep_start, drop"),
 ])
 def test_a_bad_value_is_named_before_any_model_loads(override, message, monkeypatch):
     monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
