@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from prefopt import ranks
 from prefopt.config import conf_dir
 from prefopt.data.batching import TRUNCATION
 from prefopt.errors import ConfigError, PrefoptError
@@ -257,6 +257,5 @@ def entry(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
 def quiet_other_ranks() -> None:
     """Under torchrun/SLURM only rank 0 writes: the other ranks keep Hydra's files and logs to themselves."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
+    if ranks.rank() > 0 and "-m" not in sys.argv and "--multirun" not in sys.argv:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prefopt.ranks import run_stamp
+
 
 def conf_dir() -> Path:
     """The `conf/` tree: inside the package when installed from a wheel, beside it in a checkout."""
@@ -18,22 +20,6 @@ def _top_or(key: str, default, *, _root_):
     # oc.select cannot do this: it returns a null top-level value instead of the default.
     value = OmegaConf.select(_root_, key, default=None)
     return default if value is None else value
-
-
-def run_stamp() -> str:
-    """The default run directory's name: the same in every process of one distributed launch.
-
-    A timestamp for a single process; the job id under SLURM (so a requeued job finds its own run directory
-    and resumes) and the rendezvous id under torchrun (so all ranks agree on one directory).
-    """
-    import datetime
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1 or os.environ.get("SLURM_JOB_ID"):
-        if os.environ.get("SLURM_JOB_ID"):
-            return f"slurm-{os.environ['SLURM_JOB_ID']}"
-        return f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')[:8]}"
-    return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
 def register_resolvers() -> None:

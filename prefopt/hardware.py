@@ -1,12 +1,11 @@
-"""Device, precision, seeding and the distributed set-up: the one module that knows about ranks.
+"""Device, precision, seeding and the distributed set-up: all of prefopt's distributed code.
 
-Rank and world size come from the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or
-SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); nothing else in prefopt reads them.
+Rank and world size come from the launcher's environment through `prefopt.ranks` (torchrun's
+RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), the only module that reads them.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -14,14 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from prefopt import ranks
 from prefopt.errors import ConfigError
-
-
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return default
 
 
 @dataclass
@@ -43,9 +36,7 @@ class Hardware:
             raise ConfigError(f"hardware.device must be auto, cpu or cuda (got {self.device!r})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("hardware.device=cuda but no CUDA device is visible (use hardware=cpu)")
-        self.rank = _env_int("RANK", "SLURM_PROCID", default=0)
-        self.world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-        self.local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+        self.rank, self.world_size, self.local_rank = ranks.rank(), ranks.world_size(), ranks.local_rank()
         if self.world_size > 1 and self.strategy == "none":
             raise ConfigError(f"{self.world_size} processes were launched but hardware.strategy=none "
                               f"(use hardware=ddp or hardware=fsdp)")

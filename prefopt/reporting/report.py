@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
 
+from prefopt import ranks
 from prefopt.io import atomic_write_text
 from prefopt.reporting.plots import plot_all
 from prefopt.reporting.runs import (CSV_METRICS, TABLE_METRICS, VERIFIED, VERIFIED_BEFORE, ReportError,
@@ -209,7 +210,7 @@ class ReportCallback(Callback):
     def on_run_end(self, config, **kwargs: Any) -> None:
         if self.jobs is not None and config.hydra.job.name not in self.jobs:
             return  # e.g. `python -m prefopt.sft` writes no preference metrics to report on
-        if self.run and os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this
+        if self.run and ranks.rank() == 0:  # under torchrun every rank runs this
             self._report(lambda: config.hydra.runtime.output_dir)
 
     @staticmethod
