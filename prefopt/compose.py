@@ -124,7 +124,7 @@ def unknown_additions(overrides: list[str]) -> list[str]:
     return found
 
 
-def top_level_problems(cfg: DictConfig) -> list[str]:
+def check_top_level(cfg: DictConfig) -> list[str]:
     """Wrong types and out-of-range values of the top-level knobs, each naming key, value and what it must be."""
     found = []
     for key, (must, ok) in TOP_LEVEL.items():
@@ -133,7 +133,7 @@ def top_level_problems(cfg: DictConfig) -> list[str]:
     return found
 
 
-def _node_problems(cfg: DictConfig, objects: dict, found: list[str], read_data: bool, check_inputs: bool) -> None:
+def _check_nodes(cfg: DictConfig, objects: dict, found: list[str], read_data: bool, check_inputs: bool) -> None:
     """Instantiate each node once into `objects`; append what is wrong with them to `found`."""
     make = lambda key, node: objects.__setitem__(key, _attempt(found, key, lambda: instantiate(node)))  # noqa: E731
     for key, node in (("hardware", cfg.hardware), ("loss", cfg.loss), ("train", cfg.train), ("model", cfg.model),
@@ -161,10 +161,10 @@ def _node_problems(cfg: DictConfig, objects: dict, found: list[str], read_data: 
         objects["reference_cache"] = _attempt(found, "reference_cache",
                                               lambda: reference_cache_dir(cfg.get("reference_cache"), loss))
     if check_inputs:
-        _input_problems(cfg, source, found, read_data)
+        _check_inputs(cfg, source, found, read_data)
 
 
-def _input_problems(cfg: DictConfig, source, found: list[str], read_data: bool) -> None:
+def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) -> None:
     """Files and directories the run will read: missing ones, and (`read_data`) bad data rows."""
     if cfg.get("resume") not in (None, "auto") and not Path(str(cfg.resume)).is_dir():
         found.append(f"resume={cfg.resume}: not a directory of checkpoints")
@@ -185,10 +185,10 @@ def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
     composing a plan to look at, e.g. a 7B recipe on a machine that does not hold the weights.
     """
     info = hydra_info()
-    found = unknown_additions(info.overrides if overrides is None else overrides) + top_level_problems(cfg)
+    found = unknown_additions(info.overrides if overrides is None else overrides) + check_top_level(cfg)
     objects: dict[str, Any] = {}
     if not found:  # a mistyped top-level value would only resurface, garbled, inside the nodes that read it
-        _node_problems(cfg, objects, found, read_data, check_inputs)
+        _check_nodes(cfg, objects, found, read_data, check_inputs)
     return objects, list(dict.fromkeys(found))
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger("prefopt")
 
 @dataclass
 class EvalConfig:
-    """`evaluation:` in conf/verified_math.yaml."""
+    """`evaluation:` in conf/mathloop.yaml."""
 
     benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # names of conf/eval/*.yaml
     prompt_family: str = "plain"  # qwen_math | llama3 | plain (see prefopt.mathloop.benchmarks.format_prompt)

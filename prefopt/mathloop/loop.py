@@ -67,7 +67,7 @@ class Prepared:
 
     model: ModelSpec
     data: Any
-    problems: Any = None  # the original data source: its held-out problems are the `arith` benchmark
+    source: Any = None  # the configured data source (before pairs replace it): its held-out problems are `arith`
     metrics: dict = field(default_factory=dict)  # eval/verified_before/*
     verified: dict = field(default_factory=dict)  # per benchmark: accuracy and counts (no_answer, timeout, ...)
     info: dict = field(default_factory=dict)  # per stage: key, path, cached, counts
@@ -314,7 +314,7 @@ class MathLoop:
     def prepare(self, spec: ModelSpec, data, hardware, run_dir: Path) -> Prepared:
         """Warm-up → pairs → accuracy before, as the pipeline switches say; returns what training starts from."""
         spec = self.start_spec(spec)
-        prepared = Prepared(model=spec, data=data, problems=data)
+        prepared = Prepared(model=spec, data=data, source=data)
         loaded = None
         if self.pipeline.warmup:
             spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware, run_dir)
@@ -344,4 +344,4 @@ class MathLoop:
             spec = with_weights(spec, run_dir / "final")
             if getattr(hardware, "strategy", "none") == "fsdp":  # sharded weights: generate from the exported copy
                 policy, tokenizer = self.load(spec, hardware)
-        return self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified", "eval/verified")
+        return self.run_eval(policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified")

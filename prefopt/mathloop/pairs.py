@@ -42,7 +42,7 @@ class PairStats:
 
 @dataclass
 class PairsConfig:
-    """`pairs:` in conf/verified_math.yaml: what to sample, and from which problems."""
+    """`pairs:` in conf/mathloop.yaml: what to sample, and from which problems."""
 
     k: int = 8  # completions per prompt
     temperature: float = 0.7

@@ -49,7 +49,7 @@ def targets_only(pairs: Sequence) -> list:
 
 @dataclass
 class WarmupConfig:
-    """`warmup:` in conf/verified_math.yaml: the SFT stage's own schedule (the optimizer is the run's)."""
+    """`warmup:` in conf/mathloop.yaml: the SFT stage's own schedule (the optimizer is the run's)."""
 
     steps: int = 350
     batch_size: int = 32
