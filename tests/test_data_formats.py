@@ -104,6 +104,16 @@ def test_a_byte_order_mark_and_crlf_line_ends_load(tmp_path):
     assert [p.chosen for p in load_rows(str(tmp_path / "win.json"))[0]] == ["4 — évidemment"] * 2
 
 
+def test_json_files_of_every_shape_load(tmp_path):
+    rows = [FORMATS["standard"], FORMATS["conversational"]]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    write_jsonl(tmp_path / "lines.json", rows)  # JSON Lines saved with a .json name
+    for name in ("list.json", "wrapped.json", "lines.json"):
+        pairs, _ = load_rows(str(tmp_path / name))
+        assert [p.chosen for p in pairs] == [" blue.", "8."], name
+
+
 def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path):
     good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode() + b"\n"
     bad = b'{"prompt": "q", "chosen": "caf\xe9", "rejected": "b"}\n'  # Latin-1 é, as an old Windows tool writes it
@@ -118,10 +128,14 @@ def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path):
         read_rows(str(tmp_path / "latin1.json"))
 
 
-def test_implicit_prompt_rows_that_share_nothing_are_named(tmp_path):
+def test_implicit_prompt_rows_that_share_nothing_or_mix_formats_are_named(tmp_path):
     rows = [FORMATS["standard_implicit"], {"chosen": "Blue.", "rejected": "Green."}]
     with pytest.raises(DataError, match=r"row 2: no 'prompt' field and 'chosen'/'rejected' share no prompt"):
         load_rows(str(write_jsonl(tmp_path / "x.jsonl", rows)))
+    with pytest.raises(DataError, match=r"row 2: has a 'prompt' but row 1 has none \(implicit prompt\)"):
+        load_rows(str(write_jsonl(tmp_path / "x.jsonl", [FORMATS["standard_implicit"], FORMATS["standard"]])))
+    with pytest.raises(DataError, match=r"row 1: missing field 'prompt'"):  # a null prompt is missing, not implicit
+        load_rows(str(write_jsonl(tmp_path / "x.jsonl", [{**FORMATS["standard"], "prompt": None}])))
     turns = FORMATS["conversational_implicit"]
     two = {"chosen": turns["chosen"] + [{"role": "user", "content": "ok"}], "rejected": turns["rejected"]}
     with pytest.raises(DataError, match=r"row 1: field 'chosen': the completion must be one assistant message "

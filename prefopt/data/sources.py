@@ -174,15 +174,17 @@ def validate_rows(rows: Iterable, source: str, fields: dict[str, str] | None = N
     A source whose first row has no prompt field (or `fields.prompt: null`) is in TRL's implicit-prompt format.
     """
     fields = {**{f: f for f in FIELDS}, **(fields or {})}
-    pairs, stats, implicit = [], RowStats(), None
+    pairs, stats, implicit, first = [], RowStats(), None, None
     for i, item in enumerate(rows, start=1):
         number, row = item if isinstance(item, tuple) else (i, item)
         stats.rows += 1
         where = f"{source}: row {number}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with fields {[v for v in fields.values() if v]}")
-        if implicit is None:
-            implicit = not fields["prompt"] or (fields["prompt"] == "prompt" and _get(row, "prompt") is _MISSING)
+        if implicit is None:  # decided by the first row: a source is in one format
+            implicit, first = not fields["prompt"] or (fields["prompt"] == "prompt" and "prompt" not in row), number
+        elif implicit and fields["prompt"] and _get(row, fields["prompt"]) is not _MISSING:
+            raise DataError(f"{where}: has a 'prompt' but row {first} has none (implicit prompt); one format per file")
         values = _pair_values(row, where, fields, implicit)
         if values is not None and (not values["chosen"].strip() or not values["rejected"].strip()):
             if not drop_identical:
