@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
+from submitit import JobEnvironment
 
 from prefopt.errors import ConfigError
 
@@ -147,6 +151,17 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that ask a run to checkpoint at the end of its step and stop.
+
+    SIGTERM: `scancel`, `scontrol requeue`, preemption, torchrun shutting its workers down. And the signal the
+    submitit launcher asks SLURM for before the time limit (`--signal=<sig>@<signal_delay_s>` in the sbatch
+    script it writes): submitit's own setting, USR2 unless `SUBMITIT_PREEMPT_SIGNAL` names another.
+    """
+    launcher = JobEnvironment._usr_sig()  # raises submitit's one-line error for an unknown signal name
+    return tuple(dict.fromkeys((signal.SIGTERM, signal.Signals(launcher))))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -166,6 +181,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (what a job spends on imports and set-up before its first step)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def peak_memory_mb() -> float:

@@ -123,6 +123,18 @@ class RunLog:
         os.replace(tmp, path)
         return path
 
+    def suspend(self) -> None:
+        """The job stops to be requeued: W&B marks the run preempting and closes it before SLURM ends the job's
+        processes (W&B's own service among them); the requeued job continues the same run id."""
+        if self.wandb is None:
+            return
+        try:
+            self.wandb.mark_preempting()
+            self.wandb.finish()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B could not be closed before the requeue (%s)", exc)
+        self.wandb = None
+
     def finish(self, summary: dict) -> None:
         self.write_json("summary.json", summary)
         if self.wandb is not None:
