@@ -41,3 +41,16 @@ def tiny_run(tmp_path):
         return train(cfg, run_dir=out), out
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster (tests/slurm_cluster.py), started once for the `slurm` tests."""
+    from tests.slurm_cluster import ClusterError, SlurmCluster, install_packages
+
+    try:
+        install_packages()
+    except ClusterError as exc:
+        pytest.skip(f"no SLURM: {exc}")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

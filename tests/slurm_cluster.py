@@ -193,18 +193,47 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
         return out.startswith("idle")
 
+    def jobs(self) -> list[tuple[str, str, str]]:
+        """(job id, state, reason) of every job in the queue."""
+        out = self.run("squeue", "-h", "-o", "%i|%T|%r", check=False).stdout
+        return [tuple(line.split("|", 2)) for line in out.splitlines() if line.count("|") == 2]
+
+    def release_requeued(self) -> list[str]:
+        """Start requeued jobs now: SLURM holds a requeued job for 120 s (its EligibleTime), then waits for the next
+        scheduler pass; tests would spend minutes waiting. Returns the ids released."""
+        held = [job for job, state, reason in self.jobs() if state == "PENDING" and reason == "BeginTime"]
+        for job in held:
+            self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        return held
+
     def cancel_all(self, timeout: float = 60) -> None:
         """Cancel this cluster's jobs and wait until they are gone (their slurmstepd processes end with them)."""
         ids = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
-        if ids:
+        if ids:  # SIGKILL: submitit's jobs ignore SIGTERM outside the training loop (they wait for KillWait)
+            self.run("scancel", "--signal=KILL", "--full", *ids, check=False)
             self.run("scancel", *ids, check=False)
         deadline = time.time() + timeout
         while ids and time.time() < deadline:
             ids = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
             time.sleep(0.5)
 
+    def leftovers(self) -> list[int]:
+        """Processes that carry this cluster's SLURM_CONF (job steps, srun, slurmstepd), other than this one."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
     def stop(self) -> None:
-        """Cancel the jobs, then SIGTERM to each daemon this object started (slurmd, slurmctld, munged)."""
+        """Cancel the jobs, SIGTERM to each daemon this object started (slurmd, slurmctld, munged), then SIGKILL
+        to whatever is left of this cluster's jobs (found by its SLURM_CONF in their environment)."""
         if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
             self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
@@ -217,6 +246,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -225,11 +259,18 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         self.stop()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
+    signal.signal(signal.SIGTERM, _interrupt)
     with SlurmCluster() as cluster:
-        print(f"export SLURM_CONF={cluster.conf}  # cluster up; Ctrl-C stops it", flush=True)
+        print(f"export SLURM_CONF={cluster.conf}  # cluster up; Ctrl-C or SIGTERM stops it", flush=True)
         try:
-            signal.pause()
+            while True:
+                signal.pause()
         except KeyboardInterrupt:
             pass
     sys.exit(0)
