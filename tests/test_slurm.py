@@ -110,16 +110,28 @@ def test_a_two_point_sweep_runs_as_a_job_array_on_a_cpu_partition(slurm_cluster,
     assert (sweep_dir / "report.md").is_file() and "2 runs" in out
 
 
-def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slurm_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def steps_per_s(slurm_cluster, tmp_path_factory) -> float:
+    """This machine's training speed now (the loop only, one thread), measured on a short run of the same set-up."""
+    run_dir = tmp_path_factory.mktemp("calibrate") / "run"
+    proc = local_run(slurm_cluster, run_dir, "steps=150", "logger=wandb", *SMALL)
+    finish(proc, slurm_cluster, 180)
+    return 150 / json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
+
+
+def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slurm_cluster, tmp_path,
+                                                                                   steps_per_s):
     """timeout_min=1: SLURM sends submitit's USR2 signal_delay_s before the limit (up to 30 s earlier: it checks
-    every 30 s); every rank checkpoints at the end of its step, submitit requeues, the job resumes."""
-    run = ["steps=2000", "logger=wandb", *SMALL]
+    every 30 s); every rank checkpoints at the end of its step, submitit requeues, the job resumes. About 60 s of
+    training (at the speed measured just before) cannot fit in one segment: the signal comes by 55 s."""
+    steps = min(max(int(60 * steps_per_s), 300), 5000)
+    run = [f"steps={steps}", "logger=wandb", *SMALL]
     (tmp_path / "ref").mkdir()
     reference = local_run(slurm_cluster, tmp_path / "ref" / "run", *run)
     sweep_dir = tmp_path / "sweep"
     proc = sweep(slurm_cluster, sweep_dir, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5",
-                 "hydra.launcher.max_num_timeout=8", *run)
-    finish(proc, slurm_cluster, 480)
+                 "hydra.launcher.max_num_timeout=6", *run)
+    finish(proc, slurm_cluster, 540)
     finish(reference, slurm_cluster, 120)
     run_dir = sweep_dir / "0"
     starts = segments(sweep_dir)
