@@ -33,11 +33,18 @@ def job_env(cluster) -> dict:
             "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
+def spawn(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    """A process whose output goes to `log` (a pipe would fill up during a sweep's minutes of polling)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
 def local_run(cluster, run_dir: Path, *overrides: str) -> subprocess.Popen:
     """The uninterrupted reference, as a plain process (it runs while the SLURM job does)."""
-    return subprocess.Popen([sys.executable, "-m", "prefopt.run", *overrides, "hardware.threads=1",
-                             f"hydra.run.dir={run_dir}"], env=job_env(cluster), cwd=run_dir.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return spawn([sys.executable, "-m", "prefopt.run", *overrides, "hardware.threads=1", f"hydra.run.dir={run_dir}"],
+                 job_env(cluster), run_dir.parent, run_dir.parent / f"{run_dir.name}.out")
 
 
 def finish(proc: subprocess.Popen, cluster, timeout: float, during=None) -> str:
@@ -51,15 +58,14 @@ def finish(proc: subprocess.Popen, cluster, timeout: float, during=None) -> str:
         if during is not None:
             during()
         time.sleep(1)
-    out = (proc.stdout.read() if proc.stdout else "") + (proc.stderr.read() if proc.stderr else "")
+    out = proc.log.read_text(errors="replace") if hasattr(proc, "log") else ""
     assert proc.returncode == 0, out[-4000:]
     return out
 
 
 def sweep(cluster, sweep_dir: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "prefopt.run", "-m", *LAUNCH, *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    return subprocess.Popen(cmd, env=job_env(cluster), cwd=sweep_dir.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return spawn(cmd, job_env(cluster), sweep_dir.parent, sweep_dir.parent / f"{sweep_dir.name}.out")
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -192,11 +198,11 @@ def test_the_torchrun_template_with_two_processes_matches_one_process_and_requeu
             slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
             signalled.append(rows[-1]["step"])
 
-    waiter = subprocess.Popen([sys.executable, "-c", f"""
+    waiter = spawn([sys.executable, "-c", f"""
 import subprocess, time
 while subprocess.run(["squeue", "-h", "-j", "{job}"], capture_output=True, text=True).stdout.strip():
     time.sleep(1)
-"""], env=slurm_cluster.env)
+"""], slurm_cluster.env, tmp_path, tmp_path / "waiter.out")
     finish(waiter, slurm_cluster, 420, usr1)
     finish(reference, slurm_cluster, 120)
     out = (tmp_path / f"slurm-{job}.out").read_text()
