@@ -158,8 +158,10 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     submitit launcher asks SLURM for before the time limit (`--signal=<sig>@<signal_delay_s>` in the sbatch
     script it writes): submitit's own setting, USR2 unless `SUBMITIT_PREEMPT_SIGNAL` names another.
     """
-    launcher = JobEnvironment._usr_sig()  # raises submitit's one-line error for an unknown signal name
-    return tuple(dict.fromkeys((signal.SIGTERM, signal.Signals(launcher))))
+    launcher = getattr(signal, f"SIG{JobEnvironment.USR_SIG}", None)
+    if launcher is None:
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={JobEnvironment.USR_SIG!r} names no signal (e.g. USR2)")
+    return tuple(dict.fromkeys((signal.SIGTERM, launcher)))
 
 
 def seed_everything(seed: int) -> None:

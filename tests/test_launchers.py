@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
+from prefopt.errors import ConfigError
 from tests.conftest import PIPELINE_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,13 @@ def test_the_run_stops_on_the_signal_submitit_asks_slurm_for(monkeypatch):
 
     from prefopt.hardware import stop_signals
 
-    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2) and JobEnvironment.USR_SIG == "USR2"
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR2")  # submitit's default
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2)
     monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR1")  # what SUBMITIT_PREEMPT_SIGNAL=USR1 sets
     assert stop_signals() == (signal.SIGTERM, signal.SIGUSR1)
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR9")
+    with pytest.raises(ConfigError, match="SUBMITIT_PREEMPT_SIGNAL='USR9' names no signal"):
+        stop_signals()
 
 
 def test_the_preset_renders_a_valid_sbatch_script(tmp_path, monkeypatch):
