@@ -152,7 +152,7 @@ def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupt
 def test_a_preempted_run_resumes_after_scontrol_requeue_and_scancel_usr2(slurm_cluster, tmp_path):
     """`scontrol requeue` (what preemption does: SIGTERM, then the job goes back to the queue) and then
     `scancel --signal=USR2` (the time-limit signal sent by hand): the run ends as if nothing had happened."""
-    run = ["steps=600", "logger=wandb", *SMALL]
+    run = ["steps=400", "logger=wandb", *SMALL]
     (tmp_path / "ref").mkdir()
     reference = local_run(slurm_cluster, tmp_path / "ref" / "run", *run)
     sweep_dir, run_dir = tmp_path / "sweep", tmp_path / "sweep" / "0"
@@ -163,7 +163,7 @@ def test_a_preempted_run_resumes_after_scontrol_requeue_and_scancel_usr2(slurm_c
         rows = metrics(run_dir)
         running = [job for job, state, _ in slurm_cluster.jobs() if state == "RUNNING"]
         start = done[-1][1] if done else 0
-        if actions and running and rows and rows[-1]["step"] > start + 50 and rows[-1]["step"] < 500:
+        if actions and running and rows and rows[-1]["step"] > start + 40 and rows[-1]["step"] < 320:
             slurm_cluster.run(*actions[0], running[0])
             done.append((actions.pop(0)[0], rows[-1]["step"]))
 
