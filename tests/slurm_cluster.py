@@ -2,16 +2,19 @@
 
 Debian's `slurm-wlm` and `munge` packages are installed when missing. Everything the daemons write (munge key,
 socket, slurm.conf, state, spool, logs) lives in one temporary directory; the SLURM commands find the cluster
-through `SLURM_CONF`. `stop()` ends exactly the processes `start()` started, by their process ids.
+through `SLURM_CONF`. `stop()` cancels the cluster's jobs, ends the three daemons `start()` started (by their
+`Popen`), then kills what is left of its jobs: processes whose environment carries this cluster's `SLURM_CONF`.
 
-What this container needs that a real cluster does not (found by starting one here):
-- no cgroup plugins: `proctrack/linuxproc` and `task/none` (the container's cgroup tree is not writable);
-- munged runs as root (`--force`) on a socket in the temporary directory, and SLURM is told that socket
-  (`AuthInfo`); the key file is the daemon's own (mode 0400);
-- the node is this host (`hostname`), addressed as 127.0.0.1, with the CPUs and memory it has;
+What a container needs that a real cluster does not:
+- no cgroup plugins: `proctrack/linuxproc` and `task/none` (chosen up front; the cgroup plugins were not tried);
+- munged runs as root (`--force`) on a socket in the temporary directory, whose directory needs o+x, and SLURM is
+  told that socket (`AuthInfo`); the key is a fresh random one (mode 0400);
+- `SlurmdSpoolDir` must exist as written (no `%n`), `MailProg=/bin/true` (none is installed); the `mpi/pmix` load
+  errors in the logs are harmless;
+- the node is this host (`hostname`), addressed as 127.0.0.1, with its CPUs and 90% of its memory;
 - ports are picked free at start, so two clusters (two test sessions) on one machine do not collide.
 
-Run `python -m tests.slurm_cluster` to start one by hand (Ctrl-C stops it).
+Run `python -m tests.slurm_cluster` to start one by hand (Ctrl-C or SIGTERM stops it).
 """
 
 from __future__ import annotations
