@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
 from prefopt.errors import ConfigError, TrainingError
-from prefopt.hardware import Hardware, peak_memory_mb, rng_state, set_rng_state
+from prefopt.hardware import Hardware, peak_memory_mb, process_age_s, rng_state, set_rng_state, stop_signals
 from prefopt.io import atomic_dir
 from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import LossOutput, PairLogps
@@ -282,8 +282,11 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
                    dynamic_ncols=True)
         with StopSignals() as stop:
+            first = self.step
             while self.step < self.cfg.steps and not self.finished:
                 metrics = self.train_step()
+                if self.step == first + 1:
+                    log.info("step %d done %.1f s after the process started", self.step, process_age_s())
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                     metrics.update(self.evaluate())
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
@@ -295,10 +298,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{last.get('train/loss', math.nan):.4f}",
                                 acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}")
                 if self._agreed(stop.received is not None) and self.step < self.cfg.steps:
+                    t0 = time.perf_counter()
                     self.save()  # SLURM's warning before the time limit, or a preemption: keep this step
                     bar.close()
-                    log.warning("%s received: checkpoint of step %d written to %s; exiting for a requeue",
-                                stop.name, self.step, self.ckpt_dir)
+                    log.warning("%s received: checkpoint of step %d written to %s in %.2f s; exiting for a requeue",
+                                stop.name, self.step, self.ckpt_dir, time.perf_counter() - t0)
+                    self.run_log.suspend()
                     stop.hand_over()  # to submitit's own handler (it requeues the job), else a clean exit
         bar.close()
         if not self.finished:
@@ -321,15 +326,14 @@ class Trainer:
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the loop to checkpoint and stop.
+    """SIGTERM and the launcher's time-limit signal (`prefopt.hardware.stop_signals`) ask the loop to stop.
 
     The handler only records the signal; the loop checks it between steps, writes a checkpoint, then hands the
     signal on to the handler that was there before (submitit's requeues the job) or exits cleanly.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
+    def __init__(self, signals: tuple[int, ...] | None = None):
+        self.signals = tuple(signals) if signals is not None else stop_signals()
         self.received: int | None = None
         self.previous: dict[int, object] = {}
 
@@ -342,8 +346,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                num = getattr(signal, name)
+            for num in self.signals:
                 self.previous[num] = signal.signal(num, self._record)
         return self
 

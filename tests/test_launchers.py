@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
+from prefopt.errors import ConfigError
 from tests.conftest import PIPELINE_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,34 @@ def test_slurm_overrides_and_the_one_gpu_preset():
     assert one.max_num_timeout > 0
 
 
+def test_the_cpu_preset_asks_for_no_gpus_and_one_task():
+    cpu = _hydra_cfg("hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug").hydra.launcher
+    assert cpu._target_ == SLURM_LAUNCHER and cpu.gpus_per_node is None and cpu.tasks_per_node == 1
+    assert cpu.max_num_timeout > 0 and cpu.partition == "debug"
+    cpu = _hydra_cfg("hydra/launcher=slurm_cpu", "hydra.launcher.gpus_per_node=null").hydra.launcher
+    assert OmegaConf.to_container(cpu, resolve=True)["tasks_per_node"] == 1
+
+
+def test_the_run_stops_on_the_signal_submitit_asks_slurm_for(monkeypatch):
+    """submitit writes `--signal=<its USR_SIG>@<signal_delay_s>` into the sbatch script: prefopt listens to that one."""
+    from submitit import JobEnvironment
+
+    from prefopt.hardware import stop_signals
+
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR2")  # submitit's default
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2)
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR1")  # what SUBMITIT_PREEMPT_SIGNAL=USR1 sets
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR1)
+    monkeypatch.setattr(JobEnvironment, "USR_SIG", "USR9")
+    with pytest.raises(ConfigError, match="SUBMITIT_PREEMPT_SIGNAL='USR9' names no signal"):
+        stop_signals()
+
+
 def test_the_preset_renders_a_valid_sbatch_script(tmp_path, monkeypatch):
     """What submitit would submit for this preset (the plugin's own parameter mapping), checked with `bash -n`."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from submitit import JobEnvironment
 
     fake_srun = _fake_bin(tmp_path, "srun", "exit 0")  # submitit's SLURM executor looks for srun
     monkeypatch.setenv("PATH", f"{fake_srun}:{os.environ['PATH']}")
@@ -78,7 +103,7 @@ def test_the_preset_renders_a_valid_sbatch_script(tmp_path, monkeypatch):
     assert executor._executor.max_num_timeout == 3
     script = executor._executor._make_submission_file_text("python -m prefopt.run", "uid")
     for flag in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--partition=gpu",
-                 "--time=1440", "@120"):
+                 "--time=1440", f"--signal={JobEnvironment.USR_SIG}@120"):
         assert flag in script, flag
     assert script.index("export MASTER_ADDR") < script.index("srun ")  # setup runs before the tasks start
     path = tmp_path / "job.sh"
@@ -105,6 +130,11 @@ echo "scontrol $*" >> {log}
 [ "$1" = requeue ] && kill "$(cat {tmp_path}/srun.pid)"
 exit 0
 """)
+    _fake_bin(tmp_path, "scancel", f"""
+echo "scancel $*" >> {log}
+kill -TERM "$(cat {tmp_path}/srun.pid)"  # the job's steps end after their checkpoint
+exit 0
+""")
     bin_dir = _fake_bin(tmp_path, "srun", f"""
 echo $$ > {tmp_path}/srun.pid
 echo "srun $*" >> {log}
@@ -121,8 +151,12 @@ def test_sbatch_template_starts_torchrun_per_node_in_a_run_dir_fixed_by_the_job_
                    capture_output=True, timeout=30)
     (call,) = [line for line in log.read_text().splitlines() if line.startswith("srun")]
     assert ("torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id 4242 --rdzv_backend c10d "
-            "--rdzv_endpoint gpu-node-07:29500 -m prefopt.run hardware=fsdp "
+            "--rdzv_endpoint gpu-node-07:24242 -m prefopt.run hardware=fsdp "
             "hydra.run.dir=outputs/slurm/4242 model=llama3_8b loss=bpo") in call
+    subprocess.run(["bash", str(SBATCH), "hardware=ddp", "steps=3"], env=dict(env, NPROC_PER_NODE="2"), cwd=tmp_path,
+                   check=True, capture_output=True, timeout=30)
+    call = [line for line in log.read_text().splitlines() if line.startswith("srun")][-1]
+    assert "--nproc_per_node 2 " in call and "-m prefopt.run hydra.run.dir=outputs/slurm/4242 hardware=ddp steps=3" in call
 
 
 def test_sbatch_template_requeues_itself_on_the_time_limit_signal(fake_slurm, tmp_path):
@@ -135,7 +169,9 @@ def test_sbatch_template_requeues_itself_on_the_time_limit_signal(fake_slurm, tm
     time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)  # what `--signal=B:USR1@120` sends 120 s before the limit
     out, _ = proc.communicate(timeout=20)
-    assert "scontrol requeue 4242" in log.read_text(), out
+    calls = log.read_text().splitlines()
+    # first the steps are asked to checkpoint and stop, then (once they have) the job is requeued
+    assert calls[-2:] == ["scancel --signal=TERM 4242", "scontrol requeue 4242"], (calls, out)
     assert "requeueing job 4242" in out
 
 
