@@ -70,6 +70,8 @@ class Loss:
             raise ConfigError(
                 f"loss '{key}' has no hyper-parameter {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
             )
+        # plain values (a mixture's components arrive as OmegaConf lists): run summaries store them as JSON
+        hparams = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in hparams.items()}
         self.hparams = {**valid, **hparams}
         self.training = True
         try:
