@@ -79,6 +79,10 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None
     if reference is not None:
         m["dcr/chosen_logp_delta_per_token"] = ((policy.chosen - reference.chosen).detach() / policy.chosen_tokens).float()
         m["dcr/rejected_logp_delta_per_token"] = ((policy.rejected - reference.rejected).detach() / policy.rejected_tokens).float()
+    if policy.chosen_entropy is not None:  # TRL's names: the policy's per-token entropy on both completions, and
+        tokens = (policy.chosen_tokens + policy.rejected_tokens).float()  # the share of chosen tokens it ranks first
+        m["entropy"] = ((policy.chosen_entropy + policy.rejected_entropy).detach() / tokens).float()
+        m["mean_token_accuracy"] = (policy.chosen_top1.detach() / policy.chosen_tokens).float()
     return m
 
 
@@ -131,10 +135,12 @@ class Trainer:
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
-        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile),
-                                          trainable=True)
-        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile),
-                                              trainable=False) if reference is not None else None)
+        needs = getattr(loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
+        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile,
+                                                         fields=needs, diagnostics=True), trainable=True)
+        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile,
+                                                             fields=needs), trainable=False)
+                                if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)
         self.scheduler = scheduler_factory(self.optimizer)

@@ -157,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     # The reference is a frozen copy of the initial policy; with LoRA it is the policy's own base (adapters off).
     cached = None if cache_dir is None else refcache.reference_cache(
         cache_dir, spec=p.model, policy=policy, tokenizer=tokenizer, data=p.data, tokenize=tok_args,
-        train_pairs=train_pairs, eval_pairs=eval_pairs, train_cfg=p.train, hardware=hw)
+        train_pairs=train_pairs, eval_pairs=eval_pairs, train_cfg=p.train, hardware=hw, fields=p.loss.needs)
     if cache_only:
         return {"status": "reference cache", "path": str(cached.path), "key": cached.key, "pairs": len(cached)}
     lora_reference = p.loss.reference and p.model.uses_lora and cached is None
