@@ -46,6 +46,7 @@ class TrainConfig:
     # variable-length kernels); false: padded rows; or "shared_prefix" / "flat". Same values, less work.
     packing: bool | str = True
     compile: bool = False  # torch.compile the decoder of the policy and the live reference (see PairLogpsModel)
+    token_metrics: bool = True  # the policy's `entropy` and `mean_token_accuracy`, from the tiled LM head
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
@@ -137,7 +138,8 @@ class Trainer:
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
         needs = getattr(loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
         self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile,
-                                                         fields=needs, diagnostics=True), trainable=True)
+                                                         fields=needs, diagnostics=config.token_metrics),
+                                          trainable=True)
         self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile,
                                                              fields=needs), trainable=False)
                                 if reference is not None else None)

@@ -67,16 +67,25 @@ class _HeadLogprobs(torch.autograd.Function):
             b = bias[v0: v0 + cols].detach().to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
                 logits = torch.nn.functional.linear(h_all[r0: r0 + rows], w, b).float()
-                ls = torch.log_softmax(logits, dim=-1)
-                tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
-                if stats:
-                    q = ls.exp()
-                    tile_sq[t, r0: r0 + rows] = (q * q).sum(-1)
-                    tile_qlogq[t, r0: r0 + rows] = (q * ls).sum(-1)
-                    top, arg = logits.max(-1)
-                    better = top > best[r0: r0 + rows]  # strict: an earlier tile keeps a tie
-                    best[r0: r0 + rows] = torch.where(better, top, best[r0: r0 + rows])
-                    best_idx[r0: r0 + rows] = torch.where(better, arg + v0, best_idx[r0: r0 + rows])
+                if not stats:
+                    ls = torch.log_softmax(logits, dim=-1)
+                    tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
+                    continue
+                # The same normaliser by hand, so the statistics share its exp: d = z − max (in place), e = e^d,
+                # s = Σe: log Σ e^z = max + log s, Σq² = e·e / s², Σ q log q = e·d / s − log s. (`argmax` then a
+                # gather: on CPU, `max` with indices is several times slower.)
+                arg = logits.argmax(-1)
+                top = logits.gather(1, arg[:, None]).squeeze(1)
+                d = logits.sub_(top[:, None])
+                e = torch.exp(d)
+                total = e.sum(-1)
+                log_total = total.log()
+                tile_lse[t, r0: r0 + rows] = top + log_total
+                tile_sq[t, r0: r0 + rows] = torch.linalg.vecdot(e, e) / total ** 2
+                tile_qlogq[t, r0: r0 + rows] = torch.linalg.vecdot(e, d) / total - log_total
+                better = top > best[r0: r0 + rows]  # strict: an earlier tile keeps a tie, as torch.argmax
+                best[r0: r0 + rows] = torch.where(better, top, best[r0: r0 + rows])
+                best_idx[r0: r0 + rows] = torch.where(better, arg + v0, best_idx[r0: r0 + rows])
         lse = torch.logsumexp(tile_lse, dim=0)
         # the target's logit as the tile's matmul makes it: operands in `dt`, sum in float32, result rounded to `dt`
         target_logit = (h_all.float() * weight[targets].detach().to(dt).float()).sum(-1)
