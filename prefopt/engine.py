@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from prefopt.checkpoint import load_latest, save_checkpoint
@@ -198,6 +199,10 @@ class Trainer:
         holds the same policy after the step: the reference stays identical on every rank.
         """
         alpha = float(self.cfg.reference_sync_alpha)
+        for wrapped in (self.policy_logps, self.reference_model):  # FSDP2 keeps the root unsharded after a forward
+            for module in wrapped.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         ref = dict(self.reference.named_parameters())
         for name, p in self.policy.named_parameters():
             if alpha == 1.0:
