@@ -289,6 +289,9 @@ def test_mix_from_the_command_line_and_a_weight_sweep():
         weights.append(loss.hparams["components"][0]["weight"])
         assert [c["key"] for c in loss.hparams["components"]] == ["dpo", "bco_pair", "sft"]
     assert weights == [0.5, 0.8]
+    # a hyper-parameter the yaml's entry does not list is added with `+` (Hydra's rule for new keys)
+    loss = hydra.utils.instantiate(compose_cfg(["loss=mpo", "+loss.components.1.beta=0.05"]).loss)
+    assert loss.hparams["components"][1] == {"key": "bco_pair", "weight": 0.2, "beta": 0.05}
 
 
 def test_mix_with_field_losses_passes_the_fields():
