@@ -1,12 +1,16 @@
 # python benchmarks/bench_token_metrics.py  (from the repository root, PYTHONPATH=.)
 """Forward+backward of pair_logps on a tiny Qwen2 (hidden 64) with Qwen's 151,936-token vocabulary,
 token_metrics (diagnostics) on vs off, 8 pairs, packed; min and median of alternating repeats, CPU time of one thread (the machine is shared)."""
-import time, torch
+import time
+
+import torch
+
 torch.set_num_threads(1)
 from prefopt.data.arith import ArithmeticData
 from prefopt.data.batching import collate, tokenize_pairs
 from prefopt.logprobs import pair_logps
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+
 cfg = dict(vocab_size=151936, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, tie_word_embeddings=True)
 spec = ModelSpec(arch="qwen2", config=cfg, tokenizer="char")

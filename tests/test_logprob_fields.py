@@ -59,7 +59,7 @@ def naive(model, batch):
     log_sum_sq = torch.logsumexp(2 * logp, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     top1 = (logits.argmax(-1) == targets).float()
-    seq = lambda x: (x * mask).sum(1)  # noqa: E731
+    seq = lambda x: (x * mask).sum(1)
     return {"chosen": seq(tok)[:b], "rejected": seq(tok)[b:], "chosen_tokens": counts[:b], "rejected_tokens": counts[b:],
             "chosen_prefix": seq(tok * (pos <= m[:, None]))[:b], "rejected_prefix": seq(tok * (pos <= m[:, None]))[b:],
             "chosen_head": seq(tok - log_sum_sq)[:b], "rejected_head": seq(tok - log_sum_sq)[b:],

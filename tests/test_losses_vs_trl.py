@@ -16,9 +16,9 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[bench]' brings TRL 1.16)")
-from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
+from trl.trainer.dpo_trainer import DPOTrainer
 
-from prefopt.losses import PairLogps, get_loss  # noqa: E402
+from prefopt.losses import PairLogps, get_loss
 
 PROMPT = 3
 
