@@ -183,3 +183,48 @@ def test_sft_term_differs_from_trl_only_in_its_average():
     assert float(-p.chosen.sum() / p.chosen_tokens.sum()) == pytest.approx(float(theirs), rel=1e-10)
     if len(set(p.chosen_tokens.tolist())) > 1:
         assert float(ours.mean()) != pytest.approx(float(theirs), rel=1e-6)
+
+
+def test_head_statistics_equal_trls_fused_lm_head():
+    """WPO's Σ(log p − log Σp²), the entropy and the top-1 flags from prefopt's tiled head against TRL's own fused
+    LM head (`add_fused_lm_head`, the kernel behind `use_weighting`, `entropy` and `mean_token_accuracy`)."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from prefopt.data.arith import ArithmeticData
+    from prefopt.data.batching import collate, tokenize_pairs
+    from prefopt.logprobs import pair_logps
+    from prefopt.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec(arch="qwen2", config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                           "tie_word_embeddings": True}, tokenizer="char")
+    tok = load_tokenizer(spec)
+    model = load_model(spec, vocab_size=len(tok))
+    rows, _, _ = ArithmeticData(n_train=6, n_eval=2).load()
+    pairs, _ = tokenize_pairs(rows, tok, max_length=128, max_prompt_length=64)
+    batch = collate(pairs, tok.pad_token_id)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)  # a little language modelling: some targets become top-1
+    for _ in range(8):
+        opt.zero_grad()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+    ours = pair_logps(model, batch, chunk_elements=40, fields=("head_logps",), diagnostics=True)
+
+    fused = copy.deepcopy(model)
+    add_fused_lm_head(fused, outputs=("log_probs", "entropy", "log_sum_sq_probs", "is_top1"))
+    labels = batch.input_ids.masked_fill(~batch.completion_mask.bool(), -100)
+    with torch.no_grad():
+        out = fused(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, fused_lm_head=True)
+    mask = batch.completion_mask[:, 1:].float()
+    b = batch.num_pairs
+    head = ((out.log_probs - out.log_sum_sq_probs) * mask).sum(1)
+    entropy = (out.entropy * mask).sum(1)
+    top1 = (out.is_top1.float() * mask).sum(1)
+    torch.testing.assert_close(torch.cat([ours.chosen, ours.rejected]), out.log_probs.sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat([ours.chosen_head, ours.rejected_head]), head, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat([ours.chosen_entropy, ours.rejected_entropy]), entropy, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.chosen_top1, top1[:b])
+    assert 0 < float(top1[:b].sum()) < float(mask[:b].sum())
