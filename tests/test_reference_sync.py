@@ -114,22 +114,32 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_run, tmp_path):
     assert plain["metrics"]["eval/rewards/chosen"] != pytest.approx(full["metrics"]["eval/rewards/chosen"], abs=1e-6)
 
 
-def test_fsdp_two_processes_follow_the_single_process_trajectory(tmp_path):
-    """Under FSDP2 each rank lerps its own shard of the reference toward the same shard of the policy: two
-    processes give the single process's trajectory, and the checkpoint (written collectively) holds the
-    full reference."""
+SYNC = ["reference_sync.every=2", "reference_sync.alpha=0.5", "lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def single_sync(tmp_path_factory):
+    from tests.test_distributed import launch
+
+    return launch(tmp_path_factory.mktemp("sync"), "single", 1, "hardware=cpu", "hardware.threads=1", *SYNC)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(single_sync, tmp_path, strategy):
+    """Every rank updates the reference identically: under DDP each rank lerps its own copy toward the same
+    (all-reduced) policy, under FSDP2 its own shard toward the same shard of the policy. Two processes give the
+    single process's trajectory, and the checkpoint (written collectively under FSDP) holds the full reference."""
     from tests.test_distributed import launch, trajectory
 
-    sync = ["reference_sync.every=2", "reference_sync.alpha=0.5", "lr=1e-2"]
-    single = launch(tmp_path, "single", 1, "hardware=cpu", "hardware.threads=1", *sync)
-    fsdp = launch(tmp_path, "fsdp", 2, "hardware=fsdp", "hardware.mixed_precision=null", *sync)
-    ours, ref = trajectory(fsdp), trajectory(single)
+    extra = ["hardware.mixed_precision=null"] if strategy == "fsdp" else []
+    run = launch(tmp_path, strategy, 2, f"hardware={strategy}", *extra, *SYNC)
+    ours, ref = trajectory(run), trajectory(single_sync)
     assert [s for s, _ in ours] == [s for s, _ in ref]
     for (step, a), (_, b) in zip(ours, ref):
         for k in a:
             assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), (step, k)
-    state = torch.load(fsdp / "checkpoints" / "step_00000005" / "trainer.pt", weights_only=False)
-    single_state = torch.load(single / "checkpoints" / "step_00000005" / "trainer.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "step_00000005" / "trainer.pt", weights_only=False)
+    single_state = torch.load(single_sync / "checkpoints" / "step_00000005" / "trainer.pt", weights_only=False)
     assert state["reference"].keys() == single_state["reference"].keys()
     for name, value in single_state["reference"].items():
         torch.testing.assert_close(state["reference"][name], value, rtol=1e-5, atol=1e-6)
