@@ -152,6 +152,13 @@ def _check_nodes(cfg: DictConfig, objects: dict, found: list[str], read_data: bo
         if length and cfg.data.max_length > length:
             found.append(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
                          f"({length} positions): lower data.max_length")
+    every = cfg.get("reference_sync", {}).get("every")
+    if every and cfg.get("reference_cache"):
+        found.append(f"reference_sync.every={every} cannot be combined with reference_cache: the cache holds the "
+                     f"initial reference's log-probs, which TR-DPO changes; set reference_cache=null")
+    if every and model is not None and model.uses_lora:
+        found.append(f"reference_sync.every={every} is not supported with LoRA (the reference is the base model, "
+                     f"adapters off, which cannot move); set reference_sync.every=null or train without LoRA")
     if cfg.data.get("truncation", "keep_end") not in TRUNCATION:
         found.append(f"data.truncation={cfg.data.truncation!r}: must be one of {', '.join(TRUNCATION)}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
@@ -47,6 +48,10 @@ class TrainConfig:
     # variable-length kernels); false: padded rows; or "shared_prefix" / "flat". Same values, less work.
     packing: bool | str = True
     compile: bool = False  # torch.compile the decoder of the policy and the live reference (see PairLogpsModel)
+    token_metrics: bool = True  # the policy's `entropy` and `mean_token_accuracy`, from the tiled LM head
+    # TR-DPO: every `reference_sync_every` optimizer steps θ_ref ← α·θ + (1 − α)·θ_ref (None/0: never)
+    reference_sync_every: int | None = None
+    reference_sync_alpha: float = 0.6
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
@@ -66,6 +71,12 @@ class TrainConfig:
             raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {self.packing!r})")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
+        every = self.reference_sync_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise ConfigError(f"reference_sync.every must be a number of steps >= 1, or null (got {every!r})")
+        alpha = self.reference_sync_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ConfigError(f"reference_sync.alpha must be in (0, 1] (got {alpha!r})")
 
 
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None) -> dict[str, torch.Tensor]:
@@ -80,6 +91,10 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None
     if reference is not None:
         m["dcr/chosen_logp_delta_per_token"] = ((policy.chosen - reference.chosen).detach() / policy.chosen_tokens).float()
         m["dcr/rejected_logp_delta_per_token"] = ((policy.rejected - reference.rejected).detach() / policy.rejected_tokens).float()
+    if policy.chosen_entropy is not None:  # TRL's names: the policy's per-token entropy on both completions, and
+        tokens = (policy.chosen_tokens + policy.rejected_tokens).float()  # the share of chosen tokens it ranks first
+        m["entropy"] = ((policy.chosen_entropy + policy.rejected_entropy).detach() / tokens).float()
+        m["mean_token_accuracy"] = (policy.chosen_top1.detach() / policy.chosen_tokens).float()
     return m
 
 
@@ -128,16 +143,23 @@ class Trainer:
         self.external_reference = reference_logps  # pairs -> reference PairLogps, e.g. prefopt.reference's cache
         self.packing = packing_layout(config.packing, policy)  # the batch layout: shared_prefix, flat or None
         self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
+        self.reference = reference
+        self.sync_every = config.reference_sync_every or 0  # TR-DPO; see `sync_reference`
+        if self.sync_every:
+            self._check_reference_sync()
 
         if hardware.is_main:
             remove_partial(self.ckpt_dir)  # a killed save's `.tmp-step_*` holds the space the next save needs
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
-        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile),
+        needs = getattr(loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
+        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile,
+                                                         fields=needs, diagnostics=config.token_metrics),
                                           trainable=True)
-        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile),
-                                              trainable=False) if reference is not None else None)
+        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile,
+                                                             fields=needs), trainable=False)
+                                if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)
         self.scheduler = scheduler_factory(self.optimizer)
@@ -158,6 +180,38 @@ class Trainer:
                 with self.reference_context():
                     return self.policy_logps(batch)
             return self.reference_model(batch)
+
+    def _check_reference_sync(self) -> None:
+        every = f"reference_sync.every={self.sync_every}"
+        if not self.loss.reference:
+            raise ConfigError(f"{every}: loss {self.loss.key!r} is reference-free, there is no reference to update; "
+                              f"set reference_sync.every=null")
+        if self.external_reference is not None:
+            raise ConfigError(f"{every} cannot be combined with reference_cache: the cache holds the initial "
+                              f"reference's log-probs, which TR-DPO changes; set reference_cache=null")
+        if self.reference is None:  # LoRA: the reference is the policy with its adapters off
+            raise ConfigError(f"{every} is not supported with LoRA (the reference is the base model, adapters off, "
+                              f"which cannot move); set reference_sync.every=null or train without LoRA")
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): θ_ref ← α·θ + (1 − α)·θ_ref (α = 1: a copy).
+
+        Parameter by parameter on the unwrapped modules, so under FSDP each rank updates its own shard of
+        the reference from the same shard of the policy (both are sharded alike), and under DDP every rank
+        holds the same policy after the step: the reference stays identical on every rank.
+        """
+        alpha = float(self.cfg.reference_sync_alpha)
+        for wrapped in (self.policy_logps, self.reference_model):  # FSDP2 keeps the root unsharded after a forward
+            for module in wrapped.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        ref = dict(self.reference.named_parameters())
+        for name, p in self.policy.named_parameters():
+            if alpha == 1.0:
+                ref[name].copy_(p)
+            else:
+                ref[name].lerp_(p.to(ref[name].dtype), alpha)
 
     def collate(self, pairs: Sequence[TokenizedPair]) -> PreferenceBatch:
         """A micro-batch on the device, with its cached reference log-probs when a cache is in use."""
@@ -238,7 +292,8 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "loss": self.loss.state_dict(), "rng": rng_state(),
-                "skipped_steps": self.skipped_steps, "finished": self.finished, "config": self.config_record}
+                "skipped_steps": self.skipped_steps, "finished": self.finished, "config": self.config_record,
+                **({"reference": self.hw.full_state_dict(self.reference)} if self.sync_every else {})}
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (collective under FSDP: every rank calls it, rank 0 writes)."""
@@ -268,6 +323,10 @@ class Trainer:
         self.hw.load_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
+        if self.sync_every:  # TR-DPO: the reference as it was at that step, not the initial policy
+            if "reference" not in state:
+                raise ConfigError(f"{path} has no reference weights: it was written without reference_sync.every")
+            self.hw.load_full_state_dict(self.reference, state["reference"])
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         # finished = its final evaluation and checkpoint were written; a resume with more steps goes on
@@ -287,6 +346,8 @@ class Trainer:
                 metrics = self.train_step()
                 if self.step == first + 1:
                     log.info("step %d done %.1f s after the process started", self.step, process_age_s())
+                if self.sync_every and self.step % self.sync_every == 0:
+                    self.sync_reference()  # before this step's evaluation and checkpoint
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                     metrics.update(self.evaluate())
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:

@@ -108,6 +108,15 @@ class Hardware:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def load_full_state_dict(self, model: torch.nn.Module, state: dict) -> None:
+        """Load a full (unsharded) state dict, e.g. from `full_state_dict`, into a possibly sharded model."""
+        if not (self.distributed and self.strategy == "fsdp"):
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
     def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

@@ -15,13 +15,15 @@ per-row factors are folded into the small (tokens × hidden) operands of the gra
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from prefopt.data.batching import PreferenceBatch
 from prefopt.errors import ConfigError
 from prefopt.losses import PairLogps
+from prefopt.losses.base import FIELD_GROUPS
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per tile: 4M floats = 16 MB in float32 (fits a CPU's last-level cache)
 VOCAB_TILE = 4096  # vocabulary columns per tile
@@ -32,25 +34,59 @@ def _tiles(n: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
     return max(1, chunk_elements // cols), cols
 
 
+# Columns of the per-token statistics the tiled head can return beside the log-probs (no gradient).
+STAT_LOG_SUM_SQ, STAT_ENTROPY, STAT_TOP1 = 0, 1, 2
+
+
 class _HeadLogprobs(torch.autograd.Function):
-    """log softmax(h Wᵀ + b)[target] for N hidden states, tile by tile; see the module docstring."""
+    """log softmax(h Wᵀ + b)[target] for N hidden states, tile by tile; see the module docstring.
+
+    With `stats`, also (N, 3) per-token statistics of the whole next-token distribution p, from the same
+    tiles and without a (tokens × vocabulary) tensor beyond one tile: log Σ_v p_v² (WPO's normaliser,
+    = logsumexp(2z) − 2·logsumexp(z)), the entropy −Σ_v p_v log p_v, and whether the target is the argmax
+    (ties go to the lowest index, as torch.argmax). They carry no gradient. Per tile t with in-tile softmax
+    q = softmax(z_t), log-normaliser L_t and weight w_t = e^{L_t − L}: Σ p² = Σ_t w_t²·Σ q², and
+    H = −Σ_t w_t·(Σ q·log q + L_t − L).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_elements):
+    def forward(ctx, hidden, weight, bias, targets, chunk_elements, stats=False):
         n, vocab = hidden.shape[0], weight.shape[0]
         rows, cols = _tiles(n, vocab, chunk_elements)
         device = hidden.device.type
         # Under autocast the matmuls run in its dtype, in backward too (autocast is off there): cast explicitly.
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         h_all = hidden.detach().to(dt)
-        tile_lse = torch.empty((math.ceil(vocab / cols), n), dtype=torch.float32, device=hidden.device)
+        n_tiles = math.ceil(vocab / cols)
+        tile_lse = torch.empty((n_tiles, n), dtype=torch.float32, device=hidden.device)
+        if stats:  # per tile: Σ q², Σ q·log q, and the best logit with its column
+            tile_sq, tile_qlogq = torch.empty_like(tile_lse), torch.empty_like(tile_lse)
+            best = torch.full((n,), -math.inf, dtype=torch.float32, device=hidden.device)
+            best_idx = torch.zeros(n, dtype=torch.long, device=hidden.device)
         for t, v0 in enumerate(range(0, vocab, cols)):
             w = weight[v0: v0 + cols].detach().to(dt)
             b = bias[v0: v0 + cols].detach().to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
                 logits = torch.nn.functional.linear(h_all[r0: r0 + rows], w, b).float()
-                ls = torch.log_softmax(logits, dim=-1)
-                tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
+                if not stats:
+                    ls = torch.log_softmax(logits, dim=-1)
+                    tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
+                    continue
+                # The same normaliser by hand, so the statistics share its exp: d = z − max (in place), e = e^d,
+                # s = Σe: log Σ e^z = max + log s, Σq² = e·e / s², Σ q log q = e·d / s − log s. (`argmax` then a
+                # gather: on CPU, `max` with indices is several times slower.)
+                arg = logits.argmax(-1)
+                top = logits.gather(1, arg[:, None]).squeeze(1)
+                d = logits.sub_(top[:, None])
+                e = torch.exp(d)
+                total = e.sum(-1)
+                log_total = total.log()
+                tile_lse[t, r0: r0 + rows] = top + log_total
+                tile_sq[t, r0: r0 + rows] = torch.linalg.vecdot(e, e) / total ** 2
+                tile_qlogq[t, r0: r0 + rows] = torch.linalg.vecdot(e, d) / total - log_total
+                better = top > best[r0: r0 + rows]  # strict: an earlier tile keeps a tie, as torch.argmax
+                best[r0: r0 + rows] = torch.where(better, top, best[r0: r0 + rows])
+                best_idx[r0: r0 + rows] = torch.where(better, arg + v0, best_idx[r0: r0 + rows])
         lse = torch.logsumexp(tile_lse, dim=0)
         # the target's logit as the tile's matmul makes it: operands in `dt`, sum in float32, result rounded to `dt`
         target_logit = (h_all.float() * weight[targets].detach().to(dt).float()).sum(-1)
@@ -59,10 +95,18 @@ class _HeadLogprobs(torch.autograd.Function):
         target_logit = target_logit.to(dt).float()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, tile_lse)
         ctx.chunk_elements, ctx.dt = chunk_elements, dt
-        return target_logit - lse
+        if stats:
+            rel = tile_lse - lse  # log w_t
+            log_sum_sq = torch.logsumexp(2 * rel + tile_sq.log(), dim=0)
+            entropy = -(rel.exp() * (tile_qlogq + rel)).sum(0)
+            table = torch.stack([log_sum_sq, entropy, (best_idx == targets).float()], dim=1)
+        else:
+            table = torch.zeros((n, 0), dtype=torch.float32, device=hidden.device)
+        ctx.mark_non_differentiable(table)
+        return target_logit - lse, table
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_table=None):
         hidden, weight, bias, targets, lse, tile_lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -97,15 +141,21 @@ class _HeadLogprobs(torch.autograd.Function):
         if need_b:
             grad_b.index_add_(0, targets, g)
         return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None)
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """log p(target) for N hidden states (N, H) under the LM head, `chunk_elements` logits at a time."""
+                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, stats: bool = False):
+    """log p(target) for N hidden states (N, H) under the LM head, `chunk_elements` logits at a time.
+
+    With `stats`: (log-probs, (N, 3) statistics: columns STAT_LOG_SUM_SQ, STAT_ENTROPY, STAT_TOP1), see
+    `_HeadLogprobs`."""
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0 * head.weight.sum()  # keeps the graph connected
-    return _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements)
+        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * head.weight.sum()  # keeps the graph connected
+        return (empty, hidden.new_zeros((0, 3), dtype=torch.float32)) if stats else empty
+    logps, table = _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements,
+                                       stats)
+    return (logps, table) if stats else logps
 
 
 def _positions(batch: PreferenceBatch):
@@ -113,6 +163,37 @@ def _positions(batch: PreferenceBatch):
     mask = batch.completion_mask[:, 1:]
     rows, cols = mask.nonzero(as_tuple=True)
     return rows, cols, batch.input_ids[:, 1:][rows, cols], mask.sum(dim=1)
+
+
+@dataclass
+class ScoredTokens:
+    """The scored completion tokens of a batch's 2B sequences, whatever the layout.
+
+    `token_logps` (S,) are the log-probs of the scored tokens; contribution k adds token `contrib_score[k]`
+    to sequence `contrib_seq[k]` (a shared-prefix token counts for chosen and rejected), and each sequence's
+    contributions come in completion order. `stats` (S, 3) when asked for (see `_HeadLogprobs`).
+    """
+
+    token_logps: torch.Tensor
+    stats: torch.Tensor | None
+    contrib_score: torch.Tensor
+    contrib_seq: torch.Tensor
+    counts: torch.Tensor
+
+    def per_sequence(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over each sequence's completion tokens of a per-scored-token value, (2B,)."""
+        v, seq = values[self.contrib_score], self.contrib_seq
+        if keep is not None:
+            v, seq = v[keep], seq[keep]
+        return torch.zeros(self.counts.shape[0], dtype=v.dtype, device=v.device).index_add(0, seq, v)
+
+    def completion_position(self) -> torch.Tensor:
+        """1-based position of each contribution's token within its sequence's completion, (C,)."""
+        seq = self.contrib_seq
+        ordered, order = torch.sort(seq, stable=True)
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        rank = torch.arange(seq.shape[0], device=seq.device) - starts.to(seq.device)[ordered] + 1
+        return torch.empty_like(rank).scatter_(0, order, rank)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
@@ -123,19 +204,26 @@ def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
     Sequences are the batch's 2B prompt+completion sequences (chosen, then rejected), whatever its layout.
     `backbone`: what to call instead of `model.get_decoder()` (e.g. its `torch.compile`d form).
     """
+    scored = score_tokens(model, batch, chunk_elements, backbone)
+    return scored.per_sequence(scored.token_logps), scored.counts.to(scored.token_logps.dtype)
+
+
+def score_tokens(model: torch.nn.Module, batch: PreferenceBatch, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 backbone: Callable | None = None, stats: bool = False) -> ScoredTokens:
+    """One forward over all rows, then the tiled LM head at the scored positions only (any layout)."""
     backbone = model.get_decoder() if backbone is None else backbone
     if batch.packed is not None:
-        return _packed_sequence_logps(model, backbone, batch, chunk_elements)
+        return _packed_scored(model, backbone, batch, chunk_elements, stats)
     head = model.get_output_embeddings()
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     rows, cols, targets, counts = _positions(batch)
-    token_logps = chunked_token_logps(hidden[rows, cols], head, targets, chunk_elements)
-    sums = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add(0, rows, token_logps), counts.to(token_logps.dtype)
+    out = chunked_token_logps(hidden[rows, cols], head, targets, chunk_elements, stats=stats)
+    token_logps, table = out if stats else (out, None)
+    return ScoredTokens(token_logps, table, torch.arange(rows.shape[0], device=rows.device), rows, counts)
 
 
-def _packed_sequence_logps(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
-                           chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_scored(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
+                   chunk_elements: int, stats: bool) -> ScoredTokens:
     # A 4D mask is passed through as is (transformers' masking utils return it unchanged): boolean for sdpa,
     # additive for eager attention (which adds it to the scores).
     pk = batch.packed
@@ -148,9 +236,9 @@ def _packed_sequence_logps(model: torch.nn.Module, backbone: Callable, batch: Pr
         hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=pk.position_ids,
                           use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
-    token_logps = chunked_token_logps(flat[pk.score_index], head, pk.score_target, chunk_elements)
-    sums = torch.zeros(2 * batch.num_pairs, dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add(0, pk.contrib_seq, token_logps[pk.contrib_score]), pk.counts.to(token_logps.dtype)
+    out = chunked_token_logps(flat[pk.score_index], head, pk.score_target, chunk_elements, stats=stats)
+    token_logps, table = out if stats else (out, None)
+    return ScoredTokens(token_logps, table, pk.contrib_score, pk.contrib_seq, pk.counts)
 
 
 MATH_ATTENTION_MAX_LENGTH = 1024
@@ -205,10 +293,35 @@ def plain_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tupl
 
 
 def pair_logps(model: torch.nn.Module, batch: PreferenceBatch,
-               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backbone: Callable | None = None) -> PairLogps:
-    sums, counts = sequence_logps(model, batch, chunk_elements, backbone)
+               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backbone: Callable | None = None,
+               fields: Sequence[str] = (), diagnostics: bool = False) -> PairLogps:
+    """The batch's `PairLogps`; the optional field groups in `fields` (a loss's `needs`, see
+    `prefopt.losses.base.FIELD_GROUPS`) and, with `diagnostics`, the entropy / top-1 sums for the metrics.
+
+    `prefix_logps`: ℓ_{≤m}, the sum over the first m = min(n_w, n_l) completion tokens of each sequence
+    (differentiable). `head_logps`: Σ_t (log p_t − log Σ_v p_v²) (detached). Both come from the tiled head's
+    per-token values: nothing of vocabulary size is kept.
+    """
+    unknown = set(fields) - set(FIELD_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown PairLogps field groups {sorted(unknown)}; known: {sorted(FIELD_GROUPS)}")
+    scored = score_tokens(model, batch, chunk_elements, backbone, stats=diagnostics or "head_logps" in fields)
+    sums, counts = scored.per_sequence(scored.token_logps), scored.counts.to(scored.token_logps.dtype)
     b = batch.num_pairs
-    return PairLogps(chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:])
+    extra: dict[str, torch.Tensor] = {}
+    if "prefix_logps" in fields:
+        m = torch.minimum(scored.counts[:b], scored.counts[b:]).repeat(2)
+        keep = scored.completion_position() <= m[scored.contrib_seq]
+        prefix = scored.per_sequence(scored.token_logps, keep)
+        extra.update(chosen_prefix=prefix[:b], rejected_prefix=prefix[b:])
+    if "head_logps" in fields:
+        head = scored.per_sequence(scored.token_logps.detach() - scored.stats[:, STAT_LOG_SUM_SQ])
+        extra.update(chosen_head=head[:b], rejected_head=head[b:])
+    if diagnostics:
+        entropy = scored.per_sequence(scored.stats[:, STAT_ENTROPY])
+        top1 = scored.per_sequence(scored.stats[:, STAT_TOP1])
+        extra.update(chosen_entropy=entropy[:b], rejected_entropy=entropy[b:], chosen_top1=top1[:b])
+    return PairLogps(chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:], **extra)
 
 
 class PairLogpsModel(torch.nn.Module):
@@ -224,21 +337,24 @@ class PairLogpsModel(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 autocast: torch.dtype | None = None, compile: bool = False):
+                 autocast: torch.dtype | None = None, compile: bool = False, fields: Sequence[str] = (),
+                 diagnostics: bool = False):
         super().__init__()
         self.model = model
         self.chunk_elements = chunk_elements
         self.autocast = autocast
+        self.fields, self.diagnostics = tuple(fields), diagnostics  # see `pair_logps`
         if compile:
             check_compiler(next(model.parameters()).device)
         # in __dict__, not as a submodule: a submodule would add `_orig_mod.` keys to this module's state dict
         self.__dict__["compiled_backbone"] = torch.compile(model.get_decoder(), dynamic=True) if compile else None
 
     def forward(self, batch: PreferenceBatch) -> PairLogps:
+        args = (self.model, batch, self.chunk_elements, self.compiled_backbone, self.fields, self.diagnostics)
         if self.autocast is None:
-            return pair_logps(self.model, batch, self.chunk_elements, self.compiled_backbone)
+            return pair_logps(*args)
         with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
-            return pair_logps(self.model, batch, self.chunk_elements, self.compiled_backbone)
+            return pair_logps(*args)
 
 
 def autocast_dtype(hardware) -> torch.dtype | None:

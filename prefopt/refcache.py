@@ -29,11 +29,18 @@ from prefopt.errors import ConfigError, TrainingError
 from prefopt.io import atomic_target, cache_key
 from prefopt.logprobs import PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import PairLogps
+from prefopt.losses.base import FIELD_GROUPS
 
 log = logging.getLogger("prefopt")
 
 DEFAULT_DIR = "outputs/cache/reference"
 FORMAT = 1  # bump when the meaning of the stored values changes
+
+
+def _columns(fields: Sequence[str]) -> list[str]:
+    """The stored columns: the four sums, then the two of each optional field group a loss needs (sorted)."""
+    return ["chosen", "rejected", "chosen_tokens", "rejected_tokens"] + [
+        name for group in sorted(fields) for name in FIELD_GROUPS[group]]
 
 
 def cache_dir(setting: str | None, loss) -> Path | None:
@@ -70,10 +77,13 @@ def _local_files(path: str | None) -> list | None:
 
 def cache_header(*, spec, model: torch.nn.Module, tokenizer, data_fingerprint: str, tokenize: dict[str, Any],
                  train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair],
-                 autocast: str | None = None) -> dict[str, Any]:
-    """Everything the reference log-probs depend on; `cache_key` hashes it into the file name."""
+                 autocast: str | None = None, fields: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything the reference log-probs depend on; `cache_key` hashes it into the file name.
+
+    `fields`: the optional `PairLogps` field groups stored beside the four sums (a loss's `needs`); absent
+    from the header when there are none, so the caches of the other losses keep their keys."""
     config = getattr(model, "config", None)
-    return {
+    header = {
         "format": FORMAT,
         "reference": {  # the initial policy (LoRA: its base, adapters off)
             "identity": spec.identity, "config": dict(spec.config), "dtype": spec.dtype,
@@ -92,6 +102,9 @@ def cache_header(*, spec, model: torch.nn.Module, tokenizer, data_fingerprint: s
         "tokenize": dict(tokenize),  # template on/off, system prompt, max lengths (truncation is keep-prompt-end)
         "numerics": {"autocast": autocast},
     }
+    if fields:
+        header["fields"] = sorted(fields)
+    return header
 
 
 def reference_key(header: dict[str, Any]) -> str:
@@ -103,8 +116,9 @@ class ReferenceCache:
     """Reference `PairLogps` of known pairs: `cache(pairs)` returns them for a micro-batch, on `device`."""
 
     def __init__(self, pairs: Sequence[TokenizedPair], values: torch.Tensor, key: str, path: Path | None,
-                 device: torch.device | str = "cpu"):
-        if values.shape != (len(pairs), 4):
+                 device: torch.device | str = "cpu", fields: Sequence[str] = ()):
+        self.columns = _columns(fields)
+        if values.shape != (len(pairs), len(self.columns)):
             raise ValueError(f"reference values of shape {tuple(values.shape)} for {len(pairs)} pairs")
         self.index = {p: i for i, p in enumerate(pairs)}  # by value: equal pairs have equal reference values
         self.values = values.to(device)
@@ -119,18 +133,19 @@ class ReferenceCache:
         except KeyError as exc:
             raise TrainingError(f"pair {exc.args[0].pair_id!r} is not in the reference cache {self.path}") from None
         v = self.values[torch.tensor(idx, device=self.values.device)]
-        return PairLogps(chosen=v[:, 0], rejected=v[:, 1], chosen_tokens=v[:, 2], rejected_tokens=v[:, 3])
+        return PairLogps(**{name: v[:, i] for i, name in enumerate(self.columns)})
 
 
 @torch.no_grad()
 def compute_values(logps: Callable, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch_size: int,
-                   packing: bool | str | None, device: torch.device) -> torch.Tensor:
-    """(N, 4) float32: chosen, rejected, chosen tokens, rejected tokens, by the engine's own log-prob path."""
-    out = []
+                   packing: bool | str | None, device: torch.device, fields: Sequence[str] = ()) -> torch.Tensor:
+    """(N, 4 + 2·fields) float32: chosen, rejected, chosen tokens, rejected tokens (then the field groups'
+    columns, see `_columns`), by the engine's own log-prob path."""
+    out, columns = [], _columns(fields)
     for micro in micro_batches(list(pairs), micro_batch_size):
         lp = logps(collate(micro, pad_id, packing=packing).to(device))
-        out.append(torch.stack([lp.chosen, lp.rejected, lp.chosen_tokens, lp.rejected_tokens], dim=1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 4)
+        out.append(torch.stack([getattr(lp, c) for c in columns], dim=1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, len(columns))
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -148,7 +163,7 @@ def save(path: Path, key: str, header: dict, tensors: dict[str, torch.Tensor]) -
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-def load(path: Path, key: str, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
+def load(path: Path, key: str, sizes: dict[str, int], width: int = 4) -> dict[str, torch.Tensor] | None:
     """The stored tensors, or None when the file is missing; a damaged or mismatching file is None too (logged)."""
     if not path.is_file():
         return None
@@ -161,7 +176,7 @@ def load(path: Path, key: str, sizes: dict[str, int]) -> dict[str, torch.Tensor]
         problem = None
         if meta.get("key") != key:
             problem = "its key does not match its name"
-        elif sorted(tensors) != sorted(sizes) or any(tensors[k].shape != (n, 4) for k, n in sizes.items()):
+        elif sorted(tensors) != sorted(sizes) or any(tensors[k].shape != (n, width) for k, n in sizes.items()):
             problem = f"it holds {({k: tuple(v.shape) for k, v in tensors.items()})}, expected {sizes} pairs"
         elif meta.get("sha256") != _checksum(tensors):
             problem = "its checksum does not match"
@@ -180,7 +195,8 @@ def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Mod
     key = reference_key(header)
     path = directory / f"{key}.safetensors"
     sizes = {"train": len(train_pairs), "eval": len(eval_pairs)}
-    tensors = load(path, key, sizes)
+    fields = header.get("fields", ())
+    tensors = load(path, key, sizes, len(_columns(fields)))
     if tensors is not None:
         log.info("reference log-probs: loaded %d pairs from cache %s (key %s); no reference model",
                  sum(sizes.values()), path, key[:16])
@@ -188,7 +204,7 @@ def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Mod
         t0, was_training = time.perf_counter(), model.training
         model.eval()
         try:
-            tensors = {name: compute_values(logps, pairs, pad_id, micro_batch_size, packing, device)
+            tensors = {name: compute_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)
                        for name, pairs in (("train", train_pairs), ("eval", eval_pairs))}
         finally:
             model.train(was_training)
@@ -197,13 +213,13 @@ def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Mod
         log.info("reference log-probs: computed %d pairs in %.1f s (cache key %s) -> %s",
                  sum(sizes.values()), time.perf_counter() - t0, key[:16], path)
     pairs = list(train_pairs) + list(eval_pairs)
-    values = torch.cat([tensors["train"], tensors["eval"]]) if pairs else torch.zeros(0, 4)
-    return ReferenceCache(pairs, values, key, path, device)
+    values = torch.cat([tensors["train"], tensors["eval"]]) if pairs else torch.zeros(0, len(_columns(fields)))
+    return ReferenceCache(pairs, values, key, path, device, fields)
 
 
 def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer, data, tokenize: dict[str, Any],
                     train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], train_cfg,
-                    hardware) -> ReferenceCache:
+                    hardware, fields: Sequence[str] = ()) -> ReferenceCache:
     """The run's reference cache, built from the initial `policy` (before any checkpoint is loaded into it).
 
     The reference *is* the initial policy, so no second model is needed: the pass runs on the policy itself
@@ -212,8 +228,8 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
     autocast = autocast_dtype(hardware)  # the same arithmetic as a live reference of this run
     header = cache_header(spec=spec, model=policy, tokenizer=tokenizer, data_fingerprint=data.fingerprint(),
                           tokenize=tokenize, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                          autocast=str(autocast) if autocast else None)
-    logps_model = PairLogpsModel(policy, train_cfg.chunk_elements, autocast)
+                          autocast=str(autocast) if autocast else None, fields=fields)
+    logps_model = PairLogpsModel(policy, train_cfg.chunk_elements, autocast, fields=fields)
 
     def logps(batch):
         if getattr(spec, "uses_lora", False):

@@ -163,7 +163,7 @@ def cached_reference(plan: RunPlan, policy, inputs: Inputs, hw, directory: Path)
     """Reference log-probs of the initial policy from (or into) the disk cache in `directory`."""
     return reference_cache(directory, spec=inputs.prepared.model, policy=policy, tokenizer=inputs.tokenizer,
                            data=inputs.prepared.data, tokenize=plan.tokenize, train_pairs=inputs.train_pairs,
-                           eval_pairs=inputs.eval_pairs, train_cfg=plan.train, hardware=hw)
+                           eval_pairs=inputs.eval_pairs, train_cfg=plan.train, hardware=hw, fields=plan.loss.needs)
 
 
 def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> Reference:

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
     ("loss=bpo loss.alpha=abc", "loss.alpha='abc': must be a number (loss 'bpo')"),
     ("loss=bpo loss.form=3", "loss.form=3: must be a string (loss 'bpo')"),
     ("loss=ipo loss.length_normalize=maybe", "loss.length_normalize='maybe': must be true or false (loss 'ipo')"),
+    ("reference_sync.every=2 reference_cache=auto", "reference_sync.every=2 cannot be combined with reference_cache"),
+    ("reference_sync.every=2 model.lora.r=4", "reference_sync.every=2 is not supported with LoRA"),
     ("data.truncation=middle", "data.truncation='middle': must be one of keep_end, keep_start, drop"),
 ])
 def test_a_bad_value_is_named_before_any_model_loads(override, message, monkeypatch):

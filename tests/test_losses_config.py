@@ -33,7 +33,30 @@ SPEC_DEFAULTS = {
     "rpo": {"beta": 0.1, "nll_weight": 1.0},
     "typo": {"beta": 0.1, "kl_weight": 1.0},
 }
-REFERENCE_FREE = {"simpo", "orpo"}
+# spec/losses.md, "More losses (second batch)", plus `sft` (the mixture's component) and the MPO yaml.
+SPEC_DEFAULTS_SECOND = {
+    "dpo": {"beta": 0.1, "divergence": "reverse_kl", "divergence_alpha": 0.5},
+    "exo": {"beta": 0.1, "label_smoothing": 1e-3},
+    "bco_pair": {"beta": 0.1},
+    "sppo": {"beta": 0.1},
+    "aot": {"beta": 0.1, "label_smoothing": 0.0},
+    "aot_unpaired": {"beta": 0.1, "label_smoothing": 0.0},
+    "discopop": {"beta": 0.1, "tau": 0.05},
+    "dpo_norm": {"beta": 0.1},
+    "cpo": {"beta": 0.1, "nll_weight": 1.0},
+    "ld_dpo": {"beta": 0.1, "ld_alpha": 0.5},
+    "wpo": {"beta": 0.1},
+    "sft": {},
+    "mix": {"components": [{"key": "dpo", "weight": 1.0}]},
+    "mpo": {"components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
+                           {"key": "sft", "weight": 1.0}]},
+}
+FIRST_BATCH_KEYS = set(SPEC_DEFAULTS)
+SPEC_DEFAULTS = {**SPEC_DEFAULTS, **SPEC_DEFAULTS_SECOND}
+REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
+NEEDS = {"ld_dpo": ("prefix_logps",), "wpo": ("head_logps",)}
+COMPOSITE = {"mix", "mpo"}  # reference and needs come from their components
+WITH_BETA = sorted(k for k, v in SPEC_DEFAULTS.items() if "beta" in v)
 
 
 def yaml_path(key):
@@ -41,7 +64,7 @@ def yaml_path(key):
 
 
 def test_yaml_stems_are_the_spec_keys():
-    assert len(SPEC_DEFAULTS) == 17
+    assert len(FIRST_BATCH_KEYS) == 17 and len(SPEC_DEFAULTS) == 17 + 13
     assert set(available_losses()) == set(SPEC_DEFAULTS)
     assert set(LOSS_KEYS) == set(SPEC_DEFAULTS)
 
@@ -53,9 +76,14 @@ def test_yaml_shape(key):
     node = OmegaConf.load(yaml_path(key))
     assert node._target_ == "prefopt.losses.Loss"
     assert node.key == key
-    assert node.reference is (key not in REFERENCE_FREE)
-    assert OmegaConf.to_container(node)["beta"] == f"${{top_or:beta,{SPEC_DEFAULTS[key]['beta']}}}"
-    hparams = [k for k in node if k not in ("_target_", "key", "fn", "reference")]
+    if key in COMPOSITE:
+        assert node.reference is None and node.needs is None
+    else:
+        assert node.reference is (key not in REFERENCE_FREE)
+        assert tuple(node.get("needs", ())) == NEEDS.get(key, ())
+    if "beta" in SPEC_DEFAULTS[key]:
+        assert OmegaConf.to_container(node)["beta"] == f"${{top_or:beta,{SPEC_DEFAULTS[key]['beta']}}}"
+    hparams = [k for k in node if k not in ("_target_", "key", "fn", "reference", "needs")]
     assert hparams == list(SPEC_DEFAULTS[key])  # same names, in the spec's order
 
 
@@ -64,10 +92,12 @@ def test_get_loss_defaults_are_the_spec_defaults(key):
     loss = get_loss(key)
     assert isinstance(loss, Loss) and loss.key == key
     assert loss.hparams == SPEC_DEFAULTS[key]
+    assert loss.reference is (key not in REFERENCE_FREE)
+    assert loss.needs == NEEDS.get(key, ())
     assert {k: type(v) for k, v in loss.hparams.items()} == {k: type(v) for k, v in SPEC_DEFAULTS[key].items()}
 
 
-@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+@pytest.mark.parametrize("key", sorted(set(SPEC_DEFAULTS) - COMPOSITE))
 def test_function_defaults_are_the_spec_defaults(key):
     # A Loss built from the function alone (no yaml values) has the same defaults: direct calls agree.
     node = OmegaConf.load(yaml_path(key))
@@ -83,13 +113,15 @@ def test_every_yaml_instantiates_under_a_root_config(key, top_beta):
     assert isinstance(loss, Loss)
     assert loss.reference is (key not in REFERENCE_FREE)
     expected = dict(SPEC_DEFAULTS[key])
-    if top_beta is not None:
+    if top_beta is not None and "beta" in expected:
         expected["beta"] = top_beta
     assert loss.hparams == expected
-    # and it runs on a batch
+    # and it runs on a batch (with the optional fields, m = min(n_w, n_l) = 2 and 4)
     t = lambda *v: torch.tensor(v)  # noqa: E731
-    policy = PairLogps(t(-5.0, -7.0), t(-6.0, -6.5), t(3, 4), t(2, 5))
-    reference = PairLogps(t(-5.5, -6.0), t(-5.0, -7.0), t(3, 4), t(2, 5))
+    policy = PairLogps(t(-5.0, -7.0), t(-6.0, -6.5), t(3, 4), t(2, 5), chosen_prefix=t(-4.0, -7.0),
+                       rejected_prefix=t(-6.0, -6.0), chosen_head=t(-1.0, -0.5), rejected_head=t(-2.0, -1.0))
+    reference = PairLogps(t(-5.5, -6.0), t(-5.0, -7.0), t(3, 4), t(2, 5), chosen_prefix=t(-4.5, -6.0),
+                          rejected_prefix=t(-5.0, -6.5))
     out = loss(policy, reference if loss.reference else None)
     assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
 
@@ -110,7 +142,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("key", sorted(SPEC_DEFAULTS))
+@pytest.mark.parametrize("key", WITH_BETA)
 @pytest.mark.parametrize("name, value, message", BAD)
 def test_bad_beta_for_every_key(key, name, value, message):
     with pytest.raises(ConfigError) as err:
@@ -158,7 +190,7 @@ def test_unknown_hyperparameter_lists_the_valid_ones():
 
 
 def test_unknown_key_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"unknown loss 'kto'; available: alpha_dpo, apo_down, .*typo"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'kto'; available: alpha_dpo, aot, aot_unpaired, apo_down, .*typo, wpo$"):
         get_loss("kto")
 
 

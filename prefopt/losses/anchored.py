@@ -42,3 +42,15 @@ def apo_down(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.
     rw, rl = log_ratios(policy, reference, "apo_down")
     loss = torch.sigmoid(beta * rw) + (1 - torch.sigmoid(beta * rw - beta * rl))
     return reference_output(loss, beta, rw, rl)
+
+
+def bco_pair(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1) -> LossOutput:
+    """Paired BCO: −log σ(β r̂_w) − log σ(−β r̂_l), each response classified on its own log-ratio.
+
+    Jung et al. 2024, arXiv 2404.04656, in the paired form TRL calls `bco_pair`: without BCO's running
+    reward shift δ (spec/losses.md).
+    """
+    check_positive("beta", beta)
+    rw, rl = log_ratios(policy, reference, "bco_pair")
+    loss = neg_log_sigmoid(beta * rw) + neg_log_sigmoid(-beta * rl)
+    return reference_output(loss, beta, rw, rl)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +13,40 @@ from torch import Tensor
 from prefopt.errors import ConfigError
 
 
+# Optional per-sequence fields of PairLogps, by the name a loss yaml's `needs:` lists. The engine, the packed
+# layouts and the reference cache compute a group only when the loss asks for it (see prefopt.logprobs).
+FIELD_GROUPS: dict[str, tuple[str, str]] = {
+    # ℓ_{≤m}: the log-prob summed over the first m = min(n_w, n_l) completion tokens (LD-DPO)
+    "prefix_logps": ("chosen_prefix", "rejected_prefix"),
+    # Σ_t (log p_t − log Σ_v p_v²) over the completion tokens (WPO's aligned log-prob), no gradient
+    "head_logps": ("chosen_head", "rejected_head"),
+}
+
+
 @dataclass
 class PairLogps:
     """Log-probabilities of a batch of preference pairs under one model, all of shape (B,).
 
     `chosen` / `rejected` are summed over completion tokens only (prompt and padding masked out);
     `chosen_tokens` / `rejected_tokens` are the completion token counts (int or float tensors).
+    The optional fields (None unless a loss's yaml `needs:` their group, see `FIELD_GROUPS`):
+    `chosen_prefix` / `rejected_prefix` = ℓ_{≤m}, m = min(n_w, n_l); `chosen_head` / `rejected_head` =
+    Σ_t (log p_t − log Σ_v p_v²); and the diagnostics `chosen_entropy` / `rejected_entropy` (summed
+    per-token entropy of the model's next-token distribution) and `chosen_top1` (how many chosen tokens
+    are the model's argmax), which the engine turns into the `entropy` and `mean_token_accuracy` metrics.
     """
 
     chosen: Tensor
     rejected: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    chosen_prefix: Tensor | None = None
+    rejected_prefix: Tensor | None = None
+    chosen_head: Tensor | None = None
+    rejected_head: Tensor | None = None
+    chosen_entropy: Tensor | None = None
+    rejected_entropy: Tensor | None = None
+    chosen_top1: Tensor | None = None
 
     @property
     def chosen_mean(self) -> Tensor:
@@ -37,12 +59,17 @@ class PairLogps:
         return self.rejected / self.rejected_tokens
 
     def detach(self) -> PairLogps:
-        return PairLogps(
-            self.chosen.detach(),
-            self.rejected.detach(),
-            self.chosen_tokens.detach(),
-            self.rejected_tokens.detach(),
-        )
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def require(self, group: str, key: str) -> tuple[Tensor, Tensor]:
+        """The (chosen, rejected) tensors of an optional field group; a clear error when they were not computed."""
+        names = FIELD_GROUPS[group]
+        values = tuple(getattr(self, n) for n in names)
+        if any(v is None for v in values):
+            raise ConfigError(f"loss '{key}' needs the PairLogps fields {', '.join(names)} (its yaml says "
+                              f"needs: [{group}]) but they were not computed")
+        return values
 
 
 @dataclass

@@ -61,3 +61,15 @@ def caldpo(
     calibration = (rw - target) ** 2 + (rl + target) ** 2
     loss = neg_log_sigmoid(rw - rl) + calibration_weight * calibration
     return reference_output(loss, beta, rw, rl, **{"caldpo/calibration": scalar(calibration)})
+
+
+def sppo(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1) -> LossOutput:
+    """Hard-label SPPO: (r̂_w − 1/(2β))² + (r̂_l + 1/(2β))².
+
+    Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 with the win probability set to 1 for the chosen and 0 for
+    the rejected response (TRL's `sppo_hard`): each log-ratio is regressed onto ±1/(2β) on its own.
+    """
+    check_positive("beta", beta)
+    rw, rl = log_ratios(policy, reference, "sppo")
+    target = 1 / (2 * beta)
+    return reference_output((rw - target) ** 2 + (rl + target) ** 2, beta, rw, rl)

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
-from prefopt.losses.base import LossOutput, MissingReference, PairLogps
+from prefopt.losses.base import FIELD_GROUPS, LossOutput, MissingReference, PairLogps
 
 # Keys of a loss yaml that configure the wrapper rather than the loss function.
-_WRAPPER_KEYS = ("_target_", "key", "fn", "reference")
+_WRAPPER_KEYS = ("_target_", "key", "fn", "reference", "needs")
 
 
 def _hyperparameters(target: Callable) -> dict[str, object]:
@@ -52,8 +52,11 @@ def _expected_kind(default: object, value: object) -> str | None:
 
 def _dummy_pair() -> tuple[PairLogps, PairLogps]:
     one = functools.partial(torch.tensor, dtype=torch.float32)
-    policy = PairLogps(one([-4.0]), one([-6.0]), one([4.0]), one([5.0]))
-    reference = PairLogps(one([-5.0]), one([-5.0]), one([4.0]), one([5.0]))
+    # with every optional field, so a loss that needs one can be dry-run too (ℓ_{≤4} and the head sums)
+    policy = PairLogps(one([-4.0]), one([-6.0]), one([4.0]), one([5.0]), chosen_prefix=one([-4.0]),
+                       rejected_prefix=one([-5.0]), chosen_head=one([-1.0]), rejected_head=one([-2.0]))
+    reference = PairLogps(one([-5.0]), one([-5.0]), one([4.0]), one([5.0]), chosen_prefix=one([-5.0]),
+                          rejected_prefix=one([-4.5]), chosen_head=one([-1.5]), rejected_head=one([-1.5]))
     return policy, reference
 
 
@@ -62,15 +65,20 @@ class Loss:
 
     `fn` is the dotted path (or the object) of a pure loss function, or of a class for a stateful loss,
     which is instantiated once with the hyper-parameters. `reference` says whether the loss needs
-    reference log-probs; when false, no reference model is loaded or run. Hyper-parameters are checked
-    here, by a dry call on a one-pair dummy batch, so a bad value fails before any model is loaded.
+    reference log-probs; when false, no reference model is loaded or run; when null, the instantiated
+    loss says (its `reference` attribute: a mixture needs one when any component does). `needs` lists the
+    optional `PairLogps` field groups the loss reads (`prefix_logps`, `head_logps`; see
+    `prefopt.losses.base.FIELD_GROUPS`): the engine and the reference cache compute those only then; null
+    likewise defers to the instantiated loss's `needs`. Hyper-parameters are checked here, by a dry call
+    on a one-pair dummy batch, so a bad value fails before any model is loaded.
     """
 
-    def __init__(self, key: str, fn: str | Callable, reference: bool = True, **hparams):
+    def __init__(self, key: str, fn: str | Callable, reference: bool | None = True, needs=(), **hparams):
         self.key = key
-        if not isinstance(reference, bool):
+        if reference is not None and not isinstance(reference, bool):
             raise ConfigError(f"loss.reference must be true or false (got {reference!r}) in loss '{key}'")
         self.reference = reference
+        self.needs = self._check_needs(needs)
         try:
             target = import_object(fn) if isinstance(fn, str) else fn
         except ConfigError as err:
@@ -82,6 +90,8 @@ class Loss:
             raise ConfigError(
                 f"loss '{key}' has no hyper-parameter {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
             )
+        # plain values (a mixture's components arrive as OmegaConf lists): run summaries store them as JSON
+        hparams = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in hparams.items()}
         for name, value in hparams.items():
             must = _expected_kind(valid[name], value)
             if must:
@@ -93,6 +103,10 @@ class Loss:
                 self._impl = target(**self.hparams)
             else:
                 self._impl = functools.partial(target, **self.hparams)
+            if self.reference is None:
+                self.reference = bool(getattr(self._impl, "reference", True))
+            if self.needs is None:
+                self.needs = self._check_needs(getattr(self._impl, "needs", ()))
             self._dry_run()
         except MissingReference:
             raise ConfigError(
@@ -100,6 +114,17 @@ class Loss:
             ) from None
         except ConfigError as err:
             raise ConfigError(f"{err} in loss '{key}'") from None
+
+    def _check_needs(self, needs) -> tuple[str, ...] | None:
+        if needs is None:
+            return None
+        if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
+            raise ConfigError(f"loss.needs must be a list of field groups (got {needs!r}) in loss '{self.key}'")
+        unknown = sorted(set(needs) - set(FIELD_GROUPS))
+        if unknown:
+            raise ConfigError(f"loss.needs: unknown field group {', '.join(unknown)} in loss '{self.key}'; "
+                              f"known: {', '.join(FIELD_GROUPS)}")
+        return tuple(sorted(set(needs)))
 
     def _dry_run(self) -> None:
         policy, reference = _dummy_pair()
@@ -140,7 +165,8 @@ class Loss:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
-        return f"Loss({self.key!r}, reference={self.reference}, {args})"
+        needs = f", needs={list(self.needs)}" if self.needs else ""
+        return f"Loss({self.key!r}, reference={self.reference}{needs}{', ' + args if args else ''})"
 
 
 def available_losses() -> list[str]:
