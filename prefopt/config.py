@@ -20,6 +20,14 @@ def _top_or(key: str, default, *, _root_):
     return default if value is None else value
 
 
+def _required(key: str, what: str):
+    # `${required:pairs.path,"the training problems"}`: a value a recipe cannot know; resolving it says what to set.
+    # (A yaml's `???` cannot do this: merged over a default, OmegaConf keeps the default.)
+    from prefopt.errors import ConfigError
+
+    raise ConfigError(f"{key} is required: set {key}=... ({what})")
+
+
 def run_stamp() -> str:
     """The default run directory's name: the same in every process of one distributed launch.
 
@@ -39,5 +47,7 @@ def run_stamp() -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("top_or"):
         OmegaConf.register_new_resolver("top_or", _top_or)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

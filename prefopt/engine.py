@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """The top-level knobs of a run (`steps`, `batch_size`, ... in `conf/config.yaml`)."""
 
-    steps: int = 60
+    steps: int | None = 60  # optimizer steps; null: from `epochs` once the pairs are known (`resolve_steps`)
     batch_size: int = 16  # pairs per optimizer step (global, over all ranks)
     micro_batch_size: int = 8  # pairs per forward/backward on one rank
     eval_every: int = 20  # steps; 0 = only at the end
@@ -47,10 +47,16 @@ class TrainConfig:
     packing: bool | str = True
     compile: bool = False  # torch.compile the decoder of the policy and the live reference (see PairLogpsModel)
     progress: bool = True
+    epochs: float | None = None  # passes over the training pairs, instead of `steps`
 
     def validate(self, world_size: int = 1) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"set exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs}); "
+                              f"e.g. steps=null epochs=2")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0 (got {self.epochs})")
         for name in ("steps", "batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
@@ -65,6 +71,27 @@ class TrainConfig:
             raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {self.packing!r})")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
+
+
+def resolve_steps(config: TrainConfig, num_pairs: int) -> int:
+    """Optimizer steps of the run: `steps`, or `epochs` passes over `num_pairs` pairs in batches of `batch_size`."""
+    if config.steps is not None:
+        return config.steps
+    if num_pairs < 1:
+        raise ConfigError(f"epochs={config.epochs}: there are no training pairs to count epochs over")
+    return max(1, math.ceil(config.epochs * num_pairs / config.batch_size))
+
+
+def resolve_warmup(warmup_steps: int | None, warmup_ratio: float | None, steps: int) -> int:
+    """Learning-rate warm-up steps: `optimizer.warmup_steps`, or `optimizer.warmup_ratio` of the run's steps."""
+    if (warmup_steps is None) == (warmup_ratio is None):
+        raise ConfigError(f"set exactly one of optimizer.warmup_steps and optimizer.warmup_ratio "
+                          f"(got {warmup_steps} and {warmup_ratio})")
+    if warmup_ratio is not None:
+        if not 0 <= warmup_ratio < 1:
+            raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
+        return math.ceil(warmup_ratio * steps)
+    return warmup_steps
 
 
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None) -> dict[str, torch.Tensor]:

@@ -72,6 +72,8 @@ def build_loop(cfg: DictConfig):
     from prefopt.pipeline import Loop
 
     tokenize = {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
+    if cfg.data.get("user_suffix"):  # only when set: the tiny loop's cache keys stay what they were
+        tokenize["user_suffix"] = cfg.data.user_suffix
     return Loop(pipeline=instantiate(cfg.pipeline), warmup=instantiate(cfg.warmup), pairs=instantiate(cfg.pairs),
                 evaluation=instantiate(cfg.evaluation), generation=instantiate(cfg.generation),
                 verify=instantiate(cfg.verify), tokenize=tokenize, optimizer_factory=instantiate(cfg.optimizer.factory),
@@ -79,7 +81,7 @@ def build_loop(cfg: DictConfig):
 
 
 # Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
+RESUMABLE_CHANGES = ("steps", "epochs", "train.epochs", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
                      "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
                      "train.on_nonfinite", "validate")
 
@@ -121,7 +123,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     from transformers import get_scheduler
 
     from prefopt.data.batching import tokenize_pairs
-    from prefopt.engine import Trainer
+    from prefopt.engine import Trainer, resolve_steps, resolve_warmup
     from prefopt.hardware import seed_everything
     from prefopt.models import freeze, load_model, load_tokenizer, reference_context
     from prefopt.tracking import RunLog
@@ -146,9 +148,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
     train_rows, eval_rows, data_info = p.data.load()
     tok_args = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                     completion_eos=p.model.completion_eos, chat_template=cfg.data.chat_template,
-                    system_prompt=cfg.data.system_prompt)
+                    system_prompt=cfg.data.system_prompt, user_suffix=cfg.data.get("user_suffix"))
     train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **tok_args)
     eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **tok_args)
+    p.train.steps = resolve_steps(p.train, len(train_pairs))  # epochs=N: steps from the number of pairs
 
     policy = load_model(p.model, vocab_size=len(tokenizer)).to(hw.torch_device)
     vocab = policy.get_output_embeddings().weight.shape[0]
@@ -170,7 +173,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
         policy=policy, reference=reference, loss=p.loss,
         optimizer_factory=instantiate(cfg.optimizer.factory),
         scheduler_factory=lambda opt: get_scheduler(cfg.optimizer.scheduler, opt,
-                                                    num_warmup_steps=cfg.optimizer.warmup_steps,
+                                                    num_warmup_steps=resolve_warmup(
+                                                        cfg.optimizer.warmup_steps,
+                                                        cfg.optimizer.get("warmup_ratio"), p.train.steps),
                                                     num_training_steps=p.train.steps),
         train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, config=p.train, hardware=hw,
         run_log=None, run_dir=run_dir, seed=cfg.seed, max_grad_norm=cfg.optimizer.max_grad_norm,

@@ -6,28 +6,27 @@ run also calls `problems()` first, so a typo or a missing file stops it in secon
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import PrefoptError
 
 
 def _check(problems: list[str], what: str, fn: Callable[[], Any]) -> Any:
-    from hydra.errors import InstantiationException
-
     try:
         return fn()
-    except PrefoptError as exc:
-        problems.append(f"{what}: {exc}")
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, PrefoptError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        problems.append(f"{what}: {cause or exc}")
-    except Exception as exc:  # noqa: BLE001 - a validation report lists whatever went wrong
-        problems.append(f"{what}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a validation report lists whatever went wrong, one line each
+        cause = exc  # our own error, even when Hydra or OmegaConf wrapped it (instantiation, an interpolation)
+        while cause is not None and not isinstance(cause, PrefoptError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            problems.append(f"{what}: {cause}")
+        else:
+            text = str(exc).strip()
+            problems.append(f"{what}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}")
     return None
 
 
@@ -79,6 +78,24 @@ def problems(cfg: DictConfig, read_data: bool = False) -> list[str]:
             _check(found, "data", source.load)
     if cfg.logger.get("wandb"):
         _check(found, "logger", lambda: instantiate(cfg.logger.wandb))
+    found += _stage_problems(cfg, instantiate)
+    return found
+
+
+def _stage_problems(cfg: DictConfig, instantiate) -> list[str]:
+    """The verified-math loop's settings (pairs, evaluation, generation) and the files they name, read from no file."""
+    found: list[str] = []
+    if "pairs" in cfg and _check(found, "pairs", lambda: [cfg.pairs.path]) is None:  # a required path not set:
+        cfg = copy.deepcopy(cfg)  # reported; the other pairs settings are still checked
+        OmegaConf.update(cfg, "pairs.path", None)
+    stages = {name: _check(found, name, lambda n=name: instantiate(cfg[n]))
+              for name in ("pipeline", "pairs", "evaluation", "generation") if name in cfg}
+    pipeline, pairs, evaluation = stages.get("pipeline"), stages.get("pairs"), stages.get("evaluation")
+    if pipeline is not None and pipeline.pairs and pairs is not None and pairs.problems() is not None:
+        missing = pairs.problems().missing_file()
+        found += [missing] if missing else []
+    if pipeline is not None and pipeline.evaluate and evaluation is not None:
+        found += _check(found, "evaluation", evaluation.problems) or []
     return found
 
 

@@ -30,7 +30,10 @@ class TokenizeStats:
     truncated_completions: int = 0
 
 
-def render_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None) -> str:
+def render_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None,
+                  user_suffix: str | None = None) -> str:
+    """The prompt text of a problem: system message, the problem followed by `user_suffix`, the generation prompt."""
+    prompt = prompt + (user_suffix or "")
     if not chat_template:
         return prompt
     if not getattr(tokenizer, "chat_template", None):
@@ -43,7 +46,8 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: st
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
                    completion_eos: str | None = None, chat_template: bool = True,
-                   system_prompt: str | None = None) -> tuple[list[TokenizedPair], TokenizeStats]:
+                   system_prompt: str | None = None, user_suffix: str | None = None,
+                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Prompt and completions tokenized separately (so the boundary is exact), completion + EOS.
 
     Long prompts keep their end (the question is at the end of a chat); completions are then cut so that
@@ -55,7 +59,7 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
     bos_id = tokenizer.bos_token_id
     out, stats = [], TokenizeStats()
     for pair in pairs:
-        text = render_prompt(tokenizer, pair.prompt, chat_template, system_prompt)
+        text = render_prompt(tokenizer, pair.prompt, chat_template, system_prompt, user_suffix)
         prompt = tokenizer(text, add_special_tokens=not chat_template).input_ids
         if bos_id is not None and chat_template and prompt.count(bos_id) != 1:
             raise DataError(f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens, expected exactly one")
