@@ -156,8 +156,8 @@ def detect_fields(row: dict, where: str, key: str, problem_field: str | None, an
                   answer_transform: str | None) -> tuple[str, str, str | None]:
     """(problem field, answer field, answer transform) of a file, from its first row; set fields are kept as set.
 
-    A detected answer field brings its transform (`join` for a list, `gsm8k` for '#### N', `boxed` for a
-    solution) unless `answer_transform` is set; an answer field that was set keeps `answer_transform` as is.
+    A detected answer field brings its transform (`join` for `final_answer`, `gsm8k` for an answer with
+    '#### N', `boxed` for a solution) unless `answer_transform` is set; an answer field that was set keeps `answer_transform` as is.
     """
     if problem_field is None:
         problem_field = next((f for f in PROBLEM_FIELDS if f in row), None)
@@ -168,8 +168,6 @@ def detect_fields(row: dict, where: str, key: str, problem_field: str | None, an
             value = row[found[0]]
             if detected is None and isinstance(value, str) and "####" in value:
                 detected = "gsm8k"
-            elif detected is None and isinstance(value, (list, tuple)):
-                detected = "join"
             answer_transform = answer_transform or detected
     if problem_field is None or answer_field is None:
         raise DataError(

@@ -94,13 +94,12 @@ def benchmark_rows(spec: BenchmarkSpec, generated: dict[str, list[dict]]) -> lis
     return spec.load()
 
 
-def render(tokenizer, problem: str, family: str, config: EvalConfig | None = None) -> str:
+def render(tokenizer, problem: str, family: str, system_prompt: str | None = None, user_suffix: str | None = None) -> str:
     """A benchmark problem as the policy sees it; family `data` is the training/pair-sampling prompt, byte for byte."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("evaluation prompts go through the chat template, but the tokenizer has none")
     if family == "data":
-        config = config or EvalConfig(prompt_family="data")
-        return render_prompt(tokenizer, problem, True, config.system_prompt, config.user_suffix)
+        return render_prompt(tokenizer, problem, True, system_prompt, user_suffix)
     return tokenizer.apply_chat_template(format_prompt(problem, family), tokenize=False, add_generation_prompt=True)
 
 
@@ -124,7 +123,8 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
     for spec, rows in benchmarks:
         if not rows:
             raise ConfigError(f"benchmark {spec.name}: no problems to evaluate")
-        prompts = [render(tokenizer, r["problem"], config.prompt_family, config) for r in rows]
+        prompts = [render(tokenizer, r["problem"], config.prompt_family, config.system_prompt, config.user_suffix)
+                   for r in rows]
         golds = [r["answer"] for r in rows]
         greedy = generator.generate(prompts, n=1, temperature=0.0, seed=config.seed)
         outputs = [texts[0] for texts in greedy.texts]
