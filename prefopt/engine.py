@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,13 +74,15 @@ class TrainConfig:
             raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
 
 
-def resolve_steps(config: TrainConfig, num_pairs: int) -> int:
-    """Optimizer steps of the run: `steps`, or `epochs` passes over `num_pairs` pairs in batches of `batch_size`."""
+def resolve_steps(config: TrainConfig, num_pairs: int) -> TrainConfig:
+    """`config` with its optimizer steps fixed: `steps`, or `epochs` passes over `num_pairs` pairs in batches of
+    `batch_size` (rounded up)."""
     if config.steps is not None:
-        return config.steps
+        return config
     if num_pairs < 1:
         raise ConfigError(f"epochs={config.epochs}: there are no training pairs to count epochs over")
-    return max(1, math.ceil(config.epochs * num_pairs / config.batch_size))
+    return dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * num_pairs / config.batch_size)),
+                               epochs=None)
 
 
 def resolve_warmup(warmup_steps: int | None, warmup_ratio: float | None, steps: int) -> int:

@@ -151,7 +151,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, cache_only: bool = False
                     system_prompt=cfg.data.system_prompt, user_suffix=cfg.data.get("user_suffix"))
     train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **tok_args)
     eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **tok_args)
-    p.train.steps = resolve_steps(p.train, len(train_pairs))  # epochs=N: steps from the number of pairs
+    p.train = resolve_steps(p.train, len(train_pairs))  # epochs=N: steps from the number of pairs
 
     policy = load_model(p.model, vocab_size=len(tokenizer)).to(hw.torch_device)
     vocab = policy.get_output_embeddings().weight.shape[0]
