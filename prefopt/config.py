@@ -20,11 +20,14 @@ def _top_or(key: str, default, *, _root_):
     return default if value is None else value
 
 
-def _required(key: str, what: str):
-    # `${required:pairs.path,"the training problems"}`: a value a recipe cannot know; resolving it says what to set.
-    # (A yaml's `???` cannot do this: merged over a default, OmegaConf keeps the default.)
+def _required(key: str, what: str, when: bool = True):
+    # `${required:pairs.path,"the training problems",${pipeline.pairs}}`: a value a recipe cannot know; resolving
+    # it says what to set (null when `when` is false: the stage that needs it is off). A yaml's `???` cannot do
+    # this: merged over a default, OmegaConf keeps the default.
     from prefopt.errors import ConfigError
 
+    if not when:
+        return None
     raise ConfigError(f"{key} is required: set {key}=... ({what})")
 
 
