@@ -54,6 +54,10 @@ def problems(cfg: DictConfig, read_data: bool = False) -> list[str]:
     if train is not None:
         _check(found, "train", lambda: train.validate(hardware.world_size if hardware else 1))
     model = _check(found, "model", lambda: instantiate(cfg.model))
+    if model is None and cfg.model.get("lora", {}).get("load_in_4bit"):  # refused for want of CUDA: still look
+        unquantized = copy.deepcopy(cfg)  # for the checkpoint, so a missing one is reported too
+        OmegaConf.update(unquantized, "model.lora.load_in_4bit", False)
+        model = _check([], "model", lambda: instantiate(unquantized.model))
     if model is not None:
         _check(found, "model", model.check_available)
         length = _check(found, "model", lambda: max_positions(model))
