@@ -137,8 +137,8 @@ def test_validate_reports_what_the_real_run_would_refuse(tmp_path):
     cfg = compose_cfg([*MISSION, "model=qwen_math", "pairs.k=1", f"benchmark.aime24.path={tmp_path}/aime24.jsonl"],
                       tiny=False)
     found = problems(cfg)
-    expect = ["pairs.path is required", "pairs.k must be an integer >= 2", f"benchmark.aime24.path={tmp_path}/aime24"
-              ".jsonl: no such file"]
+    expect = ["pairs.path is required", "pairs.k must be an integer >= 2",
+              f"benchmark.aime24.path={tmp_path}/aime24.jsonl: no such file"]
     if not torch.cuda.is_available():
         expect += ["model.lora.load_in_4bit=true needs a CUDA GPU", "hardware.device=cuda but no CUDA device"]
     for text in expect:
@@ -283,7 +283,7 @@ def _expected_prompt(model: str, problem: str) -> str:
 def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monkeypatch):
     """The composed recipe itself: on-policy sampling → verification → pairs → training → five benchmarks → report,
     with only the weights' path, the 4-bit switch, the device, sizes and local files changed."""
-    import prefopt.data.batching as batching
+    from prefopt.data import batching
     from prefopt.generate import HFGenerator
     from prefopt.run import train
 
