@@ -103,7 +103,17 @@ def _stage_problems(cfg: DictConfig, instantiate) -> list[str]:
     return found
 
 
+def _recipe() -> str | None:
+    """The recipe the model choice brought in (conf/recipe/<model>.yaml), when called inside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
+
+
 def report(found: list[str]) -> str:
+    recipe = _recipe()
+    where = f" (recipe {recipe}: conf/recipe/{recipe}.yaml)" if recipe else ""
     if not found:
-        return "prefopt: config OK"
-    return "prefopt: {} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
+        return f"prefopt: config OK{where}"
+    return "prefopt: {} problem{}{}:\n".format(len(found), "s" * (len(found) != 1), where) + "\n".join(
+        f"  - {p}" for p in found)

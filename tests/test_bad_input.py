@@ -95,7 +95,7 @@ def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path
     for expected in ("loss.alpha must be in (0, 1]", "divisible by micro_batch_size", "not a directory with a saved model",
                      "data.max_prompt_length (5000) must be < data.max_length (2048)"):
         assert expected in out.stdout, (expected, out.stdout)
-    assert out.stdout.startswith("prefopt: 4 problems:")
+    assert out.stdout.startswith("prefopt: 4 problems (recipe qwen_math: conf/recipe/qwen_math.yaml):")
     tiny = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true", "data.max_length=8192",
                            "data.max_prompt_length=64"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert tiny.returncode == 2 and "data.max_length (8192) exceeds the model's context (4096 positions)" in tiny.stdout

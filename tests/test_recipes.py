@@ -151,9 +151,12 @@ def test_validate_true_from_the_command_line_exits_2_with_the_report(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, "-m", "prefopt.run", *MISSION, "model=llama3_8b", "validate=true",
-                          "pairs.k=1", f"hydra.run.dir={tmp_path}/run", "hydra.callbacks={}"], cwd=tmp_path,
+                          "pairs.k=1", "epochs=0", f"hydra.run.dir={tmp_path}/run", "hydra.callbacks={}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
+    # a recipe value out of range names the key, and the report the recipe it came through
+    assert "(recipe llama3_8b: conf/recipe/llama3_8b.yaml):" in out.stdout.splitlines()[0]
+    assert "epochs must be > 0 (got 0)" in out.stdout
     assert "pairs.k must be an integer >= 2" in out.stdout and "pairs.path is required" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
 
