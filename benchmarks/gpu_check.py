@@ -17,7 +17,9 @@ the card's dense bf16 peak (`--peak-tflops`; H100/H200 SXM: 989), model FLOPs pe
 4·params (LoRA: no weight gradients of the base) + 2·params for a live reference. Peak memory: the engine's
 `peak_memory_mb` (CUDA max allocated; on CPU the process's peak RSS).
 
-Not in this script yet (docs/notes/i13.md): FSDP on one process, vLLM generation, TRL's DPOTrainer beside it.
+With vLLM installed and a GPU visible, each size also gets greedy generation of 64 prompts x 2048 new tokens
+(new tokens/s; untested so far: no GPU in the session that wrote it).
+Not in this script yet (docs/notes/i13.md): FSDP on one process, TRL's DPOTrainer beside it.
 """
 
 from __future__ import annotations
@@ -109,6 +111,28 @@ def run_row(model_dir: Path, pairs: Path, work: Path, mode: str, reference: str,
             "peak_memory_mb": summary.get("peak_memory_mb"), "steps": summary["step"]}
 
 
+def vllm_row(model_dir: Path, size: str, n_prompts: int = 64) -> dict | None:
+    """Greedy generation of the recipe's length (2048 new tokens) with vLLM, when it is installed and a GPU is there."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from prefopt.data.batching import render_prompt
+    from prefopt.generate import GenerationConfig, VLLMGenerator, vllm_usable
+
+    if not vllm_usable():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = VLLMGenerator(str(model_dir), tokenizer, GenerationConfig(max_new_tokens=2048), "<|im_end|>")
+    prompts = [render_prompt(tokenizer, f"What is {i} + {i}?", True, None) for i in range(n_prompts)]
+    start = time.perf_counter()
+    done = generator.generate(prompts)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(tokenizer(t[0], add_special_tokens=False).input_ids) for t in done.texts)
+    return {"size": size, "mode": "vllm generate", "prompts": n_prompts, "new_tokens": tokens,
+            "tokens_per_s": tokens / seconds}
+
+
 def peak_tflops(args) -> float | None:
     import torch
 
@@ -148,12 +172,19 @@ def main(argv=None) -> int:
                 row["mfu"] = per_token * row["tokens_per_s"] / (peak * 1e12) if peak else None
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            generated = vllm_row(work / "model", size)
+            print(json.dumps(generated) if generated else "vLLM generation: not run (vLLM not installed or no GPU)",
+                  flush=True)
+            if generated:
+                rows.append(generated)
     print(f"\n{'size':>5} {'mode':>5} {'reference':>9} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
-    for r in rows:
+    for r in (r for r in rows if "reference" in r):
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:>5} {r['mode']:>5} {r['reference']:>9} {r['tokens_per_s']:>10.1f} {mfu:>7} "
               f"{r['peak_memory_mb'] or 0:>9.0f}")
-    print("not run: FSDP on one process, vLLM generation, TRL DPOTrainer (not implemented in this script yet)")
+    for r in (r for r in rows if "reference" not in r):
+        print(f"{r['size']:>5} vLLM greedy generation: {r['tokens_per_s']:.0f} new tokens/s ({r['prompts']} prompts)")
+    print("not run: FSDP on one process, TRL DPOTrainer (not implemented in this script yet)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -22,3 +22,4 @@ def test_gpu_check_dry_runs_the_recipe_step_on_cpu(tmp_path):
     assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     assert all(r["mfu"] is None for r in rows)  # no GPU, no peak to compare against
     assert "tokens/s" in out.stdout and "not run: FSDP" in out.stdout
+    assert "vLLM generation: not run (vLLM not installed or no GPU)" in out.stdout
