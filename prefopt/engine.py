@@ -6,12 +6,12 @@ reference, a `Loss` (see `prefopt.losses`), batches of tokenized pairs, and a `H
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence

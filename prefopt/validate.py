@@ -10,8 +10,10 @@ import copy
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.config import conf_dir
 from prefopt.errors import PrefoptError
 
 
@@ -24,9 +26,12 @@ def _check(problems: list[str], what: str, fn: Callable[[], Any]) -> Any:
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             problems.append(f"{what}: {cause}")
-        else:
-            text = str(exc).strip()
-            problems.append(f"{what}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+            return None
+        inner = exc  # another library's error: the innermost one says what went wrong
+        while inner.__cause__ is not None:
+            inner = inner.__cause__
+        text = str(inner).strip()
+        problems.append(f"{what}: {type(inner).__name__}: {text.splitlines()[0] if text else ''}")
     return None
 
 
@@ -105,9 +110,8 @@ def _stage_problems(cfg: DictConfig, instantiate) -> list[str]:
 
 def _recipe() -> str | None:
     """The recipe the model choice brought in (conf/recipe/<model>.yaml), when called inside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
+    recipe = HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
+    return recipe if recipe and (conf_dir() / "recipe" / f"{recipe}.yaml").is_file() else None  # optional: may be none
 
 
 def report(found: list[str]) -> str:
