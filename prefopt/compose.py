@@ -9,6 +9,7 @@ way (a bad value, a missing file, a typo'd `+key`) is collected in the same pass
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import logging
@@ -38,7 +39,8 @@ TOP_LEVEL = {
     "beta": ("a number > 0, or null", lambda v: v is None or (_is_number(v) and v > 0)),
     "lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "seed": ("an integer", lambda v: _is_int(v)),
-    "steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "steps": ("an integer >= 1 (or null with epochs)", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "epochs": ("a number > 0, or null", lambda v: v is None or (_is_number(v) and v > 0)),
     "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "micro_batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "eval_every": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
@@ -66,28 +68,42 @@ def hydra_info() -> HydraInfo:
                      overrides=list(hc.overrides.task))
 
 
+def own_error(exc: BaseException) -> PrefoptError | None:
+    """Our own error behind `exc`, even when Hydra or OmegaConf wrapped it (instantiation, an interpolation)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, PrefoptError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line` of the innermost error another library raised."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def instantiate(node, *args, **kwargs):
     """`hydra.utils.instantiate` with plain containers; our own errors come out as themselves, not wrapped."""
     try:
         return hydra_instantiate(node, *args, _convert_="all", **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, PrefoptError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, PrefoptError):
-            raise cause from None
-        raise ConfigError(str(cause or exc).strip().splitlines()[0]) from None
+    except Exception as exc:
+        own = own_error(exc)
+        if own is not None:
+            raise own from None
+        if isinstance(exc, InstantiationException):
+            raise ConfigError(_first_line(exc)) from None
+        raise
 
 
 def _attempt(found: list[str], what: str, fn: Callable[[], Any]) -> Any:
     """fn(), or None with the problem it raised appended to `found` (named by `what`)."""
     try:
         return fn()
-    except PrefoptError as exc:
-        found.append(f"{what}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a validation report lists whatever went wrong, one line each
-        first = (str(exc).strip().splitlines() or [""])[0]
-        found.append(f"{what}: {type(exc).__name__}: {first}")
+        own = own_error(exc)
+        found.append(f"{what}: {own}" if own is not None else f"{what}: {_first_line(exc)}")
     return None
 
 
@@ -124,29 +140,44 @@ def unknown_additions(overrides: list[str]) -> list[str]:
     return found
 
 
+# The config nodes each top-level knob flows into: a bad knob's garbled echo there is not reported twice.
+FEEDS = {"beta": ("loss",), "lr": ("optimizer",), "steps": ("train",), "epochs": ("train",), "batch_size": ("train",),
+         "micro_batch_size": ("train",), "eval_every": ("train",), "save_every": ("train",)}
+
+
 def check_top_level(cfg: DictConfig) -> list[str]:
     """Wrong types and out-of-range values of the top-level knobs, each naming key, value and what it must be."""
-    found = []
-    for key, (must, ok) in TOP_LEVEL.items():
-        if key in cfg and not ok(cfg[key]):
-            found.append(f"{key}={cfg[key]!r}: must be {must}")
-    return found
+    return [f"{key}={cfg[key]!r}: must be {must}" for key, (must, ok) in TOP_LEVEL.items()
+            if key in cfg and not ok(cfg[key])]
 
 
-def _check_nodes(cfg: DictConfig, objects: dict, found: list[str], read_data: bool, check_inputs: bool) -> None:
-    """Instantiate each node once into `objects`; append what is wrong with them to `found`."""
-    make = lambda key, node: objects.__setitem__(key, _attempt(found, key, lambda: instantiate(node)))  # noqa: E731
-    for key, node in (("hardware", cfg.hardware), ("loss", cfg.loss), ("train", cfg.train), ("model", cfg.model),
-                      ("data", cfg.data.source), ("optimizer", cfg.optimizer.factory),
-                      ("logger", cfg.logger.get("wandb"))):
-        make(key, node) if node is not None else objects.__setitem__(key, None)
-    for key in ("pipeline", "warmup", "pairs", "evaluation", "generation", "verify"):
-        make(key, cfg[key])
-    hardware, train, model, source, loss = (objects[k] for k in ("hardware", "train", "model", "data", "loss"))
+def fed_by_bad_knobs(cfg: DictConfig) -> set[str]:
+    """The nodes a wrong top-level knob flows into (checked once that knob is fixed)."""
+    return {node for key, (_, ok) in TOP_LEVEL.items() if key in cfg and not ok(cfg[key]) for node in FEEDS.get(key, ())}
+
+
+STAGES = ("pipeline", "warmup", "pairs", "evaluation", "generation", "verify")
+
+
+def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
+    """Each config node instantiated once (None where it failed, the failure appended to `found`; None, and not
+    reported again, where a wrong top-level knob flows in)."""
+    nodes = {"hardware": cfg.hardware, "loss": cfg.loss, "train": cfg.train, "model": cfg.model,
+             "data": cfg.data.source, "optimizer": cfg.optimizer.factory, "logger": cfg.logger.get("wandb"),
+             **{key: cfg[key] for key in STAGES}}
+    skip = fed_by_bad_knobs(cfg)
+    objects = {key: None if node is None or key in skip else _attempt(found, key, lambda n=node: instantiate(n))
+               for key, node in nodes.items()}
+    if objects["pairs"] is None:  # e.g. a recipe's required pairs.path not set (reported): check the other settings
+        objects["pairs_without_path"] = _attempt(found, "pairs", lambda: instantiate(_relaxed(cfg, "pairs.path", None).pairs))
+    return objects
+
+
+def _check_values(cfg: DictConfig, objects: dict, found: list[str]) -> None:
+    """Values that are wrong together: batch sizes for the world size, lengths, TR-DPO's partners."""
+    hardware, train, model, loss = (objects[k] for k in ("hardware", "train", "model", "loss"))
     if train is not None:
         _attempt(found, "train", lambda: train.validate(hardware.world_size if hardware else 1))
-    if model is not None and check_inputs:
-        _attempt(found, "model", model.check_available)
     if model is not None:
         length = _attempt(found, "model", lambda: max_positions(model))
         if length and cfg.data.max_length > length:
@@ -167,8 +198,32 @@ def _check_nodes(cfg: DictConfig, objects: dict, found: list[str], read_data: bo
     if loss is not None:
         objects["reference_cache"] = _attempt(found, "reference_cache",
                                               lambda: reference_cache_dir(cfg.get("reference_cache"), loss))
-    if check_inputs:
-        _check_inputs(cfg, source, found, read_data)
+
+
+def _relaxed(cfg: DictConfig, key: str, value: Any):
+    """A copy of `cfg` with `key` set to `value`: to check the rest of a node one problem already stopped."""
+    copy_ = copy.deepcopy(cfg)
+    OmegaConf.update(copy_, key, value)
+    return copy_
+
+
+def _check_model_available(cfg: DictConfig, objects: dict, found: list[str]) -> None:
+    """The weights are on this machine (a 4-bit base refused for want of CUDA is still looked for)."""
+    model = objects["model"]
+    if model is None and cfg.model.get("lora", {}).get("load_in_4bit"):
+        model = _attempt([], "model", lambda: instantiate(_relaxed(cfg, "model.lora.load_in_4bit", False).model))
+    if model is not None:
+        _attempt(found, "model", model.check_available)
+
+
+def _check_stage_inputs(cfg: DictConfig, objects: dict, found: list[str]) -> None:
+    """The files the verified-math loop will read: the pair-sampling problems and the benchmarks."""
+    pipeline, pairs, evaluation = objects["pipeline"], objects["pairs"], objects["evaluation"]
+    if pipeline is not None and pipeline.pairs and pairs is not None and pairs.problems() is not None:
+        missing = pairs.problems().missing_file()
+        found += [missing] if missing else []
+    if pipeline is not None and pipeline.evaluate and evaluation is not None:
+        found += _attempt(found, "evaluation", evaluation.problems) or []
 
 
 def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) -> None:
@@ -184,6 +239,13 @@ def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) ->
             _attempt(found, "data", source.load)
 
 
+def without_required_inputs(cfg: DictConfig) -> DictConfig:
+    """`cfg` with a recipe's `${required:...}` input file (pairs.path) set to null, to compose a plan to look at."""
+    if _attempt([], "pairs", lambda: cfg.pairs.path) is None and "pairs" in cfg:
+        return _relaxed(cfg, "pairs.path", None)
+    return cfg
+
+
 def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
             overrides: list[str] | None = None) -> tuple[dict, list[str]]:
     """(the instantiated nodes by key, every problem found): one pass over the whole config.
@@ -193,27 +255,39 @@ def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
     """
     info = hydra_info()
     found = unknown_additions(info.overrides if overrides is None else overrides) + check_top_level(cfg)
-    objects: dict[str, Any] = {}
-    if not found:  # a mistyped top-level value would only resurface, garbled, inside the nodes that read it
-        _check_nodes(cfg, objects, found, read_data, check_inputs)
+    cfg = cfg if check_inputs else without_required_inputs(cfg)
+    objects = _instantiate_nodes(cfg, found)
+    _check_values(cfg, objects, found)
+    if check_inputs:
+        _check_model_available(cfg, objects, found)
+        _check_inputs(cfg, objects["data"], found, read_data)
+        _check_stage_inputs(cfg, objects, found)
     return objects, list(dict.fromkeys(found))
 
 
+def recipe_note() -> str:
+    """' (recipe X: conf/recipe/X.yaml)' when the model choice brought a recipe in, else ''."""
+    recipe = hydra_info().choices.get("recipe")
+    return f" (recipe {recipe}: conf/recipe/{recipe}.yaml)" if recipe and (conf_dir() / "recipe" / f"{recipe}.yaml").is_file() else ""
+
+
 def listing(found: list[str]) -> str:
-    """'N problems:' and one indented line per problem."""
-    return "{} problem{}:\n".format(len(found), "s" * (len(found) != 1)) + "\n".join(f"  - {p}" for p in found)
+    """'N problems (recipe ...):' and one indented line per problem."""
+    head = "{} problem{}{}:\n".format(len(found), "s" * (len(found) != 1), recipe_note())
+    return head + "\n".join(f"  - {p}" for p in found)
 
 
 def report(found: list[str]) -> str:
-    return f"prefopt: {listing(found)}" if found else "prefopt: config OK"
+    return f"prefopt: {listing(found)}" if found else f"prefopt: config OK{recipe_note()}"
 
 
 def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
           check_inputs: bool = True) -> RunPlan:
     """The run's `RunPlan`; one ConfigError naming every problem when the config has any."""
+    cfg = cfg if check_inputs else without_required_inputs(cfg)
     objects, found = collect(cfg, read_data, check_inputs)
     if found:
-        raise ConfigError(found[0] if len(found) == 1 else listing(found))
+        raise ConfigError(f"{found[0]}{recipe_note()}" if len(found) == 1 else listing(found))
     info = hydra_info()
     loop = MathLoop(pipeline=objects["pipeline"], warmup=objects["warmup"], pairs=objects["pairs"],
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
@@ -225,17 +299,21 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
         wandb.job_type = job_type
     return RunPlan(hardware=objects["hardware"], loss=objects["loss"], train=objects["train"], model=objects["model"],
                    data=objects["data"], wandb=wandb, loop=loop, optimizer_factory=objects["optimizer"],
-                   schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps),
+                   schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps,
+                                     cfg.optimizer.get("warmup_ratio")),
                    max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize_settings(cfg), seed=cfg.seed,
                    resume=cfg.resume, reference_cache=objects.get("reference_cache"),
                    resolved=OmegaConf.to_container(cfg, resolve=True), info=info)
 
 
 def tokenize_settings(cfg: DictConfig) -> dict:
-    """tokenize_pairs' settings; `truncation` only when set (the default keeps the cache keys as they were)."""
+    """tokenize_pairs' settings; `truncation` and `user_suffix` only when set (so the tiny loop's cache keys
+    stay what they were)."""
     settings = {k: cfg.data[k] for k in ("max_length", "max_prompt_length", "chat_template", "system_prompt")}
     if cfg.data.get("truncation", "keep_end") != "keep_end":
         settings["truncation"] = cfg.data.truncation
+    if cfg.data.get("user_suffix"):
+        settings["user_suffix"] = cfg.data.user_suffix
     return settings
 
 

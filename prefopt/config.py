@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prefopt.errors import ConfigError
 from prefopt.ranks import run_stamp
 
 
@@ -22,8 +23,19 @@ def _top_or(key: str, default, *, _root_):
     return default if value is None else value
 
 
+def _required(key: str, what: str, when: bool = True):
+    # `${required:pairs.path,"the training problems",${pipeline.pairs}}`: a value a recipe cannot know; resolving
+    # it says what to set (null when `when` is false: the stage that needs it is off). A yaml's `???` cannot do
+    # this: merged over a default, OmegaConf keeps the default.
+    if not when:
+        return None
+    raise ConfigError(f"{key} is required: set {key}=... ({what})")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("top_or"):
         OmegaConf.register_new_resolver("top_or", _top_or)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

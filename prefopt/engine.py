@@ -6,6 +6,7 @@ reference, a `Loss` (see `prefopt.losses`), batches of tokenized pairs, and a `H
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """The top-level knobs of a run (`steps`, `batch_size`, ... in `conf/config.yaml`)."""
 
-    steps: int = 60
+    steps: int | None = 60  # optimizer steps; null: from `epochs` once the pairs are known (`resolve_steps`)
     batch_size: int = 16  # pairs per optimizer step (global, over all ranks)
     micro_batch_size: int = 8  # pairs per forward/backward on one rank
     eval_every: int = 20  # steps; 0 = only at the end
@@ -53,10 +54,16 @@ class TrainConfig:
     reference_sync_every: int | None = None
     reference_sync_alpha: float = 0.6
     progress: bool = True
+    epochs: float | None = None  # passes over the training pairs, instead of `steps`
 
     def validate(self, world_size: int = 1) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"set exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs}); "
+                              f"e.g. steps=null epochs=2")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0 (got {self.epochs})")
         for name in ("steps", "batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
@@ -77,6 +84,29 @@ class TrainConfig:
         alpha = self.reference_sync_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             raise ConfigError(f"reference_sync.alpha must be in (0, 1] (got {alpha!r})")
+
+
+def resolve_steps(config: TrainConfig, num_pairs: int) -> TrainConfig:
+    """`config` with its optimizer steps fixed: `steps`, or `epochs` passes over `num_pairs` pairs in batches of
+    `batch_size` (rounded up)."""
+    if config.steps is not None:
+        return config
+    if num_pairs < 1:
+        raise ConfigError(f"epochs={config.epochs}: there are no training pairs to count epochs over")
+    return dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * num_pairs / config.batch_size)),
+                               epochs=None)
+
+
+def resolve_warmup(warmup_steps: int | None, warmup_ratio: float | None, steps: int) -> int:
+    """Learning-rate warm-up steps: `optimizer.warmup_steps`, or `optimizer.warmup_ratio` of the run's steps."""
+    if (warmup_steps is None) == (warmup_ratio is None):
+        raise ConfigError(f"set exactly one of optimizer.warmup_steps and optimizer.warmup_ratio "
+                          f"(got {warmup_steps} and {warmup_ratio})")
+    if warmup_ratio is not None:
+        if not 0 <= warmup_ratio < 1:
+            raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
+        return math.ceil(warmup_ratio * steps)
+    return warmup_steps
 
 
 def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from transformers import get_scheduler
 
 from prefopt.data.batching import tokenize_pairs
-from prefopt.engine import Trainer
+from prefopt.engine import Trainer, resolve_steps, resolve_warmup
 from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
 from prefopt.io import atomic_write_text
@@ -36,7 +36,7 @@ from prefopt.tracking import RunLog
 log = logging.getLogger("prefopt")
 
 # Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
+RESUMABLE_CHANGES = ("steps", "epochs", "train.epochs", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
                      "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
                      "train.on_nonfinite", "validate")
 
@@ -53,13 +53,15 @@ class HydraInfo:
 
 @dataclass
 class Schedule:
-    """`optimizer.scheduler` / `optimizer.warmup_steps`: a transformers schedule over `steps` optimizer steps."""
+    """`optimizer.scheduler`, `optimizer.warmup_steps` or `warmup_ratio`: a transformers schedule over `steps`."""
 
     name: str
-    warmup_steps: int
+    warmup_steps: int | None
+    warmup_ratio: float | None = None
 
     def factory(self, steps: int) -> Callable:
-        return lambda opt: get_scheduler(self.name, opt, num_warmup_steps=self.warmup_steps, num_training_steps=steps)
+        warmup = resolve_warmup(self.warmup_steps, self.warmup_ratio, steps)
+        return lambda opt: get_scheduler(self.name, opt, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 @dataclass
@@ -180,10 +182,11 @@ def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> Reference:
 def make_trainer(plan: RunPlan, policy, reference: Reference, inputs: Inputs, hw, run_dir: Path) -> Trainer:
     if plan.resume not in (None, "auto") and not Path(plan.resume).is_dir():
         raise ConfigError(f"resume={plan.resume}: not a directory of checkpoints")
+    config = resolve_steps(plan.train, len(inputs.train_pairs))  # epochs=N: steps from the number of pairs
     trainer = Trainer(
         policy=policy, reference=reference.model, loss=plan.loss, optimizer_factory=plan.optimizer_factory,
-        scheduler_factory=plan.schedule.factory(plan.train.steps), train_pairs=inputs.train_pairs,
-        eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, config=plan.train, hardware=hw,
+        scheduler_factory=plan.schedule.factory(config.steps), train_pairs=inputs.train_pairs,
+        eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, config=config, hardware=hw,
         run_log=None, run_dir=run_dir, seed=plan.seed, max_grad_norm=plan.max_grad_norm,
         resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),
         reference_context=reference.context, reference_logps=reference.cached,

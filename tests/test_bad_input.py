@@ -87,15 +87,17 @@ def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GOOD) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     args = [sys.executable, "-m", "prefopt.run", "validate=true", "loss=bpo", "loss.alpha=2",
-            "batch_size=6", "micro_batch_size=4", "data.max_prompt_length=500", "model=qwen_math",
-            f"model.name_or_path={tmp_path / 'no_model'}"]
+            "batch_size=6", "micro_batch_size=4", "data.max_prompt_length=5000", "model=qwen_math",
+            f"model.name_or_path={tmp_path / 'no_model'}",
+            # the qwen_math recipe on CPU without its training problems and benchmark files (tests/test_recipes.py)
+            "hardware=cpu", "model.lora.load_in_4bit=false", "pipeline.pairs=false", "evaluation.benchmarks=[]"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
     for expected in ("loss.alpha must be in (0, 1]", "divisible by micro_batch_size", "not a directory with a saved model",
-                     "data.max_prompt_length (500) must be < data.max_length (128)"):
+                     "data.max_prompt_length (5000) must be < data.max_length (2048)"):
         assert expected in out.stdout, (expected, out.stdout)
-    assert out.stdout.startswith("prefopt: 4 problems:")
+    assert out.stdout.startswith("prefopt: 4 problems (recipe qwen_math: conf/recipe/qwen_math.yaml):")
     tiny = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true", "data.max_length=8192",
                            "data.max_prompt_length=64"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert tiny.returncode == 2 and "data.max_length (8192) exceeds the model's context (4096 positions)" in tiny.stdout

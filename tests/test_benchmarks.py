@@ -78,14 +78,14 @@ def test_row_missing_problem_in_parquet_names_row_and_field(tmp_path):
 
     path = tmp_path / "bad.parquet"
     Dataset.from_list([{"problem": "1+1?", "answer": "2"}, {"problem": None, "answer": "3"}]).to_parquet(str(path))
-    with pytest.raises(DataError, match=r"bad\.parquet, row 2: missing field 'problem'"):
+    with pytest.raises(DataError, match=r"bad\.parquet: row 2: missing field 'problem'"):
         load_benchmark(str(path))
 
 
 @pytest.mark.parametrize("value", [{"a": 1}, [1, 2], True, "  "])
 def test_non_scalar_or_empty_answer_is_refused(tmp_path, value):
     path = _jsonl(tmp_path / "odd.jsonl", [{"problem": "p", "answer": value}])
-    expected = r"odd\.jsonl, row 1: field 'answer' must be a non-empty string or a number"
+    expected = r"odd\.jsonl: row 1: field 'answer' must be a non-empty string or a number"
     with pytest.raises(DataError, match=expected):
         load_benchmark(str(path))
 
@@ -93,7 +93,7 @@ def test_non_scalar_or_empty_answer_is_refused(tmp_path, value):
 def test_malformed_line_and_missing_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"problem": "p", "answer": "1"}\n{"problem": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"broken\.jsonl, row 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: row 2: not valid JSON"):
         load_benchmark(str(path))
     with pytest.raises(DataError, match="does not exist"):
         load_benchmark(str(tmp_path / "nowhere.jsonl"))
@@ -123,7 +123,7 @@ def test_format_prompt_per_family():
     ]
     assert format_prompt(problem, "llama3") == [{"role": "user", "content": f"{problem}\n{COT_INSTRUCTION}"}]
     assert format_prompt(problem, "plain") == [{"role": "user", "content": problem}]
-    with pytest.raises(ConfigError, match="qwen_math, llama3, plain"):
+    with pytest.raises(ConfigError, match="qwen_math, llama3, plain, data"):
         format_prompt(problem, "gpt")
 
 
@@ -142,7 +142,7 @@ def test_score_counts_each_status():
     assert mean_accuracy([{"accuracy": 0.5}, {"accuracy": 0.25}]) == pytest.approx(0.375)
 
 
-EVAL_CONFIGS = sorted((conf_dir() / "eval").glob("*.yaml"))
+EVAL_CONFIGS = sorted((conf_dir() / "benchmark").glob("*.yaml"))
 
 
 def test_every_benchmark_config_is_there():
@@ -152,13 +152,13 @@ def test_every_benchmark_config_is_there():
 
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.stem)
 def test_benchmark_config_instantiates(path):
-    assert path.read_text().startswith("# ")
+    assert path.read_text().startswith(f"# @package benchmark.{path.stem}\n# ")
     spec = instantiate(OmegaConf.load(path))
     assert isinstance(spec, BenchmarkSpec) and spec.name == path.stem
     assert spec.limit is None
     if spec.name == "arith":
         assert spec.path is None
-        with pytest.raises(ConfigError, match="eval.path"):
+        with pytest.raises(ConfigError, match="benchmark.arith.path"):
             spec.load()
     else:
         assert spec.path.count("/") == 1  # a hub id by default; users point it at a local file instead
@@ -167,8 +167,80 @@ def test_benchmark_config_instantiates(path):
 def test_benchmark_config_with_a_local_path_loads(tmp_path):
     rows = [{"question": "q1", "answer": "x\n#### 7"}, {"question": "q2", "answer": "#### 8"}]
     data = _jsonl(tmp_path / "gsm.jsonl", rows)
-    cfg = OmegaConf.load(conf_dir() / "eval" / "gsm8k.yaml")
+    cfg = OmegaConf.load(conf_dir() / "benchmark" / "gsm8k.yaml")
     cfg.path, cfg.limit = str(data), 1
     assert instantiate(cfg).load() == [{"problem": "q1", "answer": "7", "index": 0}]
-    with pytest.raises(ConfigError, match="eval.limit"):
+    with pytest.raises(ConfigError, match="benchmark.x.limit"):
         BenchmarkSpec(name="x", path=str(data), limit=-1)
+
+
+# -- layouts: the Hugging Face hub copies and the Qwen2.5-Math evaluation harness's data/<name>/test.jsonl --------
+# Rows shaped like each file (field names from the harness's data files and the hub data sets; values made up).
+HF_ROWS = {
+    "math500": {"problem": "Compute $1+1$.", "solution": "It is $\\boxed{2}$.", "answer": "2", "level": 1},
+    "aime24": {"id": 60, "problem": "Find $n$.", "solution": "so $\\boxed{204}$", "answer": "204", "url": "u"},
+    "amc23": {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"},
+    "minerva_math": {"question": "Find the mass.", "answer": "7.5"},
+    "olympiadbench": {"id": 1606, "question": "Find x.", "final_answer": ["$3$"], "solution": ["..."]},
+}
+HARNESS_ROWS = {
+    "math500": {"problem": "Compute $1+1$.", "solution": "It is $\\boxed{2}$.", "answer": "2", "unique_id": "a"},
+    "aime24": {"id": 60, "problem": "Find $n$.", "solution": "so $\\boxed{204}$", "answer": "204", "url": "u"},
+    "amc23": {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"},
+    "minerva_math": {"problem": "Find the mass.", "solution": "m = 7.5 kg, so $\\boxed{7.5}$.", "type": "p", "idx": 0},
+    "olympiadbench": {"id": 1606, "question": "Find x and y.", "final_answer": ["$3$", "$4$"], "solution": ["..."],
+                      "is_multiple_answer": True, "unit": None, "answer_type": "Numerical"},
+    "gsm8k": {"question": "Tom has 3 apples ...", "answer": "3 + 4 = 7\n#### 1,007"},
+}
+EXPECTED = {  # (benchmark, layout): (problem, answer)
+    ("math500", "hf"): ("Compute $1+1$.", "2"), ("math500", "harness"): ("Compute $1+1$.", "2"),
+    ("aime24", "hf"): ("Find $n$.", "204"), ("aime24", "harness"): ("Find $n$.", "204"),
+    ("amc23", "hf"): ("How many?", "27"), ("amc23", "harness"): ("How many?", "27"),
+    ("minerva_math", "hf"): ("Find the mass.", "7.5"), ("minerva_math", "harness"): ("Find the mass.", "7.5"),
+    ("olympiadbench", "hf"): ("Find x.", "$3$"), ("olympiadbench", "harness"): ("Find x and y.", "$3$, $4$"),
+    ("gsm8k", "harness"): ("Tom has 3 apples ...", "1007"),
+}
+
+
+@pytest.mark.parametrize("name,layout", sorted(EXPECTED), ids=lambda x: x)
+def test_each_benchmark_config_reads_both_layouts(tmp_path, caplog, name, layout):
+    row = (HF_ROWS if layout == "hf" else HARNESS_ROWS)[name]
+    cfg = OmegaConf.load(conf_dir() / "benchmark" / f"{name}.yaml")
+    cfg.path = str(_jsonl(tmp_path / "test.jsonl", [row, row]))
+    with caplog.at_level("INFO", logger="prefopt"):
+        rows = instantiate(cfg).load()
+    assert [(r["problem"], r["answer"]) for r in rows] == [EXPECTED[name, layout]] * 2
+    assert f"benchmark.{name}: {cfg.path}: problem from" in caplog.text  # the log says which fields were used
+
+
+def test_detected_fields_are_logged_and_set_fields_win(tmp_path, caplog):
+    path = _jsonl(tmp_path / "minerva.jsonl", [HARNESS_ROWS["minerva_math"]])
+    with caplog.at_level("INFO", logger="prefopt"):
+        assert load_benchmark(str(path), key="benchmark.minerva_math")[0]["answer"] == "7.5"
+    assert "problem from 'problem', answer from 'solution' (answer_transform boxed)" in caplog.text
+    # a field set in the config is used as set (here the raw solution text is the "answer")
+    rows = load_benchmark(str(path), answer_field="solution", problem_field="type")
+    assert rows[0]["problem"] == "p" and rows[0]["answer"].startswith("m = 7.5 kg")
+
+
+def test_an_undetectable_layout_names_file_fields_and_keys(tmp_path):
+    path = _jsonl(tmp_path / "odd.jsonl", [{"prompt": "p", "target": "1"}])
+    spec = BenchmarkSpec(name="math500", path=str(path))
+    with pytest.raises(DataError) as err:
+        spec.load()
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "['prompt', 'target']" in message
+    assert "set benchmark.math500.problem_field and benchmark.math500.answer_field" in message
+
+
+def test_every_benchmark_field_is_overridable_from_the_command_line(tmp_path):
+    from tests.conftest import compose_cfg
+
+    data = _jsonl(tmp_path / "b.jsonl", [{"q": "What?", "gold": "x\n#### 5"}] * 3)
+    cfg = compose_cfg([f"benchmark.gsm8k.path={data}", "benchmark.gsm8k.split=train", "benchmark.gsm8k.subset=null",
+                       "benchmark.gsm8k.problem_field=q", "benchmark.gsm8k.answer_field=gold",
+                       "benchmark.gsm8k.answer_transform=gsm8k", "benchmark.gsm8k.limit=2",
+                       "evaluation.benchmarks=[gsm8k]"])
+    (spec,) = instantiate(cfg.evaluation).specs()
+    assert (spec.path, spec.split, spec.subset, spec.limit) == (str(data), "train", None, 2)
+    assert spec.load() == [{"problem": "What?", "answer": "5", "index": 0}, {"problem": "What?", "answer": "5", "index": 1}]

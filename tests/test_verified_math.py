@@ -15,6 +15,7 @@ from prefopt.errors import ConfigError, DataError
 from prefopt.compose import build
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.loop import MathLoop
+from prefopt.mathloop.benchmarks import BenchmarkSpec
 from prefopt.generate import Completions, GenerationConfig, HFGenerator
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import AnswerChecker
@@ -72,7 +73,7 @@ def test_evaluation_scores_known_outputs_and_writes_per_sample_rows(tmp_path, ch
     stub = StubGenerator(lambda prompt, j: outputs[QUESTION.search(prompt).group(0)])
     from prefopt.mathloop.benchmarks import BenchmarkSpec
 
-    config = EvalConfig(benchmarks=["arith"])
+    config = EvalConfig(benchmarks=[])
     metrics, details = evaluate_policy(stub, char_tokenizer("qwen"), [(BenchmarkSpec(name="arith"), rows)], checker,
                                        config, tmp_path, prefix="eval/verified")
     assert metrics == {"eval/verified/arith": pytest.approx(0.6), "eval/verified/mean": pytest.approx(0.6)}
@@ -94,7 +95,7 @@ def test_evaluation_avg_at_k_and_a_timeout_count_wrong(tmp_path):
     # a light check function module: a worker replacing a timed-out one starts in a second
     with AnswerChecker(timeout_s=1.0, workers=1, check_fn="tests.test_verify:_check_with_faults") as slow:
         metrics, details = evaluate_policy(stub, char_tokenizer("qwen"), [(BenchmarkSpec(name="arith"), rows)], slow,
-                                           EvalConfig(samples=4, temperature=0.7), tmp_path, prefix="eval/verified")
+                                           EvalConfig(benchmarks=[], samples=4, temperature=0.7), tmp_path, prefix="eval/verified")
     assert metrics["eval/verified/arith"] == 0.5 and details["arith"]["timeout"] == 1  # greedy = sample 0
     assert metrics["eval/verified_avg@4/arith"] == pytest.approx(7 / 8)
     assert stub.calls[1] == {"prompts": 2, "n": 4, "temperature": 0.7}
@@ -110,12 +111,13 @@ def test_no_benchmarks_no_metrics(tmp_path, checker):
 def test_benchmark_paths_and_bad_rows_name_file_row_and_field(tmp_path):
     path = tmp_path / "math.jsonl"
     path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
-    config = EvalConfig(benchmarks=["math500"], paths={"math500": str(path)})
+    suite = {"math500": BenchmarkSpec(name="math500", path="HuggingFaceH4/MATH-500")}
+    config = EvalConfig(benchmarks=["math500"], suite=suite, paths={"math500": str(path)})
     (spec,) = config.specs()
-    with pytest.raises(DataError, match=r"math\.jsonl, row 2: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"math\.jsonl: row 2: missing field 'answer'"):
         benchmark_rows(spec, {})
     with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
-        EvalConfig(benchmarks=["nope"])
+        EvalConfig(benchmarks=["nope"], suite=suite)
     with pytest.raises(ConfigError, match="evaluation.prompt_family"):
         EvalConfig(prompt_family="chatml")
 

@@ -43,10 +43,15 @@ class TokenizeStats:
     truncation: str = "keep_end"
 
 
-def prompt_messages(prompt, system_prompt: str | None) -> list[dict]:
+def prompt_messages(prompt, system_prompt: str | None, user_suffix: str | None = None) -> list[dict]:
     """The chat messages of a prompt: a string becomes one user message; `system_prompt` is prepended when the
-    prompt brings no system message of its own."""
+    prompt brings no system message of its own; `user_suffix` is appended to the last user message (a recipe's
+    instruction, e.g. Qwen2.5-Math's "Let's think step by step ...")."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if user_suffix:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is not None:
+            messages[last]["content"] = messages[last]["content"] + user_suffix
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
@@ -67,13 +72,16 @@ def render_messages(tokenizer, messages: list[dict], chat_template: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def render_prompt(tokenizer, prompt, chat_template: bool, system_prompt: str | None) -> str:
+def render_prompt(tokenizer, prompt, chat_template: bool, system_prompt: str | None,
+                  user_suffix: str | None = None) -> str:
+    """The prompt text of a problem or conversation: system message, the last user turn followed by
+    `user_suffix`, the generation prompt (the same text for pair sampling, training and evaluation)."""
     if not chat_template:
         if not isinstance(prompt, str):
             raise ConfigError("data.chat_template=false but the data has conversational prompts (lists of "
                               "messages): they need the chat template")
-        return prompt
-    return render_messages(tokenizer, prompt_messages(prompt, system_prompt), True)
+        return prompt + (user_suffix or "")
+    return render_messages(tokenizer, prompt_messages(prompt, system_prompt, user_suffix), True)
 
 
 def _cut_order(messages: list[dict], keep_end: bool) -> list[int]:
@@ -117,7 +125,8 @@ def fit_prompt(tokenizer, messages: list[dict], chat_template: bool, limit: int,
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
                    completion_eos: str | None = None, chat_template: bool = True,
-                   system_prompt: str | None = None, truncation: str = "keep_end") -> tuple[list[TokenizedPair], TokenizeStats]:
+                   system_prompt: str | None = None, truncation: str = "keep_end", user_suffix: str | None = None,
+                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Prompt and completions tokenized separately (so the boundary is exact), completion + EOS.
 
     A prompt over `max_prompt_length` is cut inside its message text (`truncation`, see `TokenizeStats`);
@@ -133,8 +142,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
     for pair in pairs:
         if not chat_template and not isinstance(pair.prompt, str):
             raise DataError(f"pair {pair.pair_id}: a conversational prompt needs data.chat_template=true")
-        fitted = fit_prompt(tokenizer, prompt_messages(pair.prompt, system_prompt if chat_template else None),
-                            chat_template, max_prompt_length, truncation)
+        messages = prompt_messages(pair.prompt, system_prompt if chat_template else None, user_suffix)
+        fitted = fit_prompt(tokenizer, messages, chat_template, max_prompt_length, truncation)
         if fitted is None:
             stats.dropped_long += 1
             continue

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from prefopt.data.rows import LOCAL_SUFFIXES, is_local, read_rows
 from prefopt.errors import ConfigError, DataError
 from prefopt.verify import last_boxed
+
+log = logging.getLogger("prefopt")
 
 # The instruction of Qwen2.5-Math's chain-of-thought evaluation (its `qwen25-math-cot` prompt type),
 # which the Llama-3.1 template reuses so both families are asked for the same answer format.
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-PROMPT_FAMILIES = ("qwen_math", "llama3", "plain")
+# `data`: the run's own prompt (data.system_prompt, the problem, data.user_suffix), the one training and pair
+# sampling render (prefopt.data.batching.render_prompt), so all three stages see the same bytes.
+PROMPT_FAMILIES = ("qwen_math", "llama3", "plain", "data")
 
-_LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Gold-answer transforms: small hooks named by `answer_transform` in conf/eval/*.yaml
+# Gold-answer transforms: small hooks named by `answer_transform` in conf/benchmark/*.yaml
 
 
 def _gsm8k_answer(value: Any) -> Any:
@@ -59,71 +64,6 @@ ANSWER_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
 # Loading
 
 
-def _is_local(path_or_id: str) -> bool:
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        return True
-    # Something shaped like a file path that is not there is a missing file, not a hub id.
-    return (
-        path.suffix.lower() in _LOCAL_SUFFIXES
-        or path_or_id.startswith(("/", "./", "../", "~"))
-        or path_or_id.count("/") > 1
-    )
-
-
-def _read_json_rows(path: Path, kind: str) -> list[tuple[int, Any]]:
-    """(1-based row number, row) pairs: the line number for JSONL, the list position for JSON."""
-    text = path.read_text(encoding="utf-8")
-    if kind == "json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from e
-        return list(enumerate(data, start=1))
-    if kind == "json" and text.lstrip().startswith("{"):
-        try:  # a single object: {"data": [...]} style, or one row
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # JSON Lines saved with a .json suffix
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(data) == 1 and len(lists) == 1:
-                return list(enumerate(lists[0], start=1))
-            return [(1, data)]
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, row {number}: not valid JSON ({e.msg})") from e
-    return rows
-
-
-def _read_parquet_rows(path: Path) -> list[tuple[int, Any]]:
-    from datasets import Dataset
-
-    try:
-        dataset = Dataset.from_parquet(str(path))
-    except Exception as e:  # noqa: BLE001  (pyarrow raises many types for a bad file)
-        raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from e
-    return list(enumerate(dataset, start=1))
-
-
-def _read_hub_rows(hub_id: str, split: str | None, subset: str | None) -> list[tuple[int, Any]]:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(hub_id, subset, split=split or "test")
-    except Exception as e:  # noqa: BLE001  (offline, a wrong id, a missing split: one message names them)
-        raise DataError(
-            f"cannot load benchmark {hub_id!r} (subset={subset!r}, split={split or 'test'!r}) from the hub "
-            f"({type(e).__name__}: {e}); set the eval config's `path` to a local JSONL/JSON/Parquet file"
-        ) from e
-    return list(enumerate(dataset, start=1))
-
-
 def _scalar(value: Any) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
@@ -136,122 +76,167 @@ def _scalar(value: Any) -> str | None:
     return None
 
 
+# Field layouts a benchmark file may come in: the Hugging Face hub copies (HuggingFaceH4/MATH-500, math-ai/amc23, ...)
+# and the Qwen2.5-Math evaluation harness's `data/<name>/test.jsonl` files (what the BPO paper scored on). The first
+# field of each list that the file's first row has is used.
+PROBLEM_FIELDS = ("problem", "question")
+# (field, transform): OlympiadBench's `final_answer` list; a plain `answer` (GSM8K's ends in '#### N', detected from
+# the value); Minerva Math's harness file has only a worked `solution` whose last \boxed{} is the answer.
+ANSWER_FIELDS = (("final_answer", "join"), ("answer", None), ("solution", "boxed"))
+
+
+def detect_fields(row: dict, where: str, key: str, problem_field: str | None, answer_field: str | None,
+                  answer_transform: str | None) -> tuple[str, str, str | None]:
+    """(problem field, answer field, answer transform) of a file, from its first row; set fields are kept as set.
+
+    A detected answer field brings its transform (`join` for `final_answer`, `gsm8k` for an answer with
+    '#### N', `boxed` for a solution) unless `answer_transform` is set; an answer field that was set keeps `answer_transform` as is.
+    """
+    if problem_field is None:
+        problem_field = next((f for f in PROBLEM_FIELDS if f in row), None)
+    if answer_field is None:
+        found = next(((f, t) for f, t in ANSWER_FIELDS if f in row), None)
+        if found is not None:
+            answer_field, detected = found
+            value = row[found[0]]
+            if detected is None and isinstance(value, str) and "####" in value:
+                detected = "gsm8k"
+            answer_transform = answer_transform or detected
+    if problem_field is None or answer_field is None:
+        raise DataError(
+            f"{where}: cannot tell its layout (neither the Hugging Face nor the Qwen2.5-Math harness fields); "
+            f"its rows have the fields {sorted(row)}: set {key}.problem_field and {key}.answer_field "
+            f"(and {key}.answer_transform: {', '.join(sorted(ANSWER_TRANSFORMS))} or null)"
+        )
+    return problem_field, answer_field, answer_transform
+
+
 def load_benchmark(
     path_or_id: str,
     split: str | None = None,
-    problem_field: str = "problem",
-    answer_field: str = "answer",
+    problem_field: str | None = None,
+    answer_field: str | None = None,
     limit: int | None = None,
     subset: str | None = None,
     answer_transform: str | None = None,
+    key: str = "benchmark",
 ) -> list[dict]:
     """Rows `{"problem", "answer", "index"}` of a benchmark: a local JSONL/JSON/Parquet file or a hub id.
 
     `split` and `subset` (the hub config name) apply to hub ids only (default split `test`).
-    `answer_transform` names a hook of ANSWER_TRANSFORMS (`gsm8k`, `boxed`, `join`) applied to the raw
-    answer. A row whose problem or answer is missing, empty or not a string/number raises DataError
-    naming the file, the 1-based row and the field.
+    `problem_field` / `answer_field` null: detected per file (`detect_fields`, logged). `answer_transform`
+    names a hook of ANSWER_TRANSFORMS (`gsm8k`, `boxed`, `join`) applied to the raw answer. A row whose
+    problem or answer is missing, empty or not a string/number raises DataError naming the file, the
+    1-based row and the field; `key` is the config key errors tell the user to set (e.g. benchmark.math500).
     """
     if not isinstance(path_or_id, str) or not path_or_id.strip():
-        raise ConfigError(f"eval path must be a file path or a hub dataset id, got {path_or_id!r}")
+        raise ConfigError(f"{key}.path must be a file path or a hub dataset id, got {path_or_id!r}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-        raise ConfigError(f"eval limit must be null or an integer >= 0, got {limit!r}")
-    transform = None
-    if answer_transform is not None:
-        if answer_transform not in ANSWER_TRANSFORMS:
-            raise ConfigError(
-                f"eval answer_transform {answer_transform!r} is not one of {sorted(ANSWER_TRANSFORMS)}"
-            )
-        transform = ANSWER_TRANSFORMS[answer_transform]
+        raise ConfigError(f"{key}.limit must be null or an integer >= 0, got {limit!r}")
+    if answer_transform is not None and answer_transform not in ANSWER_TRANSFORMS:
+        raise ConfigError(f"{key}.answer_transform {answer_transform!r} is not one of {sorted(ANSWER_TRANSFORMS)}")
 
-    if _is_local(path_or_id):
+    if is_local(path_or_id):
         path = Path(path_or_id).expanduser()
-        if not path.is_file():
-            raise DataError(f"benchmark file {path} does not exist")
-        kind = _LOCAL_SUFFIXES.get(path.suffix.lower())
-        if kind is None:
+        if not (path.is_file() or path.is_dir()):
+            raise DataError(f"benchmark file {path} does not exist ({key}.path)")
+        if path.is_file() and path.suffix.lower() not in LOCAL_SUFFIXES:
             raise DataError(f"benchmark file {path}: unknown format (expected .jsonl, .json or .parquet)")
-        raw = _read_parquet_rows(path) if kind == "parquet" else _read_json_rows(path, kind)
         where = str(path)
     else:
-        raw = _read_hub_rows(path_or_id, split, subset)
         where = f"{path_or_id} ({split or 'test'} split)"
+    raw = read_rows(path_or_id, split or "test", subset).numbered
+
+    if raw and isinstance(raw[0][1], dict):
+        chosen = detect_fields(raw[0][1], where, key, problem_field, answer_field, answer_transform)
+        if chosen != (problem_field, answer_field, answer_transform):
+            log.info("%s: %s: problem from %r, answer from %r (answer_transform %s)", key, where, *chosen)
+        problem_field, answer_field, answer_transform = chosen
+    transform = ANSWER_TRANSFORMS[answer_transform] if answer_transform else None
 
     rows = []
     for position, (number, row) in enumerate(raw):
         if limit is not None and position >= limit:
             break
         if not isinstance(row, dict):
-            raise DataError(f"{where}, row {number}: expected an object with fields, got {type(row).__name__}")
+            raise DataError(f"{where}: row {number}: expected an object with fields, got {type(row).__name__}")
         values = {}
-        for key, field in (("problem", problem_field), ("answer", answer_field)):
+        for name, field in (("problem", problem_field), ("answer", answer_field)):
             if field not in row or row[field] is None:
-                raise DataError(f"{where}, row {number}: missing field {field!r}")
+                raise DataError(f"{where}: row {number}: missing field {field!r}")
             value = row[field]
-            if key == "answer" and transform is not None:
+            if name == "answer" and transform is not None:
                 try:
                     value = transform(value)
                 except ValueError as e:
                     raise DataError(
-                        f"{where}, row {number}: field {field!r} {e} (answer_transform={answer_transform})"
+                        f"{where}: row {number}: field {field!r} {e} (answer_transform={answer_transform})"
                     ) from e
             text = _scalar(value)
             if text is None:
                 raise DataError(
-                    f"{where}, row {number}: field {field!r} must be a non-empty string or a number, "
+                    f"{where}: row {number}: field {field!r} must be a non-empty string or a number, "
                     f"got {type(value).__name__} {str(value)[:60]!r}"
                 )
-            values[key] = text
+            values[name] = text
         rows.append({"problem": values["problem"], "answer": values["answer"], "index": position})
     return rows
 
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """One benchmark as conf/eval/*.yaml describes it; `load()` reads its rows.
+    """One benchmark as conf/benchmark/*.yaml describes it (`benchmark.<name>.*`); `load()` reads its rows.
 
-    `path: null` means the engine supplies the problems itself (the held-out synthetic arithmetic set).
+    `path: null` means the engine supplies the problems itself (the held-out synthetic arithmetic set);
+    `problem_field` / `answer_field` null: detected from the file (Hugging Face or Qwen2.5-Math harness layout).
     """
 
     name: str
     path: str | None = None
     split: str | None = None
     subset: str | None = None
-    problem_field: str = "problem"
-    answer_field: str = "answer"
+    problem_field: str | None = None
+    answer_field: str | None = None
     answer_transform: str | None = None
     limit: int | None = None
+    key: str | None = None  # the config key of this spec, for messages (default: benchmark.<name>)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"eval name must be a non-empty string, got {self.name!r}")
+            raise ConfigError(f"benchmark name must be a non-empty string, got {self.name!r}")
+        key = self.config_key
         if self.answer_transform is not None and self.answer_transform not in ANSWER_TRANSFORMS:
-            raise ConfigError(
-                f"eval.answer_transform {self.answer_transform!r} (benchmark {self.name}) is not one of "
-                f"{sorted(ANSWER_TRANSFORMS)}"
-            )
+            raise ConfigError(f"{key}.answer_transform {self.answer_transform!r} is not one of "
+                              f"{sorted(ANSWER_TRANSFORMS)}")
         if self.limit is not None and (
             not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 0
         ):
-            raise ConfigError(
-                f"eval.limit (benchmark {self.name}) must be null or an integer >= 0, got {self.limit!r}"
-            )
+            raise ConfigError(f"{key}.limit must be null or an integer >= 0, got {self.limit!r}")
+
+    @property
+    def config_key(self) -> str:
+        return self.key or f"benchmark.{self.name}"
+
+    def missing_file(self) -> str | None:
+        """A one-line problem when `path` is a local file that is not there, or a hub id while the hub is offline."""
+        if self.path is None or (is_local(self.path) and Path(self.path).expanduser().is_file()):
+            return None
+        if is_local(self.path):
+            return f"{self.config_key}.path={self.path}: no such file"
+        if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+            return (f"{self.config_key}.path={self.path} is a hub id but the hub is offline (HF_HUB_OFFLINE): "
+                    f"set {self.config_key}.path to a local JSONL/JSON/Parquet copy")
+        return None
 
     def load(self) -> list[dict]:
         if self.path is None:
             raise ConfigError(
-                f"benchmark {self.name} has eval.path null (its problems are generated): "
-                "set eval.path to a JSONL/JSON/Parquet file or a hub id to load it from there"
+                f"benchmark {self.name} has {self.config_key}.path null (its problems are generated): "
+                f"set {self.config_key}.path to a JSONL/JSON/Parquet file or a hub id to load it from there"
             )
-        return load_benchmark(
-            self.path,
-            split=self.split,
-            problem_field=self.problem_field,
-            answer_field=self.answer_field,
-            limit=self.limit,
-            subset=self.subset,
-            answer_transform=self.answer_transform,
-        )
+        return load_benchmark(self.path, split=self.split, problem_field=self.problem_field,
+                              answer_field=self.answer_field, limit=self.limit, subset=self.subset,
+                              answer_transform=self.answer_transform, key=self.config_key)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +259,8 @@ def format_prompt(problem: str, family: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": f"{problem}\n{COT_INSTRUCTION}"}]
     if family == "plain":
         return [{"role": "user", "content": problem}]
+    if family == "data":
+        raise ConfigError("prompt family 'data' renders through the run's data prompt (prefopt.evaluate.render)")
     raise ConfigError(f"prompt family {family!r} is not one of {', '.join(PROMPT_FAMILIES)}")
 
 

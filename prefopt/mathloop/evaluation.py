@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-import hydra
 
 from prefopt.mathloop.benchmarks import PROMPT_FAMILIES, BenchmarkSpec, format_prompt, mean_accuracy, score
-from prefopt.config import conf_dir
+from prefopt.data.batching import render_prompt
 from prefopt.errors import ConfigError
 from prefopt.io import atomic_write_text
 
@@ -26,12 +25,15 @@ log = logging.getLogger("prefopt")
 
 @dataclass
 class EvalConfig:
-    """`evaluation:` in conf/mathloop.yaml."""
+    """`evaluation:` in conf/mathloop.yaml; `suite` is the composed benchmark group (conf/benchmark/)."""
 
-    benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # names of conf/eval/*.yaml
-    prompt_family: str = "plain"  # qwen_math | llama3 | plain (see prefopt.mathloop.benchmarks.format_prompt)
+    benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # names of benchmark.<name> in `suite`
+    suite: dict[str, BenchmarkSpec] = field(default_factory=dict)  # ${benchmark}: every composed BenchmarkSpec
+    prompt_family: str = "plain"  # qwen_math | llama3 | plain | data (see prefopt.mathloop.benchmarks.format_prompt)
+    system_prompt: str | None = None  # prompt_family=data: the run's data.system_prompt ...
+    user_suffix: str | None = None  # ... and data.user_suffix, rendered as training renders them
     limit: int | None = None  # at most this many problems per benchmark (null: all)
-    paths: dict[str, str] = field(default_factory=dict)  # local copies: {math500: /data/math500.jsonl}
+    paths: dict[str, str] = field(default_factory=dict)  # shorthand for benchmark.<name>.path
     samples: int = 0  # k > 0 adds avg@k: the mean accuracy of k sampled answers per problem
     temperature: float = 0.6  # of the avg@k samples
     seed: int = 0
@@ -39,33 +41,38 @@ class EvalConfig:
     def __post_init__(self):
         self.benchmarks = list(self.benchmarks)
         self.paths = dict(self.paths or {})
+        self.suite = {name: spec if isinstance(spec, BenchmarkSpec) else BenchmarkSpec(**dict(spec))
+                      for name, spec in dict(self.suite or {}).items()}
         if self.prompt_family not in PROMPT_FAMILIES:
             raise ConfigError(f"evaluation.prompt_family must be one of {', '.join(PROMPT_FAMILIES)} "
                               f"(got {self.prompt_family!r})")
         if self.samples < 0 or (self.samples and not self.temperature > 0):
             raise ConfigError(f"evaluation.samples must be >= 0 and evaluation.temperature > 0 for avg@k "
                               f"(got samples={self.samples}, temperature={self.temperature})")
-        known = {p.stem for p in (conf_dir() / "eval").glob("*.yaml")}
         for name in list(self.benchmarks) + list(self.paths):
-            if name not in known:
-                raise ConfigError(f"evaluation: unknown benchmark {name!r}; conf/eval has {', '.join(sorted(known))}")
+            if name not in self.suite:
+                raise ConfigError(f"evaluation: unknown benchmark {name!r}; the config has benchmark."
+                                  f"{{{', '.join(sorted(self.suite))}}} (add conf/benchmark/{name}.yaml)")
 
     def specs(self) -> list[BenchmarkSpec]:
-        """The BenchmarkSpec of each named benchmark, from conf/eval/<name>.yaml with `paths`/`limit` applied."""
-        from omegaconf import OmegaConf
-
+        """The BenchmarkSpec of each named benchmark, with `paths` and `limit` applied."""
         out = []
         for name in self.benchmarks:
-            node = OmegaConf.load(conf_dir() / "eval" / f"{name}.yaml")
+            spec = self.suite[name]
             if name in self.paths:
-                node.path = self.paths[name]
+                spec = replace(spec, path=self.paths[name])
             if self.limit is not None:
-                node.limit = self.limit
-            out.append(hydra.utils.instantiate(node))
+                spec = replace(spec, limit=self.limit)
+            out.append(spec)
         return out
 
+    def problems(self) -> list[str]:
+        """What a run would refuse about the benchmarks, found without reading them (missing local files)."""
+        return [p for p in (s.missing_file() for s in self.specs()) if p]
+
     def fingerprint(self) -> dict:
-        return {"benchmarks": [vars(s) for s in self.specs()], "prompt_family": self.prompt_family,
+        prompt = {"system_prompt": self.system_prompt, "user_suffix": self.user_suffix} if self.prompt_family == "data" else {}
+        return {"benchmarks": [vars(s) for s in self.specs()], "prompt_family": self.prompt_family, **prompt,
                 "samples": self.samples, "temperature": self.temperature if self.samples else None,
                 "seed": self.seed if self.samples else None}
 
@@ -79,15 +86,18 @@ def benchmark_rows(spec: BenchmarkSpec, generated: dict[str, list[dict]]) -> lis
     if spec.path is None:
         if spec.name not in generated:
             raise ConfigError(f"benchmark {spec.name} has no path and this run generates no {spec.name} problems; "
-                              f"set evaluation.paths.{spec.name}=FILE")
+                              f"set {spec.config_key}.path=FILE")
         rows = generated[spec.name]
         return rows[: spec.limit] if spec.limit is not None else rows
     return spec.load()
 
 
-def render(tokenizer, problem: str, family: str) -> str:
+def render(tokenizer, problem: str, family: str, system_prompt: str | None = None, user_suffix: str | None = None) -> str:
+    """A benchmark problem as the policy sees it; family `data` is the training/pair-sampling prompt, byte for byte."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("evaluation prompts go through the chat template, but the tokenizer has none")
+    if family == "data":
+        return render_prompt(tokenizer, problem, True, system_prompt, user_suffix)
     return tokenizer.apply_chat_template(format_prompt(problem, family), tokenize=False, add_generation_prompt=True)
 
 
@@ -104,7 +114,8 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
     for spec, rows in benchmarks:
         if not rows:
             raise ConfigError(f"benchmark {spec.name}: no problems to evaluate")
-        prompts = [render(tokenizer, r["problem"], config.prompt_family) for r in rows]
+        prompts = [render(tokenizer, r["problem"], config.prompt_family, config.system_prompt, config.user_suffix)
+                   for r in rows]
         golds = [r["answer"] for r in rows]
         greedy = generator.generate(prompts, n=1, temperature=0.0, seed=config.seed)
         outputs = [texts[0] for texts in greedy.texts]

@@ -133,7 +133,8 @@ class MathLoop:
 
     def render(self, tokenizer, problem: str) -> str:
         """A problem as the preference run renders its prompts (so pair samples are on-policy for it)."""
-        return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"])
+        return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"],
+                             self.tokenize.get("user_suffix"))
 
     def generator(self, model, tokenizer, spec: ModelSpec):
         """HF generate on `model`, or a vLLM engine on the weights `spec` names (one engine per weights, reused)."""
@@ -235,7 +236,8 @@ class MathLoop:
     # -- pairs ------------------------------------------------------------------------------------------
     def pairs_key(self, policy_spec: ModelSpec, problems_id: Any) -> str:
         return self._key("pairs", {"policy": spec_fingerprint(policy_spec), "problems": problems_id,
-                                   "render": {k: self.tokenize[k] for k in ("chat_template", "system_prompt")},
+                                   "render": {k: self.tokenize[k] for k in ("chat_template", "system_prompt", "user_suffix")
+                                              if k in self.tokenize},
                                    "pairs": self.pairs.fingerprint(), "max_new_tokens": self.generation.max_new_tokens,
                                    "top_p": self.generation.top_p, "verify_timeout_s": self.verify.timeout_s})
 

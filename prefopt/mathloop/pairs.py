@@ -71,7 +71,8 @@ class PairsConfig:
         if self.path is None:
             return None
         return BenchmarkSpec(name="pairs", path=self.path, split=self.split, problem_field=self.problem_field,
-                             answer_field=self.answer_field, answer_transform=self.answer_transform, limit=self.limit)
+                             answer_field=self.answer_field, answer_transform=self.answer_transform, limit=self.limit,
+                             key="pairs")
 
     def fingerprint(self) -> dict:
         """What the pairs depend on (not eval_size or output: they only split or place the same file)."""

