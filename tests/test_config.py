@@ -24,7 +24,8 @@ def plan(cfg):
 MAIN_GROUPS = {"model", "loss", "data", "optimizer", "hardware", "logger", "experiment"}  # in config.yaml's defaults
 # data=jsonl reads a file: the composition root refuses a missing one, so point it at a real one
 PAIRS = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
-REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"]}
+REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"],
+            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"]}
 
 
 def options():
@@ -39,8 +40,8 @@ def options():
 def test_every_yaml_composes_and_instantiates(group, option):
     if group in MAIN_GROUPS:
         override = f"{group}={option}"
-    elif group == "model/lora":
-        override = f"model/lora={option}"
+    elif group in ("model/lora", "pairs/labeler"):  # groups with a default of their own: replaced, not appended
+        override = f"{group}={option}"
     else:
         override = f"+{group}={option}"
     cfg = compose_cfg([override, *REQUIRED.get(f"{group}/{option}", [])], tiny=False)

@@ -31,6 +31,7 @@ from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
                                            with_weights)
+from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
@@ -93,6 +94,11 @@ def _close_checkers() -> None:
     for checker in _CHECKERS.values():
         checker.close()
     _CHECKERS.clear()
+
+
+def _device_of(model) -> torch.device:
+    """Where the policy's weights are (the reward model is put beside them)."""
+    return next(model.parameters()).device if model is not None else torch.device("cpu")
 
 
 def _release_memory() -> None:
@@ -243,18 +249,19 @@ class MathLoop:
         rows, problems_id = problems or self.pair_problems(data)
         prompts = [self.render(tokenizer, r["problem"]) for r in rows]
         t0 = time.perf_counter()
-        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts,
-                                           answer_checker(self.verify), self.pairs)
-        provenance = {"policy": weights_id(spec), "k": self.pairs.k, "temperature": self.pairs.temperature,
-                      "top_p": self.generation.top_p, "seed": self.pairs.seed,
+        labeler = self.pairs.labeler or VerifierLabeler()
+        context = LabelContext(checker=lambda: answer_checker(self.verify), device=_device_of(model),
+                               seed=self.pairs.seed, max_pairs_per_prompt=self.pairs.max_pairs_per_prompt)
+        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts, self.pairs,
+                                           labeler, context)
+        summary = extra.pop("summary")
+        provenance = {"policy": weights_id(spec), "labeler": labeler.fingerprint(), "k": self.pairs.k,
+                      "temperature": self.pairs.temperature, "top_p": self.generation.top_p, "seed": self.pairs.seed,
                       "max_new_tokens": self.generation.max_new_tokens,
                       "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt, "problems": problems_id,
                       "verify_timeout_s": self.verify.timeout_s, "seconds": time.perf_counter() - t0, **extra}
         write_pairs(path, pairs, provenance, stats)
-        log.info("pairs: %d from %d prompts x %d samples (sample accuracy %.2f; dropped %d all-correct, "
-                 "%d all-wrong; no_answer %d, timeout %d) -> %s", stats.pairs, stats.prompts, self.pairs.k,
-                 extra["sample_accuracy"], stats.dropped_all_correct, stats.dropped_all_wrong, stats.no_answer,
-                 stats.timeout, path)
+        log.info("pairs: %s, %d samples each -> %s", summary, self.pairs.k, path)
         return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
 
     def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
