@@ -25,7 +25,10 @@ MAIN_GROUPS = {"model", "loss", "data", "optimizer", "hardware", "logger", "expe
 # data=jsonl reads a file: the composition root refuses a missing one, so point it at a real one
 PAIRS = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
 REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"],
-            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"]}
+            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"],
+            "evaluation/judge/reward_model": ["evaluation.judge.name_or_path=org/reward-model"],
+            "evaluation/judge/openai": ["evaluation.judge.base_url=http://localhost:8000/v1",
+                                        "evaluation.judge.model=judge"]}
 
 
 def options():
@@ -40,7 +43,7 @@ def options():
 def test_every_yaml_composes_and_instantiates(group, option):
     if group in MAIN_GROUPS:
         override = f"{group}={option}"
-    elif group in ("model/lora", "pairs/labeler"):  # groups with a default of their own: replaced, not appended
+    elif group in ("model/lora", "pairs/labeler", "evaluation/judge"):  # groups with a default of their own: replaced, not appended
         override = f"{group}={option}"
     else:
         override = f"+{group}={option}"

@@ -12,6 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassifi
 from prefopt.errors import ConfigError, DataError
 from prefopt.mathloop.labelers import (LabelContext, RewardModelLabeler, ScoredStats, VerifierLabeler,
                                        build_scored_pairs)
+from prefopt.mathloop.judges import RewardModelJudge
 from prefopt.mathloop.pairs import PairsConfig, sample_pairs, write_pairs
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import Verdict
@@ -141,3 +142,12 @@ def test_labeler_changes_the_pairs_cache_key():
     rm = PairsConfig(labeler=RewardModelLabeler(name_or_path="org/rm", min_gap=0.1)).fingerprint()
     assert verifier["labeler"] == {"labeler": "verifier"}
     assert rm["labeler"]["name_or_path"] == "org/rm" and rm["labeler"]["min_gap"] == 0.1
+
+
+def test_reward_model_judge_prefers_the_higher_score(tiny_rm):
+    path, _, _ = tiny_rm
+    judge = RewardModelJudge(name_or_path=str(path), resamples=10)
+    rows = judge.judge(["1+1=", "2+2="], ["2", "4"], ["3", "4"], "cpu")
+    a, b = rows[0]["policy_score"], rows[0]["baseline_score"]
+    assert a != b and rows[0]["preference"] == (1.0 if a > b else 0.0)
+    assert rows[1]["policy_score"] == rows[1]["baseline_score"] and rows[1]["preference"] == 0.5  # same answer: tie

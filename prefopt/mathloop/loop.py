@@ -31,6 +31,7 @@ from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
                                            with_weights)
+from prefopt.mathloop.judged import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
@@ -342,7 +343,8 @@ class MathLoop:
         return prepared
 
     def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
-        """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean."""
+        """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean;
+        with `evaluation.judge` set, also the judged win rate against the baseline (eval/judge/...)."""
         if not (self.pipeline.evaluate and hardware.is_main):
             return {}, {}
         spec = prepared.model
@@ -350,4 +352,23 @@ class MathLoop:
             spec = with_weights(spec, run_dir / "final")
             if getattr(hardware, "strategy", "none") == "fsdp":  # sharded weights: generate from the exported copy
                 policy, tokenizer = self.load(spec, hardware)
-        return self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified", "eval/verified")
+        metrics, details = self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified",
+                                         "eval/verified")
+        if self.evaluation.judge is not None:
+            judged, details["judge"] = self.judge_after(policy, tokenizer, spec, prepared, hardware, run_dir)
+            metrics.update(judged)
+        return metrics, details
+
+    def judge_after(self, policy, tokenizer, spec: ModelSpec, prepared: Prepared, hardware, run_dir: Path):
+        """The judged evaluation (prefopt.mathloop.judged): the trained policy vs the baseline or starting policy."""
+        judge = self.evaluation.judge
+        prompts = judge_prompts(judge, self.problem_source(prepared.problems).problem_rows("eval"))
+        rendered = [self.render(tokenizer, p) for p in prompts]
+        ours = greedy_answers(self.generator(policy, tokenizer, spec), rendered, self.evaluation.seed)
+        theirs = reference_answers(judge, len(prompts))
+        if theirs is None:  # the starting policy (after the warm-up) answers the same rendered prompts
+            start, start_tokenizer = self.load(prepared.model, hardware)
+            theirs = greedy_answers(self.generator(start, start_tokenizer, prepared.model), rendered,
+                                    self.evaluation.seed)
+            del start
+        return judged_evaluation(judge, prompts, ours, theirs, _device_of(policy), run_dir / "judged.jsonl")
