@@ -139,7 +139,7 @@ def _node_problems(cfg: DictConfig, objects: dict, found: list[str], read_data: 
                       ("data", cfg.data.source), ("optimizer", cfg.optimizer.factory),
                       ("logger", cfg.logger.get("wandb"))):
         make(key, node) if node is not None else objects.__setitem__(key, None)
-    for key in ("pipeline", "warmup", "pairs", "evaluation", "generation", "verify"):
+    for key in ("pipeline", "warmup", "reward", "pairs", "evaluation", "generation", "verify"):
         make(key, cfg[key])
     hardware, train, model, source, loss = (objects[k] for k in ("hardware", "train", "model", "data", "loss"))
     if train is not None:
@@ -209,7 +209,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
                     tokenize=tokenize_settings(cfg), optimizer_factory=objects["optimizer"],
                     max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,
-                    policy=cfg.policy)
+                    policy=cfg.policy, reward=objects["reward"])
     wandb = objects["logger"]
     if wandb is not None and job_type is not None:
         wandb.job_type = job_type

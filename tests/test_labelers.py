@@ -129,8 +129,10 @@ def test_reward_model_refuses_a_foreign_tokenizer(tmp_path):
 
 
 def test_reward_model_labeler_refuses_bad_settings():
-    with pytest.raises(ConfigError, match="pairs.labeler.name_or_path"):
-        RewardModelLabeler()
+    with pytest.raises(ConfigError, match="pairs.labeler.name_or_path is null"):
+        RewardModelLabeler().scorer("cpu")
+    assert RewardModelLabeler().with_reward_model("/rm").name_or_path == "/rm"
+    assert RewardModelLabeler(name_or_path="org/rm").with_reward_model("/rm").name_or_path == "org/rm"
     with pytest.raises(ConfigError, match="pairs.labeler.min_gap"):
         RewardModelLabeler(name_or_path="x", min_gap=-1)
     with pytest.raises(ConfigError, match="pairs.k must be an integer >= 2"):
@@ -151,3 +153,12 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_rm):
     a, b = rows[0]["policy_score"], rows[0]["baseline_score"]
     assert a != b and rows[0]["preference"] == (1.0 if a > b else 0.0)
     assert rows[1]["policy_score"] == rows[1]["baseline_score"] and rows[1]["preference"] == 0.5  # same answer: tie
+
+
+def test_sample_agreement_with_the_checker_hand_worked():
+    from prefopt.mathloop.labelers import sample_agreement
+    rows = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
+    samples = [["2", "3", "5"], ["4", "4"]]
+    # prompt 0: correct "2" (score 1.0) vs wrong "3" (2.0): disagree; vs wrong "5" (1.0): tie, ½. prompt 1: all correct
+    out = sample_agreement(rows, samples, [[1.0, 2.0, 1.0], [0.0, 0.0]], FakeChecker())
+    assert out == {"agreement": 0.25, "pairs": 2}

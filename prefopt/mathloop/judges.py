@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -77,14 +77,19 @@ class RewardModelJudge(JudgeSettings):
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if not self.name_or_path:
-            raise ConfigError("evaluation.judge.name_or_path: a reward model (hub id or directory) is required")
         self.check()
 
     def describe(self) -> dict:
         return {"judge": "reward_model", "name_or_path": self.name_or_path}
 
+    def with_reward_model(self, path: str) -> "RewardModelJudge":
+        """This judge scoring with the reward stage's model at `path` when it names none itself."""
+        return self if self.name_or_path else replace(self, name_or_path=path)
+
     def judge(self, prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str], device) -> list[dict]:
+        if not self.name_or_path:
+            raise ConfigError("evaluation.judge.name_or_path is null: name a reward model, or train one with "
+                              "pipeline.reward=true")
         scorer = RewardScorer.load(self.name_or_path, device, self.batch_size, self.max_length, self.trust_remote_code)
         ours = scorer.score(list(prompts), list(policy))
         theirs = scorer.score(list(prompts), list(baseline))
@@ -178,6 +183,9 @@ class OpenAIJudge(JudgeSettings):
 
     def describe(self) -> dict:
         return {"judge": "openai", "base_url": self.base_url, "model": self.model}
+
+    def with_reward_model(self, path: str) -> "OpenAIJudge":
+        return self  # judged by the endpoint, not a reward model
 
     def client(self) -> ChatClient:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from itertools import product
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -87,12 +88,31 @@ def build_scored_pairs(prompts: Sequence[Any], samples: Sequence[Sequence[str]],
     return pairs, stats
 
 
+def sample_agreement(rows: Sequence[dict], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],
+                     checker) -> dict:
+    """Over every (verified correct, not correct) pair of samples of a prompt: the fraction the scores order the
+    same way (equal scores count ½), and how many such pairs there were."""
+    flat = [t for texts in samples for t in texts]
+    verdicts = iter(checker.check_many(flat, [str(r["answer"]) for r, texts in zip(rows, samples) for _ in texts]))
+    agree, counted = 0.0, 0
+    for texts, values in zip(samples, scores):
+        ok = [next(verdicts).correct for _ in texts]
+        for i, j in product(range(len(texts)), repeat=2):
+            if ok[i] and not ok[j]:
+                counted += 1
+                agree += 1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0
+    return {"agreement": agree / counted if counted else float("nan"), "pairs": counted}
+
+
 @dataclass
 class VerifierLabeler:
     """`pairs/labeler=verifier`: chosen verified correct, rejected not (the verified-math default)."""
 
     def fingerprint(self) -> dict:
         return {"labeler": "verifier"}
+
+    def with_reward_model(self, path: str) -> "VerifierLabeler":
+        return self  # reads no reward model
 
     def label(self, rows: Sequence[dict], samples: Sequence[Sequence[str]], context: LabelContext):
         """(pairs, stats, extra) of prompts `rows` (problem, answer) and their samples, checked against the answers."""
@@ -120,9 +140,6 @@ class RewardModelLabeler:
     trust_remote_code: bool = False  # ArmoRM and other custom heads need true
 
     def __post_init__(self):
-        if not self.name_or_path:
-            raise ConfigError("pairs.labeler.name_or_path: a reward model (hub id or directory) is required "
-                              "for labeler=reward_model")
         if not isinstance(self.min_gap, (int, float)) or self.min_gap < 0:
             raise ConfigError(f"pairs.labeler.min_gap must be a number >= 0, got {self.min_gap!r}")
         if self.batch_size < 1:
@@ -131,7 +148,14 @@ class RewardModelLabeler:
     def fingerprint(self) -> dict:
         return {"labeler": "reward_model", **asdict(self)}
 
+    def with_reward_model(self, path: str) -> "RewardModelLabeler":
+        """This labeller scoring with the reward stage's model at `path` when it names none itself."""
+        return self if self.name_or_path else replace(self, name_or_path=path)
+
     def scorer(self, device) -> RewardScorer:
+        if not self.name_or_path:
+            raise ConfigError("pairs.labeler.name_or_path is null: name a reward model (hub id or directory), or "
+                              "train one with pipeline.reward=true")
         return RewardScorer.load(self.name_or_path, device, batch_size=self.batch_size, max_length=self.max_length,
                                  trust_remote_code=self.trust_remote_code)
 
@@ -145,6 +169,10 @@ class RewardModelLabeler:
         scores = [[next(it) for _ in texts] for texts in samples]
         pairs, stats = build_scored_pairs(problems, samples, scores, self.min_gap)
         del scorer
-        mean = sum(flat) / max(len(flat), 1)
-        return pairs, stats, {"reward_model": self.name_or_path, "min_gap": self.min_gap, "mean_score": mean,
-                              "summary": stats.summary()}
+        extra = {"reward_model": self.name_or_path, "min_gap": self.min_gap, "mean_score": sum(flat) / max(len(flat), 1),
+                 "summary": stats.summary()}
+        if rows and all("answer" in r for r in rows):  # gold answers: how often the scores order samples as the checker
+            extra["checker_agreement"] = sample_agreement(rows, samples, scores, context.checker())
+            extra["summary"] += (f"; agreement with the answer checker {extra['checker_agreement']['agreement']:.3f} "
+                                 f"over {extra['checker_agreement']['pairs']} (correct, wrong) sample pairs")
+        return pairs, stats, extra

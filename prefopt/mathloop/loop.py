@@ -33,6 +33,8 @@ from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerpri
                                            with_weights)
 from prefopt.mathloop.judged import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
+from prefopt.mathloop.reward import RewardConfig
+from prefopt.mathloop.reward_stage import cached_reward
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
@@ -52,6 +54,7 @@ class StageSwitches:
     evaluate: bool = True  # verified accuracy before and after preference training (evaluation.*)
     cache_dir: str = "outputs/cache"
     cache: bool = True  # false: compute every stage afresh, read and write no cache
+    reward: bool = False  # train the tiny reward model after the warm-up (prefopt.mathloop.reward_stage, cached)
 
 
 @dataclass
@@ -127,6 +130,10 @@ class MathLoop:
     max_grad_norm: float | None = 1.0
     chunk_elements: int | None = None
     policy: str | None = None  # start from these saved weights instead of the model's own
+    reward: RewardConfig | None = None  # the reward stage's schedule (`reward:`), run when pipeline.reward
+
+    def checker(self):
+        return answer_checker(self.verify)
 
     # -- building blocks ------------------------------------------------------------------------------
     def start_spec(self, spec: ModelSpec) -> ModelSpec:
@@ -326,6 +333,11 @@ class MathLoop:
         if self.pipeline.warmup:
             spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware, run_dir)
             prepared.model = spec
+        if self.pipeline.reward:  # the trained reward model labels the pairs and judges, where they name none
+            model_dir, prepared.info["reward"] = cached_reward(self, spec, data, hardware, run_dir)
+            self.pairs.labeler = self.pairs.labeler.with_reward_model(str(model_dir))
+            if self.evaluation.judge is not None:
+                self.evaluation.judge = self.evaluation.judge.with_reward_model(str(model_dir))
         if self.pipeline.pairs:
             path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
