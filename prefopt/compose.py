@@ -156,7 +156,7 @@ def fed_by_bad_knobs(cfg: DictConfig) -> set[str]:
     return {node for key, (_, ok) in TOP_LEVEL.items() if key in cfg and not ok(cfg[key]) for node in FEEDS.get(key, ())}
 
 
-STAGES = ("pipeline", "warmup", "pairs", "evaluation", "generation", "verify")
+STAGES = ("pipeline", "warmup", "reward", "pairs", "evaluation", "generation", "verify")
 
 
 def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
@@ -293,7 +293,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
                     tokenize=tokenize_settings(cfg), optimizer_factory=objects["optimizer"],
                     max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,
-                    policy=cfg.policy)
+                    policy=cfg.policy, reward=objects["reward"])
     wandb = objects["logger"]
     if wandb is not None and job_type is not None:
         wandb.job_type = job_type

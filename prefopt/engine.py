@@ -155,7 +155,8 @@ class Trainer:
                  config: TrainConfig, hardware: Hardware, run_log: RunLog | None, run_dir: Path, seed: int,
                  max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
                  resume_from: Path | None = None, reference_context: Callable | None = None,
-                 config_record: dict | None = None):
+                 config_record: dict | None = None, pair_model: Callable = PairLogpsModel):
+        # pair_model: the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward)
         config.validate(hardware.world_size)
         if loss.reference and reference is None and reference_logps is None and reference_context is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
@@ -184,11 +185,11 @@ class Trainer:
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
         needs = getattr(loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
-        self.policy_logps = hardware.wrap(PairLogpsModel(policy, config.chunk_elements, autocast, config.compile,
-                                                         fields=needs, diagnostics=config.token_metrics),
+        self.policy_logps = hardware.wrap(pair_model(policy, config.chunk_elements, autocast, config.compile,
+                                                     fields=needs, diagnostics=config.token_metrics),
                                           trainable=True)
-        self.reference_model = (hardware.wrap(PairLogpsModel(reference, config.chunk_elements, autocast, config.compile,
-                                                             fields=needs), trainable=False)
+        self.reference_model = (hardware.wrap(pair_model(reference, config.chunk_elements, autocast, config.compile,
+                                                         fields=needs), trainable=False)
                                 if reference is not None else None)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)

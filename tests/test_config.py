@@ -24,7 +24,11 @@ def plan(cfg):
 MAIN_GROUPS = {"model", "loss", "data", "optimizer", "hardware", "logger", "experiment"}  # in config.yaml's defaults
 # data=jsonl reads a file: the composition root refuses a missing one, so point it at a real one
 PAIRS = Path(__file__).resolve().parent / "data" / "pairs.jsonl"
-REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"]}
+REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"],
+            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"],
+            "evaluation/judge/reward_model": ["evaluation.judge.name_or_path=org/reward-model"],
+            "evaluation/judge/openai": ["evaluation.judge.base_url=http://localhost:8000/v1",
+                                        "evaluation.judge.model=judge"]}
 # The paper recipes run on a CUDA GPU with a 4-bit base; planned here on CPU (tests/test_recipes.py tests them as they are).
 ON_CPU = ["hardware=cpu", "model.lora.load_in_4bit=false"]
 for _name in ("qwen_math", "llama3_8b"):
@@ -47,8 +51,8 @@ def test_every_yaml_composes_and_instantiates(group, option):
         override = f"evaluation.benchmarks=[{option}]"
     elif group in MAIN_GROUPS:
         override = f"{group}={option}"
-    elif group == "model/lora":
-        override = f"model/lora={option}"
+    elif group in ("model/lora", "pairs/labeler", "evaluation/judge"):  # groups with a default of their own: replaced, not appended
+        override = f"{group}={option}"
     else:
         override = f"+{group}={option}"
     cfg = compose_cfg([override, *REQUIRED.get(f"{group}/{option}", [])], tiny=False)

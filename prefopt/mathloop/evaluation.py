@@ -37,6 +37,7 @@ class EvalConfig:
     samples: int = 0  # k > 0 adds avg@k: the mean accuracy of k sampled answers per problem
     temperature: float = 0.6  # of the avg@k samples
     seed: int = 0
+    judge: Any = None  # a judged win rate after training (prefopt.mathloop.judges; conf/evaluation/judge/)
 
     def __post_init__(self):
         self.benchmarks = list(self.benchmarks)

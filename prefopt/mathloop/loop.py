@@ -31,6 +31,10 @@ from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
 from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
                                            with_weights)
+from prefopt.mathloop.judged import greedy_answers, judge_prompts, judged_evaluation, reference_answers
+from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
+from prefopt.mathloop.reward import RewardConfig
+from prefopt.mathloop.reward_stage import cached_reward
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
@@ -51,6 +55,7 @@ class StageSwitches:
     evaluate: bool = True  # verified accuracy before and after preference training (evaluation.*)
     cache_dir: str = "outputs/cache"
     cache: bool = True  # false: compute every stage afresh, read and write no cache
+    reward: bool = False  # train the tiny reward model after the warm-up (prefopt.mathloop.reward_stage, cached)
 
 
 @dataclass
@@ -96,6 +101,11 @@ def _close_checkers() -> None:
     _CHECKERS.clear()
 
 
+def _device_of(model) -> torch.device:
+    """Where the policy's weights are (the reward model is put beside them)."""
+    return next(model.parameters()).device if model is not None else torch.device("cpu")
+
+
 def _release_memory() -> None:
     """After the stages: their model copies are gone; give their GPU memory back before training."""
     if torch.cuda.is_available():
@@ -121,6 +131,10 @@ class MathLoop:
     max_grad_norm: float | None = 1.0
     chunk_elements: int | None = None
     policy: str | None = None  # start from these saved weights instead of the model's own
+    reward: RewardConfig | None = None  # the reward stage's schedule (`reward:`), run when pipeline.reward
+
+    def checker(self):
+        return answer_checker(self.verify)
 
     # -- building blocks ------------------------------------------------------------------------------
     def start_spec(self, spec: ModelSpec) -> ModelSpec:
@@ -246,18 +260,19 @@ class MathLoop:
         rows, problems_id = problems or self.pair_problems(data)
         prompts = [self.render(tokenizer, r["problem"]) for r in rows]
         t0 = time.perf_counter()
-        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts,
-                                           answer_checker(self.verify), self.pairs)
-        provenance = {"policy": weights_id(spec), "k": self.pairs.k, "temperature": self.pairs.temperature,
-                      "top_p": self.generation.top_p, "seed": self.pairs.seed,
+        labeler = self.pairs.labeler or VerifierLabeler()
+        context = LabelContext(checker=lambda: answer_checker(self.verify), device=_device_of(model),
+                               seed=self.pairs.seed, max_pairs_per_prompt=self.pairs.max_pairs_per_prompt)
+        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts, self.pairs,
+                                           labeler, context)
+        summary = extra.pop("summary")
+        provenance = {"policy": weights_id(spec), "labeler": labeler.fingerprint(), "k": self.pairs.k,
+                      "temperature": self.pairs.temperature, "top_p": self.generation.top_p, "seed": self.pairs.seed,
                       "max_new_tokens": self.generation.max_new_tokens,
                       "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt, "problems": problems_id,
                       "verify_timeout_s": self.verify.timeout_s, "seconds": time.perf_counter() - t0, **extra}
         write_pairs(path, pairs, provenance, stats)
-        log.info("pairs: %d from %d prompts x %d samples (sample accuracy %.2f; dropped %d all-correct, "
-                 "%d all-wrong; no_answer %d, timeout %d) -> %s", stats.pairs, stats.prompts, self.pairs.k,
-                 extra["sample_accuracy"], stats.dropped_all_correct, stats.dropped_all_wrong, stats.no_answer,
-                 stats.timeout, path)
+        log.info("pairs: %s, %d samples each -> %s", summary, self.pairs.k, path)
         return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
 
     def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
@@ -321,6 +336,11 @@ class MathLoop:
         if self.pipeline.warmup:
             spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware, run_dir)
             prepared.model = spec
+        if self.pipeline.reward:  # the trained reward model labels the pairs and judges, where they name none
+            model_dir, prepared.info["reward"] = cached_reward(self, spec, data, hardware, run_dir)
+            self.pairs.labeler = self.pairs.labeler.with_reward_model(str(model_dir))
+            if self.evaluation.judge is not None:
+                self.evaluation.judge = self.evaluation.judge.with_reward_model(str(model_dir))
         if self.pipeline.pairs:
             path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
@@ -338,7 +358,8 @@ class MathLoop:
         return prepared
 
     def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
-        """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean."""
+        """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean;
+        with `evaluation.judge` set, also the judged win rate against the baseline (eval/judge/...)."""
         if not (self.pipeline.evaluate and hardware.is_main):
             return {}, {}
         spec = prepared.model
@@ -346,4 +367,23 @@ class MathLoop:
             spec = with_weights(spec, run_dir / "final")
             if getattr(hardware, "strategy", "none") == "fsdp":  # sharded weights: generate from the exported copy
                 policy, tokenizer = self.load(spec, hardware)
-        return self.run_eval(policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified")
+        metrics, details = self.run_eval(policy, tokenizer, spec, prepared.source, run_dir / "verified",
+                                         "eval/verified")
+        if self.evaluation.judge is not None:
+            judged, details["judge"] = self.judge_after(policy, tokenizer, spec, prepared, hardware, run_dir)
+            metrics.update(judged)
+        return metrics, details
+
+    def judge_after(self, policy, tokenizer, spec: ModelSpec, prepared: Prepared, hardware, run_dir: Path):
+        """The judged evaluation (prefopt.mathloop.judged): the trained policy vs the baseline or starting policy."""
+        judge = self.evaluation.judge
+        prompts = judge_prompts(judge, self.problem_source(prepared.source).problem_rows("eval"))
+        rendered = [self.render(tokenizer, p) for p in prompts]
+        ours = greedy_answers(self.generator(policy, tokenizer, spec), rendered, self.evaluation.seed)
+        theirs = reference_answers(judge, len(prompts))
+        if theirs is None:  # the starting policy (after the warm-up) answers the same rendered prompts
+            start, start_tokenizer = self.load(prepared.model, hardware)
+            theirs = greedy_answers(self.generator(start, start_tokenizer, prepared.model), rendered,
+                                    self.evaluation.seed)
+            del start
+        return judged_evaluation(judge, prompts, ours, theirs, _device_of(policy), run_dir / "judged.jsonl")

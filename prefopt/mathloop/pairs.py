@@ -57,6 +57,7 @@ class PairsConfig:
     answer_transform: str | None = None
     limit: int | None = None
     output: str | None = None  # the pairs entry point's file (null: pairs.jsonl in its run directory)
+    labeler: Any = None  # how samples become pairs (conf/pairs/labeler/: verifier | reward_model; prefopt.mathloop.labelers)
 
     def __post_init__(self):
         validate_sampling(self.k, self.temperature)
@@ -79,6 +80,7 @@ class PairsConfig:
         d = asdict(self)
         for name in ("eval_size", "output"):
             d.pop(name)
+        d["labeler"] = self.labeler.fingerprint() if self.labeler is not None else None
         return d
 
 
@@ -86,7 +88,7 @@ def validate_sampling(k: Any, temperature: Any) -> None:
     """Refuse sampling settings that cannot give a prompt both a right and a wrong sample."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise ConfigError(
-            f"pairs.k must be an integer >= 2 (a pair needs a correct and a wrong sample of one prompt), "
+            f"pairs.k must be an integer >= 2 (a pair needs two different samples of one prompt), "
             f"got {k!r}"
         )
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
@@ -189,13 +191,8 @@ def write_pairs(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        json.dumps(
-            {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "pair_id": p["pair_id"]},
-            ensure_ascii=False,
-        )
-        for p in pairs
-    ]
+    kept = ("prompt", "chosen", "rejected", "pair_id", "chosen_score", "rejected_score")  # scores: reward-model pairs
+    lines = [json.dumps({k: p[k] for k in kept if k in p}, ensure_ascii=False) for p in pairs]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     record = dict(provenance)
     record["file"] = path.name
@@ -207,23 +204,18 @@ def write_pairs(
     return meta
 
 
-def sample_pairs(generator, rows: Sequence[dict], prompts: Sequence[str], checker, config: PairsConfig,
-                 ) -> tuple[list[dict], PairStats, dict]:
-    """Sample `config.k` completions of each prompt, verify them against `rows[i]["answer"]`, build pairs.
+def sample_pairs(generator, rows: Sequence[dict], prompts: Sequence[str], config: PairsConfig, labeler, context,
+                 ) -> tuple[list[dict], Any, dict]:
+    """Sample `config.k` completions of each prompt and let `labeler` turn them into pairs.
 
     `prompts[i]` is row i's problem rendered the way the preference run will render it (so the samples
-    are on-policy for that run); the pairs keep the raw problem text as their `prompt`. Returns
-    (pairs, stats, extra counts for the provenance).
+    are on-policy for that run); the pairs keep the raw problem text as their `prompt`. `labeler` is a
+    `prefopt.mathloop.labelers` object and `context` its `LabelContext`. Returns (pairs, stats, extra
+    counts for the provenance).
     """
     validate_sampling(config.k, config.temperature)
     if len(rows) != len(prompts):
         raise DataError(f"sample_pairs got {len(rows)} problems but {len(prompts)} prompts")
     done = generator.generate(list(prompts), n=config.k, temperature=config.temperature, seed=config.seed)
-    flat = [t for texts in done.texts for t in texts]
-    golds = [str(r["answer"]) for r in rows for _ in range(config.k)]
-    verdicts = checker.check_many(flat, golds)
-    per_prompt = [verdicts[i * config.k:(i + 1) * config.k] for i in range(len(rows))]
-    pairs, stats = build_pairs([r["problem"] for r in rows], done.texts, per_prompt, seed=config.seed,
-                               max_pairs_per_prompt=config.max_pairs_per_prompt)
-    extra = {"unfinished_samples": done.unfinished, "sample_accuracy": stats.correct / max(stats.samples, 1)}
-    return pairs, stats, extra
+    pairs, stats, extra = labeler.label(rows, done.texts, context)
+    return pairs, stats, {"unfinished_samples": done.unfinished, **extra}

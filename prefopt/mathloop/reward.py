@@ -1,0 +1,129 @@
+"""The reward stage: a tiny reward model trained on the synthetic arithmetic pairs by a Bradley–Terry loss.
+
+The model is the warmed-up policy's backbone with a scalar head (`AutoModelForSequenceClassification`,
+num_labels 1); it trains through the same engine `Trainer` as every other stage, with `PairRewardsModel` in
+place of the log-prob model: a batch's 2B rows (prompt + chosen, prompt + rejected) give the rewards r_w, r_l,
+and the loss is −log σ(r_w − r_l) (Bradley & Terry 1952; the reward-model objective of Ouyang et al. 2022, eq. 1).
+Agreement with the answer checker is measured on held-out answers: for each held-out pair whose chosen answer
+the checker verifies and whose rejected answer it does not, does the model score the chosen one higher?
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification, get_scheduler
+
+from prefopt.engine import TrainConfig, Trainer
+from prefopt.errors import ConfigError
+from prefopt.losses import Loss, LossOutput, PairLogps
+from prefopt.tracking import RunLog
+
+log = logging.getLogger("prefopt")
+
+
+def bradley_terry(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
+    """−log σ(r_w − r_l) per pair, the rewards carried in PairLogps' chosen/rejected (token counts 1)."""
+    margin = policy.chosen - policy.rejected
+    return LossOutput(loss=-torch.nn.functional.logsigmoid(margin), chosen_reward=policy.chosen.detach(),
+                      rejected_reward=policy.rejected.detach())
+
+
+class BradleyTerry(Loss):
+    """The reward stage's objective as a reference-free Loss."""
+
+    def __init__(self):
+        super().__init__("bradley_terry", bradley_terry, reference=False)
+
+
+class PairRewardsModel(torch.nn.Module):
+    """A sequence classifier whose forward returns a padded batch's rewards as PairLogps (counts 1).
+
+    The reward of a row is the classifier's output at its last non-padding token (what the model's own
+    forward picks with right padding); rows [0, B) are the chosen answers, [B, 2B) the rejected ones.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_elements=None, autocast=None, compile: bool = False,
+                 fields=(), diagnostics: bool = False):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> PairLogps:
+        if batch.packed is not None:
+            raise ConfigError("the reward stage needs padded rows (train.packing=false)")
+        rewards = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
+        b, ones = batch.num_pairs, torch.ones(batch.num_pairs, device=rewards.device)
+        return PairLogps(chosen=rewards[:b], rejected=rewards[b:], chosen_tokens=ones, rejected_tokens=ones)
+
+
+@dataclass
+class RewardConfig:
+    """`reward:` in conf/mathloop.yaml: the reward stage's own schedule (the optimizer is the run's)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 1.0e-3
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reward.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ConfigError(f"reward.lr must be > 0 (got {self.lr})")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"reward.batch_size ({self.batch_size}) must be divisible by reward.micro_batch_size "
+                              f"({self.micro_batch_size})")
+
+
+def reward_model_from(policy_dir: Path, pad_id: int) -> torch.nn.Module:
+    """A scalar-head sequence classifier on the saved policy's backbone (the head starts at random)."""
+    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    model.config.pad_token_id = pad_id
+    return model
+
+
+def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence, pad_id: int,
+                       config: RewardConfig, optimizer_factory: Callable, hardware, run_dir: Path,
+                       max_grad_norm: float | None = 1.0) -> dict:
+    """Train `model` in place by the Bradley–Terry loss through the engine's Trainer; returns its result."""
+    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                        eval_every=0, progress=config.progress, packing=False)
+    trainer = Trainer(
+        policy=model, reference=None, loss=BradleyTerry(),
+        optimizer_factory=lambda params: optimizer_factory(params, lr=config.lr),
+        scheduler_factory=lambda opt: get_scheduler(config.scheduler, opt, num_warmup_steps=config.warmup_steps,
+                                                    num_training_steps=config.steps),
+        train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
+        run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm, pair_model=PairRewardsModel,
+    )
+    trainer.run_log = RunLog(run_dir, {"reward": vars(config)}, None, enabled=hardware.is_main,
+                             resume_step=trainer.resumed_from)
+    log.info("reward model (Bradley-Terry): %d steps of %d pairs, lr %g", config.steps, config.batch_size, config.lr)
+    result = trainer.fit()
+    result["trainer"] = trainer
+    return result
+
+
+def checker_agreement(scores_chosen: Sequence[float], scores_rejected: Sequence[float], chosen_ok: Sequence[bool],
+                      rejected_ok: Sequence[bool]) -> dict:
+    """How often the reward model orders a pair as the checker does, over pairs the checker tells apart.
+
+    A pair counts when exactly one answer is verified correct; it agrees when the correct one scores higher
+    (equal scores count ½)."""
+    agree, counted = 0.0, 0
+    for sc, sr, ok_c, ok_r in zip(scores_chosen, scores_rejected, chosen_ok, rejected_ok):
+        if ok_c == ok_r:
+            continue
+        counted += 1
+        better, worse = (sc, sr) if ok_c else (sr, sc)
+        agree += 1.0 if better > worse else 0.5 if better == worse else 0.0
+    return {"agreement": agree / counted if counted else float("nan"), "pairs": counted}

@@ -1,0 +1,35 @@
+"""`python -m prefopt.run experiment=rm_arith` end to end on CPU with an empty cache (slow: run by .ci/run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_rm_arith_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "prefopt.run", "experiment=rm_arith", "train.progress=false",
+                          f"pipeline.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    m = summary["metrics"]
+    assert 0 <= m["eval/judge/win_rate_low"] <= m["eval/judge/win_rate"] <= m["eval/judge/win_rate_high"] <= 1
+    assert 0 <= m["eval/judge/lc_win_rate"] <= 1 and m["eval/judge/prompts"] == 50
+    rows = [json.loads(line) for line in (tmp_path / "run" / "judged.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and {"policy_score", "baseline_score", "preference"} <= set(rows[0])
+    reward = json.loads(next((tmp_path / "cache" / "reward").glob("*/reward.json")).read_text())
+    assert reward["agreement"]["pairs"] == 50 and reward["agreement"]["agreement"] > 0.5
+    pairs = next((tmp_path / "cache" / "pairs").glob("*.jsonl.provenance.json"))
+    record = json.loads(pairs.read_text())
+    assert record["labeler"]["labeler"] == "reward_model" and record["k"] == 8 and "checker_agreement" in record
+    first = json.loads(pairs.with_name(pairs.name.replace(".provenance.json", "")).read_text().splitlines()[0])
+    assert first["chosen_score"] > first["rejected_score"]
