@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import hydra.utils
 import pytest
@@ -13,46 +15,60 @@ from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
 from prefopt.losses import LOSS_KEYS, Loss, PairLogps, available_losses, get_loss
 
-# docs/losses.md, "The losses" table, copied literally.
-SPEC_DEFAULTS = {
-    "dpo": {"beta": 0.1},
-    "cdpo": {"beta": 0.1, "label_smoothing": 0.1},
-    "robust": {"beta": 0.1, "label_smoothing": 0.1},
-    "ipo": {"beta": 0.1, "length_normalize": True},
-    "slic": {"beta": 0.1},
-    "caldpo": {"beta": 0.1, "calibration_weight": 1.0},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
-    "alpha_dpo": {"beta": 2.5, "gamma": 1.0, "alpha": 0.2, "momentum": 0.9},
-    "bpo": {"beta": 0.1, "alpha": 0.3, "form": "hinge"},
-    "dpop": {"beta": 0.1, "dpop_lambda": 50},
-    "rdpo": {"beta": 0.1, "length_alpha": 0.05},
-    "orpo": {"beta": 0.1},
-    "nca": {"beta": 0.1},
-    "apo_zero": {"beta": 0.1},
-    "apo_down": {"beta": 0.1},
-    "rpo": {"beta": 0.1, "nll_weight": 1.0},
-    "typo": {"beta": 0.1, "kl_weight": 1.0},
-}
-# spec/losses.md, "More losses (second batch)", plus `sft` (the mixture's component) and the MPO yaml.
-SPEC_DEFAULTS_SECOND = {
-    "dpo": {"beta": 0.1, "divergence": "reverse_kl", "divergence_alpha": 0.5},
-    "exo": {"beta": 0.1, "label_smoothing": 1e-3},
-    "bco_pair": {"beta": 0.1},
-    "sppo": {"beta": 0.1},
-    "aot": {"beta": 0.1, "label_smoothing": 0.0},
-    "aot_unpaired": {"beta": 0.1, "label_smoothing": 0.0},
-    "discopop": {"beta": 0.1, "tau": 0.05},
-    "dpo_norm": {"beta": 0.1},
-    "cpo": {"beta": 0.1, "nll_weight": 1.0},
-    "ld_dpo": {"beta": 0.1, "ld_alpha": 0.5},
-    "wpo": {"beta": 0.1},
-    "sft": {},
-    "mix": {"components": [{"key": "dpo", "weight": 1.0}]},
-    "mpo": {"components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
-                           {"key": "sft", "weight": 1.0}]},
-}
-FIRST_BATCH_KEYS = set(SPEC_DEFAULTS)
-SPEC_DEFAULTS = {**SPEC_DEFAULTS, **SPEC_DEFAULTS_SECOND}
+# The defaults are read from docs/losses.md's two loss tables, so the document, the yamls and the functions are
+# checked against each other and no third copy lives here.
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "losses.md"
+
+
+def _split(cell):
+    items, depth, cur = [], 0, ""
+    for ch in cell:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            items.append(cur.strip()); cur = ""
+        else:
+            cur += ch
+    return items + ([cur.strip()] if cur.strip() else [])
+
+def _value(text):
+    text = text.split(";")[0].strip()
+    if text.startswith("`"):
+        return text.strip("`")
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text) if any(c in text for c in ".e") else int(text)
+    except ValueError:
+        return None  # not a default (e.g. mix's "list of {key, weight, ...}")
+
+def documented_defaults(path: Path) -> dict[str, dict]:
+    """{key: {hyper-parameter: default}} from the tables' `key` and `hyper-parameters (default)` columns."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        keys = re.findall(r"`([a-z_]+)`", cells[0])
+        hparams = {}
+        for item in _split(cells[2]):
+            name = re.match(r"[a-z_]+", item)
+            if name and "(" in item:
+                value = _value(item[item.index("(") + 1:item.rindex(")")])
+                if value is not None:
+                    hparams[name.group(0)] = value
+        out.setdefault(keys[0], {}).update(hparams)
+    return out
+
+
+DOCUMENTED = documented_defaults(DOCS)
+FIRST_BATCH_KEYS = {"dpo", "cdpo", "robust", "ipo", "slic", "caldpo", "simpo", "alpha_dpo", "bpo", "dpop", "rdpo", "orpo",
+                    "nca", "apo_zero", "apo_down", "rpo", "typo"}
+# Not in the tables: `sft` (a mixture's component, no hyper-parameters) and the mixtures' component lists.
+SPEC_DEFAULTS = {**DOCUMENTED, "sft": {},
+                 "mix": {"components": [{"key": "dpo", "weight": 1.0}]},
+                 "mpo": {"components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
+                                        {"key": "sft", "weight": 1.0}]}}
 REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
 NEEDS = {"ld_dpo": ("prefix_logps",), "wpo": ("head_logps",)}
 COMPOSITE = {"mix", "mpo"}  # reference and needs come from their components
@@ -94,7 +110,9 @@ def test_get_loss_defaults_are_the_spec_defaults(key):
     assert loss.hparams == SPEC_DEFAULTS[key]
     assert loss.reference is (key not in REFERENCE_FREE)
     assert loss.needs == NEEDS.get(key, ())
-    assert {k: type(v) for k, v in loss.hparams.items()} == {k: type(v) for k, v in SPEC_DEFAULTS[key].items()}
+    # a flag stays a flag and a name a name (numbers: the document writes 0 for 0.0)
+    kind = lambda v: type(v) if isinstance(v, (bool, str)) else "number"  # noqa: E731
+    assert {k: kind(v) for k, v in loss.hparams.items()} == {k: kind(v) for k, v in SPEC_DEFAULTS[key].items()}
 
 
 @pytest.mark.parametrize("key", sorted(set(SPEC_DEFAULTS) - COMPOSITE))
