@@ -33,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +149,21 @@ def fsdp_row(model_dir: Path, pairs: Path, work: Path, args) -> tuple[dict | Non
 
 
 def fsdp_child(work: Path, args) -> int:
+    from torch.distributed.fsdp import FSDPModule
+
+    import prefopt.hardware
+
+    wrapped: list[bool] = []
+    wrap = prefopt.hardware.Hardware.wrap
+
+    def recording_wrap(self, module, trainable=True):  # did the policy really get fully_shard-ed?
+        out = wrap(self, module, trainable)
+        wrapped.append(isinstance(out, FSDPModule))
+        return out
+
+    prefopt.hardware.Hardware.wrap = recording_wrap
     row = run_row(work / "model", work / "pairs.jsonl", work, "full", "live", args, hardware="fsdp")
+    row["fsdp_wrapped"] = bool(wrapped) and all(wrapped)
     (work / "fsdp_row.json").write_text(json.dumps(row))
     return 0
 
@@ -162,8 +177,6 @@ def trl_row(model_dir: Path, pairs: Path, work: Path, mode: str, args) -> tuple[
         from trl import DPOConfig, DPOTrainer
     except Exception as e:  # noqa: BLE001 - any import failure: the row is skipped with its reason
         return None, f"TRL DPOTrainer: not run (trl not importable: {type(e).__name__}: {e})"
-    import time
-
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -270,8 +283,11 @@ def main(argv=None) -> int:
     peak = peak_tflops(args)
     rows, skipped = [], []
 
+    clock = [time.perf_counter()]
+
     def add(row: dict, size: str, params: int) -> None:
-        row = {"size": size, "params": params, **row}
+        row = {"size": size, "params": params, **row, "row_wall_s": round(time.perf_counter() - clock[0], 1)}
+        clock[0] = time.perf_counter()
         per_token = (6 if row["mode"] == "full" else 4) * params + (2 * params if row["reference"] == "live" else 0)
         row["mfu"] = per_token * row["tokens_per_s"] / (peak * 1e12) if peak else None
         rows.append(row)
@@ -285,6 +301,7 @@ def main(argv=None) -> int:
             pairs = work / "pairs.jsonl"
             # real Qwen BPE: ~2 tokens per "x12"-style word; 256-token prompts, completions to the 2048 budget
             write_pairs(pairs, 8 * args.steps + 8, *((12, 12) if args.dry else (120, 440)))
+            clock[0] = time.perf_counter()
             for mode, reference in ROWS:
                 add(run_row(work / "model", pairs, work, mode, reference, args), size, params)
             free_memory()
