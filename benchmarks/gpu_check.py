@@ -106,13 +106,13 @@ def run_row(model_dir: Path, pairs: Path, work: Path, mode: str, reference: str,
     overrides = ["model=qwen_math", "loss=dpo", f"model.name_or_path={model_dir}",
                  f"model.lora.load_in_4bit={str(args.qlora).lower()}", f"model.lora.r={16 if mode == 'lora' else 0}",
                  "pipeline.warmup=false", "pipeline.pairs=false", "pipeline.evaluate=false", "data=jsonl",
-                 f"data.source.path={pairs}", "data.source.eval_size=8",
+                 f"data.source.path={pairs}", f"data.source.eval_size={1 if args.dry else 8}",
                  f"steps={args.steps}", "epochs=null",
                  "train.progress=false", f"hardware={hardware or ('cpu' if args.dry else 'gpu')}",
                  f"pipeline.cache_dir={work}/cache",
                  f"reference_cache={work / 'refcache' / mode if reference == 'cached' else 'null'}"]
     if args.dry:
-        overrides += ["batch_size=2", "micro_batch_size=1", "data.max_length=96", "data.max_prompt_length=48"]
+        overrides += ["batch_size=1", "micro_batch_size=1", "data.max_length=96", "data.max_prompt_length=48"]
         if hardware == "fsdp":  # CPU: gloo, computing in the model's dtype
             overrides += ["hardware.device=cpu", "hardware.mixed_precision=null"]
     reset_peak_memory()
@@ -194,7 +194,7 @@ def trl_row(model_dir: Path, pairs: Path, work: Path, mode: str, args) -> tuple[
 
     from prefopt.hardware import peak_memory_mb
 
-    batch, max_length = (2, 96) if args.dry else (8, 2048)
+    batch, max_length = (1, 96) if args.dry else (8, 2048)
     ends: list[float] = []
 
     class Clock(TrainerCallback):

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # ~50 s of CPU, ~80 s of wall time on the shared 2-core machine (1 step per row, 7 rows)
+@pytest.mark.slow  # ~50 s of CPU, 70-80 s of wall time on the shared 2-core machine (7 rows of 1 step of 1 pair)
 def test_gpu_check_dry_runs_the_recipe_step_on_cpu(tmp_path):
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry", "--json", str(tmp_path / "rows.json")],
                          capture_output=True, text=True, timeout=300)
