@@ -56,7 +56,8 @@ class Hardware:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group and wrapping: more than one process, or FSDP (it shards even over a group of one)."""
+        return self.world_size > 1 or self.strategy == "fsdp"
 
     def setup(self) -> "Hardware":
         if self.threads:
@@ -65,7 +66,10 @@ class Hardware:
             torch.cuda.set_device(self.torch_device)
         if self.distributed and not dist.is_initialized():
             backend = self.backend or ("nccl" if self.torch_device.type == "cuda" else "gloo")
-            dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
+            # one process (torchrun --nproc_per_node 1, or a plain launch with hardware=fsdp): an in-memory store,
+            # no rendezvous address needed
+            store = {"store": dist.HashStore()} if self.world_size == 1 else {}
+            dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size, **store)
         return self
 
     def teardown(self) -> None:
