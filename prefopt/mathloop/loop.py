@@ -34,6 +34,7 @@ from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerpri
 from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+from prefopt.stats import StatsError, preservation_metrics, read_benchmarks
 from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
@@ -343,4 +344,16 @@ class MathLoop:
             spec = with_weights(spec, run_dir / "final")
             if getattr(hardware, "strategy", "none") == "fsdp":  # sharded weights: generate from the exported copy
                 policy, tokenizer = self.load(spec, hardware)
-        return self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified", "eval/verified")
+        metrics, details = self.run_eval(policy, tokenizer, spec, prepared.problems, run_dir / "verified",
+                                         "eval/verified")
+        return {**metrics, **preserved(run_dir)}, details
+
+
+def preserved(run_dir: Path) -> dict:
+    """eval/preserved/<benchmark> and eval/improved/<benchmark> (with their intervals) from the per-problem
+    files of the starting policy (verified_before/) and the trained one (verified/); {} without them."""
+    try:
+        return preservation_metrics(read_benchmarks(run_dir / "verified_before"), read_benchmarks(run_dir / "verified"))
+    except StatsError as exc:  # the accuracies stand on their own; say why these are missing
+        log.warning("preservation/improvement not computed: %s", exc)
+        return {}
