@@ -1,0 +1,117 @@
+"""The sweep report over seeds, on hand-written run directories (2 losses x 2 seeds, 4 problems), and the W&B
+group of a seed sweep. Every number below is worked out by hand from the per-problem files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from prefopt import report
+from prefopt.compose import sweep_group
+from prefopt.reporting.report import ReportCallback, ReportError, write_report
+
+# per seed: the starting policy's outcomes on problems 0-3, and each loss's after training
+BEFORE = {"0": "1100", "1": "1010"}
+AFTER = {("dpo", "0"): "1000", ("dpo", "1"): "0010", ("bpo", "0"): "1110", ("bpo", "1"): "1011"}
+CHOSEN = {("dpo", "0"): -1.0, ("dpo", "1"): -2.0, ("bpo", "0"): 0.5, ("bpo", "1"): 0.1}
+
+
+def _jsonl(path: Path, bits: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"benchmark": "arith", "index": i, "correct": b == "1"}) + "\n"
+                            for i, b in enumerate(bits)))
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    sweep = tmp_path / "sweep"
+    for n, ((loss, seed), bits) in enumerate(AFTER.items()):
+        run = sweep / str(n)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
+        _jsonl(run / "verified" / "arith.jsonl", bits)
+        _jsonl(run / "verified_before" / "arith.jsonl", BEFORE[seed])
+        metrics = {"eval/verified/arith": bits.count("1") / 4, "eval/verified_before/arith": BEFORE[seed].count("1") / 4,
+                   "eval/rewards/chosen": CHOSEN[(loss, seed)], "eval/rewards/accuracies": 0.75}
+        (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss, "metrics": metrics}))
+    return sweep
+
+
+def _rows(path: Path) -> dict[tuple, dict]:
+    with path.open() as fh:
+        return {(r["setting"], r["metric"], r["statistic"]): r for r in csv.DictReader(fh)}
+
+
+def test_seed_report_groups_runs_and_compares_with_dpo(runs):
+    result = write_report([runs])
+    groups = {g.label: g for g in result["comparison"]["groups"]}
+    assert list(groups) == ["loss=dpo", "loss=bpo"] and groups["loss=dpo"].seeds == ["0", "1"]
+    dpo, bpo = groups["loss=dpo"], groups["loss=bpo"]
+    assert dpo.accuracy["arith"].estimate == 0.25 and bpo.accuracy["arith"].estimate == 0.75  # 2/8, 6/8
+    assert dpo.before["arith"].estimate == 0.5
+    # solved before: (0,0) (0,1) (1,0) (1,2); dpo keeps (0,0) and (1,2), bpo all four
+    assert dpo.preserved["arith"].estimate == 0.5 and bpo.preserved["arith"].estimate == 1.0
+    # failed before: (0,2) (0,3) (1,1) (1,3); dpo solves none, bpo (0,2) and (1,3)
+    assert dpo.improved["arith"].estimate == 0.0 and bpo.improved["arith"].estimate == 0.5
+    # bpo - dpo: 4 wins, no losses out of 8 (seed, problem) pairs -> +0.5, McNemar p = 2 * 0.5**4
+    d = bpo.versus["arith"]
+    assert d.estimate == 0.5 and d.p_value == pytest.approx(0.125) and d.n == 8
+    # 4 problems: seed 0 drawn twice (1/4) with problems only from {0, 3} (1/16), or seed 1 twice with problems
+    # only from {1, 2}, gives a difference of 0: 1 draw in 32 (3.1%) is above the 2.5% tail; +1 likewise
+    assert (d.low, d.high) == (0.0, 1.0)
+    assert "arith" not in dpo.versus  # the baseline is not compared with itself
+    # rewards/chosen: differences 1.5 and 2.1 -> mean 1.8, t = 1.8 / 0.3 = 6 with 1 df
+    chosen = bpo.scalar_versus["eval/rewards/chosen"]
+    assert chosen.estimate == pytest.approx(1.8)
+    assert chosen.p_value == pytest.approx(1 - 2 / math.pi * math.atan(6))
+    assert dpo.scalars["eval/rewards/chosen"].estimate == pytest.approx(-1.5)
+
+    md = result["files"]["md"].read_text()
+    assert "percentile bootstrap over seeds and problems" in md and "exact McNemar" in md
+    assert "| loss=bpo | 8     | +50.0 [" in md and "p=0.125" in md
+    assert "Paired difference in accuracy against dpo" in md
+    rows = _rows(runs / "comparison.csv")
+    assert float(rows[("loss=bpo", "arith", "improved")]["estimate"]) == 0.5
+    assert rows[("loss=bpo", "arith", "versus")]["baseline"] == "dpo"
+    png = imread(runs / "verified_accuracy.png")
+    assert png.shape[:2] == (500, 1100) and png.std() > 0
+
+
+def test_baseline_is_settable_and_can_be_off(runs, tmp_path, capsys):
+    assert report.main([str(runs), "--out", str(tmp_path / "b"), "--baseline", "bpo"]) == 0
+    assert "loss=dpo | 8     | -50.0 [" in capsys.readouterr().out
+    rows = _rows(tmp_path / "b" / "comparison.csv")
+    assert float(rows[("loss=dpo", "arith", "versus")]["estimate"]) == -0.5
+    result = write_report([runs], tmp_path / "off", baseline="none")
+    assert not any(g.versus for g in result["comparison"]["groups"])
+    assert "no paired differences" in result["files"]["md"].read_text()
+    # the Hydra callback: its own `baseline`, and the run config's `report.baseline` over it
+    ReportCallback(baseline="bpo").on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(runs)}}}))
+    assert ("loss=dpo", "arith", "versus") in _rows(runs / "comparison.csv")
+    ReportCallback(baseline="bpo").on_multirun_end(OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(runs)}}, "report": {"baseline": "dpo"}}))
+    assert ("loss=bpo", "arith", "versus") in _rows(runs / "comparison.csv")
+
+
+def test_single_seed_and_mismatched_problems(runs, tmp_path):
+    result = write_report([runs / "0", runs / "2"], tmp_path / "one")  # seed 0 of each loss
+    bpo = result["comparison"]["groups"][1]
+    assert bpo.seeds == ["0"] and bpo.accuracy["arith"].estimate == 0.75
+    assert bpo.versus["arith"].estimate == 0.5 and bpo.versus["arith"].p_value == pytest.approx(0.5)  # 2 wins
+    assert bpo.scalar_versus["eval/rewards/chosen"].low is None  # one seed: no interval
+    _jsonl(runs / "3" / "verified" / "arith.jsonl", "")  # a run evaluated on no problem at all
+    (runs / "3" / "verified" / "arith.jsonl").write_text('{"index": 9, "correct": true}\n')
+    with pytest.raises(ReportError, match="loss=bpo: .*share no problem"):
+        write_report([runs], tmp_path / "bad")
+
+
+def test_wandb_groups_the_seeds_of_one_setting():
+    assert sweep_group("07-00-00", ["experiment=dcr_arith", "loss=dpo", "seed=1"]) == "07-00-00 experiment=dcr_arith loss=dpo"
+    assert sweep_group("07-00-00", ["loss=dpo", "seed=0"]) == sweep_group("07-00-00", ["seed=2", "loss=dpo"])
+    assert sweep_group("07-00-00", ["loss=dpo", "beta=0.1"]) == "07-00-00"  # no seed axis: the sweep is the group
