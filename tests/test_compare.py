@@ -115,3 +115,20 @@ def test_wandb_groups_the_seeds_of_one_setting():
     assert sweep_group("07-00-00", ["experiment=dcr_arith", "loss=dpo", "seed=1"]) == "07-00-00 experiment=dcr_arith loss=dpo"
     assert sweep_group("07-00-00", ["loss=dpo", "seed=0"]) == sweep_group("07-00-00", ["seed=2", "loss=dpo"])
     assert sweep_group("07-00-00", ["loss=dpo", "beta=0.1"]) == "07-00-00"  # no seed axis: the sweep is the group
+
+
+def test_dcr_table_over_seeds(runs, tmp_path, capsys):
+    from prefopt import dcr
+
+    assert dcr.main([str(runs), "--out", str(tmp_path / "dcr")]) == 0
+    md = (tmp_path / "dcr" / "dcr_table.md").read_text()
+    header, _, dpo, bpo = md.split("\n\n")[1].splitlines()
+    assert [c.strip() for c in header.split("|")[2:9]] == ["seeds", "acc before", "acc after", "Δ acc vs dpo", "preserved", "improved",
+                                        "rewards/chosen"]
+    cells = [c.strip() for c in bpo.split("|")[1:-1]]
+    assert cells[:2] == ["loss=bpo", "0 1"] and cells[3].startswith("75.0 [")
+    assert cells[4].startswith("+50.0 [") and cells[4].endswith("p=0.125")
+    assert cells[5].startswith("100.0 [") and cells[6].startswith("50.0 [") and cells[7].startswith("0.300 [")
+    assert [c.strip() for c in dpo.split("|")[1:-1]][4] == "-"  # the baseline itself
+    assert "## Each run" in md and "exact McNemar" in md
+    assert dcr.main([str(tmp_path / "missing")]) == 2 and "prefopt.dcr: error:" in capsys.readouterr().err
