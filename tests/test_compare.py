@@ -132,3 +132,32 @@ def test_dcr_table_over_seeds(runs, tmp_path, capsys):
     assert [c.strip() for c in dpo.split("|")[1:-1]][4] == "-"  # the baseline itself
     assert "## Each run" in md and "exact McNemar" in md
     assert dcr.main([str(tmp_path / "missing")]) == 2 and "prefopt.dcr: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_seed_sweep_end_to_end(tmp_path):
+    """`python -m prefopt.run -m loss=dpo,bpo seed=0,1` on the tiny model with the verified evaluation on: four
+    runs, preservation/improvement in each summary, and the sweep report grouping the seeds (~1 min on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    args = ["loss=dpo,bpo", "seed=0,1", "steps=2", "batch_size=4", "micro_batch_size=4", "eval_every=0",
+            "data.source.n_train=16", "data.source.n_eval=8", "train.progress=false", "pipeline.warmup=false",
+            "pipeline.pairs=false", "pipeline.evaluate=true", "evaluation.limit=8", "generation.max_new_tokens=8",
+            "verify.workers=1", f"pipeline.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", *args], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n in range(4):
+        metrics = json.loads((out / str(n) / "summary.json").read_text())["metrics"]
+        # the untrained tiny model solves none of the 8 problems: nothing to preserve, 0 of 8 improved
+        assert "eval/preserved/arith" not in metrics and metrics["eval/improved/arith"] == 0.0
+        assert metrics["eval/improved_high/arith"] == pytest.approx(1 - 0.025 ** (1 / 8))  # Clopper-Pearson, 0 of 8
+    md = (out / "report.md").read_text()
+    assert "| loss=dpo | 2     |" in md and "| loss=bpo | 16    | +0.0 [+0.0, +0.0] p=1 |" in md
+    rows = _rows(out / "comparison.csv")
+    assert rows[("loss=bpo", "arith", "accuracy")]["seeds"] == "0 1"
+    assert rows[("loss=bpo", "eval/rewards/chosen", "versus")]["method"] == "paired t-test over seeds"
