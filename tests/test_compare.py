@@ -79,6 +79,12 @@ def test_seed_report_groups_runs_and_compares_with_dpo(runs):
     rows = _rows(runs / "comparison.csv")
     assert float(rows[("loss=bpo", "arith", "improved")]["estimate"]) == 0.5
     assert rows[("loss=bpo", "arith", "versus")]["baseline"] == "dpo"
+    # report.csv (one row per run) has each run's own preservation/improvement from its summary
+    (runs / "3" / "summary.json").write_text(json.dumps({"status": "complete", "loss": "bpo", "metrics": {
+        "eval/preserved/arith": 1.0, "eval/improved/arith": 0.5}}))
+    with (write_report([runs])["files"]["csv"]).open() as fh:
+        last = list(csv.DictReader(fh))[-1]
+    assert (last["eval/preserved/arith"], last["eval/improved/arith"]) == ("1.0", "0.5")
     png = imread(runs / "verified_accuracy.png")
     assert png.shape[:2] == (500, 1100) and png.std() > 0
 

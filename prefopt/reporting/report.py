@@ -80,7 +80,8 @@ def build_table(records: list[RunRecord]) -> dict[str, Any]:
         for r in records:
             r.label = f"{r.name}: {r.label}" if r.label != r.name else r.name
     show_loss = len({r.loss for r in records}) > 1 and "loss" not in differ
-    verified = _verified_keys(records, VERIFIED) + _verified_keys(records, VERIFIED_BEFORE)
+    verified = [k for prefix in (VERIFIED, VERIFIED_BEFORE, "eval/preserved/", "eval/improved/")
+                for k in _verified_keys(records, prefix)]
     has = lambda k: any(k in r.final for r in records)  # noqa: E731
     metrics = [k for k in CSV_METRICS if has(k)]
     columns = (["run", "dir", *differ, "status", "step"] + (["loss"] if show_loss else []) + metrics + verified
