@@ -167,3 +167,23 @@ def test_real_seed_sweep_end_to_end(tmp_path):
     rows = _rows(out / "comparison.csv")
     assert rows[("loss=bpo", "arith", "accuracy")]["seeds"] == "0 1"
     assert rows[("loss=bpo", "eval/rewards/chosen", "versus")]["method"] == "paired t-test over seeds"
+
+
+def test_runs_without_per_problem_files_as_from_wandb():
+    """A W&B run's overrides are its whole flat config (stage seeds included) and it has no per-problem files:
+    the seeds still form one group, and accuracy is the t interval over the runs' final accuracies."""
+    from prefopt.reporting.compare import compare
+    from prefopt.reporting.runs import RunRecord
+
+    def rec(loss, seed, acc):
+        return RunRecord(name=f"{loss}{seed}", source="wandb:x", status="finished", step=2, loss=loss,
+                         overrides={"loss.key": loss, "seed": seed, "warmup.seed": seed, "lr": "0.0005"},
+                         final={"eval/verified/arith": acc})
+
+    result = compare([rec("dpo", "0", 0.2), rec("dpo", "1", 0.4), rec("bpo", "0", 0.5), rec("bpo", "1", 0.9)])
+    dpo, bpo = result["groups"]
+    assert (dpo.label, dpo.seeds, bpo.label) == ("loss=dpo", ["0", "1"], "loss=bpo")
+    half = 12.706204736174707 * 0.1  # t(0.975, 1 df) * sd 0.1414 / sqrt(2)
+    assert dpo.accuracy["arith"].estimate == pytest.approx(0.3)
+    assert dpo.accuracy["arith"].low == pytest.approx(0.3 - half)
+    assert bpo.versus == {}  # no per-problem files: no McNemar on problems

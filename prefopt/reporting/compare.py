@@ -47,16 +47,20 @@ def _seed_order(seed: str | None) -> tuple:
 
 
 def group_runs(records: Sequence[RunRecord]) -> list[Group]:
-    """Runs grouped by their overrides without `seed` (first-seen order), labelled by what tells groups apart."""
+    """Runs grouped by their overrides without `seed` and `*.seed` (first-seen order), labelled by what tells
+    groups apart."""
     groups: dict[tuple, Group] = {}
     for r in records:
-        setting = {k: v for k, v in r.overrides.items() if k != "seed"}
+        r.seed = r.seed if r.seed is not None else r.overrides.get("seed")  # W&B records: from the flat config
+        # `seed` and the stage seeds that follow it (warmup.seed, pairs.seed: in a W&B run's flat config)
+        setting = {k: v for k, v in r.overrides.items() if k != "seed" and not k.endswith(".seed")}
         setting["loss"] = setting.get("loss") or r.loss or "?"
         key = tuple(sorted(setting.items()))
         groups.setdefault(key, Group(setting=setting, runs=[])).runs.append(r)
     out = list(groups.values())
     keys = list(dict.fromkeys(k for g in out for k in g.setting))
-    differ = [k for k in keys if len({g.setting.get(k) for g in out}) > 1] or ["loss"]
+    # `loss.key` (a W&B run's flat config) says what `loss` says
+    differ = [k for k in keys if k != "loss.key" and len({g.setting.get(k) for g in out}) > 1] or ["loss"]
     for g in out:
         g.runs.sort(key=lambda r: _seed_order(r.seed))
         g.label = " ".join(f"{k}={g.setting[k]}" for k in differ if k in g.setting)
