@@ -210,8 +210,17 @@ def _finite(values: Sequence[float | None]) -> np.ndarray:
     return np.array([v for v in values if v is not None and math.isfinite(v)], float)
 
 
-def scalar_mean(values: Sequence[float | None]) -> Interval | None:
-    """The mean of one value per seed with its Student-t 95% interval (none for a single seed)."""
+def scalar_mean(values: Sequence[float | None], bounds: tuple[float, float] | None = None) -> Interval | None:
+    """The mean of one value per seed with its Student-t 95% interval (none for a single seed); with `bounds`
+    (a share: (0, 1)) the interval is cut to them, where the value itself can lie."""
+    interval = _t_mean(values)
+    if bounds is None or interval is None or interval.low is None:
+        return interval
+    return Interval(interval.estimate, max(interval.low, bounds[0]), min(interval.high, bounds[1]), interval.n,
+                    interval.method + f", cut to [{bounds[0]:g}, {bounds[1]:g}]")
+
+
+def _t_mean(values: Sequence[float | None]) -> Interval | None:
     x = _finite(values)
     if x.size == 0:
         return None

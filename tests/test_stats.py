@@ -74,6 +74,8 @@ def test_scalar_mean_is_a_student_t_interval():
     assert m.estimate == 2.0 and m.n == 3
     assert m.low == pytest.approx(2 - half) and m.high == pytest.approx(2 + half)
     assert stats.scalar_mean([]) is None
+    share = stats.scalar_mean([1.0, 1.0, 0.97], bounds=(0.0, 1.0))  # a share's t interval stops at 1
+    assert share.high == 1.0 and share.low < 0.99 and "cut to [0, 1]" in share.method
 
 
 def test_scalar_difference_is_a_paired_t_test():

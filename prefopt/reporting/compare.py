@@ -15,6 +15,7 @@ from prefopt.reporting.runs import VERIFIED, RunRecord
 from prefopt.stats import (BOOTSTRAP, Difference, Interval, StatsError, paired_difference, scalar_difference,
                            scalar_mean, seed_accuracy, seed_preservation)
 
+SHARES = {"eval/rewards/accuracies", "eval/dcr/chosen_reward_below_zero"}  # in [0, 1]: intervals cut to it
 DCR_METRICS = [("rewards/chosen", "eval/rewards/chosen"), ("rewards/rejected", "eval/rewards/rejected"),
                ("reward accuracy", "eval/rewards/accuracies"),
                ("chosen reward < 0", "eval/dcr/chosen_reward_below_zero"),
@@ -125,7 +126,7 @@ def _fill(group: Group, names: Sequence[str], base: Group | None) -> None:
             if mine and all(files):
                 group.versus[name] = paired_difference(files[:len(mine)], files[len(mine):])
     for _, key in DCR_METRICS:
-        group.scalars[key] = scalar_mean([r.final.get(key) for r in group.runs])
+        group.scalars[key] = scalar_mean([r.final.get(key) for r in group.runs], (0.0, 1.0) if key in SHARES else None)
         if base is not None:
             mine, theirs = _paired_runs(group, base)
             group.scalar_versus[key] = scalar_difference([r.final.get(key) for r in mine],
