@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--losses", default="dpo,ipo,slic,caldpo,bpo")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    ap.add_argument("--sweep-dir", help="a finished sweep: print its table without running anything")
+    ap.add_argument("--sweep-dir", help="a finished sweep: print its table without running anything (with the "
+                    "date, machine and command of the run that made it, from its study_header.md)")
     args = ap.parse_args(argv)
     started = datetime.now(timezone.utc)
     if args.sweep_dir:
@@ -64,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(f"dcr_study: the sweep failed (exit {proc.returncode}); see {sweep}", file=sys.stderr)
             return proc.returncode
-    print(f"\n## DCR study, {started:%Y-%m-%d %H:%M} UTC\n")
-    print(f"- machine: {machine()}")
-    print(f"- command: `{command}`")
-    if wall is not None:
-        print(f"- sweep wall time: {wall / 60:.1f} min (shared or busy machines are slower)")
-    print(f"- sweep directory: {sweep}\n")
+    header = sweep / "study_header.md"  # the run's date, machine and command, kept for a later re-tabulation
+    if args.sweep_dir and header.is_file():
+        text = header.read_text()
+    else:
+        text = (f"## DCR study, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n- command: `{command}`\n"
+                + (f"- sweep wall time: {wall / 60:.1f} min (shared or busy machines are slower)\n" if wall else "")
+                + f"- sweep directory: {sweep}\n")
+        if not args.sweep_dir:
+            header.write_text(text)
+    print("\n" + text)
     result = write_dcr_table([sweep], echo=False)
     print(result["intervals"])
     print(f"\nEvery run: {result['files']['md']}")
