@@ -187,3 +187,17 @@ def test_runs_without_per_problem_files_as_from_wandb():
     assert dpo.accuracy["arith"].estimate == pytest.approx(0.3)
     assert dpo.accuracy["arith"].low == pytest.approx(0.3 - half)
     assert bpo.versus == {}  # no per-problem files: no McNemar on problems
+
+
+def test_dcr_study_script_retabulates_a_finished_sweep(runs, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcr_study.py"
+    spec = importlib.util.spec_from_file_location("dcr_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    (runs / "study_header.md").write_text("## DCR study, 2026-11-30 21:53 UTC\n\n- command: `python -m prefopt.run`\n")
+    assert study.main(["--sweep-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("## DCR study, 2026-11-30 21:53 UTC") < out.index("| loss=bpo | 0 1   |")
+    assert "+50.0 [" in out and "cores" in study.machine()
