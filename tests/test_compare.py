@@ -4,16 +4,22 @@ group of a seed sweep. Every number below is worked out by hand from the per-pro
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from prefopt import report
+from prefopt import dcr, report
 from prefopt.compose import sweep_group
+from prefopt.reporting.compare import compare
+from prefopt.reporting.runs import RunRecord
 from prefopt.reporting.report import ReportCallback, ReportError, write_report
 
 # per seed: the starting policy's outcomes on problems 0-3, and each loss's after training
@@ -124,8 +130,6 @@ def test_wandb_groups_the_seeds_of_one_setting():
 
 
 def test_dcr_table_over_seeds(runs, tmp_path, capsys):
-    from prefopt import dcr
-
     assert dcr.main([str(runs), "--out", str(tmp_path / "dcr")]) == 0
     md = (tmp_path / "dcr" / "dcr_table.md").read_text()
     header, _, dpo, bpo = md.split("\n\n")[1].splitlines()
@@ -144,10 +148,6 @@ def test_dcr_table_over_seeds(runs, tmp_path, capsys):
 def test_real_seed_sweep_end_to_end(tmp_path):
     """`python -m prefopt.run -m loss=dpo,bpo seed=0,1` on the tiny model with the verified evaluation on: four
     runs, preservation/improvement in each summary, and the sweep report grouping the seeds (~1 min on 2 cores)."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     args = ["loss=dpo,bpo", "seed=0,1", "steps=2", "batch_size=4", "micro_batch_size=4", "eval_every=0",
@@ -172,9 +172,6 @@ def test_real_seed_sweep_end_to_end(tmp_path):
 def test_runs_without_per_problem_files_as_from_wandb():
     """A W&B run's overrides are its whole flat config (stage seeds included) and it has no per-problem files:
     the seeds still form one group, and accuracy is the t interval over the runs' final accuracies."""
-    from prefopt.reporting.compare import compare
-    from prefopt.reporting.runs import RunRecord
-
     def rec(loss, seed, acc):
         return RunRecord(name=f"{loss}{seed}", source="wandb:x", status="finished", step=2, loss=loss,
                          overrides={"loss.key": loss, "seed": seed, "warmup.seed": seed, "lr": "0.0005"},
@@ -190,8 +187,6 @@ def test_runs_without_per_problem_files_as_from_wandb():
 
 
 def test_dcr_study_script_retabulates_a_finished_sweep(runs, capsys):
-    import importlib.util
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcr_study.py"
     spec = importlib.util.spec_from_file_location("dcr_study", path)
     study = importlib.util.module_from_spec(spec)
