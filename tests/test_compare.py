@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from prefopt import dcr, report
 from prefopt.compose import sweep_group
+from prefopt.data.arith import ArithmeticData
 from prefopt.reporting.compare import compare
 from prefopt.reporting.runs import RunRecord
 from prefopt.reporting.report import ReportCallback, ReportError, write_report
@@ -196,3 +197,15 @@ def test_dcr_study_script_retabulates_a_finished_sweep(runs, capsys):
     out = capsys.readouterr().out
     assert out.index("## DCR study, 2026-11-30 21:53 UTC") < out.index("| loss=bpo | 0 1   |")
     assert "+50.0 [" in out and "cores" in study.machine()
+
+
+def test_validation_split_is_disjoint_and_leaves_old_cache_keys_alone():
+    plain = ArithmeticData()
+    assert json.loads(plain.fingerprint()) == {"n_train": 150, "n_eval": 50, "max_operand": 9, "ops": "+-",
+                                               "seed": 1234, "n_pairs": 0}  # as before n_val existed
+    data = ArithmeticData(n_train=100, n_eval=40, n_pairs=20, n_val=30)
+    rows = {split: {r["problem"] for r in data.problem_rows(split)} for split in ("train", "eval", "pairs", "val")}
+    assert len(rows["val"]) == 30 and "n_val" in data.fingerprint()
+    assert not rows["val"] & (rows["train"] | rows["eval"] | rows["pairs"])
+    assert {r["problem"] for r in plain.problem_rows("eval")} == {r["problem"] for r in ArithmeticData(n_val=30)
+                                                                   .problem_rows("eval")}  # held-out unchanged

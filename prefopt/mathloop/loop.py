@@ -159,8 +159,11 @@ class MathLoop:
         return (rows[: self.pairs.limit] if self.pairs.limit is not None else rows), source.fingerprint()
 
     def benchmarks(self, data) -> list:
-        generated = {"arith": self.problem_source(data).problem_rows("eval")}
-        return [(spec, benchmark_rows(spec, generated)) for spec in self.evaluation.specs()]
+        specs = self.evaluation.specs()
+        source = self.problem_source(data)
+        generated = {name: source.problem_rows(split) for name, split in (("arith", "eval"), ("arith_val", "val"))
+                     if any(s.name == name for s in specs)}
+        return [(spec, benchmark_rows(spec, generated)) for spec in specs]
 
     def _key(self, stage: str, payload: dict) -> str:
         return cache_key({"stage": stage, "version": CACHE_VERSION, **payload})
