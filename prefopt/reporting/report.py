@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
-
 from omegaconf import OmegaConf
 
 from prefopt.io import atomic_write_text
