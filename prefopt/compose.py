@@ -63,9 +63,20 @@ def hydra_info() -> HydraInfo:
         return HydraInfo()
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
+    overrides = list(hc.overrides.task)
     return HydraInfo(run_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices),
-                     group=Path(hc.sweep.dir).name if multirun else Path(hc.runtime.output_dir).name,
-                     overrides=list(hc.overrides.task))
+                     group=sweep_group(Path(hc.sweep.dir).name, overrides) if multirun
+                     else Path(hc.runtime.output_dir).name, overrides=overrides)
+
+
+def sweep_group(sweep: str, overrides: list[str]) -> str:
+    """The W&B group of a sweep's run: the sweep's name, and in a sweep over `seed` also the run's other
+    overrides, so the seeds of one setting are one group (`07-00-00 loss=dpo`), as the report groups them."""
+    pairs = [str(o).lstrip("+") for o in overrides]
+    if not any(p.split("=", 1)[0] == "seed" for p in pairs):
+        return sweep
+    setting = " ".join(p for p in pairs if p.split("=", 1)[0] != "seed")
+    return f"{sweep} {setting}".strip()[:128]  # W&B's limit on a group name
 
 
 def own_error(exc: BaseException) -> PrefoptError | None:

@@ -17,12 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep directory / common parent)")
     parser.add_argument("--wandb", action="append", default=[], metavar="ENTITY/PROJECT/GROUP",
                         help="a W&B group to read through the API (same as PATH wandb:ENTITY/PROJECT/GROUP)")
+    parser.add_argument("--baseline", metavar="LOSS", default=None,
+                        help="compare every setting with the same setting under this loss (default: dpo when a run "
+                             "used it; none: no paired differences)")
     args = parser.parse_args(argv)
     paths = list(args.paths) + [f"wandb:{w}" for w in args.wandb]
     if not paths:
         parser.error("give at least one PATH (or --wandb ENTITY/PROJECT/GROUP)")
     try:
-        write_report(paths, args.out, echo=True)
+        write_report(paths, args.out, echo=True, baseline=args.baseline)
     except PrefoptError as exc:
         print(f"prefopt.report: error: {exc}", file=sys.stderr)
         return 2

@@ -199,6 +199,9 @@ def test_the_loop_caches_warmup_and_pairs_and_a_changed_key_recomputes(tiny_run,
     m = first["metrics"]
     # the stub is right on even answers only, before and after: same accuracy, and the keys the report reads
     assert m["eval/verified/arith"] == m["eval/verified_before/arith"] == m["eval/verified/mean"] == even_share()
+    # same problems solved before and after: all preserved, none improved (from the per-problem files)
+    assert (m["eval/preserved/arith"], m["eval/improved/arith"]) == (1.0, 0.0)
+    assert 0 < m["eval/preserved_low/arith"] < 1.0 == m["eval/preserved_high/arith"]
     info = first["pipeline"]
     assert info["warmup"]["cached"] is False and info["pairs"]["cached"] is False
     assert info["pairs"]["num_pairs"] == 32 and info["pairs"]["counts"]["dropped_all_correct"] == 0
@@ -221,6 +224,20 @@ def test_the_loop_caches_warmup_and_pairs_and_a_changed_key_recomputes(tiny_run,
     keys = sorted(p.name for p in (tmp_path / "cache" / "warmup").iterdir() if not p.name.startswith("."))
     assert len([k for k in keys if not k.endswith(".lock")]) == 2
     assert not list((tmp_path / "cache" / "warmup").glob(".*.build*"))  # no half-built entries left
+
+
+def test_each_seed_has_its_own_warmup_and_pairs_shared_by_its_losses(tiny_run, tmp_path, counted):
+    """`-m loss=dpo,bpo seed=0,1`: the seed is in the warm-up and pairs keys, the loss is not."""
+    cache = f"pipeline.cache_dir={tmp_path / 'cache'}"
+    s0, _ = tiny_run(*LOOP, cache, "seed=0", run_dir=tmp_path / "dpo0")
+    s1, _ = tiny_run(*LOOP, cache, "seed=1", run_dir=tmp_path / "dpo1")
+    assert counted == {"warmup": 2, "pairs": 2, "eval": 4}
+    assert s0["pipeline"]["warmup"]["key"] != s1["pipeline"]["warmup"]["key"]
+    assert s0["pipeline"]["pairs"]["key"] != s1["pipeline"]["pairs"]["key"]
+    b1, _ = tiny_run(*LOOP, cache, "seed=1", "loss=bpo", run_dir=tmp_path / "bpo1")
+    assert counted == {"warmup": 2, "pairs": 2, "eval": 5}  # seed 1's warm-up, pairs and accuracy before reused
+    assert b1["pipeline"]["warmup"]["key"] == s1["pipeline"]["warmup"]["key"]
+    assert b1["pipeline"]["pairs"]["key"] == s1["pipeline"]["pairs"]["key"]
 
 
 def test_without_the_cache_the_stages_write_into_the_run_directory_only(tiny_run, tmp_path, counted):

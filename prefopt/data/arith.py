@@ -64,9 +64,11 @@ class ArithmeticData:
     ops: str = "+-"
     seed: int = 1234
     n_pairs: int = 0  # problems of their own for on-policy pair sampling (0: sample on the training problems)
+    n_val: int = 0  # validation problems (the `arith_val` benchmark): in no other split, for choosing settings
 
     def fingerprint(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        # n_val=0 leaves the fingerprint (and so every cache key) of data made before it existed unchanged
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "n_val" or v}, sort_keys=True)
 
     def split_problems(self) -> tuple[list, list]:
         held = problems(self.n_eval, self.seed + 1, self.max_operand, self.ops)
@@ -80,14 +82,22 @@ class ArithmeticData:
             return train
         return problems(self.n_pairs, self.seed + 4, self.max_operand, self.ops, exclude=set(train) | set(held))
 
+    def val_problems(self) -> list:
+        """`n_val` validation problems, in neither train, held-out nor pair problems."""
+        train, held = self.split_problems()
+        taken = set(train) | set(held) | (set(self.pair_problems()) if self.n_pairs else set())
+        return problems(self.n_val, self.seed + 5, self.max_operand, self.ops, exclude=taken)
+
     def problem_rows(self, split: str) -> list[dict]:
-        """{problem, answer, index} rows (the shape of a benchmark file) of `split`: train, eval or pairs."""
+        """{problem, answer, index} rows (the shape of a benchmark file) of `split`: train, eval, pairs or val."""
         if split == "pairs":
             probs = self.pair_problems()
+        elif split == "val":
+            probs = self.val_problems()
         elif split in ("train", "eval"):
             probs = self.split_problems()[split == "eval"]
         else:
-            raise ValueError(f"unknown split {split!r} (train, eval or pairs)")
+            raise ValueError(f"unknown split {split!r} (train, eval, pairs or val)")
         return [{"problem": question(*p), "answer": str(solve(*p)), "index": i} for i, p in enumerate(probs)]
 
     def pairs(self, probs: list, seed: int, prefix: str) -> list[PreferencePair]:

@@ -39,6 +39,7 @@ from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, w
 from prefopt.mathloop.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.tokenizer import save_tokenizer
+from prefopt.stats import StatsError, preservation_metrics, read_benchmarks
 from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
@@ -174,8 +175,11 @@ class MathLoop:
         return (rows[: self.pairs.limit] if self.pairs.limit is not None else rows), source.fingerprint()
 
     def benchmarks(self, data) -> list:
-        generated = {"arith": self.problem_source(data).problem_rows("eval")}
-        return [(spec, benchmark_rows(spec, generated)) for spec in self.evaluation.specs()]
+        specs = self.evaluation.specs()
+        source = self.problem_source(data)
+        generated = {name: source.problem_rows(split) for name, split in (("arith", "eval"), ("arith_val", "val"))
+                     if any(s.name == name for s in specs)}
+        return [(spec, benchmark_rows(spec, generated)) for spec in specs]
 
     def _key(self, stage: str, payload: dict) -> str:
         return cache_key({"stage": stage, "version": CACHE_VERSION, **payload})
@@ -372,7 +376,7 @@ class MathLoop:
         if self.evaluation.judge is not None:
             judged, details["judge"] = self.judge_after(policy, tokenizer, spec, prepared, hardware, run_dir)
             metrics.update(judged)
-        return metrics, details
+        return {**metrics, **preserved(run_dir)}, details
 
     def judge_after(self, policy, tokenizer, spec: ModelSpec, prepared: Prepared, hardware, run_dir: Path):
         """The judged evaluation (prefopt.mathloop.judged): the trained policy vs the baseline or starting policy."""
@@ -387,3 +391,13 @@ class MathLoop:
                                     self.evaluation.seed)
             del start
         return judged_evaluation(judge, prompts, ours, theirs, _device_of(policy), run_dir / "judged.jsonl")
+
+
+def preserved(run_dir: Path) -> dict:
+    """eval/preserved/<benchmark> and eval/improved/<benchmark> (with their intervals) from the per-problem
+    files of the starting policy (verified_before/) and the trained one (verified/); {} without them."""
+    try:
+        return preservation_metrics(read_benchmarks(run_dir / "verified_before"), read_benchmarks(run_dir / "verified"))
+    except StatsError as exc:  # the accuracies stand on their own; say why these are missing
+        log.warning("preservation/improvement not computed: %s", exc)
+        return {}

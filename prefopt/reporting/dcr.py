@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from prefopt.io import atomic_write_text
+from prefopt.reporting.compare import METHODS, compare, num, pct
 from prefopt.reporting.report import collect, csv_text, differing, markdown_table
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,28 @@ def _fmt(value: Any, key: str) -> str:
     return f"{value:+.3f}"
 
 
+def seed_table(paths: Sequence[str | Path], baseline: str | None = None) -> tuple[str, dict]:
+    """One row per setting (the runs of a loss over seeds): accuracy before/after, the paired difference
+    against the baseline, preservation, improvement (per benchmark), the chosen reward and its DCR share, each
+    with its 95% interval (`prefopt.reporting.compare`)."""
+    result = compare(collect([str(p) for p in paths])[0], baseline)
+    names, base = result["benchmarks"], result["baseline"]
+    tag = (lambda n, c: f"{n} {c}") if len(names) > 1 else (lambda n, c: c)  # noqa: E731
+    header = ["setting", "seeds"]
+    for n in names:
+        header += [tag(n, c) for c in ("acc before", "acc after", f"Δ acc vs {base}", "preserved", "improved")]
+    header += ["rewards/chosen", "chosen reward < 0"]
+    body = []
+    for g in result["groups"]:
+        row = [g.label, " ".join(str(s) for s in g.seeds)]
+        for n in names:
+            row += [pct(g.before.get(n)), pct(g.accuracy.get(n)), pct(g.versus.get(n), signed=True),
+                    pct(g.preserved.get(n)), pct(g.improved.get(n))]
+        row += [num(g.scalars.get("eval/rewards/chosen")), num(g.scalars.get("eval/dcr/chosen_reward_below_zero"))]
+        body.append(row)
+    return markdown_table(header, body), result
+
+
 def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
 
     header = ["loss", *extra, *(name for name, _ in COLUMNS)]
@@ -83,10 +107,12 @@ def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
     return markdown_table(header, body)
 
 
-def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True) -> dict:
+def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True,
+                    baseline: str | None = None) -> dict:
     """Write `dcr_table.md` and `dcr_table.csv` over the runs under `paths`; returns the rows and files.
 
-    With several runs per loss (a seed sweep), the markdown adds their means per loss.
+    The markdown starts with one row per setting over its seeds (intervals, paired differences against
+    `baseline`: dpo when present), then every run; with several runs per loss, also the plain means per loss.
     """
     paths = list(paths)
     rows, extra, root = dcr_rows(paths)
@@ -97,17 +123,22 @@ def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = No
     if len(means) < len(rows):
         counts = ", ".join(f"{m['loss']}: {m['runs']}" for m in means)
         table += f"\n\nMean over the runs of each loss ({counts}):\n\n" + markdown(means)
+    intervals, comparison = seed_table(paths, baseline)
+    method = (f"Accuracy, preservation and improvement in %, differences in points; each cell `estimate [95% "
+              f"interval]` (and p). {METHODS.format(baseline=comparison['baseline'] or 'baseline')}")
     md = out / "dcr_table.md"
-    atomic_write_text(md, "# DCR study\n\n" + table + "\n\nAccuracy: greedy pass@1, answers checked by math-verify, on the "
-                  "held-out problems, before and after preference training. Rewards (β·log π/π_ref, summed over the "
-                  "completion) and the DCR signals: final values on the held-out on-policy pairs.\n")
+    atomic_write_text(md, f"# DCR study\n\n{intervals}\n\n{method}\n\n## Each run\n\n{table}\n\nAccuracy: greedy "
+                      "pass@1, answers checked by math-verify, on the held-out problems, before and after preference "
+                      "training. Rewards (β·log π/π_ref, summed over the completion) and the DCR signals: final values "
+                      "on the held-out on-policy pairs.\n")
     path = out / "dcr_table.csv"
     atomic_write_text(path, csv_text(["loss", *extra, "run", "status", *(key for _, key in COLUMNS)], rows),
                       what="DCR table")
     if echo:
-        print(table)
+        print(f"{intervals}\n\n{table}")
         print(f"\nDCR table: {md} and {path}")
-    return {"rows": rows, "means": means, "table": table, "files": {"md": md, "csv": path}}
+    return {"rows": rows, "means": means, "table": table, "intervals": intervals, "comparison": comparison,
+            "files": {"md": md, "csv": path}}
 
 
 class DCRTableCallback(Callback):
@@ -115,6 +146,7 @@ class DCRTableCallback(Callback):
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         try:
-            write_dcr_table([config.hydra.sweep.dir])
+            baseline = OmegaConf.select(config, "report.baseline", default=None)
+            write_dcr_table([config.hydra.sweep.dir], baseline=None if baseline is None else str(baseline))
         except Exception as exc:  # noqa: BLE001 - the runs are what matter
             log.warning("DCR table not written (%s: %s)", type(exc).__name__, exc)

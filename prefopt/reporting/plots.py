@@ -13,8 +13,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from prefopt.reporting.runs import VERIFIED, VERIFIED_BEFORE
-
 DPI = 100
 SIZES = {"rewards.png": (15.0, 4.8), "chosen_below_zero.png": (9.0, 4.8), "verified_accuracy.png": (11.0, 5.0)}
 REWARDS = (("rewards/chosen", "chosen reward"), ("rewards/rejected", "rejected reward"),
@@ -81,24 +79,28 @@ def chosen_below_zero(runs: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def verified_bars(runs: Sequence[Any], keys: Sequence[str], path: Path, prefix: str, before_prefix: str) -> Path:
-    """Grouped bars: one group per benchmark (and the mean), one bar per run; a black tick marks the same
-    run's policy before preference training when that was measured."""
+def verified_bars(groups: Sequence[Any], names: Sequence[str], path: Path) -> Path:
+    """Grouped bars: one group of bars per benchmark, one bar per setting (the mean over its seeds) with its 95%
+    interval as an error bar; a black tick marks the starting policy's accuracy when that was measured."""
     fig, (ax,) = _figure(path.name)
-    names = [k[len(prefix):] for k in keys]
-    width = 0.8 / max(len(runs), 1)
+    width = 0.8 / max(len(groups), 1)
     has_before = False
-    for i, run in enumerate(runs):
+    for i, group in enumerate(groups):
         xs = [g - 0.4 + width * (i + 0.5) for g in range(len(names))]
-        values = [100 * run.final.get(k, float("nan")) for k in keys]
-        ax.bar(xs, values, width * 0.92, color=_color(i, len(runs)), label=run.label)
+        found = [group.accuracy.get(n) for n in names]
+        values = [100 * iv.estimate if iv else float("nan") for iv in found]
+        err = [[100 * (iv.estimate - iv.low) if iv and iv.low is not None else 0 for iv in found],
+               [100 * (iv.high - iv.estimate) if iv and iv.high is not None else 0 for iv in found]]
+        ax.bar(xs, values, width * 0.92, color=_color(i, len(groups)), label=f"{group.label} ({len(group.runs)})",
+               yerr=err, capsize=3, error_kw={"lw": 1.2})
         for x, name in zip(xs, names):
-            before = run.final.get(before_prefix + name)
+            before = group.before.get(name)
             if before is not None:
-                ax.hlines(100 * before, x - width * 0.46, x + width * 0.46, color="black", lw=2)
+                ax.hlines(100 * before.estimate, x - width * 0.46, x + width * 0.46, color="black", lw=2)
                 has_before = True
     ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="accuracy (%)", title="verified accuracy per benchmark", ylim=(0, 100))
+    ax.set(ylabel="accuracy (%)", title="verified accuracy per benchmark (mean over seeds, 95% interval)",
+           ylim=(0, 100))
     ax.grid(axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if has_before:
@@ -109,13 +111,14 @@ def verified_bars(runs: Sequence[Any], keys: Sequence[str], path: Path, prefix: 
     return path
 
 
-def plot_all(runs: Sequence[Any], out_dir: Path, verified_keys: Sequence[str]) -> list[Path]:
-    """Every figure the report has data for; returns their paths."""
+def plot_all(runs: Sequence[Any], out_dir: Path, groups: Sequence[Any] = (), names: Sequence[str] = ()) -> list[Path]:
+    """Every figure the report has data for; returns their paths. `groups` (prefopt.reporting.compare.Group)
+    carry the verified accuracy over seeds of each setting on the benchmarks `names`."""
     out_dir = Path(out_dir)
     paths = [reward_curves(runs, out_dir / "rewards.png"), chosen_below_zero(runs, out_dir / "chosen_below_zero.png")]
     stale = out_dir / "verified_accuracy.png"
-    if verified_keys:
-        paths.append(verified_bars(runs, verified_keys, stale, VERIFIED, VERIFIED_BEFORE))
+    if names and any(g.accuracy for g in groups):
+        paths.append(verified_bars(groups, names, stale))
     elif stale.exists():
         stale.unlink()  # a chart from an earlier report would contradict this one
     return paths

@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from prefopt import ranks
 from prefopt.io import atomic_write_text
+from prefopt.reporting.compare import METHODS, compare, rows_for_csv, tables
 from prefopt.reporting.plots import plot_all
 from prefopt.reporting.runs import (CSV_METRICS, TABLE_METRICS, VERIFIED, VERIFIED_BEFORE, ReportError,
                                     RunRecord, find_runs, read_run)
 from prefopt.reporting.wandb_runs import read_wandb
+from prefopt.stats import StatsError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def build_table(records: list[RunRecord]) -> dict[str, Any]:
         for r in records:
             r.label = f"{r.name}: {r.label}" if r.label != r.name else r.name
     show_loss = len({r.loss for r in records}) > 1 and "loss" not in differ
-    verified = _verified_keys(records, VERIFIED) + _verified_keys(records, VERIFIED_BEFORE)
+    verified = [k for prefix in (VERIFIED, VERIFIED_BEFORE, "eval/preserved/", "eval/improved/")
+                for k in _verified_keys(records, prefix)]
     has = lambda k: any(k in r.final for r in records)  # noqa: E731
     metrics = [k for k in CSV_METRICS if has(k)]
     columns = (["run", "dir", *differ, "status", "step"] + (["loss"] if show_loss else []) + metrics + verified
@@ -138,8 +142,10 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = False) -> dict:
-    """Write `report.md`, `report.csv` and the plots for the runs under `paths`; returns what it wrote."""
+def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = False,
+                 baseline: str | None = None) -> dict:
+    """Write `report.md`, `report.csv`, `comparison.csv` and the plots for the runs under `paths`; returns what
+    it wrote. `baseline`: the loss every other setting is compared with (None: dpo when present; "none": off)."""
     paths = [str(p) for p in paths]
     records, root = collect(paths)
     if out_dir is None:
@@ -148,22 +154,53 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(records)
+    try:
+        comparison = compare(records, baseline)
+    except StatsError as exc:
+        raise ReportError(str(exc)) from None
 
     csv_path = out / "report.csv"
     atomic_write_text(csv_path, csv_text(table["columns"], table["rows"]), what="report")
+    comparison_rows = rows_for_csv(comparison)
+    comparison_path = out / "comparison.csv"
+    atomic_write_text(comparison_path, csv_text(["setting", "seeds", "metric", "statistic", "estimate", "low", "high",
+                                                 "p_value", "n", "method", "baseline"], comparison_rows),
+                      what="report")
 
-    plots = plot_all(records, out, table["verified"])
+    plots = plot_all(records, out, comparison["groups"], comparison["benchmarks"])
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
-    md = _markdown(records, paths, table, main, vtable, {p.name for p in plots})
+    seeds = seed_section(comparison)
+    md = _markdown(records, paths, table, main, vtable, {p.name for p in plots}) + seeds
     md_path = out / "report.md"
     atomic_write_text(md_path, md, what="report")
     if echo:
-        print(main + ("\n\nVerified accuracy (%):\n" + vtable if vtable else ""))
-        written = ", ".join([csv_path.name] + [p.name for p in plots])
+        print(main + ("\n\nVerified accuracy (%):\n" + vtable if vtable else "") + "\n" + seeds)
+        written = ", ".join([csv_path.name, comparison_path.name] + [p.name for p in plots])
         print(f"\nreport: {md_path} ({len(records)} run{'s' * (len(records) != 1)}; {written})")
     return {"out_dir": out, "runs": records, "columns": table["columns"], "rows": table["rows"], "table": main,
-            "files": {"md": md_path, "csv": csv_path, "plots": plots}}
+            "comparison": comparison, "files": {"md": md_path, "csv": csv_path, "comparison": comparison_path,
+                                                "plots": plots}}
+
+
+TITLES = {"accuracy": "Verified accuracy over seeds (%)", "preservation": "Preservation and improvement (%)",
+          "versus": "Paired difference in accuracy against {baseline} (points)",
+          "dcr": "DCR metrics over seeds (final values on the held-out pairs)",
+          "dcr_versus": "DCR metrics: paired difference against {baseline}"}
+
+
+def seed_section(comparison: dict) -> str:
+    """The report's comparison over seeds: one table per statistic, each `estimate [95% interval]`."""
+    base = comparison["baseline"]
+    lines = ["", "## Over seeds: intervals and paired differences", "",
+             "Runs grouped by every override except `seed`. " + METHODS.format(baseline=base or "baseline"), ""]
+    if base is None:
+        lines += ["No baseline (no run trained with dpo, or `--baseline none`): no paired differences.", ""]
+    elif not any(g.setting["loss"] == base for g in comparison["groups"]):
+        lines += [f"No run trained with the baseline `{base}`: no paired differences.", ""]
+    for name, (header, rows) in tables(comparison).items():
+        lines += [f"### {TITLES[name].format(baseline=base)}", "", markdown_table(header, rows), ""]
+    return "\n".join(lines)
 
 
 def _markdown(records, paths, table, main: str, vtable: str, plots: set[str]) -> str:
@@ -199,23 +236,30 @@ class ReportCallback(Callback):
     """Hydra callback: the report over the sweep directory when a multirun ends (and over the run directory
     when a single run ends, if `run`). A failing report is logged, never raised: the runs are what matter."""
 
-    def __init__(self, multirun: bool = True, run: bool = True, jobs: list[str] | None = None) -> None:
+    def __init__(self, multirun: bool = True, run: bool = True, jobs: list[str] | None = None,
+                 baseline: str | None = None) -> None:
         # `jobs`: the Hydra job names (entry-point modules) whose single runs get a report; None = all
+        # `baseline`: the loss the others are compared with; the run config's `report.baseline` overrides it
         self.multirun, self.run, self.jobs = multirun, run, list(jobs) if jobs else None
+        self.baseline = baseline
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         if self.multirun:
-            self._report(lambda: config.hydra.sweep.dir)
+            self._report(lambda: config.hydra.sweep.dir, self._baseline(config))
 
     def on_run_end(self, config, **kwargs: Any) -> None:
         if self.jobs is not None and config.hydra.job.name not in self.jobs:
             return  # e.g. `python -m prefopt.sft` writes no preference metrics to report on
         if self.run and ranks.rank() == 0:  # under torchrun every rank runs this
-            self._report(lambda: config.hydra.runtime.output_dir)
+            self._report(lambda: config.hydra.runtime.output_dir, self._baseline(config))
+
+    def _baseline(self, config) -> str | None:
+        chosen = OmegaConf.select(config, "report.baseline", default=None)
+        return self.baseline if chosen is None else str(chosen)
 
     @staticmethod
-    def _report(where) -> None:
+    def _report(where, baseline: str | None = None) -> None:
         try:
-            write_report([str(where())], echo=True)
+            write_report([str(where())], echo=True, baseline=baseline)
         except Exception as exc:  # noqa: BLE001
             log.warning("report not written (%s: %s)", type(exc).__name__, exc)

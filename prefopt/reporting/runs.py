@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from prefopt.errors import PrefoptError
+from prefopt.stats import StatsError, read_benchmarks
 
 SPLIT_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "dcr/chosen_reward_below_zero", "dcr/chosen_logp_delta_per_token",
@@ -46,6 +47,10 @@ class RunRecord:
     wall_time_s: float | None = None
     peak_memory_mb: float | None = None
     label: str = ""  # set by the report: the overrides that tell this run from the others
+    seed: str | None = None  # the run's `seed` (override, else resolved config)
+    # per benchmark {problem index: correct} from `verified/` and `verified_before/` (empty when not written)
+    outcomes: dict[str, dict[int, bool]] = field(default_factory=dict)
+    outcomes_before: dict[str, dict[int, bool]] = field(default_factory=dict)
 
 
 # --- reading runs --------------------------------------------------------------------------------------
@@ -136,6 +141,13 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
     record = RunRecord(name=name, source=str(run_dir), status="incomplete", step=max(steps) if steps else None,
                        loss=loss, overrides=parse_overrides(overrides or []),
                        final={k: points[-1][1] for k, points in history.items()}, history=history)
+    seed = record.overrides.get("seed", resolved.get("seed") if isinstance(resolved, dict) else None)
+    record.seed = None if seed is None else str(seed)
+    try:
+        record.outcomes = read_benchmarks(run_dir / "verified")
+        record.outcomes_before = read_benchmarks(run_dir / "verified_before")
+    except StatsError as exc:
+        raise ReportError(str(exc)) from None
     if isinstance(summary, dict):
         metrics = {k: to_number(v) for k, v in summary.get("metrics", {}).items()}
         record.final = {k: v for k, v in metrics.items() if v is not None}
