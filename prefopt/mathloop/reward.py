@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, get_scheduler
 
 from prefopt.engine import TrainConfig, Trainer
 from prefopt.errors import ConfigError
+from prefopt.mathloop.warmup import StageSchedule
 from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
@@ -61,27 +62,12 @@ class PairRewardsModel(torch.nn.Module):
 
 
 @dataclass
-class RewardConfig:
-    """`reward:` in conf/mathloop.yaml: the reward stage's own schedule (the optimizer is the run's)."""
+class RewardConfig(StageSchedule):
+    """`reward:` in conf/mathloop.yaml: the reward stage's schedule."""
 
     steps: int = 300
-    batch_size: int = 32
-    micro_batch_size: int = 32
     lr: float = 1.0e-3
-    warmup_steps: int = 10
-    scheduler: str = "cosine"
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"reward.{name} must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ConfigError(f"reward.lr must be > 0 (got {self.lr})")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"reward.batch_size ({self.batch_size}) must be divisible by reward.micro_batch_size "
-                              f"({self.micro_batch_size})")
+    key = "reward"
 
 
 def reward_model_from(policy_dir: Path, pad_id: int) -> torch.nn.Module:

@@ -48,8 +48,9 @@ def targets_only(pairs: Sequence) -> list:
 
 
 @dataclass
-class WarmupConfig:
-    """`warmup:` in conf/mathloop.yaml: the SFT stage's own schedule (the optimizer is the run's)."""
+class StageSchedule:
+    """The schedule of a stage that trains through the engine on its own (the optimizer is the run's): the SFT
+    warm-up (`warmup:`) and the reward model (`reward:`), each with its own defaults."""
 
     steps: int = 350
     batch_size: int = 32
@@ -59,16 +60,22 @@ class WarmupConfig:
     scheduler: str = "cosine"
     seed: int = 0
     progress: bool = True
+    key = "warmup"  # the config key errors name
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"warmup.{name} must be >= 1 (got {getattr(self, name)})")
+                raise ConfigError(f"{self.key}.{name} must be >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
-            raise ConfigError(f"warmup.lr must be > 0 (got {self.lr})")
+            raise ConfigError(f"{self.key}.lr must be > 0 (got {self.lr})")
         if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"warmup.batch_size ({self.batch_size}) must be divisible by warmup.micro_batch_size "
-                              f"({self.micro_batch_size})")
+            raise ConfigError(f"{self.key}.batch_size ({self.batch_size}) must be divisible by "
+                              f"{self.key}.micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass
+class WarmupConfig(StageSchedule):
+    """`warmup:` in conf/mathloop.yaml: the SFT stage's schedule."""
 
 
 def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence, pad_id: int,
