@@ -13,7 +13,7 @@ import os
 import string
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from prefopt.errors import ConfigError
@@ -69,15 +69,27 @@ FAMILIES = {
 CHARS = list(string.printable[:95]) + ["\n"]  # printable ASCII from '0' to ' ', plus newline
 
 
+def _byte_level(char: str) -> str:
+    """The byte-level (GPT-2) symbol of a one-byte character: printable ASCII is itself, the rest is shifted."""
+    code = ord(char)
+    printable = (33 <= code <= 126) or (161 <= code <= 172) or (174 <= code <= 255)
+    return char if printable else chr(256 + sum(1 for b in range(code) if not ((33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255))))
+
+
 def char_tokenizer(family: str = "qwen") -> PreTrainedTokenizerFast:
     """A character-level tokenizer for `family` ('qwen' or 'llama3'), built offline."""
     if family not in FAMILIES:
         raise ConfigError(f"model.tokenizer_family must be one of {sorted(FAMILIES)} (got {family!r})")
     specials, template, named = FAMILIES[family]
-    vocab = {tok: i for i, tok in enumerate(specials + ["<unk>"] + sorted(set(CHARS)))}
-    # BPE with no merges splits every word into characters; no pre-tokenizer, so spaces stay characters.
+    # One token per character, written in the byte-level alphabet (space is "Ġ", newline "Ċ"): a byte-level BPE
+    # with no merges. Transformers 5.4+ rebuilds a qwen2 checkpoint's tokenizer as Qwen2Tokenizer (byte-level,
+    # from vocab and merges) whatever tokenizer_config.json says; in this alphabet that rebuild gives the same ids,
+    # so `final/` reloads identically with AutoTokenizer (tests/test_export.py).
+    symbols = [_byte_level(c) for c in sorted(set(CHARS))]
+    vocab = {tok: i for i, tok in enumerate(specials + ["<unk>"] + symbols)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", **{k: v for k, v in named.items() if v})
     tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in named.values()]})
     tok.chat_template = template

@@ -16,9 +16,9 @@ TEXTS = ["What is 12 + 7?\nLet me think.\n\nThe answer is \\boxed{19}.", "  two 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 5?\nAnswer in \\boxed{}."}]
 
 
-def same_tokens(ours, theirs) -> None:
+def same_tokens(ours, theirs, texts=TEXTS) -> None:
     assert len(theirs) == len(ours) and theirs.get_vocab() == ours.get_vocab()
-    for text in TEXTS:
+    for text in texts:
         assert theirs(text).input_ids == ours(text).input_ids, text
         assert theirs.decode(theirs(text).input_ids) == ours.decode(ours(text).input_ids)
     assert theirs.chat_template == ours.chat_template
@@ -41,15 +41,20 @@ def greedy(model, tok, max_new_tokens: int = 24) -> list[int]:
 def test_a_tiny_runs_final_reloads_with_auto_classes_identically(tiny_run, tmp_path, preset, family):
     _, run_dir = tiny_run(f"model={preset}", "steps=1", "eval_every=0", run_dir=tmp_path / "run")
     final = run_dir / "final"
-    # The class every transformers version knows (5.x writes `TokenizersBackend`, which 4.x lacks: it would fall
-    # back to the model type's Qwen2Tokenizer, a byte-level BPE that drops the char tokenizer's spaces and newlines).
+    # The class every transformers version knows (5.x writes `TokenizersBackend`, which 4.x lacks). The char
+    # tokenizer is written in the byte-level alphabet, so a rebuild as Qwen2Tokenizer keeps its spaces and newlines.
     saved = json.loads((final / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert not isinstance(saved.get("extra_special_tokens"), list)  # 4.x reads that key as a dict and fails on a list
     spec = ModelSpec(name_or_path=str(final), tokenizer="char", tokenizer_family=family)  # how prefopt reloads it
     ours_tok, ours = load_tokenizer(spec), load_model(spec)
+    # Texts in the tiny alphabet (printable ASCII and newline). A character outside it (a tab) is <unk> for prefopt
+    # and for PreTrainedTokenizerFast, but transformers >= 5.4 rebuilds a qwen2 checkpoint's tokenizer as
+    # Qwen2Tokenizer whatever tokenizer_config.json says, and that drops unknown bytes instead.
+    in_alphabet = [t for t in TEXTS if "\t" not in t]
+    assert ours_tok("\t").input_ids == [ours_tok.unk_token_id]
     for theirs_tok in (AutoTokenizer.from_pretrained(final), PreTrainedTokenizerFast.from_pretrained(final)):
-        same_tokens(ours_tok, theirs_tok)
+        same_tokens(ours_tok, theirs_tok, in_alphabet)
     theirs = AutoModelForCausalLM.from_pretrained(final)
     assert type(theirs).__name__ == ("Qwen2ForCausalLM" if family == "qwen" else "LlamaForCausalLM")
     assert greedy(theirs, AutoTokenizer.from_pretrained(final)) == greedy(ours, ours_tok)
