@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, get_scheduler
+from transformers import AutoModelForSequenceClassification
 
-from prefopt.engine import TrainConfig, Trainer
+from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
 from prefopt.mathloop.warmup import StageSchedule
 from prefopt.losses import Loss, LossOutput, PairLogps
@@ -81,13 +81,10 @@ def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs
                        config: RewardConfig, optimizer_factory: Callable, hardware, run_dir: Path,
                        max_grad_norm: float | None = 1.0) -> dict:
     """Train `model` in place by the Bradley–Terry loss through the engine's Trainer; returns its result."""
-    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
-                        eval_every=0, progress=config.progress, packing=False)
+    train = config.train_config(packing=False)
     trainer = Trainer(
-        policy=model, reference=None, loss=BradleyTerry(),
-        optimizer_factory=lambda params: optimizer_factory(params, lr=config.lr),
-        scheduler_factory=lambda opt: get_scheduler(config.scheduler, opt, num_warmup_steps=config.warmup_steps,
-                                                    num_training_steps=config.steps),
+        policy=model, reference=None, loss=BradleyTerry(), optimizer_factory=config.optimizer(optimizer_factory),
+        scheduler_factory=config.scheduler_factory(),
         train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
         run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm, pair_model=PairRewardsModel,
     )

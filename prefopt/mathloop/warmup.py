@@ -72,6 +72,20 @@ class StageSchedule:
             raise ConfigError(f"{self.key}.batch_size ({self.batch_size}) must be divisible by "
                               f"{self.key}.micro_batch_size ({self.micro_batch_size})")
 
+    def train_config(self, **settings) -> TrainConfig:
+        """The engine's TrainConfig for this stage: its own steps and batches, no periodic eval."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                           eval_every=0, progress=self.progress, **settings)
+
+    def optimizer(self, factory: Callable) -> Callable:
+        """The run's optimizer factory at this stage's learning rate."""
+        return lambda params: factory(params, lr=self.lr)
+
+    def scheduler_factory(self) -> Callable:
+        """A transformers schedule of `scheduler` over this stage's steps."""
+        return lambda opt: get_scheduler(self.scheduler, opt, num_warmup_steps=self.warmup_steps,
+                                         num_training_steps=self.steps)
+
 
 @dataclass
 class WarmupConfig(StageSchedule):
@@ -86,15 +100,10 @@ def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence
     Checkpoints go to `run_dir/checkpoints`, so an interrupted warm-up resumes where it stopped.
     """
     train_pairs, eval_pairs = targets_only(train_pairs), targets_only(eval_pairs)
-    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
-                        eval_every=0, progress=config.progress)
-    if chunk_elements:
-        train.chunk_elements = chunk_elements
+    train = config.train_config(**({"chunk_elements": chunk_elements} if chunk_elements else {}))
     trainer = Trainer(
-        policy=policy, reference=None, loss=SFTObjective(),
-        optimizer_factory=lambda params: optimizer_factory(params, lr=config.lr),
-        scheduler_factory=lambda opt: get_scheduler(config.scheduler, opt, num_warmup_steps=config.warmup_steps,
-                                                    num_training_steps=config.steps),
+        policy=policy, reference=None, loss=SFTObjective(), optimizer_factory=config.optimizer(optimizer_factory),
+        scheduler_factory=config.scheduler_factory(),
         train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
         run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm,
     )
