@@ -299,10 +299,10 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
     objects, found = collect(cfg, read_data, check_inputs)
     if found:
         raise ConfigError(f"{found[0]}{recipe_note()}" if len(found) == 1 else listing(found))
-    info = hydra_info()
+    info, tokenize = hydra_info(), tokenize_settings(cfg)
     loop = MathLoop(pipeline=objects["pipeline"], warmup=objects["warmup"], pairs=objects["pairs"],
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
-                    tokenize=tokenize_settings(cfg), optimizer_factory=objects["optimizer"],
+                    tokenize=tokenize, optimizer_factory=objects["optimizer"],
                     max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,
                     policy=cfg.policy, reward=objects["reward"])
     wandb = objects["logger"]
@@ -312,7 +312,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
                    data=objects["data"], wandb=wandb, loop=loop, optimizer_factory=objects["optimizer"],
                    schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps,
                                      cfg.optimizer.get("warmup_ratio")),
-                   max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize_settings(cfg), seed=cfg.seed,
+                   max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize, seed=cfg.seed,
                    resume=cfg.resume, reference_cache=objects.get("reference_cache"),
                    resolved=OmegaConf.to_container(cfg, resolve=True), info=info)
 
