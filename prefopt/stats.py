@@ -153,6 +153,16 @@ def _two_level(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float] |
     return estimate, min(float(low), estimate), max(float(high), estimate)
 
 
+def clustered_share(hits: Sequence[float], counts: Sequence[int]) -> Interval | None:
+    """sum(hits) / sum(counts) over groups (e.g. the sample pairs of one problem), with a percentile bootstrap
+    that resamples whole groups; None when there is nothing to count."""
+    result = _two_level(np.array([list(hits)], float), np.array([list(counts)], float))
+    if result is None:
+        return None
+    estimate, low, high = result
+    return Interval(estimate, low, high, len(counts), f"percentile bootstrap over problems ({RESAMPLES} resamples)")
+
+
 def _grid(runs: Sequence[Mapping[int, bool]], problems: Sequence[int]) -> np.ndarray:
     return np.array([[float(run[i]) for i in problems] for run in runs]).reshape(len(runs), len(problems))
 

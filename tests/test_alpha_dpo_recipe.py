@@ -16,7 +16,7 @@ def test_recipe_composes_to_its_table():
     assert plan.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct" and plan.model.dtype == "bfloat16"
     assert plan.loss.key == "alpha_dpo" and plan.loss.hparams == {"beta": 10.0, "gamma": 4.0, "alpha": 0.2,
                                                                    "momentum": 0.9}
-    assert (plan.train.batch_size, plan.train.micro_batch_size, plan.train.steps) == (128, 2, 467)
+    assert (plan.train.batch_size, plan.train.micro_batch_size, plan.train.steps) == (128, 2, 468)
     assert plan.optimizer_factory.keywords["lr"] == 1e-6 and plan.schedule.name == "cosine"
     assert plan.schedule.warmup_steps == 47 and plan.seed == 42
     assert plan.tokenize["max_length"] == 2048 and plan.tokenize["max_prompt_length"] == 1800

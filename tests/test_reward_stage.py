@@ -35,3 +35,75 @@ def test_reward_config_refuses_bad_values():
         RewardConfig(batch_size=10, micro_batch_size=4)
     with pytest.raises(ConfigError, match="reward.lr must be > 0"):
         RewardConfig(lr=0)
+
+
+def test_reward_config_refuses_bad_sources_and_sampling():
+    with pytest.raises(ConfigError, match=r"reward.source must be one of data, samples, both \(got 'policy'\)"):
+        RewardConfig(source="policy")
+    with pytest.raises(ConfigError, match=r"reward.k must be an integer >= 2"):
+        RewardConfig(k=1)
+    with pytest.raises(ConfigError, match=r"reward.temperature must be > 0"):
+        RewardConfig(temperature=0)
+    with pytest.raises(ConfigError, match=r"reward.pairs_per_prompt must be an integer >= 1 or 'all'"):
+        RewardConfig(pairs_per_prompt=0)
+
+
+def test_clustered_share_resamples_whole_problems():
+    from prefopt.stats import clustered_share
+
+    # problem 0: 3 of 4 sample pairs agree, problem 1: 1 of 2, problem 2: 0 of 2 -> 4/8 pooled
+    interval = clustered_share([3, 1, 0], [4, 2, 2])
+    assert interval.estimate == pytest.approx(0.5)
+    assert interval.n == 3 and "over problems" in interval.method
+    # a resample is a multiset of whole problems: its share lies between the smallest (0) and the largest (3/4)
+    assert 0.0 <= interval.low < 0.5 < interval.high <= 0.75
+    same = clustered_share([2, 2], [2, 2])  # every pair agrees: nothing varies
+    assert (same.estimate, same.low, same.high) == (1.0, 1.0, 1.0)
+    assert clustered_share([], []) is None
+
+
+class _Stub:
+    """Samples: for problem i, the texts given; the checker compares the boxed answer with the gold."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, []
+
+    def generate(self, prompts, n, temperature, seed):
+        from prefopt.generate import Completions
+
+        self.calls.append((len(prompts), n, temperature, seed))
+        return Completions([t[:n] for t in self.texts], [[True] * n for _ in self.texts])
+
+
+def test_checker_pairs_label_samples_by_the_answer_checker(monkeypatch):
+    from types import SimpleNamespace
+
+    from prefopt.mathloop import reward_stage
+    from prefopt.verify import AnswerChecker
+
+    rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
+    stub = _Stub([["\\boxed{2}", "\\boxed{3}", "\\boxed{5}"], ["\\boxed{4}", "\\boxed{4}", "\\boxed{4}"]])
+    checker = AnswerChecker(workers=1)
+    loop = SimpleNamespace(reward=RewardConfig(k=3, temperature=0.9), load=lambda spec, hw: (None, None),
+                           render=lambda tok, problem: f"<{problem}>", generator=lambda m, t, s: stub,
+                           checker=lambda: checker)
+    try:
+        pairs, counts = reward_stage.checker_pairs(loop, (None, None, None), rows, seed=7, limit="all")
+    finally:
+        checker.close()
+    assert stub.calls == [(2, 3, 0.9, 7)]
+    # problem 0: one right, two wrong -> two pairs; problem 1: all right -> dropped
+    assert [(p["chosen"], p["rejected"], p["prompt_index"]) for p in pairs] == [
+        ("\\boxed{2}", "\\boxed{3}", 0), ("\\boxed{2}", "\\boxed{5}", 0)]
+    assert counts["correct"] == 4 and counts["wrong"] == 2 and counts["dropped_all_correct"] == 1
+
+
+def test_unseen_keeps_pairs_whose_answers_were_not_trained_on():
+    from prefopt.data.sources import PreferencePair
+    from prefopt.mathloop.reward_stage import unseen
+
+    trained = [PreferencePair(prompt="p", chosen="a", rejected="b", pair_id="0")]
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "c"},   # chosen trained on: out
+             {"prompt": "p", "chosen": "d", "rejected": "c"},   # both new: kept
+             {"prompt": "q", "chosen": "a", "rejected": "b"}]   # another prompt: kept
+    assert unseen(pairs, trained) == pairs[1:]

@@ -70,6 +70,11 @@ class ArithmeticData:
         # n_val=0 leaves the fingerprint (and so every cache key) of data made before it existed unchanged
         return json.dumps({k: v for k, v in self.__dict__.items() if k != "n_val" or v}, sort_keys=True)
 
+    def train_fingerprint(self) -> str:
+        """What the training and held-out pairs depend on: the warm-up's key (pair and validation problems are
+        drawn after them, so `n_pairs` and `n_val` leave a cached warm-up valid)."""
+        return json.dumps({k: v for k, v in self.__dict__.items() if k not in ("n_pairs", "n_val")}, sort_keys=True)
+
     def split_problems(self) -> tuple[list, list]:
         held = problems(self.n_eval, self.seed + 1, self.max_operand, self.ops)
         train = problems(self.n_train, self.seed, self.max_operand, self.ops, exclude=set(held))

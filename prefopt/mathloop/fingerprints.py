@@ -44,7 +44,10 @@ def spec_fingerprint(spec: ModelSpec) -> dict:
             **({"chat_template": spec.chat_template} if spec.chat_template else {})}
 
 
-def data_fingerprint(data) -> Any:
+def data_fingerprint(data, training: bool = False) -> Any:
+    """What `data` is; `training=True`: only what its training and held-out pairs depend on (`train_fingerprint`)."""
+    if training and hasattr(data, "train_fingerprint"):
+        return data.train_fingerprint()
     fp = data.fingerprint() if hasattr(data, "fingerprint") else repr(data)
     path = getattr(data, "path", None)  # a local file: its size and time too, so an edited file is new data
     if isinstance(path, str) and Path(path).is_file():

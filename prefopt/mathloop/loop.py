@@ -189,7 +189,7 @@ class MathLoop:
 
     # -- warm-up ----------------------------------------------------------------------------------------
     def warmup_key(self, spec: ModelSpec, data) -> str:
-        return self._key("warmup", {"model": spec_fingerprint(spec), "data": data_fingerprint(data),
+        return self._key("warmup", {"model": spec_fingerprint(spec), "data": data_fingerprint(data, training=True),
                                     "tokenize": self.tokenize, "warmup": {**vars(self.warmup), "progress": None},
                                     "optimizer": optimizer_fingerprint(self.optimizer_factory),
                                     "max_grad_norm": self.max_grad_norm})

@@ -84,16 +84,16 @@ class PairsConfig:
         return d
 
 
-def validate_sampling(k: Any, temperature: Any) -> None:
-    """Refuse sampling settings that cannot give a prompt both a right and a wrong sample."""
+def validate_sampling(k: Any, temperature: Any, key: str = "pairs") -> None:
+    """Refuse sampling settings that cannot give a prompt both a right and a wrong sample (`key`: the config node)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise ConfigError(
-            f"pairs.k must be an integer >= 2 (a pair needs two different samples of one prompt), "
+            f"{key}.k must be an integer >= 2 (a pair needs two different samples of one prompt), "
             f"got {k!r}"
         )
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ConfigError(
-            f"pairs.temperature must be > 0 (at temperature 0 all k samples of a prompt are the same), "
+            f"{key}.temperature must be > 0 (at temperature 0 all k samples of a prompt are the same), "
             f"got {temperature!r}"
         )
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
+from prefopt.mathloop.pairs import validate_sampling
 from prefopt.mathloop.warmup import StageSchedule
 from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.tracking import RunLog
@@ -61,13 +62,34 @@ class PairRewardsModel(torch.nn.Module):
         return PairLogps(chosen=rewards[:b], rejected=rewards[b:], chosen_tokens=ones, rejected_tokens=ones)
 
 
+SOURCES = ("data", "samples", "both")
+
+
 @dataclass
 class RewardConfig(StageSchedule):
-    """`reward:` in conf/mathloop.yaml: the reward stage's schedule."""
+    """`reward:` in conf/mathloop.yaml: the reward stage's schedule and what it trains on.
+
+    `source`: `data` (the data's chosen/rejected pairs), `samples` (the warmed-up policy's `k` samples per training
+    problem at `temperature`, labelled by the answer checker: every distinct (correct, wrong) pair, at most
+    `pairs_per_prompt` per problem), or `both`. Agreement with the checker is then also measured on the policy's
+    samples of the held-out problems, drawn the same way."""
 
     steps: int = 300
     lr: float = 1.0e-3
+    source: str = "data"
+    k: int = 8
+    temperature: float = 1.0
+    pairs_per_prompt: Any = "all"
     key = "reward"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source not in SOURCES:
+            raise ConfigError(f"reward.source must be one of {', '.join(SOURCES)} (got {self.source!r})")
+        validate_sampling(self.k, self.temperature, key="reward")
+        limit = self.pairs_per_prompt
+        if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ConfigError(f"reward.pairs_per_prompt must be an integer >= 1 or 'all', got {limit!r}")
 
 
 def reward_model_from(policy_dir: Path, pad_id: int) -> torch.nn.Module:

@@ -1,7 +1,10 @@
 """The cached reward stage of the loop (`pipeline.reward=true`): train the tiny reward model, measure its agreement.
 
-Runs after the warm-up, on the warmed-up policy's backbone and the run's `data` pairs (synthetic arithmetic:
-chosen a correct worked answer, rejected a wrong one); cached under `<pipeline.cache_dir>/reward/<key>` like
+Runs after the warm-up, on the warmed-up policy's backbone. It trains on the run's `data` pairs (synthetic
+arithmetic: chosen a correct worked answer, rejected a wrong one), on the policy's own samples of the training
+problems labelled by the answer checker (`reward.source=samples`: an outcome reward model, as the verifiers of
+Cobbe et al. 2021 are trained), or on both. Agreement with the checker is measured on held-out problems: the data's
+held-out pairs, and every (correct, wrong) pair of the policy's samples of them. Cached under `<pipeline.cache_dir>/reward/<key>` like
 the warm-up. Its directory (`model/`, `from_pretrained`-loadable with its tokenizer) is then the reward model of
 every labeller and judge whose `name_or_path` is null (`with_reward_model`).
 """
@@ -16,11 +19,14 @@ import time
 from pathlib import Path
 
 from prefopt.data.batching import tokenize_pairs
+from prefopt.data.sources import PreferencePair
+from prefopt.errors import ConfigError
 from prefopt.io import atomic_write_text, locked, replace_dir
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
 from prefopt.mathloop.reward import checker_agreement, reward_model_from, train_reward_model
+from prefopt.mathloop.pairs import build_pairs
 from prefopt.mathloop.reward_model import RewardScorer
-from prefopt.models import load_tokenizer
+from prefopt.stats import clustered_share, proportion
 
 log = logging.getLogger("prefopt")
 
@@ -32,8 +38,39 @@ def reward_key(loop, spec, data) -> str:
                                 "max_grad_norm": loop.max_grad_norm})
 
 
+def checker_pairs(loop, policy, rows: list[dict], seed: int, limit) -> tuple[list[dict], dict]:
+    """`policy`'s (model, tokenizer, spec) `reward.k` samples of each problem row, labelled by the answer checker:
+    (correct, wrong) pairs (at most `limit` per problem, or "all") and the counts."""
+    model, tokenizer, spec = policy
+    config = loop.reward
+    prompts = [loop.render(tokenizer, r["problem"]) for r in rows]
+    done = loop.generator(model, tokenizer, spec).generate(prompts, n=config.k, temperature=config.temperature,
+                                                            seed=seed)
+    flat = loop.checker().check_many([t for texts in done.texts for t in texts],
+                                     [str(r["answer"]) for r, texts in zip(rows, done.texts) for _ in texts])
+    it = iter(flat)
+    verdicts = [[next(it) for _ in texts] for texts in done.texts]
+    pairs, stats = build_pairs([r["problem"] for r in rows], done.texts, verdicts, seed, limit)
+    return pairs, stats.as_dict()
+
+
+def unseen(pairs: list[dict], trained) -> list[dict]:
+    """The pairs neither of whose answers the reward model was trained on for that prompt (held-out answers)."""
+    seen: dict[str, set] = {}
+    for row in trained:
+        seen.setdefault(row.prompt, set()).update((row.chosen, row.rejected))
+    return [p for p in pairs if not {p["chosen"], p["rejected"]} & seen.get(p["prompt"], set())]
+
+
+def generated_rows(loop, data, split: str) -> list[dict]:
+    if not hasattr(data, "problem_rows"):
+        raise ConfigError("reward.source=samples/both needs problems with gold answers: the generated arithmetic data "
+                          "(data=arith), not this data source")
+    return data.problem_rows(split)
+
+
 def measure_agreement(loop, model_dir: Path, eval_rows, golds: dict, hardware) -> dict:
-    """The trained model's agreement with the answer checker on the held-out pairs' answers."""
+    """The trained model's agreement with the answer checker on the held-out pairs' answers (exact interval)."""
     scorer = RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
     prompts = [r.prompt for r in eval_rows]
     chosen = scorer.score(prompts, [r.chosen for r in eval_rows])
@@ -41,13 +78,46 @@ def measure_agreement(loop, model_dir: Path, eval_rows, golds: dict, hardware) -
     checker, answers = loop.checker(), [golds[r.prompt] for r in eval_rows]
     ok_c = [v.correct for v in checker.check_many([r.chosen for r in eval_rows], answers)]
     ok_r = [v.correct for v in checker.check_many([r.rejected for r in eval_rows], answers)]
-    return checker_agreement(chosen, rejected, ok_c, ok_r)
+    result = checker_agreement(chosen, rejected, ok_c, ok_r)
+    interval = proportion(round(result["agreement"] * result["pairs"]), result["pairs"]) if result["pairs"] else None
+    return {**result, **({"low": interval.low, "high": interval.high} if interval else {})}
+
+
+def sample_agreement(loop, model_dir: Path, pairs: list[dict], hardware) -> dict:
+    """Agreement on (correct, wrong) sample pairs, with a bootstrap interval that resamples problems."""
+    if not pairs:
+        return {"agreement": float("nan"), "pairs": 0, "problems": 0}
+    scorer = RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer.score(prompts, [p["chosen"] for p in pairs])
+    rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
+    hits: dict[int, list[float]] = {}
+    for p, sc, sr in zip(pairs, chosen, rejected):
+        hits.setdefault(p["prompt_index"], []).append(1.0 if sc > sr else 0.5 if sc == sr else 0.0)
+    interval = clustered_share([sum(h) for h in hits.values()], [len(h) for h in hits.values()])
+    return {"agreement": interval.estimate, "low": interval.low, "high": interval.high, "pairs": len(pairs),
+            "problems": len(hits), "method": interval.method}
+
+
+def training_rows(loop, policy, data) -> tuple[list, list, dict]:
+    """(train pairs, eval pairs, counts) the reward model learns from, as `reward.source` says."""
+    train_rows, eval_rows, _ = data.load()
+    counts = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
+    if loop.reward.source == "data":
+        return train_rows, eval_rows, counts
+    pairs, stats = checker_pairs(loop, policy, generated_rows(loop, data, "train"), loop.reward.seed,
+                                 loop.reward.pairs_per_prompt)
+    sampled = [PreferencePair(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"],
+                              pair_id=f"reward-sample-{p['pair_id']}") for p in pairs]
+    counts.update(sample_pairs=len(sampled), samples=stats)
+    return (sampled if loop.reward.source == "samples" else list(train_rows) + sampled), eval_rows, counts
 
 
 def run_reward(loop, spec, data, hardware, out: Path) -> dict:
     """Train the reward model into out/model and measure it; returns the record written to out/reward.json."""
-    tokenizer = load_tokenizer(spec)
-    train_rows, eval_rows, _ = data.load()
+    policy = (*loop.load(spec, hardware), spec)  # samples to learn from and to measure on
+    tokenizer = policy[1]
+    train_rows, eval_rows, counts = training_rows(loop, policy, data)
     # completions end as the reward model's chat template renders an assistant turn, so that training and
     # scoring (prefopt.mathloop.reward_model.RewardScorer) read the same last token
     ending = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
@@ -61,12 +131,26 @@ def run_reward(loop, spec, data, hardware, out: Path) -> dict:
                                 loop.optimizer_factory, hardware, out, max_grad_norm=loop.max_grad_norm)
     result.pop("trainer").export(out / "model")
     tokenizer.save_pretrained(out / "model")
-    golds = {row["problem"]: str(row["answer"]) for row in loop.problem_source(data).problem_rows("eval")}
-    agreement = measure_agreement(loop, out / "model", eval_rows, golds, hardware)
-    log.info("reward model: agreement with the answer checker %.3f on %d held-out pairs (%d steps, %.0f s)",
-             agreement["agreement"], agreement["pairs"], loop.reward.steps, time.perf_counter() - t0)
-    return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], "agreement": agreement,
+    measured = measure(loop, policy, data, out / "model", train_rows, eval_rows, hardware)
+    log.info("reward model (%d steps on %d pairs, %.0f s): agreement with the answer checker %s",
+             loop.reward.steps, len(train_rows), time.perf_counter() - t0,
+             "; ".join(f"{name} {m['agreement']:.3f} [{m.get('low', float('nan')):.3f}, {m.get('high', float('nan')):.3f}]"
+                       f" over {m['pairs']} pairs" for name, m in measured.items()))
+    return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], **measured, "training": counts,
             "reward": vars(loop.reward)}
+
+
+def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware) -> dict:
+    """Agreement with the checker on held-out answers: `agreement` on the data's held-out pairs,
+    `on_policy_agreement` on the policy's samples of the held-out problems, and `fresh_answer_agreement` on new
+    samples of the training problems whose answers the model never saw (the answers the labeller ranks)."""
+    source = loop.problem_source(data)
+    golds = {row["problem"]: str(row["answer"]) for row in source.problem_rows("eval")}
+    held, _ = checker_pairs(loop, policy, source.problem_rows("eval"), loop.reward.seed + 1, "all")
+    fresh, _ = checker_pairs(loop, policy, source.problem_rows("train"), loop.reward.seed + 2, "all")
+    return {"agreement": measure_agreement(loop, model_dir, eval_rows, golds, hardware),
+            "on_policy_agreement": sample_agreement(loop, model_dir, held, hardware),
+            "fresh_answer_agreement": sample_agreement(loop, model_dir, unseen(fresh, train_rows), hardware)}
 
 
 def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict]:
@@ -85,4 +169,6 @@ def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict
     else:
         log.info("reward model: reusing the cached %s", final)
     record = json.loads((final / "reward.json").read_text())
-    return final / "model", {"key": key, "path": str(final), "agreement": record["agreement"]}
+    return final / "model", {"key": key, "path": str(final), "agreement": record["agreement"],
+                             "on_policy_agreement": record.get("on_policy_agreement"),
+                             "fresh_answer_agreement": record.get("fresh_answer_agreement")}
