@@ -134,12 +134,13 @@ def test_dcr_table_over_seeds(runs, tmp_path, capsys):
     assert dcr.main([str(runs), "--out", str(tmp_path / "dcr")]) == 0
     md = (tmp_path / "dcr" / "dcr_table.md").read_text()
     header, _, dpo, bpo = md.split("\n\n")[1].splitlines()
-    assert [c.strip() for c in header.split("|")[2:9]] == ["seeds", "acc before", "acc after", "Δ acc vs dpo", "preserved", "improved",
-                                        "rewards/chosen"]
+    assert [c.strip() for c in header.split("|")[2:10]] == ["seeds", "acc before", "acc after", "Δ acc vs dpo", "preserved",
+                                                          "improved", "held-out reward acc", "rewards/chosen"]
     cells = [c.strip() for c in bpo.split("|")[1:-1]]
     assert cells[:2] == ["loss=bpo", "0 1"] and cells[3].startswith("75.0 [")
     assert cells[4].startswith("+50.0 [") and cells[4].endswith("p=0.125")
-    assert cells[5].startswith("100.0 [") and cells[6].startswith("50.0 [") and cells[7].startswith("0.300 [")
+    assert cells[5].startswith("100.0 [") and cells[6].startswith("50.0 [") and cells[8].startswith("0.300 [")
+    assert cells[7].startswith("0.750")  # every run's held-out reward accuracy is 0.75
     assert [c.strip() for c in dpo.split("|")[1:-1]][4] == "-"  # the baseline itself
     assert "## Each run" in md and "exact McNemar" in md
     assert dcr.main([str(tmp_path / "missing")]) == 2 and "prefopt.dcr: error:" in capsys.readouterr().err
@@ -209,3 +210,39 @@ def test_validation_split_is_disjoint_and_leaves_old_cache_keys_alone():
     assert not rows["val"] & (rows["train"] | rows["eval"] | rows["pairs"])
     assert {r["problem"] for r in plain.problem_rows("eval")} == {r["problem"] for r in ArithmeticData(n_val=30)
                                                                    .problem_rows("eval")}  # held-out unchanged
+
+
+def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcr_validation.py"
+    spec = importlib.util.spec_from_file_location("dcr_validation", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n")
+    metrics = {"eval/verified_before/arith_val": 0.5, "eval/verified/arith_val": 0.52, "eval/preserved/arith_val": 0.9,
+               "eval/preserved_low/arith_val": 0.84, "eval/preserved_high/arith_val": 0.94,
+               "eval/improved/arith_val": 0.12, "eval/rewards/chosen": -0.004}
+    (run / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 20, "eval/rewards/accuracies": 0.56}, {"step": 161, "eval/rewards/accuracies": 0.6}]))
+    (tmp_path / "sweep" / "study_header.md").write_text("## DCR miniature validation sweep, 2026-12-01 00:15 UTC\n")
+    assert script.main(["--sweep-dir", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| pairs.max_pairs_per_prompt=4")][0]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:5] == ["pairs.max_pairs_per_prompt=4 lr=1e-05 epochs=3", "161", "50.0 → 52.0", "90 [84, 94]", "12"]
+    # 120 of 200 held-out pairs: Clopper-Pearson [0.529, 0.668]
+    assert cells[5] == "0.56 0.60 [0.53, 0.67]" and cells[6] == "-0.004"
+    assert out.startswith("## DCR miniature validation sweep, 2026-12-01 00:15 UTC")
+
+
+def test_the_warmup_key_ignores_pair_and_validation_problem_counts():
+    from prefopt.mathloop.fingerprints import data_fingerprint
+
+    plain, more = ArithmeticData(), ArithmeticData(n_pairs=100, n_val=30)
+    # the warm-up trains on the same pairs: one cached warm-up serves both
+    assert plain.load()[0] == more.load()[0]
+    assert data_fingerprint(plain, training=True) == data_fingerprint(more, training=True)
+    assert data_fingerprint(plain) != data_fingerprint(more)  # the pairs stage and evaluation still tell them apart
+    assert data_fingerprint(ArithmeticData(n_train=151), training=True) != data_fingerprint(plain, training=True)

@@ -79,7 +79,8 @@ def _fmt(value: Any, key: str) -> str:
 
 def seed_table(paths: Sequence[str | Path], baseline: str | None = None) -> tuple[str, dict]:
     """One row per setting (the runs of a loss over seeds): accuracy before/after, the paired difference
-    against the baseline, preservation, improvement (per benchmark), the chosen reward and its DCR share, each
+    against the baseline, preservation, improvement (per benchmark), the held-out pairs' reward accuracy (is the
+    preference training healthy: above ½?), the chosen reward and its DCR share, each
     with its 95% interval (`prefopt.reporting.compare`)."""
     result = compare(collect([str(p) for p in paths])[0], baseline)
     names, base = result["benchmarks"], result["baseline"]
@@ -87,14 +88,15 @@ def seed_table(paths: Sequence[str | Path], baseline: str | None = None) -> tupl
     header = ["setting", "seeds"]
     for n in names:
         header += [tag(n, c) for c in ("acc before", "acc after", f"Δ acc vs {base}", "preserved", "improved")]
-    header += ["rewards/chosen", "chosen reward < 0"]
+    header += ["held-out reward acc", "rewards/chosen", "chosen reward < 0"]
     body = []
     for g in result["groups"]:
         row = [g.label, " ".join(str(s) for s in g.seeds)]
         for n in names:
             row += [pct(g.before.get(n)), pct(g.accuracy.get(n)), pct(g.versus.get(n), signed=True),
                     pct(g.preserved.get(n)), pct(g.improved.get(n))]
-        row += [num(g.scalars.get("eval/rewards/chosen")), num(g.scalars.get("eval/dcr/chosen_reward_below_zero"))]
+        row += [num(g.scalars.get("eval/rewards/accuracies")), num(g.scalars.get("eval/rewards/chosen")),
+                num(g.scalars.get("eval/dcr/chosen_reward_below_zero"))]
         body.append(row)
     return markdown_table(header, body), result
 
