@@ -61,9 +61,7 @@ class PairsConfig:
 
     def __post_init__(self):
         validate_sampling(self.k, self.temperature)
-        limit = self.max_pairs_per_prompt
-        if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ConfigError(f"pairs.max_pairs_per_prompt must be an integer >= 1 or 'all', got {limit!r}")
+        validate_pair_limit(self.max_pairs_per_prompt)
         if self.eval_size < 0:
             raise ConfigError(f"pairs.eval_size must be >= 0 (got {self.eval_size})")
 
@@ -98,6 +96,12 @@ def validate_sampling(k: Any, temperature: Any, key: str = "pairs") -> None:
         )
 
 
+def validate_pair_limit(limit: Any, name: str = "pairs.max_pairs_per_prompt") -> None:
+    """Refuse a per-prompt pair limit that is neither an integer >= 1 nor "all" (`name`: the config key)."""
+    if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 or 'all', got {limit!r}")
+
+
 def _status(verdict: Any, where: str) -> str:
     status = getattr(verdict, "status", None)
     if status not in ("correct", "wrong", "no_answer", "timeout", "error"):
@@ -125,8 +129,7 @@ def build_pairs(
             f"and {len(verdicts)} verdict lists"
         )
     limit = max_pairs_per_prompt
-    if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ConfigError(f"pairs.max_pairs_per_prompt must be an integer >= 1 or 'all', got {limit!r}")
+    validate_pair_limit(limit)
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
 
     stats = PairStats(prompts=len(prompts))

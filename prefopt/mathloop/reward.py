@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
-from prefopt.mathloop.pairs import validate_sampling
+from prefopt.mathloop.pairs import validate_pair_limit, validate_sampling
 from prefopt.mathloop.warmup import StageSchedule
 from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.tracking import RunLog
@@ -87,9 +87,7 @@ class RewardConfig(StageSchedule):
         if self.source not in SOURCES:
             raise ConfigError(f"reward.source must be one of {', '.join(SOURCES)} (got {self.source!r})")
         validate_sampling(self.k, self.temperature, key="reward")
-        limit = self.pairs_per_prompt
-        if limit != "all" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ConfigError(f"reward.pairs_per_prompt must be an integer >= 1 or 'all', got {limit!r}")
+        validate_pair_limit(self.pairs_per_prompt, "reward.pairs_per_prompt")
 
 
 def reward_model_from(policy_dir: Path, pad_id: int) -> torch.nn.Module:
