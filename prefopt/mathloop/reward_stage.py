@@ -24,7 +24,7 @@ from prefopt.errors import ConfigError
 from prefopt.io import atomic_write_text, locked, replace_dir
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
 from prefopt.mathloop.reward import checker_agreement, reward_model_from, train_reward_model
-from prefopt.mathloop.pairs import build_pairs
+from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.reward_model import RewardScorer
 from prefopt.stats import clustered_share, proportion
 
@@ -39,18 +39,14 @@ def reward_key(loop, spec, data) -> str:
 
 
 def checker_pairs(loop, policy, rows: list[dict], seed: int, limit) -> tuple[list[dict], dict]:
-    """`policy`'s (model, tokenizer, spec) `reward.k` samples of each problem row, labelled by the answer checker:
-    (correct, wrong) pairs (at most `limit` per problem, or "all") and the counts."""
+    """`policy`'s (model, tokenizer, spec) `reward.k` samples of each problem row, labelled by the answer checker
+    (the `verifier` pair labeller): (correct, wrong) pairs (at most `limit` per problem, or "all") and the counts."""
     model, tokenizer, spec = policy
-    config = loop.reward
     prompts = [loop.render(tokenizer, r["problem"]) for r in rows]
-    done = loop.generator(model, tokenizer, spec).generate(prompts, n=config.k, temperature=config.temperature,
-                                                            seed=seed)
-    flat = loop.checker().check_many([t for texts in done.texts for t in texts],
-                                     [str(r["answer"]) for r, texts in zip(rows, done.texts) for _ in texts])
-    it = iter(flat)
-    verdicts = [[next(it) for _ in texts] for texts in done.texts]
-    pairs, stats = build_pairs([r["problem"] for r in rows], done.texts, verdicts, seed, limit)
+    done = loop.generator(model, tokenizer, spec).generate(prompts, n=loop.reward.k,
+                                                            temperature=loop.reward.temperature, seed=seed)
+    pairs, stats, _ = VerifierLabeler().label(rows, done.texts, LabelContext(checker=loop.checker, seed=seed,
+                                                                              max_pairs_per_prompt=limit))
     return pairs, stats.as_dict()
 
 
@@ -69,9 +65,12 @@ def generated_rows(loop, data, split: str) -> list[dict]:
     return data.problem_rows(split)
 
 
-def measure_agreement(loop, model_dir: Path, eval_rows, golds: dict, hardware) -> dict:
+def scorer_for(loop, model_dir: Path, hardware) -> RewardScorer:
+    return RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
+
+
+def measure_agreement(loop, scorer: RewardScorer, eval_rows, golds: dict) -> dict:
     """The trained model's agreement with the answer checker on the held-out pairs' answers (exact interval)."""
-    scorer = RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
     prompts = [r.prompt for r in eval_rows]
     chosen = scorer.score(prompts, [r.chosen for r in eval_rows])
     rejected = scorer.score(prompts, [r.rejected for r in eval_rows])
@@ -83,11 +82,10 @@ def measure_agreement(loop, model_dir: Path, eval_rows, golds: dict, hardware) -
     return {**result, **({"low": interval.low, "high": interval.high} if interval else {})}
 
 
-def sample_agreement(loop, model_dir: Path, pairs: list[dict], hardware) -> dict:
+def pair_agreement(scorer: RewardScorer, pairs: list[dict]) -> dict:
     """Agreement on (correct, wrong) sample pairs, with a bootstrap interval that resamples problems."""
     if not pairs:
         return {"agreement": float("nan"), "pairs": 0, "problems": 0}
-    scorer = RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
     prompts = [p["prompt"] for p in pairs]
     chosen = scorer.score(prompts, [p["chosen"] for p in pairs])
     rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
@@ -148,9 +146,10 @@ def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware
     golds = {row["problem"]: str(row["answer"]) for row in source.problem_rows("eval")}
     held, _ = checker_pairs(loop, policy, source.problem_rows("eval"), loop.reward.seed + 1, "all")
     fresh, _ = checker_pairs(loop, policy, source.problem_rows("train"), loop.reward.seed + 2, "all")
-    return {"agreement": measure_agreement(loop, model_dir, eval_rows, golds, hardware),
-            "on_policy_agreement": sample_agreement(loop, model_dir, held, hardware),
-            "fresh_answer_agreement": sample_agreement(loop, model_dir, unseen(fresh, train_rows), hardware)}
+    scorer = scorer_for(loop, model_dir, hardware)
+    return {"agreement": measure_agreement(loop, scorer, eval_rows, golds),
+            "on_policy_agreement": pair_agreement(scorer, held),
+            "fresh_answer_agreement": pair_agreement(scorer, unseen(fresh, train_rows))}
 
 
 def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict]:
@@ -169,6 +168,5 @@ def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict
     else:
         log.info("reward model: reusing the cached %s", final)
     record = json.loads((final / "reward.json").read_text())
-    return final / "model", {"key": key, "path": str(final), "agreement": record["agreement"],
-                             "on_policy_agreement": record.get("on_policy_agreement"),
-                             "fresh_answer_agreement": record.get("fresh_answer_agreement")}
+    return final / "model", {"key": key, "path": str(final),
+                             **{name: value for name, value in record.items() if name.endswith("agreement")}}
