@@ -251,10 +251,12 @@ def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) ->
 
 
 def without_required_inputs(cfg: DictConfig) -> DictConfig:
-    """`cfg` with a recipe's `${required:...}` input file (pairs.path) set to null, to compose a plan to look at."""
-    if _attempt([], "pairs", lambda: cfg.pairs.path) is None and "pairs" in cfg:
-        return _relaxed(cfg, "pairs.path", None)
-    return cfg
+    """`cfg` with a recipe's `${required:...}` input file (pairs.path) set to null, to compose a plan to look at
+    (`cfg` itself when pairs.path resolves: `build` and `collect` both call this, and the second call copies nothing)."""
+    unresolved: list[str] = []
+    if "pairs" in cfg:
+        _attempt(unresolved, "pairs", lambda: cfg.pairs.path)
+    return _relaxed(cfg, "pairs.path", None) if unresolved else cfg
 
 
 def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
