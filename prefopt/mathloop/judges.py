@@ -26,7 +26,7 @@ import httpx
 
 from prefopt.errors import ConfigError
 from prefopt.mathloop.judging import preference_from_scores
-from prefopt.mathloop.reward_model import RewardScorer
+from prefopt.mathloop.reward_model import named_scorer
 
 log = logging.getLogger("prefopt")
 
@@ -87,10 +87,8 @@ class RewardModelJudge(JudgeSettings):
         return self if self.name_or_path else replace(self, name_or_path=path)
 
     def judge(self, prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str], device) -> list[dict]:
-        if not self.name_or_path:
-            raise ConfigError("evaluation.judge.name_or_path is null: name a reward model, or train one with "
-                              "pipeline.reward=true")
-        scorer = RewardScorer.load(self.name_or_path, device, self.batch_size, self.max_length, self.trust_remote_code)
+        scorer = named_scorer(self.name_or_path, "evaluation.judge", device, self.batch_size, self.max_length,
+                              self.trust_remote_code)
         ours = scorer.score(list(prompts), list(policy))
         theirs = scorer.score(list(prompts), list(baseline))
         return [{"preference": preference_from_scores(a, b), "policy_score": a, "baseline_score": b}

@@ -22,7 +22,7 @@ import torch
 
 from prefopt.errors import ConfigError, DataError
 from prefopt.mathloop.pairs import build_pairs
-from prefopt.mathloop.reward_model import RewardScorer
+from prefopt.mathloop.reward_model import RewardScorer, named_scorer
 
 log = logging.getLogger("prefopt")
 
@@ -153,11 +153,8 @@ class RewardModelLabeler:
         return self if self.name_or_path else replace(self, name_or_path=path)
 
     def scorer(self, device) -> RewardScorer:
-        if not self.name_or_path:
-            raise ConfigError("pairs.labeler.name_or_path is null: name a reward model (hub id or directory), or "
-                              "train one with pipeline.reward=true")
-        return RewardScorer.load(self.name_or_path, device, batch_size=self.batch_size, max_length=self.max_length,
-                                 trust_remote_code=self.trust_remote_code)
+        return named_scorer(self.name_or_path, "pairs.labeler", device, self.batch_size, self.max_length,
+                            self.trust_remote_code)
 
     def label(self, rows: Sequence[dict], samples: Sequence[Sequence[str]], context: LabelContext):
         """(pairs, stats, extra): each sample scored by the reward model, best vs worst per prompt."""

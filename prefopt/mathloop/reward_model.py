@@ -92,3 +92,13 @@ class RewardScorer:
             output = self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "token_type_ids"})
             out.extend(self.scalar(output).float().cpu().tolist())
         return out
+
+
+def named_scorer(name_or_path: str | None, key: str, device, batch_size: int, max_length: int,
+                 trust_remote_code: bool) -> RewardScorer:
+    """The scorer of the reward model `name_or_path` that the config node `key` names; one line when it names none."""
+    if not name_or_path:
+        raise ConfigError(f"{key}.name_or_path is null: name a reward model (hub id or directory), or train one with "
+                          f"pipeline.reward=true")
+    return RewardScorer.load(name_or_path, device, batch_size=batch_size, max_length=max_length,
+                             trust_remote_code=trust_remote_code)
