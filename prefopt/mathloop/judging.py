@@ -128,5 +128,6 @@ def judged_stats(prefs: Sequence[float], policy_lengths: Sequence[float], baseli
 
 
 def preference_from_scores(policy_score: float, baseline_score: float) -> float:
-    """A reward-model judge's preference: 1 when the policy's answer scores higher, ½ on equal scores, else 0."""
+    """A reward-model judge's preference: 1 when the policy's answer scores higher, ½ on equal scores, else 0. The
+    same rule scores whether a reward model orders a (correct, wrong) pair as the answer checker does."""
     return 1.0 if policy_score > baseline_score else 0.5 if policy_score == baseline_score else 0.0

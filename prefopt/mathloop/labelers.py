@@ -22,6 +22,7 @@ import torch
 
 from prefopt.errors import ConfigError, DataError
 from prefopt.mathloop.pairs import build_pairs
+from prefopt.mathloop.judging import preference_from_scores
 from prefopt.mathloop.reward_model import RewardScorer, named_scorer
 
 log = logging.getLogger("prefopt")
@@ -100,7 +101,7 @@ def sample_agreement(rows: Sequence[dict], samples: Sequence[Sequence[str]], sco
         for i, j in product(range(len(texts)), repeat=2):
             if ok[i] and not ok[j]:
                 counted += 1
-                agree += 1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0
+                agree += preference_from_scores(values[i], values[j])
     return {"agreement": agree / counted if counted else float("nan"), "pairs": counted}
 
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from prefopt.engine import Trainer
 from prefopt.errors import ConfigError
+from prefopt.mathloop.judging import preference_from_scores
 from prefopt.mathloop.pairs import validate_pair_limit, validate_sampling
 from prefopt.mathloop.warmup import StageSchedule
 from prefopt.losses import Loss, LossOutput, PairLogps
@@ -128,5 +129,5 @@ def checker_agreement(scores_chosen: Sequence[float], scores_rejected: Sequence[
             continue
         counted += 1
         better, worse = (sc, sr) if ok_c else (sr, sc)
-        agree += 1.0 if better > worse else 0.5 if better == worse else 0.0
+        agree += preference_from_scores(better, worse)
     return {"agreement": agree / counted if counted else float("nan"), "pairs": counted}

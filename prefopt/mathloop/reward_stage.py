@@ -23,6 +23,7 @@ from prefopt.data.sources import PreferencePair
 from prefopt.errors import ConfigError
 from prefopt.io import atomic_write_text, locked, replace_dir
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
+from prefopt.mathloop.judging import preference_from_scores
 from prefopt.mathloop.reward import checker_agreement, reward_model_from, train_reward_model
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.reward_model import RewardScorer
@@ -91,7 +92,7 @@ def pair_agreement(scorer: RewardScorer, pairs: list[dict]) -> dict:
     rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
     hits: dict[int, list[float]] = {}
     for p, sc, sr in zip(pairs, chosen, rejected):
-        hits.setdefault(p["prompt_index"], []).append(1.0 if sc > sr else 0.5 if sc == sr else 0.0)
+        hits.setdefault(p["prompt_index"], []).append(preference_from_scores(sc, sr))
     interval = clustered_share([sum(h) for h in hits.values()], [len(h) for h in hits.values()])
     return {"agreement": interval.estimate, "low": interval.low, "high": interval.high, "pairs": len(pairs),
             "problems": len(hits), "method": interval.method}
