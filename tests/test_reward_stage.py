@@ -107,3 +107,17 @@ def test_unseen_keeps_pairs_whose_answers_were_not_trained_on():
              {"prompt": "p", "chosen": "d", "rejected": "c"},   # both new: kept
              {"prompt": "q", "chosen": "a", "rejected": "b"}]   # another prompt: kept
     assert unseen(pairs, trained) == pairs[1:]
+
+
+def test_the_reward_stage_refuses_data_without_gold_answers():
+    from prefopt.data.arith import ArithmeticData
+    from prefopt.mathloop.reward_stage import generated_rows
+
+    class Pairs:  # a preference file: chosen/rejected, no problems with answers
+        def load(self):
+            return [], [], {}
+
+    with pytest.raises(ConfigError, match=r"pipeline.reward=true needs problems with gold answers .* not Pairs"):
+        generated_rows(Pairs(), "eval")
+    rows = generated_rows(ArithmeticData(), "eval")
+    assert len(rows) == 50 and {"problem", "answer"} <= set(rows[0])

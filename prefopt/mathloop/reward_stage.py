@@ -59,10 +59,12 @@ def unseen(pairs: list[dict], trained) -> list[dict]:
     return [p for p in pairs if not {p["chosen"], p["rejected"]} & seen.get(p["prompt"], set())]
 
 
-def generated_rows(loop, data, split: str) -> list[dict]:
+def generated_rows(data, split: str) -> list[dict]:
+    """The {problem, answer} rows of `split` of the run's generated problems; one line for data without them."""
     if not hasattr(data, "problem_rows"):
-        raise ConfigError("reward.source=samples/both needs problems with gold answers: the generated arithmetic data "
-                          "(data=arith), not this data source")
+        raise ConfigError(f"pipeline.reward=true needs problems with gold answers (to sample from and to measure the "
+                          f"reward model against the answer checker): the generated arithmetic data (data=arith), not "
+                          f"{type(data).__name__}")
     return data.problem_rows(split)
 
 
@@ -104,7 +106,7 @@ def training_rows(loop, policy, data) -> tuple[list, list, dict]:
     counts = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
     if loop.reward.source == "data":
         return train_rows, eval_rows, counts
-    pairs, stats = checker_pairs(loop, policy, generated_rows(loop, data, "train"), loop.reward.seed,
+    pairs, stats = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed,
                                  loop.reward.pairs_per_prompt)
     sampled = [PreferencePair(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"],
                               pair_id=f"reward-sample-{p['pair_id']}") for p in pairs]
@@ -114,6 +116,7 @@ def training_rows(loop, policy, data) -> tuple[list, list, dict]:
 
 def run_reward(loop, spec, data, hardware, out: Path) -> dict:
     """Train the reward model into out/model and measure it; returns the record written to out/reward.json."""
+    generated_rows(data, "eval")  # refuse data without gold answers before anything is trained
     policy = (*loop.load(spec, hardware), spec)  # samples to learn from and to measure on
     tokenizer = policy[1]
     train_rows, eval_rows, counts = training_rows(loop, policy, data)
@@ -143,10 +146,10 @@ def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware
     """Agreement with the checker on held-out answers: `agreement` on the data's held-out pairs,
     `on_policy_agreement` on the policy's samples of the held-out problems, and `fresh_answer_agreement` on new
     samples of the training problems whose answers the model never saw (the answers the labeller ranks)."""
-    source = loop.problem_source(data)
-    golds = {row["problem"]: str(row["answer"]) for row in source.problem_rows("eval")}
-    held, _ = checker_pairs(loop, policy, source.problem_rows("eval"), loop.reward.seed + 1, "all")
-    fresh, _ = checker_pairs(loop, policy, source.problem_rows("train"), loop.reward.seed + 2, "all")
+    held_rows = generated_rows(data, "eval")
+    golds = {row["problem"]: str(row["answer"]) for row in held_rows}
+    held, _ = checker_pairs(loop, policy, held_rows, loop.reward.seed + 1, "all")
+    fresh, _ = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed + 2, "all")
     scorer = scorer_for(loop, model_dir, hardware)
     return {"agreement": measure_agreement(loop, scorer, eval_rows, golds),
             "on_policy_agreement": pair_agreement(scorer, held),
