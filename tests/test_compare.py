@@ -246,3 +246,52 @@ def test_the_warmup_key_ignores_pair_and_validation_problem_counts():
     assert data_fingerprint(plain, training=True) == data_fingerprint(more, training=True)
     assert data_fingerprint(plain) != data_fingerprint(more)  # the pairs stage and evaluation still tell them apart
     assert data_fingerprint(ArithmeticData(n_train=151), training=True) != data_fingerprint(plain, training=True)
+
+
+def test_miscopied_answers_are_a_share_of_the_sft_targets_only():
+    from prefopt.errors import ConfigError
+    from prefopt.mathloop.fingerprints import data_fingerprint
+    from prefopt.verify import AnswerChecker
+
+    plain, noisy = ArithmeticData(), ArithmeticData(miscopied=0.3)
+    train, held, _ = plain.load()
+    assert noisy.load() == plain.load() == plain.sft_load()  # preference pairs stay clean; 0 miscopies nothing
+    sft_train, sft_held, _ = noisy.sft_load()
+    assert sft_held == held  # the warm-up's held-out pairs (the benchmark's problems) stay clean
+    changed = [i for i, (p, q) in enumerate(zip(train, sft_train)) if p != q]
+    picked = noisy.miscopied_indices(len(train))
+    assert len(picked) == 45 and set(changed) <= picked  # round(0.3 x 150); where a == a op b the copy is right
+    assert len(changed) > 30
+    checker = AnswerChecker()
+    for i in changed:
+        p, q = train[i], sft_train[i]
+        a = q.prompt.split()[2]
+        assert q.chosen == p.chosen.rsplit("\\boxed", 1)[0] + f"\\boxed{{{a}}}."  # the first operand is boxed
+        assert q.rejected == p.rejected
+        assert not checker.check(q.chosen, str(eval(q.prompt[8:-1]))).correct
+    # 0 leaves every cache key as it was; a share changes the warm-up's key
+    assert plain.fingerprint() == ArithmeticData(miscopied=0.0).fingerprint()
+    assert data_fingerprint(noisy, training=True) != data_fingerprint(plain, training=True)
+    for bad in (-0.1, 1.5, "lots", True):
+        with pytest.raises(ConfigError, match="data.source.miscopied must be a share between 0 and 1"):
+            ArithmeticData(miscopied=bad)
+
+
+def test_pair_kinds_script_tells_miscopies_from_arithmetic_mistakes():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcr_pair_kinds.py"
+    spec = importlib.util.spec_from_file_location("dcr_pair_kinds", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    q, right = "What is 26 - 30?", "26 - 30 = -4. The answer is \\boxed{-4}."
+    assert script.kind(q, right, "26 - 30 = -4. The answer is \\boxed{26}.") == "miscopy"
+    assert script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"
+    assert script.kind(q, right, "26 - 31 = -5. The answer is \\boxed{-5}.") == "other"  # restated a wrong operand
+    assert script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-4}.") == "other"  # boxes a result it did not state
+    assert script.kind(q, right, "The answer is 26.") == "other"
+    assert script.kind("What is 5 + 0?", "5 + 0 = 5. The answer is \\boxed{5}.",
+                       "5 + 0 = 6. The answer is \\boxed{6}.") == "arithmetic"
+    out = script.table([("loss=dpo", {"miscopy": [True, True], "arithmetic": [True, False], "all": [True] * 3 + [False]}),
+                        ("loss=dpo", {"arithmetic": [False, False], "other": [True, True], "all": [False, False, True, True]})])
+    row = [line for line in out.splitlines() if line.startswith("| loss=dpo")][0]
+    # pooled shares over 8 pairs; accuracies: the mean over the seeds that have the kind
+    assert row == "| loss=dpo | 2 | 8 | 25%, 1.00 | 50%, 0.25 | 25%, 1.00 | 0.62 |"

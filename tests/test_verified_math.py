@@ -167,6 +167,27 @@ def test_sft_lowers_the_nll_through_the_engine(tmp_path):
     assert out.loss.item() == pytest.approx(2.0) and SFTObjective().reference is False
 
 
+
+def test_the_warmup_trains_on_the_noisy_sft_targets_and_the_preference_data_stays_clean(tmp_path, monkeypatch):
+    import prefopt.mathloop.loop as loop_module
+
+    seen = {}
+
+    def spy(model, train_pairs, eval_pairs, *args, **kwargs):
+        seen["train"] = train_pairs
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loop_module, "warm_up", spy)
+    p = build(compose_cfg(["data.source.miscopied=1.0"]))
+    with pytest.raises(RuntimeError, match="stop here"):
+        p.loop.run_warmup(p.model, p.data, p.hardware.setup(), tmp_path / "sft")
+    tok = p.loop.load(p.model, p.hardware)[1]
+    boxed = [re.findall(r"\\boxed\{(-?\d+)\}", tok.decode(t.chosen_ids)) for t in seen["train"]]
+    firsts = [re.search(r"What is (\d+)", tok.decode(t.prompt_ids)).group(1) for t in seen["train"]]
+    train, _, _ = p.data.load()
+    assert len(boxed) == len(train) > 0 and all(b == [a] for b, a in zip(boxed, firsts))  # every target miscopied
+    assert all(pair.chosen.endswith(f"\\boxed{{{eval(pair.prompt[8:-1])}}}.") for pair in train)  # pairs: clean
+
 # -- the loop and its cache ---------------------------------------------------------------------------------
 
 LOOP = ["pipeline.warmup=true", "pipeline.pairs=true", "pipeline.evaluate=true", "warmup.steps=2",

@@ -21,8 +21,9 @@ def question(a: int, op: str, b: int) -> str:
     return f"What is {a} {op} {b}?"
 
 
-def worked_answer(a: int, op: str, b: int, result: int) -> str:
-    return f"{a} {op} {b} = {result}. The answer is \\boxed{{{result}}}."
+def worked_answer(a: int, op: str, b: int, result: int, boxed: int | None = None) -> str:
+    """The worked answer `a op b = result`, boxing `result` (or `boxed`: a miscopied final answer)."""
+    return f"{a} {op} {b} = {result}. The answer is \\boxed{{{result if boxed is None else boxed}}}."
 
 
 def wrong_result(rng: random.Random, correct: int) -> int:
@@ -65,15 +66,29 @@ class ArithmeticData:
     seed: int = 1234
     n_pairs: int = 0  # problems of their own for on-policy pair sampling (0: sample on the training problems)
     n_val: int = 0  # validation problems (the `arith_val` benchmark): in no other split, for choosing settings
+    # Share of the training problems whose SFT target (the warm-up's, `sft_load`) boxes the first operand instead of
+    # the result: a noisy SFT set, so the policy miscopies its final answer now and then, a systematic mistake the
+    # checker catches and preference pairs can teach away. The preference pairs (`load`) and benchmarks stay clean.
+    miscopied: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.miscopied, (int, float)) or isinstance(self.miscopied, bool) \
+                or not 0 <= self.miscopied <= 1:
+            raise ConfigError(f"data.source.miscopied must be a share between 0 and 1, got {self.miscopied!r}")
+
+    def _fields(self, leave_out: tuple = ()) -> str:
+        # n_val=0 and miscopied=0 leave the fingerprint (and so every cache key) of data made before they existed
+        # unchanged
+        return json.dumps({k: v for k, v in self.__dict__.items()
+                           if k not in leave_out and (k not in ("n_val", "miscopied") or v)}, sort_keys=True)
 
     def fingerprint(self) -> str:
-        # n_val=0 leaves the fingerprint (and so every cache key) of data made before it existed unchanged
-        return json.dumps({k: v for k, v in self.__dict__.items() if k != "n_val" or v}, sort_keys=True)
+        return self._fields()
 
     def train_fingerprint(self) -> str:
         """What the training and held-out pairs depend on: the warm-up's key (pair and validation problems are
         drawn after them, so `n_pairs` and `n_val` leave a cached warm-up valid)."""
-        return json.dumps({k: v for k, v in self.__dict__.items() if k not in ("n_pairs", "n_val")}, sort_keys=True)
+        return self._fields(leave_out=("n_pairs", "n_val"))
 
     def split_problems(self) -> tuple[list, list]:
         held = problems(self.n_eval, self.seed + 1, self.max_operand, self.ops)
@@ -105,16 +120,28 @@ class ArithmeticData:
             raise ValueError(f"unknown split {split!r} (train, eval, pairs or val)")
         return [{"problem": question(*p), "answer": str(solve(*p)), "index": i} for i, p in enumerate(probs)]
 
-    def pairs(self, probs: list, seed: int, prefix: str) -> list[PreferencePair]:
+    def miscopied_indices(self, n: int) -> set[int]:
+        """Which of the `n` training problems get a miscopied answer: round(miscopied × n) of them, fixed by `seed`."""
+        return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n))) if self.miscopied else set()
+
+    def pairs(self, probs: list, seed: int, prefix: str, miscopied: set[int] = frozenset()) -> list[PreferencePair]:
         rng = random.Random(seed)
         out = []
         for i, (a, op, b) in enumerate(probs):
             right = solve(a, op, b)
-            out.append(PreferencePair(prompt=question(a, op, b), chosen=worked_answer(a, op, b, right),
+            chosen = worked_answer(a, op, b, right, boxed=a if i in miscopied else None)
+            out.append(PreferencePair(prompt=question(a, op, b), chosen=chosen,
                                       rejected=worked_answer(a, op, b, wrong_result(rng, right)), pair_id=f"{prefix}{i}"))
         return out
 
-    def load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+    def load(self, miscopy: bool = False) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+        """(train pairs, held-out pairs, counts); `miscopy`: a `miscopied` share of the training chosen answers box
+        the first operand (the warm-up's noisy SFT targets, `sft_load`); preference pairs are always clean."""
         train, held = self.split_problems()
-        return (self.pairs(train, self.seed + 2, "arith-train-"), self.pairs(held, self.seed + 3, "arith-eval-"),
+        picked = self.miscopied_indices(len(train)) if miscopy else set()
+        return (self.pairs(train, self.seed + 2, "arith-train-", picked), self.pairs(held, self.seed + 3, "arith-eval-"),
                 {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}})
+
+    def sft_load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+        """What the warm-up (SFT on the chosen answers) trains on: `load()` with the `miscopied` share applied."""
+        return self.load(miscopy=True)

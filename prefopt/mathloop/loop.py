@@ -197,7 +197,8 @@ class MathLoop:
     def run_warmup(self, spec: ModelSpec, data, hardware, out_dir: Path, run_log=None):
         """SFT from `spec` on `data`'s chosen responses; the policy (weights + tokenizer) goes to out_dir/final."""
         model, tokenizer = self.load(spec, hardware)
-        train_rows, eval_rows, _ = data.load()
+        # the SFT set: a data source may give its warm-up targets of their own (ArithmeticData.sft_load: noisy ones)
+        train_rows, eval_rows, _ = data.sft_load() if hasattr(data, "sft_load") else data.load()
         args = dict(self.tokenize, completion_eos=spec.completion_eos)
         train_pairs, _ = tokenize_pairs(train_rows, tokenizer, **args)
         eval_pairs, _ = tokenize_pairs(eval_rows, tokenizer, **args)

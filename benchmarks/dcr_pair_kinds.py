@@ -1,0 +1,142 @@
+"""Where the DCR miniature's held-out reward accuracy comes from: the same accuracy, split by kind of pair.
+
+    python benchmarks/dcr_pair_kinds.py outputs/dcr_mini/study-...        # every run of a finished sweep
+    python benchmarks/dcr_pair_kinds.py RUN_DIR [RUN_DIR...]
+
+For each finished run it reads the held-out pairs the run was evaluated on (the last `pairs.eval_size` pairs of its
+cached pair file, `summary.json` → pipeline.pairs.path), the reference (its warm-up policy) and its trained policy
+(`RUN/final`), and recomputes the reward accuracy, 1[(log π − log π_ref)(chosen) > (log π − log π_ref)(rejected)],
+with the run's own rendering (its Hydra overrides, composed again). Each pair is one of:
+
+- `miscopy`: the rejected answer states the right operands and boxes the first operand instead of its own result
+  (the systematic mistake `data.source.miscopied` puts into the warm-up's SFT targets);
+- `arithmetic`: both answers state the prompt's operands and box their own result, which differs: only the sum
+  tells them apart;
+- `other`: anything else (a restated operand or result that differs, a malformed answer).
+
+The table gives, per setting (the overrides except `seed`), the share of each kind and its reward accuracy, the mean
+over seeds with the pooled count; `all` reproduces the run's `eval/rewards/accuracies`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+ANSWER = re.compile(r"(-?\d+) ([+\-*]) (-?\d+) = (-?\d+)\. The answer is \\boxed\{(-?\d+)\}\.$")
+PROMPT = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?$")
+KINDS = ("miscopy", "arithmetic", "other")
+
+
+def kind(prompt: str, chosen: str, rejected: str) -> str:
+    """The kind of a (correct, wrong) pair of worked answers to `prompt` (see the module docstring)."""
+    q = PROMPT.match(prompt.strip())
+    c, r = ANSWER.match(chosen.strip()), ANSWER.match(rejected.strip())
+    if not (q and c and r) or c.groups()[:3] != q.groups() or r.groups()[:3] != q.groups():
+        return "other"
+    if r.group(5) == q.group(1) and r.group(4) != r.group(5):
+        return "miscopy"
+    if c.group(4) == c.group(5) and r.group(4) == r.group(5):
+        return "arithmetic"
+    return "other"
+
+
+def runs_of(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        out.extend(sorted((d for d in p.iterdir() if (d / "summary.json").is_file()), key=lambda d: d.name)
+                   if not (p / "summary.json").is_file() else [p])
+    return out
+
+
+def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
+    """(setting, {kind: [reward-accurate per held-out pair]}) of one finished run."""
+    import torch
+    from hydra import compose as hcompose, initialize_config_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt import compose
+    from prefopt.config import conf_dir
+    from prefopt.data.batching import collate, tokenize_pairs
+    from prefopt.data.sources import PreferencePair
+    from prefopt.logprobs import plain_sequence_logps
+
+    summary = json.loads((run / "summary.json").read_text())
+    overrides = [o for o in summary["overrides"] if not o.startswith(("hydra.", "train.progress", "warmup.progress"))]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hcompose("config", overrides=overrides)
+    plan = compose.build(cfg)
+    pipeline = summary["pipeline"]
+    eval_size = summary["data"]["tokenize"]["eval"]["pairs"]
+    rows = [json.loads(line) for line in (ROOT / pipeline["pairs"]["path"]).read_text().splitlines()][-eval_size:]
+    reference = ROOT / pipeline["warmup"]["path"] / "policy"
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], pair_id=r["pair_id"])
+             for r in rows]
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, **dict(plan.loop.tokenize, completion_eos=plan.model.completion_eos))
+
+    def margins(path: Path) -> torch.Tensor:
+        model, out = AutoModelForCausalLM.from_pretrained(path).eval(), []
+        with torch.no_grad():
+            for i in range(0, len(tokenized), 50):
+                batch = collate(tokenized[i:i + 50], tokenizer.pad_token_id)
+                logps, _ = plain_sequence_logps(model, batch)
+                out.append(logps[:batch.num_pairs] - logps[batch.num_pairs:])
+        return torch.cat(out)
+
+    won = (margins(run / "final") - margins(reference) > 0).tolist()
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for r, w in zip(rows, won):
+        by_kind[kind(r["prompt"], r["chosen"], r["rejected"])].append(w)
+        by_kind["all"].append(w)
+    setting = " ".join(o for o in summary["overrides"] if o.split("=")[0] in ("loss", "lr", "epochs")) or "default"
+    return setting, by_kind
+
+
+def table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
+    grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
+    for setting, by_kind in results:
+        grouped[setting].append(by_kind)
+    lines = ["| setting | seeds | held-out pairs | " + " | ".join(f"{k}: share, reward acc" for k in KINDS)
+             + " | all: reward acc |", "|---" * (4 + len(KINDS)) + "|"]
+    for setting, runs in grouped.items():
+        n = sum(len(r["all"]) for r in runs)
+        cells = []
+        for k in (*KINDS, "all"):
+            count = sum(len(r.get(k, [])) for r in runs)
+            accs = [sum(r[k]) / len(r[k]) for r in runs if r.get(k)]
+            acc = f"{sum(accs) / len(accs):.2f}" if accs else "-"
+            cells.append(acc if k == "all" else f"{count / n:.0%}, {acc}")
+        lines.append(f"| {setting} | {len(runs)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dcr_study import machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", help="finished runs, or sweep directories holding them")
+    args = ap.parse_args(argv)
+    runs = runs_of(args.dirs)
+    if not runs:
+        print(f"dcr_pair_kinds: no finished run (summary.json) under {' '.join(args.dirs)}", file=sys.stderr)
+        return 1
+    results = [run_kinds(run) for run in runs]
+    print(f"## Held-out reward accuracy by kind of pair, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    print(f"- machine: {machine()}")
+    print(f"- command: `python benchmarks/dcr_pair_kinds.py {' '.join(args.dirs)}`\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
