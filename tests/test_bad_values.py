@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("reference_sync.every=2 reference_cache=auto", "reference_sync.every=2 cannot be combined with reference_cache"),
     ("reference_sync.every=2 model.lora.r=4", "reference_sync.every=2 is not supported with LoRA"),
     ("data.truncation=middle", "data.truncation='middle': must be one of keep_end, keep_start, drop"),
+    ("data.source.miscopied=1.5", "data.source.miscopied must be a share between 0 and 1, got 1.5"),
 ])
 def test_a_bad_value_is_named_before_any_model_loads(override, message, monkeypatch):
     monkeypatch.setattr(prefopt.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
