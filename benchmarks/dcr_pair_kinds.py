@@ -15,7 +15,9 @@ with the run's own rendering (its Hydra overrides, composed again). Each pair is
 - `other`: anything else (a restated operand or result that differs, a malformed answer).
 
 The table gives, per setting (the overrides except `seed`), the share of each kind and its reward accuracy, the mean
-over seeds with the pooled count; `all` reproduces the run's `eval/rewards/accuracies`.
+over seeds with the pooled count; `all` reproduces the run's `eval/rewards/accuracies`. A second table sorts the
+starting policy's wrong greedy answers on `arith` (`RUN/verified_before/arith.jsonl`) the same way and gives the share
+of each kind the trained policy solves (`RUN/verified/arith.jsonl`).
 """
 
 from __future__ import annotations
@@ -50,11 +52,37 @@ def kind(prompt: str, chosen: str, rejected: str) -> str:
     return "other"
 
 
+def answer_kind(prompt: str, output: str) -> str:
+    """The kind of one wrong greedy answer: `miscopy` (it boxes the first operand, not the result it states),
+    `arithmetic` (well formed, boxing a wrong sum it states), `other`."""
+    q, a = PROMPT.search(prompt), ANSWER.match(output.strip())
+    if not (q and a) or a.groups()[:3] != q.groups():
+        return "other"
+    if a.group(5) == q.group(1) and a.group(4) != a.group(5):
+        return "miscopy"
+    return "arithmetic" if a.group(4) == a.group(5) else "other"
+
+
+def fixed_kinds(run: Path, benchmark: str = "arith") -> dict[str, list[bool]] | None:
+    """{kind: [now solved, per problem the starting policy failed]} from the run's per-problem files."""
+    before, after = run / "verified_before" / f"{benchmark}.jsonl", run / "verified" / f"{benchmark}.jsonl"
+    if not (before.is_file() and after.is_file()):
+        return None
+    out: dict[str, list[bool]] = defaultdict(list)
+    for b, a in zip(*([json.loads(line) for line in f.read_text().splitlines()] for f in (before, after))):
+        if not b["correct"]:
+            out[answer_kind(b["problem"], b["output"])].append(bool(a["correct"]))
+    return out
+
+
 def runs_of(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
-        out.extend(sorted((d for d in p.iterdir() if (d / "summary.json").is_file()), key=lambda d: d.name)
-                   if not (p / "summary.json").is_file() else [p])
+        if (p / "summary.json").is_file():
+            out.append(p)
+        else:  # a sweep: its runs 0, 1, ..., 10, ... in launch order
+            out.extend(sorted((d for d in p.iterdir() if (d / "summary.json").is_file()),
+                              key=lambda d: (len(d.name), d.name)))
     return out
 
 
@@ -102,6 +130,22 @@ def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
     return setting, by_kind
 
 
+def fixed_table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
+    """Per setting: the starting policy's wrong answers by kind (per seed) and the share of each the run solves."""
+    grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
+    for setting, fixed in results:
+        grouped[setting].append(fixed)
+    lines = ["| setting | seeds | " + " | ".join(f"{k}: wrong before, solved after" for k in KINDS) + " |",
+             "|---" * (2 + len(KINDS)) + "|"]
+    for setting, runs in grouped.items():
+        cells = []
+        for k in KINDS:
+            wrong, solved = sum(len(r.get(k, [])) for r in runs), sum(sum(r.get(k, [])) for r in runs)
+            cells.append(f"{wrong / len(runs):.0f}, {solved / wrong:.0%}" if wrong else "0, -")
+        lines.append(f"| {setting} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
     grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
     for setting, by_kind in results:
@@ -131,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dcr_pair_kinds: no finished run (summary.json) under {' '.join(args.dirs)}", file=sys.stderr)
         return 1
     results = [run_kinds(run) for run in runs]
+    fixed = [(setting, f) for (setting, _), f in zip(results, map(fixed_kinds, runs)) if f is not None]
     print(f"## Held-out reward accuracy by kind of pair, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
     print(f"- machine: {machine()}")
     print(f"- command: `python benchmarks/dcr_pair_kinds.py {' '.join(args.dirs)}`\n")
     print(table(results))
+    if fixed:
+        print("\nThe starting policy's wrong greedy answers on `arith` by kind (mean count per seed), and the share of "
+              "them each run solves:\n")
+        print(fixed_table(fixed))
     return 0
 
 

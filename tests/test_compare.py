@@ -295,3 +295,27 @@ def test_pair_kinds_script_tells_miscopies_from_arithmetic_mistakes():
     row = [line for line in out.splitlines() if line.startswith("| loss=dpo")][0]
     # pooled shares over 8 pairs; accuracies: the mean over the seeds that have the kind
     assert row == "| loss=dpo | 2 | 8 | 25%, 1.00 | 50%, 0.25 | 25%, 1.00 | 0.62 |"
+
+
+def test_pair_kinds_script_sorts_the_starting_policys_mistakes_and_what_was_solved(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dcr_pair_kinds.py"
+    spec = importlib.util.spec_from_file_location("dcr_pair_kinds", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    q = "What is 26 - 30?"
+    assert script.answer_kind(q, "26 - 30 = -4. The answer is \\boxed{26}.") == "miscopy"
+    assert script.answer_kind(q, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"
+    assert script.answer_kind(q, "26 - 30 = -3. The answer is \\boxed{-4}.") == "other"
+    run = tmp_path / "run"
+    for name, rows in (("verified_before", [(q, "26 - 30 = -4. The answer is \\boxed{26}.", False),
+                                            (q, "26 - 30 = -3. The answer is \\boxed{-3}.", False),
+                                            (q, "26 - 30 = -4. The answer is \\boxed{-4}.", True)]),
+                       ("verified", [(q, "", True), (q, "", False), (q, "", False)])):
+        (run / name).mkdir(parents=True)
+        (run / name / "arith.jsonl").write_text("".join(
+            json.dumps({"problem": p, "output": o, "correct": c}) + "\n" for p, o, c in rows))
+    fixed = script.fixed_kinds(run)
+    assert dict(fixed) == {"miscopy": [True], "arithmetic": [False]}  # a problem solved before is not counted
+    out = script.fixed_table([("loss=dpo", fixed), ("loss=dpo", {"miscopy": [False], "arithmetic": [True, True]})])
+    assert "| loss=dpo | 2 | 1, 50% | 2, 67% | 0, - |" in out
+    assert script.fixed_kinds(tmp_path / "no_run") is None
