@@ -110,7 +110,8 @@ def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
     tokenizer = AutoTokenizer.from_pretrained(reference)
     pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], pair_id=r["pair_id"])
              for r in rows]
-    tokenized, _ = tokenize_pairs(pairs, tokenizer, **dict(plan.loop.tokenize, completion_eos=plan.model.completion_eos))
+    args = dict(plan.loop.tokenize, completion_eos=plan.model.completion_eos)
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, **args)
 
     def margins(path: Path) -> torch.Tensor:
         model, out = AutoModelForCausalLM.from_pretrained(path).eval(), []

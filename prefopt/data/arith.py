@@ -122,7 +122,9 @@ class ArithmeticData:
 
     def miscopied_indices(self, n: int) -> set[int]:
         """Which of the `n` training problems get a miscopied answer: round(miscopied × n) of them, fixed by `seed`."""
-        return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n))) if self.miscopied else set()
+        if not self.miscopied:
+            return set()
+        return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n)))
 
     def pairs(self, probs: list, seed: int, prefix: str, miscopied: set[int] = frozenset()) -> list[PreferencePair]:
         rng = random.Random(seed)
@@ -139,7 +141,8 @@ class ArithmeticData:
         the first operand (the warm-up's noisy SFT targets, `sft_load`); preference pairs are always clean."""
         train, held = self.split_problems()
         picked = self.miscopied_indices(len(train)) if miscopy else set()
-        return (self.pairs(train, self.seed + 2, "arith-train-", picked), self.pairs(held, self.seed + 3, "arith-eval-"),
+        return (self.pairs(train, self.seed + 2, "arith-train-", picked),
+                self.pairs(held, self.seed + 3, "arith-eval-"),
                 {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}})
 
     def sft_load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
