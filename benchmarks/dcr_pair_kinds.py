@@ -39,28 +39,36 @@ PROMPT = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?$")
 KINDS = ("miscopy", "arithmetic", "other")
 
 
-def kind(prompt: str, chosen: str, rejected: str) -> str:
-    """The kind of a (correct, wrong) pair of worked answers to `prompt` (see the module docstring)."""
-    q = PROMPT.match(prompt.strip())
-    c, r = ANSWER.match(chosen.strip()), ANSWER.match(rejected.strip())
-    if not (q and c and r) or c.groups()[:3] != q.groups() or r.groups()[:3] != q.groups():
-        return "other"
-    if r.group(5) == q.group(1) and r.group(4) != r.group(5):
-        return "miscopy"
-    if c.group(4) == c.group(5) and r.group(4) == r.group(5):
-        return "arithmetic"
-    return "other"
+def worked(prompt: str, text: str) -> tuple[str, str, str] | None:
+    """(stated result, boxed answer, first operand) of a worked answer that states `prompt`'s operands, else None."""
+    q, a = PROMPT.search(prompt.strip()), ANSWER.match(text.strip())
+    if not (q and a) or a.groups()[:3] != q.groups():
+        return None
+    return a.group(4), a.group(5), q.group(1)
 
 
 def answer_kind(prompt: str, output: str) -> str:
-    """The kind of one wrong greedy answer: `miscopy` (it boxes the first operand, not the result it states),
-    `arithmetic` (well formed, boxing a wrong sum it states), `other`."""
-    q, a = PROMPT.search(prompt), ANSWER.match(output.strip())
-    if not (q and a) or a.groups()[:3] != q.groups():
+    """The kind of one worked answer to `prompt`: `miscopy` (it states the prompt's operands and boxes the first one,
+    not the result it states), `arithmetic` (it states the prompt's operands and boxes the result it states, right or
+    wrong), `other`."""
+    parsed = worked(prompt, output)
+    if parsed is None:
         return "other"
-    if a.group(5) == q.group(1) and a.group(4) != a.group(5):
+    stated, boxed, first = parsed
+    if boxed == first and stated != boxed:
         return "miscopy"
-    return "arithmetic" if a.group(4) == a.group(5) else "other"
+    return "arithmetic" if stated == boxed else "other"
+
+
+def kind(prompt: str, chosen: str, rejected: str) -> str:
+    """The kind of a (correct, wrong) pair of worked answers to `prompt` (see the module docstring)."""
+    c = worked(prompt, chosen)
+    if c is None or worked(prompt, rejected) is None:
+        return "other"
+    r = answer_kind(prompt, rejected)
+    if r == "miscopy":
+        return "miscopy"
+    return "arithmetic" if r == "arithmetic" and c[0] == c[1] else "other"
 
 
 def fixed_kinds(run: Path, benchmark: str = "arith") -> dict[str, list[bool]] | None:
@@ -131,11 +139,17 @@ def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
     return setting, by_kind
 
 
+def by_setting(results: list[tuple[str, dict[str, list[bool]]]]) -> dict[str, list[dict[str, list[bool]]]]:
+    """The runs' {kind: outcomes} grouped by setting (the seeds of one setting together), in first-seen order."""
+    grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
+    for setting, outcomes in results:
+        grouped[setting].append(outcomes)
+    return grouped
+
+
 def fixed_table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
     """Per setting: the starting policy's wrong answers by kind (per seed) and the share of each the run solves."""
-    grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
-    for setting, fixed in results:
-        grouped[setting].append(fixed)
+    grouped = by_setting(results)
     lines = ["| setting | seeds | " + " | ".join(f"{k}: wrong before, solved after" for k in KINDS) + " |",
              "|---" * (2 + len(KINDS)) + "|"]
     for setting, runs in grouped.items():
@@ -148,9 +162,8 @@ def fixed_table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
 
 
 def table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
-    grouped: dict[str, list[dict[str, list[bool]]]] = defaultdict(list)
-    for setting, by_kind in results:
-        grouped[setting].append(by_kind)
+    """Per setting: each kind's share of the held-out pairs (pooled) and its reward accuracy (mean over seeds)."""
+    grouped = by_setting(results)
     lines = ["| setting | seeds | held-out pairs | " + " | ".join(f"{k}: share, reward acc" for k in KINDS)
              + " | all: reward acc |", "|---" * (4 + len(KINDS)) + "|"]
     for setting, runs in grouped.items():
