@@ -38,8 +38,11 @@ def test_reward_config_refuses_bad_values():
 
 
 def test_reward_config_refuses_bad_sources_and_sampling():
-    with pytest.raises(ConfigError, match=r"reward.source must be one of data, samples, both \(got 'policy'\)"):
+    with pytest.raises(ConfigError, match=r"reward.source must be one of contrasts, data, samples, both \(got 'policy'\)"):
         RewardConfig(source="policy")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=r"reward.contrasts_per_problem must be an integer >= 1"):
+            RewardConfig(contrasts_per_problem=bad)
     with pytest.raises(ConfigError, match=r"reward.k must be an integer >= 2"):
         RewardConfig(k=1)
     with pytest.raises(ConfigError, match=r"reward.temperature must be > 0"):
@@ -121,3 +124,80 @@ def test_the_reward_stage_refuses_data_without_gold_answers():
         generated_rows(Pairs(), "eval")
     rows = generated_rows(ArithmeticData(), "eval")
     assert len(rows) == 50 and {"problem", "answer"} <= set(rows[0])
+
+
+def test_plausible_mistakes_are_wrong_distinct_and_sorted():
+    from prefopt.data.arith import plausible_mistakes
+
+    # 7 + 5 = 12: off by 1, 2, 10; the operands 7 and 5; the other operator's 7 - 5 = 2
+    assert plausible_mistakes(7, "+", 5) == [2, 5, 7, 10, 11, 13, 14, 22]
+    # 3 - 3 = 0: the operand 3 and off-by-one results coincide in a set; 0 itself never appears
+    assert plausible_mistakes(3, "-", 3) == [-10, -2, -1, 1, 2, 3, 6, 10]
+
+
+def test_contrast_pairs_box_the_right_answer_against_a_plausible_mistake():
+    """Every pair is right against wrong by the answer checker; each mistake comes clean and with a noisy working;
+    only training problems appear; the same seed gives the same pairs."""
+    import re
+
+    from prefopt.data.arith import ArithmeticData, plausible_mistakes, solve
+    from prefopt.verify import AnswerChecker
+
+    data = ArithmeticData(n_train=20, n_eval=10)
+    pairs = data.contrast_pairs(per_problem=3, seed=5)
+    train, held = data.split_problems()
+    assert len(pairs) == 20 * 3 * 2
+    assert {p.prompt for p in pairs} == {f"What is {a} {op} {b}?" for a, op, b in train}
+    assert not {p.prompt for p in pairs} & {f"What is {a} {op} {b}?" for a, op, b in held}
+    golds = {f"What is {a} {op} {b}?": solve(a, op, b) for a, op, b in train}
+    checker = AnswerChecker(workers=1)
+    try:
+        ok_c = checker.check_many([p.chosen for p in pairs], [str(golds[p.prompt]) for p in pairs])
+        ok_r = checker.check_many([p.rejected for p in pairs], [str(golds[p.prompt]) for p in pairs])
+    finally:
+        checker.close()
+    assert all(v.correct for v in ok_c) and not any(v.correct for v in ok_r)
+    working = re.compile(r"^(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is \\boxed\{(-?\d+)\}\.$")
+    clean, noisy = pairs[0::2], pairs[1::2]
+    for c, n in zip(clean, noisy):
+        a, op, b = re.match(r"What is (\d+) ([+-]) (\d+)\?", c.prompt).groups()
+        right = solve(int(a), op, int(b))
+        # the clean pair restates the question; both boxes equal the stated results
+        assert c.chosen == f"{a} {op} {b} = {right}. The answer is \\boxed{{{right}}}."
+        wrong = int(working.match(c.rejected).group(5))
+        assert c.rejected == f"{a} {op} {b} = {wrong}. The answer is \\boxed{{{wrong}}}."
+        assert wrong in plausible_mistakes(int(a), op, int(b))
+        # its noisy twin boxes the same right and wrong answers under other workings
+        assert int(working.match(n.chosen).group(5)) == right and int(working.match(n.rejected).group(5)) == wrong
+        assert c.pair_id + "-noisy" == n.pair_id
+    # per problem, distinct mistakes
+    by_prompt = {}
+    for c in clean:
+        by_prompt.setdefault(c.prompt, []).append(c.rejected)
+    assert all(len(set(v)) == 3 for v in by_prompt.values())
+    # the noise is real: many noisy workings restate the question wrongly or state another result than the box
+    off = [n for n in noisy if not n.chosen.startswith(re.match(r"What is (.*)\?", n.prompt).group(1) + " = ")
+           or working.match(n.chosen).group(4) != working.match(n.chosen).group(5)]
+    assert len(off) > len(noisy) // 2
+    assert data.contrast_pairs(per_problem=3, seed=5) == pairs and data.contrast_pairs(per_problem=3, seed=6) != pairs
+    # more than a problem has: all of its mistakes, no repeats
+    assert len(ArithmeticData(n_train=1, n_eval=1).contrast_pairs(per_problem=50, seed=0)) == 2 * len(
+        plausible_mistakes(*ArithmeticData(n_train=1, n_eval=1).split_problems()[0][0]))
+
+
+def test_the_contrasts_source_needs_data_that_makes_contrast_pairs():
+    from types import SimpleNamespace
+
+    from prefopt.data.arith import ArithmeticData
+    from prefopt.mathloop.reward_stage import training_rows
+
+    class Pairs:  # preference data with gold answers but no contrast pairs
+        def load(self):
+            return [], [], {}
+
+    loop = SimpleNamespace(reward=RewardConfig(source="contrasts", contrasts_per_problem=2, seed=3))
+    with pytest.raises(ConfigError, match=r"reward.source=contrasts needs data that makes contrastive pairs .* not Pairs"):
+        training_rows(loop, None, Pairs())
+    rows, held, counts = training_rows(loop, None, ArithmeticData())
+    assert rows == ArithmeticData().contrast_pairs(2, 3) and len(held) == 50
+    assert counts == {"data_pairs": 0, "contrast_pairs": 150 * 2 * 2}

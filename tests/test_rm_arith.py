@@ -33,7 +33,11 @@ def test_rm_arith_end_to_end(tmp_path):
     for name in ("agreement", "on_policy_agreement", "fresh_answer_agreement"):
         a = reward[name]
         assert a["pairs"] > 0 and 0 <= a["low"] <= a["agreement"] <= a["high"] <= 1, (name, a)
-    assert reward["on_policy_agreement"]["problems"] <= 50 and reward["training"]["data_pairs"] == 150
+    assert reward["on_policy_agreement"]["problems"] <= 50
+    assert reward["training"] == {"data_pairs": 0, "contrast_pairs": 150 * 6 * 2}  # reward.source=contrasts
+    # meaningful, not random: on fresh answers of the training problems (the answers the labeller ranks), the whole
+    # 95% interval of its agreement with the checker lies above chance (0.644 [0.595, 0.695] on the 2-core machine)
+    assert reward["fresh_answer_agreement"]["low"] > 0.5, reward["fresh_answer_agreement"]
     pairs = next((tmp_path / "cache" / "pairs").glob("*.jsonl.provenance.json"))
     record = json.loads(pairs.read_text())
     assert record["labeler"]["labeler"] == "reward_model" and record["k"] == 8 and "checker_agreement" in record

@@ -32,6 +32,23 @@ def wrong_result(rng: random.Random, correct: int) -> int:
     return correct + delta
 
 
+def plausible_mistakes(a: int, op: str, b: int) -> list[int]:
+    """The distinct wrong results a worked answer of `a op b` plausibly boxes: off by one, two or ten, an operand
+    copied instead of the result, the other operator's result (a sign slip); sorted."""
+    right = solve(a, op, b)
+    other = solve(a, "-" if op == "+" else "+", b) if op in "+-" else a + b
+    return sorted({right + d for d in (-10, -2, -1, 1, 2, 10)} | {a, b, other} - {right})
+
+
+def noisy_working(rng: random.Random, a: int, op: str, b: int, max_operand: int) -> tuple[int, str, int, int]:
+    """A restated working as an undertrained policy writes it: each operand miscopied half the time, the stated
+    result that working's own value a third of the time and otherwise the true result with a slip of 0, ±1, ±2 or 10."""
+    a2 = a if rng.random() < 0.5 else rng.randint(0, max_operand)
+    b2 = b if rng.random() < 0.5 else rng.randint(0, max_operand)
+    stated = solve(a2, op, b2) if rng.random() < 1 / 3 else solve(a, op, b) + rng.choice([-2, -1, 0, 0, 1, 2, 10])
+    return a2, op, b2, stated
+
+
 def problems(n: int, seed: int, max_operand: int, ops: str, exclude: set | None = None) -> list[tuple[int, str, int]]:
     """`n` distinct problems (a, op, b), none of them in `exclude`."""
     for op in ops:
@@ -144,6 +161,29 @@ class ArithmeticData:
         return (self.pairs(train, self.seed + 2, "arith-train-", picked),
                 self.pairs(held, self.seed + 3, "arith-eval-"),
                 {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}})
+
+    def contrast_pairs(self, per_problem: int, seed: int) -> list[PreferencePair]:
+        """Contrastive pairs on the training problems for a reward model (`reward.source=contrasts`).
+
+        For each training problem, `per_problem` of its plausible mistakes (fewer where it has fewer), each twice:
+        a clean pair (the correct worked answer against the same working with the mistake), and a pair whose workings
+        are restated with noise (`noisy_working`; the rejected answer shares the chosen one's working half the time)
+        while the boxes stay right and wrong. The answer checker reads only the box, so the second kind teaches a
+        reward model to judge the box against the question, not the working: what it meets in a policy's samples."""
+        rng, out = random.Random(seed), []
+        for i, (a, op, b) in enumerate(self.split_problems()[0]):
+            right, prompt = solve(a, op, b), question(a, op, b)
+            mistakes = plausible_mistakes(a, op, b)
+            rng.shuffle(mistakes)
+            for j, wrong in enumerate(mistakes[:per_problem]):
+                out.append(PreferencePair(prompt=prompt, chosen=worked_answer(a, op, b, right),
+                                          rejected=worked_answer(a, op, b, wrong), pair_id=f"arith-contrast-{i}-{j}"))
+                working = noisy_working(rng, a, op, b, self.max_operand)
+                other = working if rng.random() < 0.5 else noisy_working(rng, a, op, b, self.max_operand)
+                out.append(PreferencePair(prompt=prompt, chosen=worked_answer(*working, boxed=right),
+                                          rejected=worked_answer(*other, boxed=wrong),
+                                          pair_id=f"arith-contrast-{i}-{j}-noisy"))
+        return out
 
     def sft_load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
         """What the warm-up (SFT on the chosen answers) trains on: `load()` with the `miscopied` share applied."""

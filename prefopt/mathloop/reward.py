@@ -63,21 +63,25 @@ class PairRewardsModel(torch.nn.Module):
         return PairLogps(chosen=rewards[:b], rejected=rewards[b:], chosen_tokens=ones, rejected_tokens=ones)
 
 
-SOURCES = ("data", "samples", "both")
+SOURCES = ("contrasts", "data", "samples", "both")
 
 
 @dataclass
 class RewardConfig(StageSchedule):
     """`reward:` in conf/mathloop.yaml: the reward stage's schedule and what it trains on.
 
-    `source`: `data` (the data's chosen/rejected pairs), `samples` (the warmed-up policy's `k` samples per training
+    `source`: `contrasts` (the data's contrastive pairs on its training problems: `contrasts_per_problem` plausible
+    mistakes each, with clean and with noisy workings; `ArithmeticData.contrast_pairs`), `data` (the data's
+    chosen/rejected pairs), `samples` (the warmed-up policy's `k` samples per training
     problem at `temperature`, labelled by the answer checker: every distinct (correct, wrong) pair, at most
     `pairs_per_prompt` per problem), or `both`. Agreement with the checker is then also measured on the policy's
     samples of the held-out problems, drawn the same way."""
 
-    steps: int = 300
+    steps: int = 800
     lr: float = 1.0e-3
-    source: str = "data"
+    source: str = "contrasts"
+    contrasts_per_problem: int = 6
+    scheduler: str = "constant_with_warmup"
     k: int = 8
     temperature: float = 1.0
     pairs_per_prompt: Any = "all"
@@ -87,6 +91,9 @@ class RewardConfig(StageSchedule):
         super().__post_init__()
         if self.source not in SOURCES:
             raise ConfigError(f"reward.source must be one of {', '.join(SOURCES)} (got {self.source!r})")
+        if isinstance(self.contrasts_per_problem, bool) or not isinstance(self.contrasts_per_problem, int) \
+                or self.contrasts_per_problem < 1:
+            raise ConfigError(f"reward.contrasts_per_problem must be an integer >= 1 (got {self.contrasts_per_problem!r})")
         validate_sampling(self.k, self.temperature, key="reward")
         validate_pair_limit(self.pairs_per_prompt, "reward.pairs_per_prompt")
 

@@ -1,7 +1,9 @@
 """The cached reward stage of the loop (`pipeline.reward=true`): train the tiny reward model, measure its agreement.
 
-Runs after the warm-up, on the warmed-up policy's backbone. It trains on the run's `data` pairs (synthetic
-arithmetic: chosen a correct worked answer, rejected a wrong one), on the policy's own samples of the training
+Runs after the warm-up, on the warmed-up policy's backbone. It trains on contrastive pairs of the training problems
+(`reward.source=contrasts`, the default: several plausible wrong boxes per problem, with clean and with noisy
+workings; `ArithmeticData.contrast_pairs`), on the run's `data` pairs (synthetic arithmetic: chosen a correct
+worked answer, rejected a wrong one), on the policy's own samples of the training
 problems labelled by the answer checker (`reward.source=samples`: an outcome reward model, as the verifiers of
 Cobbe et al. 2021 are trained), or on both. Agreement with the checker is measured on held-out problems: the data's
 held-out pairs, and every (correct, wrong) pair of the policy's samples of them. Cached under `<pipeline.cache_dir>/reward/<key>` like
@@ -103,6 +105,12 @@ def pair_agreement(scorer: RewardScorer, pairs: list[dict]) -> dict:
 def training_rows(loop, policy, data) -> tuple[list, list, dict]:
     """(train pairs, eval pairs, counts) the reward model learns from, as `reward.source` says."""
     train_rows, eval_rows, _ = data.load()
+    if loop.reward.source == "contrasts":
+        if not hasattr(data, "contrast_pairs"):
+            raise ConfigError(f"reward.source=contrasts needs data that makes contrastive pairs (data=arith), not "
+                              f"{type(data).__name__}: use reward.source=data, samples or both")
+        rows = data.contrast_pairs(loop.reward.contrasts_per_problem, loop.reward.seed)
+        return rows, eval_rows, {"data_pairs": 0, "contrast_pairs": len(rows)}
     counts = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
     if loop.reward.source == "data":
         return train_rows, eval_rows, counts
