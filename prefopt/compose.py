@@ -13,6 +13,7 @@ import copy
 import difflib
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -92,6 +93,9 @@ def _first_line(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(exc).strip()
+    unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
+    if isinstance(exc, TypeError) and unknown:  # a key set for another choice of the same config group
+        return f"{unknown[1]} has no setting {unknown[2]!r} (remove it, or choose the group member that has it)"
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 

@@ -44,3 +44,23 @@ def test_recipe_judges_alpaca_eval_prompts_by_default():
 def test_default_run_keeps_the_verifier():
     plan = build(compose_cfg([], tiny=False), check_inputs=False)
     assert type(plan.loop.pairs.labeler).__name__ == "VerifierLabeler" and plan.loop.evaluation.judge is None
+
+
+def test_rm_arith_takes_another_labeller_or_no_judge():
+    """The checker's labels as a control (pairs/labeler=verifier) and no judge compose on experiment=rm_arith; a key
+    left over from another member of a group is named in one line."""
+    import pytest
+
+    from prefopt.errors import ConfigError
+
+    plan = build(compose_cfg(["experiment=rm_arith"], tiny=False), check_inputs=False)
+    assert isinstance(plan.loop.pairs.labeler, RewardModelLabeler) and plan.loop.pairs.labeler.name_or_path is None
+    assert isinstance(plan.loop.evaluation.judge, RewardModelJudge) and plan.loop.evaluation.judge.prompts is None
+    assert (plan.loop.reward.source, plan.loop.reward.steps, plan.loop.reward.lr) == ("contrasts", 1000, 1e-3)
+    plan = build(compose_cfg(["experiment=rm_arith", "pairs/labeler=verifier", "~evaluation/judge"], tiny=False),
+                 check_inputs=False)
+    assert type(plan.loop.pairs.labeler).__name__ == "VerifierLabeler" and plan.loop.evaluation.judge is None
+    with pytest.raises(ConfigError, match=r"^pairs: VerifierLabeler has no setting 'min_gap' \(remove it, or choose the group "
+                                          r"member that has it\)$"):
+        build(compose_cfg(["experiment=rm_arith", "pairs/labeler=verifier", "+pairs.labeler.min_gap=0.5"], tiny=False),
+              check_inputs=False)

@@ -4,7 +4,6 @@ group of a seed sweep. Every number below is worked out by hand from the per-pro
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from prefopt.data.arith import ArithmeticData
 from prefopt.reporting.compare import compare
 from prefopt.reporting.runs import RunRecord
 from prefopt.reporting.report import ReportCallback, ReportError, write_report
+from tests.conftest import benchmark_script
 
 # per seed: the starting policy's outcomes on problems 0-3, and each loss's after training
 BEFORE = {"0": "1100", "1": "1010"}
@@ -188,17 +188,8 @@ def test_runs_without_per_problem_files_as_from_wandb():
     assert bpo.versus == {}  # no per-problem files: no McNemar on problems
 
 
-def _benchmark_script(name: str):
-    """benchmarks/<name>.py, imported as a module (the scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_dcr_study_script_retabulates_a_finished_sweep(runs, capsys):
-    study = _benchmark_script("dcr_study")
+    study = benchmark_script("dcr_study")
     (runs / "study_header.md").write_text("## DCR study, 2026-11-30 21:53 UTC\n\n- command: `python -m prefopt.run`\n")
     assert study.main(["--sweep-dir", str(runs)]) == 0
     out = capsys.readouterr().out
@@ -219,7 +210,7 @@ def test_validation_split_is_disjoint_and_leaves_old_cache_keys_alone():
 
 
 def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
-    script = _benchmark_script("dcr_validation")
+    script = benchmark_script("dcr_validation")
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n")
@@ -281,7 +272,7 @@ def test_miscopied_answers_are_a_share_of_the_sft_targets_only():
 
 
 def test_pair_kinds_script_tells_miscopies_from_arithmetic_mistakes():
-    script = _benchmark_script("dcr_pair_kinds")
+    script = benchmark_script("dcr_pair_kinds")
     q, right = "What is 26 - 30?", "26 - 30 = -4. The answer is \\boxed{-4}."
     assert script.kind(q, right, "26 - 30 = -4. The answer is \\boxed{26}.") == "miscopy"
     assert script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"
@@ -298,7 +289,7 @@ def test_pair_kinds_script_tells_miscopies_from_arithmetic_mistakes():
 
 
 def test_pair_kinds_script_sorts_the_starting_policys_mistakes_and_what_was_solved(tmp_path):
-    script = _benchmark_script("dcr_pair_kinds")
+    script = benchmark_script("dcr_pair_kinds")
     q = "What is 26 - 30?"
     assert script.answer_kind(q, "26 - 30 = -4. The answer is \\boxed{26}.") == "miscopy"
     assert script.answer_kind(q, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"

@@ -201,3 +201,31 @@ def test_the_contrasts_source_needs_data_that_makes_contrast_pairs():
     rows, held, counts = training_rows(loop, None, ArithmeticData())
     assert rows == ArithmeticData().contrast_pairs(2, 3) and len(held) == 50
     assert counts == {"data_pairs": 0, "contrast_pairs": 150 * 2 * 2}
+
+
+def test_rm_agreement_script_tabulates_each_seed_from_its_reward_record(tmp_path, monkeypatch, capsys):
+    """benchmarks/rm_agreement.py on a tiny schedule: one row per reward seed, read back from that seed's cached
+    reward.json, and the mean row; the warm-up is shared by the seeds."""
+    import json
+
+    from tests.conftest import benchmark_script
+
+    monkeypatch.chdir(tmp_path)
+    script = benchmark_script("rm_agreement")
+    script.main(["--seeds", "0,1", f"pipeline.cache_dir={tmp_path / 'cache'}", "warmup.steps=5", "reward.steps=3",
+                 "reward.k=2", "data.source.n_train=12", "data.source.n_eval=6", "reward.contrasts_per_problem=2",
+                 "hardware.threads=1"])
+    out = capsys.readouterr().out
+    records = {json.loads(p.read_text())["reward"]["seed"]: json.loads(p.read_text())
+               for p in (tmp_path / "cache" / "reward").glob("*/reward.json")}
+    assert set(records) == {0, 1} and len(list((tmp_path / "cache" / "warmup").glob("*/warmup.json"))) == 1
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| reward.seed | source | train pairs | held-out data pairs")
+    for seed in (0, 1):
+        row = next(r for r in rows if r.startswith(f"| {seed} | contrasts | {12 * 2 * 2} | "))
+        assert script.cell(records[seed]["agreement"]) in row
+        assert script.cell(records[seed]["fresh_answer_agreement"]) in row
+        assert records[seed]["agreement"]["pairs"] == 6
+    mean = (records[0]["agreement"]["agreement"] + records[1]["agreement"]["agreement"]) / 2
+    assert rows[-1].startswith(f"| mean of 2 | | | {mean:.3f} | ")
+    assert script.cell({"agreement": float("nan"), "pairs": 0}) == "- (0)" and script.mean([float("nan")]) == "-"

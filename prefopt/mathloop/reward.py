@@ -77,7 +77,7 @@ class RewardConfig(StageSchedule):
     `pairs_per_prompt` per problem), or `both`. Agreement with the checker is then also measured on the policy's
     samples of the held-out problems, drawn the same way."""
 
-    steps: int = 800
+    steps: int = 1000
     lr: float = 1.0e-3
     source: str = "contrasts"
     contrasts_per_problem: int = 6
