@@ -16,9 +16,11 @@ again (its seconds are those of the run that trained it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,8 +43,6 @@ def mean(values: list[float]) -> str:
 
 
 def measure(overrides: list[str], seed: int, workdir: Path) -> dict:
-    import json
-
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
@@ -66,8 +66,6 @@ def main(argv=None) -> None:
                         help="reward.seed values, comma-separated (default 0,1,2)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=rm_arith")
     args = parser.parse_args(argv)
-    import tempfile
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
