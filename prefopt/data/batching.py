@@ -191,6 +191,7 @@ class SharedPrefixRows:
     contrib_seq: torch.Tensor  # (C,) ... and the sequence (0..2B-1: chosen rows, then rejected) it counts for
     counts: torch.Tensor  # (2B,) scored tokens per sequence
     tokens: int  # tokens of the 2B unpacked sequences (what tokens/s counts)
+    last_index: torch.Tensor | None = None  # (2B,) flat index of each sequence's last token (a reward model reads it)
 
     def to(self, device) -> "SharedPrefixRows":
         t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -279,6 +280,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
     pos = torch.zeros((b, width), dtype=torch.long)
     seg = torch.full((b, width), -1, dtype=torch.long)  # 0 trunk, 1 chosen tail, 2 rejected tail, -1 padding
     score_index, score_target, contrib_score, contrib_seq = [], [], [], []
+    last = [0] * (2 * b)
     tokens = 0
 
     def score(row: int, predictor: int, target: int, *seqs: int) -> None:
@@ -306,6 +308,8 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
             score(i, t + m - 1, tail_c[m], i)
         for m in range(r):
             score(i, (t - 1) if m == 0 else (t + a + m - 1), tail_r[m], b + i)
+        # a sequence's last token: the end of its tail, or of the trunk when it has no tail of its own
+        last[i], last[b + i] = i * width + (t + a - 1 if a else t - 1), i * width + (t + a + r - 1 if r else t - 1)
     q, k = seg[:, :, None], seg[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = causal & (((k == 0) & (q >= 0)) | ((k == q) & (q > 0)))
@@ -314,7 +318,8 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
     packed = SharedPrefixRows(
         position_ids=pos, mask=mask[:, None], score_index=torch.tensor(score_index, dtype=torch.long),
         score_target=torch.tensor(score_target, dtype=torch.long), contrib_score=torch.tensor(contrib_score, dtype=torch.long),
-        contrib_seq=contrib_seq_t, counts=torch.bincount(contrib_seq_t, minlength=2 * b), tokens=tokens)
+        contrib_seq=contrib_seq_t, counts=torch.bincount(contrib_seq_t, minlength=2 * b), tokens=tokens,
+        last_index=torch.tensor(last, dtype=torch.long))
     return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs], packed=packed)
 
 
@@ -368,11 +373,12 @@ def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch
     """
     b = len(pairs)
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    ids, pos, comp = [], [], []
+    ids, pos, comp, last = [], [], [], []
     score_index, score_target = [], []
     for s, (prompt, completion) in enumerate(seqs):
         start, n = len(ids), len(prompt)
         ids += list(prompt) + list(completion)
+        last.append(len(ids) - 1)
         pos += range(n + len(completion))
         comp += [False] * n + [True] * len(completion)
         for m, token in enumerate(completion):
@@ -387,6 +393,7 @@ def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch
         position_ids=torch.tensor([pos], dtype=torch.long), mask=None,
         score_index=torch.tensor(score_index, dtype=torch.long), score_target=torch.tensor(score_target, dtype=torch.long),
         contrib_score=torch.arange(len(score_index)), contrib_seq=contrib_seq,
-        counts=torch.bincount(contrib_seq, minlength=2 * b), tokens=len(ids))
+        counts=torch.bincount(contrib_seq, minlength=2 * b), tokens=len(ids),
+        last_index=torch.tensor(last, dtype=torch.long))
     return PreferenceBatch(torch.tensor([ids], dtype=torch.long), torch.ones((1, len(ids)), dtype=torch.long),
                            torch.tensor([comp], dtype=torch.bool), [p.pair_id for p in pairs], packed=packed)
