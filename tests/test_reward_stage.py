@@ -92,9 +92,11 @@ def test_checker_pairs_label_samples_by_the_answer_checker(monkeypatch):
                            checker=lambda: checker)
     try:
         pairs, counts = reward_stage.checker_pairs(loop, (None, None, None), rows, seed=7, limit="all")
+        # the agreement is measured on answers drawn as the labeller draws its own: its k and temperature
+        reward_stage.checker_pairs(loop, (None, None, None), rows, seed=8, limit="all", k=2, temperature=0.5)
     finally:
         checker.close()
-    assert stub.calls == [(2, 3, 0.9, 7)]
+    assert stub.calls == [(2, 3, 0.9, 7), (2, 2, 0.5, 8)]
     # problem 0: one right, two wrong -> two pairs; problem 1: all right -> dropped
     assert [(p["chosen"], p["rejected"], p["prompt_index"]) for p in pairs] == [
         ("\\boxed{2}", "\\boxed{3}", 0), ("\\boxed{2}", "\\boxed{5}", 0)]
@@ -213,7 +215,7 @@ def test_rm_agreement_script_tabulates_each_seed_from_its_reward_record(tmp_path
     monkeypatch.chdir(tmp_path)
     script = benchmark_script("rm_agreement")
     script.main(["--seeds", "0,1", f"pipeline.cache_dir={tmp_path / 'cache'}", "warmup.steps=5", "reward.steps=3",
-                 "reward.k=2", "data.source.n_train=12", "data.source.n_eval=6", "reward.contrasts_per_problem=2",
+                 "pairs.k=2", "data.source.n_train=12", "data.source.n_eval=6", "reward.contrasts_per_problem=2",
                  "hardware.threads=1"])
     out = capsys.readouterr().out
     records = {json.loads(p.read_text())["reward"]["seed"]: json.loads(p.read_text())
@@ -229,3 +231,23 @@ def test_rm_agreement_script_tabulates_each_seed_from_its_reward_record(tmp_path
     mean = (records[0]["agreement"]["agreement"] + records[1]["agreement"]["agreement"]) / 2
     assert rows[-1].startswith(f"| mean of 2 | | | {mean:.3f} | ")
     assert script.cell({"agreement": float("nan"), "pairs": 0}) == "- (0)" and script.mean([float("nan")]) == "-"
+
+
+def test_the_agreement_is_measured_as_the_labeller_samples_and_keyed_by_it():
+    """The reward stage measures its agreement on answers drawn at the pair labeller's k and temperature, so a cached
+    reward model measured at another temperature is not reused for a run whose labeller samples differently."""
+    from prefopt.compose import build
+    from prefopt.mathloop.reward_stage import measure_sampling, reward_key
+    from tests.conftest import compose_cfg
+
+    def plan(*overrides):
+        return build(compose_cfg(["experiment=rm_arith", *overrides], tiny=False), check_inputs=False)
+
+    base = plan()
+    spec = base.model
+    assert measure_sampling(base.loop) == {"k": 8, "temperature": 0.7} and base.loop.reward.temperature == 1.0
+    hotter = plan("pairs.temperature=1.0")
+    assert measure_sampling(hotter.loop) == {"k": 8, "temperature": 1.0}
+    assert reward_key(hotter.loop, spec, hotter.data) != reward_key(base.loop, spec, base.data)
+    # what the reward model trains on is the same: only the measurement moved
+    assert vars(hotter.loop.reward) == vars(base.loop.reward)

@@ -34,20 +34,29 @@ from prefopt.stats import clustered_share, proportion
 log = logging.getLogger("prefopt")
 
 
+def measure_sampling(loop) -> dict:
+    """How the answers the agreement is measured on are drawn: as the pair labeller draws the answers it ranks
+    (`pairs.k` per problem at `pairs.temperature`)."""
+    return {"k": loop.pairs.k, "temperature": loop.pairs.temperature}
+
+
 def reward_key(loop, spec, data) -> str:
     return loop._key("reward", {"policy": spec_fingerprint(spec), "data": data_fingerprint(data),
                                 "tokenize": loop.tokenize, "reward": {**vars(loop.reward), "progress": None},
                                 "optimizer": optimizer_fingerprint(loop.optimizer_factory),
-                                "max_grad_norm": loop.max_grad_norm})
+                                "max_grad_norm": loop.max_grad_norm, "measure": measure_sampling(loop)})
 
 
-def checker_pairs(loop, policy, rows: list[dict], seed: int, limit) -> tuple[list[dict], dict]:
-    """`policy`'s (model, tokenizer, spec) `reward.k` samples of each problem row, labelled by the answer checker
-    (the `verifier` pair labeller): (correct, wrong) pairs (at most `limit` per problem, or "all") and the counts."""
+def checker_pairs(loop, policy, rows: list[dict], seed: int, limit, k: int | None = None,
+                  temperature: float | None = None) -> tuple[list[dict], dict]:
+    """`policy`'s (model, tokenizer, spec) `k` samples (default `reward.k`) of each problem row at `temperature`
+    (default `reward.temperature`), labelled by the answer checker (the `verifier` pair labeller): (correct, wrong)
+    pairs (at most `limit` per problem, or "all") and the counts."""
     model, tokenizer, spec = policy
     prompts = [loop.render(tokenizer, r["problem"]) for r in rows]
-    done = loop.generator(model, tokenizer, spec).generate(prompts, n=loop.reward.k,
-                                                            temperature=loop.reward.temperature, seed=seed)
+    k = loop.reward.k if k is None else k
+    temperature = loop.reward.temperature if temperature is None else temperature
+    done = loop.generator(model, tokenizer, spec).generate(prompts, n=k, temperature=temperature, seed=seed)
     pairs, stats, _ = VerifierLabeler().label(rows, done.texts, LabelContext(checker=loop.checker, seed=seed,
                                                                               max_pairs_per_prompt=limit))
     return pairs, stats.as_dict()
@@ -147,17 +156,19 @@ def run_reward(loop, spec, data, hardware, out: Path) -> dict:
              "; ".join(f"{name} {m['agreement']:.3f} [{m.get('low', float('nan')):.3f}, {m.get('high', float('nan')):.3f}]"
                        f" over {m['pairs']} pairs" for name, m in measured.items()))
     return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], **measured, "training": counts,
-            "reward": vars(loop.reward)}
+            "reward": vars(loop.reward), "measured_on": measure_sampling(loop)}
 
 
 def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware) -> dict:
     """Agreement with the checker on held-out answers: `agreement` on the data's held-out pairs,
     `on_policy_agreement` on the policy's samples of the held-out problems, and `fresh_answer_agreement` on new
-    samples of the training problems whose answers the model never saw (the answers the labeller ranks)."""
+    samples of the training problems whose answers the model never saw (the answers the labeller ranks). The
+    samples are drawn as the pair labeller draws its own (`measure_sampling`)."""
     held_rows = generated_rows(data, "eval")
     golds = {row["problem"]: str(row["answer"]) for row in held_rows}
-    held, _ = checker_pairs(loop, policy, held_rows, loop.reward.seed + 1, "all")
-    fresh, _ = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed + 2, "all")
+    drawn = measure_sampling(loop)
+    held, _ = checker_pairs(loop, policy, held_rows, loop.reward.seed + 1, "all", **drawn)
+    fresh, _ = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed + 2, "all", **drawn)
     scorer = scorer_for(loop, model_dir, hardware)
     return {"agreement": measure_agreement(loop, scorer, eval_rows, golds),
             "on_policy_agreement": pair_agreement(scorer, held),
