@@ -9,7 +9,8 @@ same for every seed; the seed moves the reward model's data draw, head and batch
 and their mean: the agreement with the checker (of the pairs the checker tells apart, the share the model orders the
 same way) on the data's 50 held-out pairs, on every (correct, wrong) pair of the policy's samples of the 50 held-out
 problems, and on fresh samples of the training problems whose answers the model never saw (the answers the labeller
-ranks), each with its 95% interval from `reward.json`. A reward model that is cached already is read, not trained
+ranks), each with its 95% interval from `reward.json`. The samples are drawn as the pair labeller draws its own
+(`pairs.k` at `pairs.temperature`: 8 at 0.7 in experiment=rm_arith). A reward model that is cached already is read, not trained
 again (its seconds are those of the run that trained it).
 """
 

@@ -202,3 +202,20 @@ def test_reward_model_reads_the_same_rewards_from_packed_rows(setup, tmp_path, l
     for n in g_exp:  # float32 sums in another order: 1e-4 of the largest gradient
         scale = 1e-4 * float(g_exp[n].abs().max())
         torch.testing.assert_close(g_act[n], g_exp[n], rtol=1e-4, atol=scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_reward_model_runs_under_the_hardware_autocast(setup, tmp_path):
+    """hardware.mixed_precision=bf16 reaches the reward stage's pair model: its forward runs under bf16 autocast
+    (rewards a bf16 rounding away from float32's, returned as float32)."""
+    from prefopt.mathloop.reward import PairRewardsModel, reward_model_from
+
+    causal, tok, pairs, _ = setup
+    causal.save_pretrained(tmp_path)
+    model = reward_model_from(tmp_path, tok.pad_token_id)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    batch = collate(pairs[:6], tok.pad_token_id, packing=True)
+    with torch.no_grad():
+        full, half = PairRewardsModel(model)(batch), PairRewardsModel(model, autocast=torch.bfloat16)(batch)
+    assert half.chosen.dtype == torch.float32 and not torch.equal(half.chosen, full.chosen)
+    torch.testing.assert_close(half.chosen, full.chosen, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(half.rejected, full.rejected, rtol=0.05, atol=0.05)

@@ -45,7 +45,7 @@ class BradleyTerry(Loss):
 
 
 class PairRewardsModel(torch.nn.Module):
-    """A sequence classifier whose forward returns a padded batch's rewards as PairLogps (counts 1).
+    """A sequence classifier whose forward returns a batch's rewards as PairLogps (counts 1).
 
     The reward of a sequence is the classifier's output at its last token (what the model's own forward picks
     with right padding). Padded rows: rows [0, B) are the chosen answers, [B, 2B) the rejected ones. Packed rows
@@ -58,8 +58,15 @@ class PairRewardsModel(torch.nn.Module):
                  fields=(), diagnostics: bool = False):
         super().__init__()
         self.model = model
+        self.autocast = autocast  # hardware.mixed_precision=bf16: the forward under torch.autocast
 
     def forward(self, batch) -> PairLogps:
+        if self.autocast is None:
+            return self._rewards(batch)
+        with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
+            return self._rewards(batch)
+
+    def _rewards(self, batch) -> PairLogps:
         if batch.packed is not None:
             if not packs(self.model) or batch.packed.last_index is None:
                 raise ConfigError(f"the reward stage packs rows only for a classifier with a `score` head, not "
