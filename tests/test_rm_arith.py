@@ -35,9 +35,11 @@ def test_rm_arith_end_to_end(tmp_path):
         assert a["pairs"] > 0 and 0 <= a["low"] <= a["agreement"] <= a["high"] <= 1, (name, a)
     assert reward["on_policy_agreement"]["problems"] <= 50
     assert reward["training"] == {"data_pairs": 0, "contrast_pairs": 150 * 6 * 2}  # reward.source=contrasts
-    # meaningful, not random: on fresh answers of the training problems (the answers the labeller ranks), the whole
-    # 95% interval of its agreement with the checker lies above chance (0.653 [0.606, 0.701] on the 2-core machine, 2026-12-01)
-    assert reward["fresh_answer_agreement"]["low"] > 0.5, reward["fresh_answer_agreement"]
+    # meaningful, not random: on fresh answers of the training problems, drawn as the labeller draws the answers it
+    # ranks, the whole 95% interval of its agreement with the checker lies well above chance (0.749 [0.692, 0.804] on
+    # the 2-core machine, 2026-12-01; the lowest low over five reward seeds was 0.602)
+    assert reward["measured_on"] == {"k": 8, "temperature": 0.7}
+    assert reward["fresh_answer_agreement"]["low"] > 0.55, reward["fresh_answer_agreement"]
     pairs = next((tmp_path / "cache" / "pairs").glob("*.jsonl.provenance.json"))
     record = json.loads(pairs.read_text())
     assert record["labeler"]["labeler"] == "reward_model" and record["k"] == 8 and "checker_agreement" in record
