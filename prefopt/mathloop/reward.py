@@ -97,8 +97,8 @@ class RewardConfig(StageSchedule):
     mistakes each, with clean and with noisy workings; `ArithmeticData.contrast_pairs`), `data` (the data's
     chosen/rejected pairs), `samples` (the warmed-up policy's `k` samples per training
     problem at `temperature`, labelled by the answer checker: every distinct (correct, wrong) pair, at most
-    `pairs_per_prompt` per problem), or `both`. Agreement with the checker is then also measured on the policy's
-    samples of the held-out problems, drawn the same way."""
+    `pairs_per_prompt` per problem), or `both`. The agreement with the checker is measured on samples drawn as the
+    pair labeller draws its own (`pairs.k` at `pairs.temperature`; `reward_stage.measure_sampling`)."""
 
     steps: int = 1600
     lr: float = 1.0e-3
