@@ -87,6 +87,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self._held_since: dict[str, float] = {}  # requeued job id -> when release_requeued first saw it held
 
     # -- configuration ------------------------------------------------------------------------------------
     def write_config(self) -> None:
@@ -201,13 +202,26 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         out = self.run("squeue", "-h", "-o", "%i|%T|%r", check=False).stdout
         return [tuple(line.split("|", 2)) for line in out.splitlines() if line.count("|") == 2]
 
-    def release_requeued(self) -> list[str]:
+    def release_requeued(self, settle_s: float = 2.0) -> list[str]:
         """Start requeued jobs now: SLURM holds a requeued job for 120 s (its EligibleTime), then waits for the next
-        scheduler pass; tests would spend minutes waiting. Returns the ids released."""
-        held = [job for job, state, reason in self.jobs() if state == "PENDING" and reason == "BeginTime"]
-        for job in held:
-            self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        return held
+        scheduler pass; tests would spend minutes waiting. Returns the ids released.
+
+        A job is released once it has been held for `settle_s`: started again within the second its previous run's
+        credential was revoked, slurmd refuses the new one ("Killing non-startable batch JobId=N: Job credential
+        revoked", whole-second times) and the job ends instead of resuming."""
+        held = {job for job, state, reason in self.jobs() if state == "PENDING" and reason == "BeginTime"}
+        now = time.time()
+        seen = self._held_since
+        for job in list(seen):
+            if job not in held:
+                del seen[job]
+        released = []
+        for job in sorted(held):
+            if now - seen.setdefault(job, now) >= settle_s:
+                self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+                released.append(job)
+                del seen[job]
+        return released
 
     def cancel_all(self, timeout: float = 60) -> None:
         """Cancel this cluster's jobs and wait until they are gone (their slurmstepd processes end with them)."""
