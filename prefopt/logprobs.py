@@ -226,21 +226,24 @@ def _packed_scored(model: torch.nn.Module, backbone: Callable, batch: Preference
                    chunk_elements: int, stats: bool) -> ScoredTokens:
     pk = batch.packed
     head = model.get_output_embeddings()
-    hidden = packed_hidden(model, backbone, batch, head.weight.dtype)
+    hidden = packed_hidden(model, backbone, batch, lambda: head.weight.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = chunked_token_logps(flat[pk.score_index], head, pk.score_target, chunk_elements, stats=stats)
     token_logps, table = out if stats else (out, None)
     return ScoredTokens(token_logps, table, pk.contrib_score, pk.contrib_seq, pk.counts)
 
 
-def packed_hidden(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch, dtype: torch.dtype) -> torch.Tensor:
+def packed_hidden(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
+                  mask_dtype: Callable[[], torch.dtype]) -> torch.Tensor:
     """`backbone`'s last hidden states (rows, L, H) over a packed batch (`batch.packed`: shared-prefix or flat rows).
 
     The shared-prefix layout's 4D mask is passed through as is (transformers' masking utils return it unchanged):
-    boolean for sdpa, additive in `dtype` for eager attention (which adds it to the scores)."""
+    boolean for sdpa, additive for eager attention (which adds it to the scores), in the dtype `mask_dtype()` gives.
+    It is asked only then: under FSDP2 nothing touches a sharded weight before the forward's own hooks."""
     pk = batch.packed
     mask = pk.mask  # None in the flat layout: transformers separates the sequences by their position ids
     if mask is not None and _attention(model) == "eager":
+        dtype = mask_dtype()
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     with _attention_kernel(batch.input_ids):
         return backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=pk.position_ids,

@@ -71,7 +71,7 @@ class PairRewardsModel(torch.nn.Module):
             if not packs(self.model) or batch.packed.last_index is None:
                 raise ConfigError(f"the reward stage packs rows only for a classifier with a `score` head, not "
                                   f"{type(self.model).__name__}: train it with packing=false")
-            hidden = packed_hidden(self.model, self.model.base_model, batch, self.model.score.weight.dtype)
+            hidden = packed_hidden(self.model, self.model.base_model, batch, lambda: self.model.score.weight.dtype)
             last = hidden.reshape(-1, hidden.shape[-1])[batch.packed.last_index]
             rewards = self.model.score(last)[:, 0].float()
         else:
