@@ -191,7 +191,7 @@ class SharedPrefixRows:
     contrib_seq: torch.Tensor  # (C,) ... and the sequence (0..2B-1: chosen rows, then rejected) it counts for
     counts: torch.Tensor  # (2B,) scored tokens per sequence
     tokens: int  # tokens of the 2B unpacked sequences (what tokens/s counts)
-    last_index: torch.Tensor | None = None  # (2B,) flat index of each sequence's last token (a reward model reads it)
+    last_index: torch.Tensor  # (2B,) flat index of each sequence's last token (a reward model reads it)
 
     def to(self, device) -> "SharedPrefixRows":
         t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}

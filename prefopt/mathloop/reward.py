@@ -68,7 +68,7 @@ class PairRewardsModel(torch.nn.Module):
 
     def _rewards(self, batch) -> PairLogps:
         if batch.packed is not None:
-            if not packs(self.model) or batch.packed.last_index is None:
+            if not packs(self.model):
                 raise ConfigError(f"the reward stage packs rows only for a classifier with a `score` head, not "
                                   f"{type(self.model).__name__}: train it with packing=false")
             hidden = packed_hidden(self.model, self.model.base_model, batch, lambda: self.model.score.weight.dtype)
