@@ -56,7 +56,8 @@ def test_rm_arith_takes_another_labeller_or_no_judge():
     plan = build(compose_cfg(["experiment=rm_arith"], tiny=False), check_inputs=False)
     assert isinstance(plan.loop.pairs.labeler, RewardModelLabeler) and plan.loop.pairs.labeler.name_or_path is None
     assert isinstance(plan.loop.evaluation.judge, RewardModelJudge) and plan.loop.evaluation.judge.prompts is None
-    assert (plan.loop.reward.source, plan.loop.reward.steps, plan.loop.reward.lr) == ("contrasts", 1600, 1e-3)
+    assert (plan.loop.reward.source, plan.loop.reward.steps, plan.loop.reward.lr, plan.loop.reward.ema) == \
+        ("contrasts", 1600, 1e-3, 0.995)
     plan = build(compose_cfg(["experiment=rm_arith", "pairs/labeler=verifier", "~evaluation/judge"], tiny=False),
                  check_inputs=False)
     assert type(plan.loop.pairs.labeler).__name__ == "VerifierLabeler" and plan.loop.evaluation.judge is None

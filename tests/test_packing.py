@@ -176,7 +176,7 @@ def test_reward_model_reads_the_same_rewards_from_packed_rows(setup, tmp_path, l
 
     causal, tok, pairs, odd = setup
     causal.save_pretrained(tmp_path)
-    model = reward_model_from(tmp_path, tok.pad_token_id)
+    model = reward_model_from(tmp_path, tok.pad_token_id, seed=0)
     model.config._attn_implementation = attention
     assert type(model).__name__.endswith("ForSequenceClassification") and packs(model)
     torch.nn.init.normal_(model.score.weight, std=0.5)  # a head that tells the sequences apart
@@ -210,7 +210,7 @@ def test_reward_model_runs_under_the_hardware_autocast(setup, tmp_path):
 
     causal, tok, pairs, _ = setup
     causal.save_pretrained(tmp_path)
-    model = reward_model_from(tmp_path, tok.pad_token_id)
+    model = reward_model_from(tmp_path, tok.pad_token_id, seed=0)
     torch.nn.init.normal_(model.score.weight, std=0.5)
     batch = collate(pairs[:6], tok.pad_token_id, packing=True)
     with torch.no_grad():

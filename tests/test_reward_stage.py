@@ -251,3 +251,118 @@ def test_the_agreement_is_measured_as_the_labeller_samples_and_keyed_by_it():
     assert reward_key(hotter.loop, spec, hotter.data) != reward_key(base.loop, spec, base.data)
     # what the reward model trains on is the same: only the measurement moved
     assert vars(hotter.loop.reward) == vars(base.loop.reward)
+
+
+def test_reward_config_refuses_a_bad_moving_average():
+    for bad in (0, 1, 1.5, -0.1, True, "0.99"):
+        with pytest.raises(ConfigError, match=r"reward.ema must be a decay between 0 and 1, or null"):
+            RewardConfig(ema=bad)
+    assert RewardConfig(ema=None).ema is None and RewardConfig(ema=0.995).ema == 0.995
+
+
+def test_keep_average_follows_the_ema_rule_and_resumes_from_the_optimizer_state():
+    """keep_average on hand-worked numbers: SGD at lr 0.1 on sum(w) moves w by -0.1 a step (1, 0.9, 0.8, 0.7);
+    the average at decay 0.5 starts at the weights before the first step: 0.95, 0.875, 0.7875. Kept in the
+    optimizer's state, it survives a state_dict round trip (a resumed stage) and is not updated by a skipped step."""
+    from prefopt.mathloop.reward import keep_average, use_average
+
+    def sgd(w):
+        return keep_average(torch.optim.SGD([w], lr=0.1), 0.5)
+
+    def step(opt, w):
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = sgd(w)
+    for expected in (0.95, 0.875):
+        step(opt, w)
+        assert opt.state[w]["ema"].tolist() == pytest.approx([expected] * 2)
+    resumed_w = torch.nn.Parameter(w.detach().clone())
+    resumed = sgd(resumed_w)
+    resumed.load_state_dict(opt.state_dict())
+    step(resumed, resumed_w)
+    assert resumed_w.tolist() == pytest.approx([0.7] * 2)
+    assert use_average(resumed) and resumed_w.tolist() == pytest.approx([0.7875] * 2)
+    assert not use_average(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))  # nothing kept: unchanged
+
+
+def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
+    """Through the engine's Trainer: with reward.ema the exported model holds the moving average of the weights
+    after each step (the same training path as without it), and a stage stopped at step 2 and resumed to step 4
+    exports the same average as one run straight through (the average travels in the checkpoint)."""
+    from functools import partial
+
+    from prefopt.data.arith import ArithmeticData
+    from prefopt.data.batching import tokenize_pairs
+    from prefopt.hardware import Hardware
+    from prefopt.mathloop.reward import reward_model_from, train_reward_model
+    from prefopt.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
+                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    tok = load_tokenizer(spec)
+    load_model(spec, vocab_size=len(tok)).save_pretrained(tmp_path / "policy")
+    train, _, _ = ArithmeticData(n_train=12, n_eval=2).load()
+    pairs, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64)
+    decay, seen = 0.5, []
+
+    def adamw(params, lr):
+        params = list(params)
+        opt = torch.optim.AdamW(params, lr=lr)
+        def snapshot(*_):
+            seen.append([p.detach().clone() for p in params])
+
+        opt.register_step_pre_hook(lambda *_: None if seen else snapshot())
+        opt.register_step_post_hook(snapshot)
+        return opt
+
+    def trained(run_dir, steps, ema):
+        model = reward_model_from(tmp_path / "policy", tok.pad_token_id, seed=0)  # the same head every time
+        config = RewardConfig(steps=steps, batch_size=4, micro_batch_size=4, lr=1e-2, warmup_steps=0, ema=ema,
+                              progress=False)
+        result = train_reward_model(model, pairs, [], tok.pad_token_id, config, partial(adamw),
+                                    Hardware(device="cpu"), tmp_path / run_dir)
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad], result["trainer"]
+
+    last, _ = trained("plain", 4, None)
+    assert len(seen) == 5  # the weights before the first step and after each of the 4
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = [decay * a + (1 - decay) * w for a, w in zip(expected, weights)]
+    straight, trainer = trained("straight", 4, decay)
+    for got, want, final in zip(straight, expected, last):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(got, final) for got, final in zip(straight, last))  # not the last step's weights
+    trainer.export(tmp_path / "exported")
+    from transformers import AutoModelForSequenceClassification
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    torch.testing.assert_close(reloaded.score.weight, straight[-1])
+    trained("resumed", 2, decay)
+    resumed, _ = trained("resumed", 4, decay)
+    for got, want in zip(resumed, straight):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reward_head_is_drawn_from_the_reward_seed(tmp_path):
+    """The reward model's random head comes from reward.seed alone: the same seed gives the same head whatever the
+    process's random state (a warm-up trained in this process or read from the cache leaves different states), another
+    seed another head, and the process's random state is not moved."""
+    from prefopt.mathloop.reward import reward_model_from
+    from prefopt.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
+                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    tok = load_tokenizer(spec)
+    load_model(spec, vocab_size=len(tok)).save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    first = reward_model_from(tmp_path, tok.pad_token_id, seed=3).score.weight
+    torch.rand(100)  # another random state before the second load
+    state = torch.get_rng_state()
+    again = reward_model_from(tmp_path, tok.pad_token_id, seed=3).score.weight
+    assert torch.equal(torch.get_rng_state(), state)
+    other = reward_model_from(tmp_path, tok.pad_token_id, seed=4).score.weight
+    assert torch.equal(first, again) and not torch.equal(first, other) and first.abs().sum() > 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from transformers import AutoModelForSequenceClassification
 
 from prefopt.engine import Trainer
@@ -98,7 +99,10 @@ class RewardConfig(StageSchedule):
     chosen/rejected pairs), `samples` (the warmed-up policy's `k` samples per training
     problem at `temperature`, labelled by the answer checker: every distinct (correct, wrong) pair, at most
     `pairs_per_prompt` per problem), or `both`. The agreement with the checker is measured on samples drawn as the
-    pair labeller draws its own (`pairs.k` at `pairs.temperature`; `reward_stage.measure_sampling`)."""
+    pair labeller draws its own (`pairs.k` at `pairs.temperature`; `reward_stage.measure_sampling`).
+
+    `ema`: the exported model is the exponential moving average of the weights over the steps, at this decay per
+    step (`keep_average`); null exports the last step's weights."""
 
     steps: int = 1600
     lr: float = 1.0e-3
@@ -108,6 +112,7 @@ class RewardConfig(StageSchedule):
     k: int = 8
     temperature: float = 1.0
     pairs_per_prompt: Any = "all"
+    ema: float | None = 0.995
     key = "reward"
 
     def __post_init__(self):
@@ -119,11 +124,66 @@ class RewardConfig(StageSchedule):
             raise ConfigError(f"reward.contrasts_per_problem must be an integer >= 1 (got {self.contrasts_per_problem!r})")
         validate_sampling(self.k, self.temperature, key="reward")
         validate_pair_limit(self.pairs_per_prompt, "reward.pairs_per_prompt")
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
+                                     or not 0 < self.ema < 1):
+            raise ConfigError(f"reward.ema must be a decay between 0 and 1, or null for the last step's weights "
+                              f"(got {self.ema!r})")
+
+    def optimizer(self, factory: Callable) -> Callable:
+        """The run's optimizer at this stage's learning rate; with `ema`, it also keeps the weights' average."""
+        make = super().optimizer(factory)
+        if self.ema is None:
+            return make
+        return lambda params: keep_average(make(params), self.ema)
 
 
-def reward_model_from(policy_dir: Path, pad_id: int) -> torch.nn.Module:
-    """A scalar-head sequence classifier on the saved policy's backbone (the head starts at random)."""
-    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.Optimizer:
+    """Keep an exponential moving average of `optimizer`'s parameters, updated after each of its steps by
+    torch's EMA rule (`torch.optim.swa_utils.get_ema_multi_avg_fn`: avg ← decay·avg + (1 − decay)·w, starting from
+    the weights before the first step).
+
+    The average lives in the optimizer's per-parameter state (key `ema`), so the engine's checkpoints save and
+    restore it with the moments: a resumed stage goes on averaging where it stopped. A step the engine skips (a
+    non-finite loss) does not reach the optimizer and so is not averaged in."""
+    update = get_ema_multi_avg_fn(decay)
+    start: dict = {}  # the weights before the first step (the optimizer's own state must stay empty until then)
+
+    def params(opt) -> list:
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    def before(opt, args, kwargs):
+        for p in params(opt):
+            if "ema" not in opt.state.get(p, {}):
+                start[p] = p.detach().clone()
+
+    def after(opt, args, kwargs):
+        kept = params(opt)
+        for p in kept:
+            if "ema" not in opt.state[p]:
+                opt.state[p]["ema"] = start.pop(p)
+        update([opt.state[p]["ema"] for p in kept], [p.detach() for p in kept], None)
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
+@torch.no_grad()
+def use_average(optimizer: torch.optim.Optimizer) -> bool:
+    """Copy the average `keep_average` kept into the parameters; False (nothing changed) when it kept none."""
+    kept = [p for group in optimizer.param_groups for p in group["params"] if "ema" in optimizer.state.get(p, {})]
+    for p in kept:
+        p.copy_(optimizer.state[p]["ema"])
+    return bool(kept)
+
+
+def reward_model_from(policy_dir: Path, pad_id: int, seed: int) -> torch.nn.Module:
+    """A scalar-head sequence classifier on the saved policy's backbone; the head starts at random, drawn from
+    `seed` (not from the process's random state, which depends on what ran before: a warm-up trained now or read
+    from the cache), and the process's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
     model.config.pad_token_id = pad_id
     return model
 
@@ -145,6 +205,8 @@ def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs
                              resume_step=trainer.resumed_from)
     log.info("reward model (Bradley-Terry): %d steps of %d pairs, lr %g", config.steps, config.batch_size, config.lr)
     result = trainer.fit()
+    if config.ema is not None and use_average(trainer.optimizer):  # the exported model is the average
+        log.info("reward model: the exported weights are the moving average of the weights (decay %g)", config.ema)
     result["trainer"] = trainer
     return result
 

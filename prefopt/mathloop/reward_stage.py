@@ -144,7 +144,8 @@ def run_reward(loop, spec, data, hardware, out: Path) -> dict:
     args = dict(loop.tokenize, completion_eos=ending)
     train_pairs, _ = tokenize_pairs(train_rows, tokenizer, **args)
     eval_pairs, _ = tokenize_pairs(eval_rows, tokenizer, **args)
-    model = reward_model_from(Path(spec.name_or_path), tokenizer.pad_token_id).to(hardware.torch_device)
+    model = reward_model_from(Path(spec.name_or_path), tokenizer.pad_token_id,
+                              seed=loop.reward.seed).to(hardware.torch_device)
     t0 = time.perf_counter()
     result = train_reward_model(model, train_pairs, eval_pairs, tokenizer.pad_token_id, loop.reward,
                                 loop.optimizer_factory, hardware, out, max_grad_norm=loop.max_grad_norm)
