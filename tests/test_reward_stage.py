@@ -253,6 +253,18 @@ def test_the_agreement_is_measured_as_the_labeller_samples_and_keyed_by_it():
     assert vars(hotter.loop.reward) == vars(base.loop.reward)
 
 
+def saved_tiny_policy(path):
+    """A tiny qwen2 character-tokenizer causal LM saved at `path` (the reward stage's starting point); its tokenizer."""
+    from prefopt.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
+                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    tok = load_tokenizer(spec)
+    load_model(spec, vocab_size=len(tok)).save_pretrained(path)
+    return tok
+
+
 def test_reward_config_refuses_a_bad_moving_average():
     for bad in (0, 1, 1.5, -0.1, True, "0.99"):
         with pytest.raises(ConfigError, match=r"reward.ema must be a decay between 0 and 1, or null"):
@@ -298,13 +310,7 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
     from prefopt.data.batching import tokenize_pairs
     from prefopt.hardware import Hardware
     from prefopt.mathloop.reward import reward_model_from, train_reward_model
-    from prefopt.models import ModelSpec, load_model, load_tokenizer
-
-    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
-                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    tok = load_tokenizer(spec)
-    load_model(spec, vocab_size=len(tok)).save_pretrained(tmp_path / "policy")
+    tok = saved_tiny_policy(tmp_path / "policy")
     train, _, _ = ArithmeticData(n_train=12, n_eval=2).load()
     pairs, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64)
     decay, seen = 0.5, []
@@ -351,13 +357,7 @@ def test_the_reward_head_is_drawn_from_the_reward_seed(tmp_path):
     process's random state (a warm-up trained in this process or read from the cache leaves different states), another
     seed another head, and the process's random state is not moved."""
     from prefopt.mathloop.reward import reward_model_from
-    from prefopt.models import ModelSpec, load_model, load_tokenizer
-
-    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
-                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    tok = load_tokenizer(spec)
-    load_model(spec, vocab_size=len(tok)).save_pretrained(tmp_path)
+    tok = saved_tiny_policy(tmp_path)
     torch.manual_seed(1)
     first = reward_model_from(tmp_path, tok.pad_token_id, seed=3).score.weight
     torch.rand(100)  # another random state before the second load

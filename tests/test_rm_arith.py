@@ -35,11 +35,15 @@ def test_rm_arith_end_to_end(tmp_path):
         assert a["pairs"] > 0 and 0 <= a["low"] <= a["agreement"] <= a["high"] <= 1, (name, a)
     assert reward["on_policy_agreement"]["problems"] <= 50
     assert reward["training"] == {"data_pairs": 0, "contrast_pairs": 150 * 6 * 2}  # reward.source=contrasts
-    # meaningful, not random: on fresh answers of the training problems, drawn as the labeller draws the answers it
-    # ranks, the whole 95% interval of its agreement with the checker lies well above chance (0.749 [0.692, 0.804] on
-    # the 2-core machine, 2026-12-01; the lowest low over five reward seeds was 0.602)
-    assert reward["measured_on"] == {"k": 8, "temperature": 0.7}
-    assert reward["fresh_answer_agreement"]["low"] > 0.55, reward["fresh_answer_agreement"]
+    # meaningful, not random: on answers it was not trained on, the whole 95% interval of its agreement with the
+    # checker lies well above chance: fresh answers of the training problems, drawn as the labeller draws the answers it
+    # ranks (0.765 [0.709, 0.819] on the 2-core machine, 2026-12-01; the lowest low over five reward seeds was 0.673),
+    # and the data's held-out pairs (0.78 [0.64, 0.885]; lowest low 0.597). On the policy's samples of unseen problems
+    # the estimate is above chance (0.617; lowest over five seeds 0.580), its interval not on every seed (README).
+    assert reward["measured_on"] == {"k": 8, "temperature": 0.7} and reward["reward"]["ema"] == 0.995
+    assert reward["fresh_answer_agreement"]["low"] > 0.6, reward["fresh_answer_agreement"]
+    assert reward["agreement"]["low"] > 0.5, reward["agreement"]
+    assert reward["on_policy_agreement"]["agreement"] > 0.55, reward["on_policy_agreement"]
     pairs = next((tmp_path / "cache" / "pairs").glob("*.jsonl.provenance.json"))
     record = json.loads(pairs.read_text())
     assert record["labeler"]["labeler"] == "reward_model" and record["k"] == 8 and "checker_agreement" in record
