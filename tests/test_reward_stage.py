@@ -275,7 +275,7 @@ def test_reward_config_refuses_a_bad_moving_average():
 def test_keep_average_follows_the_ema_rule_and_resumes_from_the_optimizer_state():
     """keep_average on hand-worked numbers: SGD at lr 0.1 on sum(w) moves w by -0.1 a step (1, 0.9, 0.8, 0.7);
     the average at decay 0.5 starts at the weights before the first step: 0.95, 0.875, 0.7875. Kept in the
-    optimizer's state, it survives a state_dict round trip (a resumed stage) and is not updated by a skipped step."""
+    optimizer's state, it survives a state_dict round trip (a resumed stage)."""
     from prefopt.mathloop.reward import keep_average, use_average
 
     def sgd(w):
@@ -298,6 +298,34 @@ def test_keep_average_follows_the_ema_rule_and_resumes_from_the_optimizer_state(
     assert resumed_w.tolist() == pytest.approx([0.7] * 2)
     assert use_average(resumed) and resumed_w.tolist() == pytest.approx([0.7875] * 2)
     assert not use_average(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))  # nothing kept: unchanged
+
+
+def test_keep_average_waits_for_a_parameters_first_gradient():
+    """A parameter without a gradient in the first step (AdamW leaves its state empty then) gets its average only
+    after the first step that updates it, starting from its weights before that step; AdamW still sets up its own
+    state for it (a state entry made earlier would make AdamW take it for initialised: KeyError 'exp_avg')."""
+    from prefopt.mathloop.reward import keep_average, use_average
+
+    used, idle = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.full((2,), 3.0))
+    opt = keep_average(torch.optim.AdamW([used, idle], lr=0.1, weight_decay=0.0), 0.5)
+    used.sum().backward()
+    opt.step()
+    assert "ema" in opt.state[used] and not opt.state.get(idle)
+    before = idle.detach().clone()
+    opt.zero_grad()
+    (used.sum() + idle.sum()).backward()
+    opt.step()  # AdamW's first step on `idle`: w - lr * sign(g) = 2.9
+    assert set(opt.state[idle]) == {"step", "exp_avg", "exp_avg_sq", "ema"}
+    torch.testing.assert_close(opt.state[idle]["ema"], 0.5 * before + 0.5 * idle.detach())
+    assert use_average(opt) and idle.tolist() == pytest.approx([2.95, 2.95])
+
+
+def test_keep_average_refuses_weights_below_float32():
+    from prefopt.mathloop.reward import keep_average
+
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    with pytest.raises(ConfigError, match=r"reward.ema averages float32 weights; these are torch.bfloat16"):
+        keep_average(torch.optim.SGD([w], lr=0.1), 0.99)
 
 
 def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
@@ -347,7 +375,8 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
     torch.testing.assert_close(reloaded.score.weight, straight[-1])
     trained("resumed", 2, decay)
-    resumed, _ = trained("resumed", 4, decay)
+    resumed, again = trained("resumed", 4, decay)
+    assert again.resumed_from == 2  # it went on from the step-2 checkpoint, not from scratch
     for got, want in zip(resumed, straight):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

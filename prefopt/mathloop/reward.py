@@ -140,16 +140,24 @@ class RewardConfig(StageSchedule):
 def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.Optimizer:
     """Keep an exponential moving average of `optimizer`'s parameters, updated after each of its steps by
     torch's EMA rule (`torch.optim.swa_utils.get_ema_multi_avg_fn`: avg ← decay·avg + (1 − decay)·w, starting from
-    the weights before the first step).
+    the weights before the first step that updates them).
 
     The average lives in the optimizer's per-parameter state (key `ema`), so the engine's checkpoints save and
-    restore it with the moments: a resumed stage goes on averaging where it stopped. A step the engine skips (a
-    non-finite loss) does not reach the optimizer and so is not averaged in."""
+    restore it with the moments: a resumed stage goes on averaging where it stopped. A parameter's entry is made only
+    after a step in which it had a gradient, so the optimizer has set up its own state for it first (AdamW takes a
+    non-empty state for an initialised one). A step the engine skips (a non-finite loss) does not reach the optimizer
+    and so is not averaged in. The weights must be float32: a bfloat16 average would not move (a step's
+    (1 − decay)·(w − avg) rounds away)."""
     update = get_ema_multi_avg_fn(decay)
-    start: dict = {}  # the weights before the first step (the optimizer's own state must stay empty until then)
+    start: dict = {}  # the weights before the first step that updates them
 
     def params(opt) -> list:
         return [p for group in opt.param_groups for p in group["params"]]
+
+    low = sorted({str(p.dtype) for p in params(optimizer) if p.is_floating_point() and p.dtype != torch.float32})
+    if low:
+        raise ConfigError(f"reward.ema averages float32 weights; these are {', '.join(low)} (load the reward model in "
+                          f"float32 and compute in bf16 with hardware.mixed_precision=bf16, or set reward.ema=null)")
 
     def before(opt, args, kwargs):
         for p in params(opt):
@@ -157,11 +165,12 @@ def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.
                 start[p] = p.detach().clone()
 
     def after(opt, args, kwargs):
-        kept = params(opt)
-        for p in kept:
-            if "ema" not in opt.state[p]:
+        for p in params(opt):
+            if "ema" not in opt.state.get(p, {}) and p.grad is not None:
                 opt.state[p]["ema"] = start.pop(p)
-        update([opt.state[p]["ema"] for p in kept], [p.detach() for p in kept], None)
+        kept = [p for p in params(opt) if "ema" in opt.state.get(p, {})]
+        if kept:
+            update([opt.state[p]["ema"] for p in kept], [p.detach() for p in kept], None)
 
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(after)
@@ -178,12 +187,13 @@ def use_average(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def reward_model_from(policy_dir: Path, pad_id: int, seed: int) -> torch.nn.Module:
-    """A scalar-head sequence classifier on the saved policy's backbone; the head starts at random, drawn from
-    `seed` (not from the process's random state, which depends on what ran before: a warm-up trained now or read
-    from the cache), and the process's random state is left as it was."""
+    """A scalar-head sequence classifier on the saved policy's backbone, in float32 (the weights the optimizer and
+    `reward.ema` update; bf16 compute comes from hardware.mixed_precision). The head starts at random, drawn from
+    `seed` by the CPU generator it is made with, not from the process's random state (which depends on what ran
+    before: a warm-up trained now or read from the cache); that state is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        torch.default_generator.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = pad_id
     return model
 

@@ -156,7 +156,10 @@ def run_reward(loop, spec, data, hardware, out: Path) -> dict:
              loop.reward.steps, len(train_rows), time.perf_counter() - t0,
              "; ".join(f"{name} {m['agreement']:.3f} [{m.get('low', float('nan')):.3f}, {m.get('high', float('nan')):.3f}]"
                        f" over {m['pairs']} pairs" for name, m in measured.items()))
-    return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], **measured, "training": counts,
+    # `metrics` are the trainer's own, of the last step's weights; the agreements are of the exported model
+    exported = "last step" if loop.reward.ema is None else f"moving average, decay {loop.reward.ema}"
+    return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], "exported_weights": exported,
+            **measured, "training": counts,
             "reward": vars(loop.reward), "measured_on": measure_sampling(loop)}
 
 
