@@ -23,6 +23,12 @@ TINY = ["steps=3", "batch_size=4", "micro_batch_size=2", "eval_every=2", "data.s
         "data.source.n_eval=8", "train.progress=false"] + PIPELINE_OFF
 
 
+# A tiny qwen2 with the character tokenizer (ModelSpec keyword arguments): what the unit tests build models from.
+TINY_SPEC = dict(arch="qwen2", tokenizer="char",
+                 config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+
 def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):
     overrides = list(overrides or [])
     base = TINY if tiny else []

@@ -256,10 +256,9 @@ def test_the_agreement_is_measured_as_the_labeller_samples_and_keyed_by_it():
 def saved_tiny_policy(path):
     """A tiny qwen2 character-tokenizer causal LM saved at `path` (the reward stage's starting point); its tokenizer."""
     from prefopt.models import ModelSpec, load_model, load_tokenizer
+    from tests.conftest import TINY_SPEC
 
-    spec = ModelSpec(arch="qwen2", tokenizer="char", tokenizer_family="qwen",
-                     config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    spec = ModelSpec(**TINY_SPEC, tokenizer_family="qwen")
     tok = load_tokenizer(spec)
     load_model(spec, vocab_size=len(tok)).save_pretrained(path)
     return tok

@@ -150,25 +150,21 @@ def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.
     (1 − decay)·(w − avg) rounds away)."""
     update = get_ema_multi_avg_fn(decay)
     start: dict = {}  # the weights before the first step that updates them
-
-    def params(opt) -> list:
-        return [p for group in opt.param_groups for p in group["params"]]
-
-    low = sorted({str(p.dtype) for p in params(optimizer) if p.is_floating_point() and p.dtype != torch.float32})
+    low = sorted({str(p.dtype) for p in _params(optimizer) if p.is_floating_point() and p.dtype != torch.float32})
     if low:
         raise ConfigError(f"reward.ema averages float32 weights; these are {', '.join(low)} (load the reward model in "
                           f"float32 and compute in bf16 with hardware.mixed_precision=bf16, or set reward.ema=null)")
 
     def before(opt, args, kwargs):
-        for p in params(opt):
+        for p in _params(opt):
             if "ema" not in opt.state.get(p, {}):
                 start[p] = p.detach().clone()
 
     def after(opt, args, kwargs):
-        for p in params(opt):
+        for p in _params(opt):
             if "ema" not in opt.state.get(p, {}) and p.grad is not None:
                 opt.state[p]["ema"] = start.pop(p)
-        kept = [p for p in params(opt) if "ema" in opt.state.get(p, {})]
+        kept = _averaged(opt)
         if kept:
             update([opt.state[p]["ema"] for p in kept], [p.detach() for p in kept], None)
 
@@ -180,10 +176,19 @@ def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.
 @torch.no_grad()
 def use_average(optimizer: torch.optim.Optimizer) -> bool:
     """Copy the average `keep_average` kept into the parameters; False (nothing changed) when it kept none."""
-    kept = [p for group in optimizer.param_groups for p in group["params"] if "ema" in optimizer.state.get(p, {})]
+    kept = _averaged(optimizer)
     for p in kept:
         p.copy_(optimizer.state[p]["ema"])
     return bool(kept)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _averaged(optimizer: torch.optim.Optimizer) -> list:
+    """The parameters `keep_average` keeps an average of (those updated at least once)."""
+    return [p for p in _params(optimizer) if "ema" in optimizer.state.get(p, {})]
 
 
 def reward_model_from(policy_dir: Path, pad_id: int, seed: int) -> torch.nn.Module:
