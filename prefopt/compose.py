@@ -171,7 +171,7 @@ def fed_by_bad_knobs(cfg: DictConfig) -> set[str]:
     return {node for key, (_, ok) in TOP_LEVEL.items() if key in cfg and not ok(cfg[key]) for node in FEEDS.get(key, ())}
 
 
-STAGES = ("pipeline", "warmup", "reward", "pairs", "evaluation", "generation", "verify")
+STAGES = ("mathloop", "warmup", "reward", "pairs", "evaluation", "generation", "verify")
 
 
 def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
@@ -233,11 +233,11 @@ def _check_model_available(cfg: DictConfig, objects: dict, found: list[str]) -> 
 
 def _check_stage_inputs(cfg: DictConfig, objects: dict, found: list[str]) -> None:
     """The files the verified-math loop will read: the pair-sampling problems and the benchmarks."""
-    pipeline, pairs, evaluation = objects["pipeline"], objects["pairs"], objects["evaluation"]
-    if pipeline is not None and pipeline.pairs and pairs is not None and pairs.problems() is not None:
+    switches, pairs, evaluation = objects["mathloop"], objects["pairs"], objects["evaluation"]
+    if switches is not None and switches.pairs and pairs is not None and pairs.problems() is not None:
         missing = pairs.problems().missing_file()
         found += [missing] if missing else []
-    if pipeline is not None and pipeline.evaluate and evaluation is not None:
+    if switches is not None and switches.evaluate and evaluation is not None:
         found += _attempt(found, "evaluation", evaluation.problems) or []
 
 
@@ -306,7 +306,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
     if found:
         raise ConfigError(f"{found[0]}{recipe_note()}" if len(found) == 1 else listing(found))
     info, tokenize = hydra_info(), tokenize_settings(cfg)
-    loop = MathLoop(pipeline=objects["pipeline"], warmup=objects["warmup"], pairs=objects["pairs"],
+    loop = MathLoop(switches=objects["mathloop"], warmup=objects["warmup"], pairs=objects["pairs"],
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
                     tokenize=tokenize, optimizer_factory=objects["optimizer"],
                     max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,

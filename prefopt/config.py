@@ -24,7 +24,7 @@ def _top_or(key: str, default, *, _root_):
 
 
 def _required(key: str, what: str, when: bool = True):
-    # `${required:pairs.path,"the training problems",${pipeline.pairs}}`: a value a recipe cannot know; resolving
+    # `${required:pairs.path,"the training problems",${mathloop.pairs}}`: a value a recipe cannot know; resolving
     # it says what to set (null when `when` is false: the stage that needs it is off). A yaml's `???` cannot do
     # this: merged over a default, OmegaConf keeps the default.
     if not when:

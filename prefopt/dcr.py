@@ -1,4 +1,4 @@
-"""`python -m prefopt.dcr RUN_OR_SWEEP_DIR [...] [--baseline LOSS]`: the DCR study's table (see prefopt.reporting.dcr)."""
+"""`python -m prefopt.dcr RUN_OR_SWEEP_DIR [...] [--baseline LOSS]`: the DCR study's table (see prefopt.reporting.dcr_table)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from prefopt.errors import PrefoptError
-from prefopt.reporting.dcr import write_dcr_table
+from prefopt.reporting.dcr_table import write_dcr_table
 
 
 def main(argv: list[str] | None = None) -> int:

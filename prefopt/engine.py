@@ -156,7 +156,7 @@ class Trainer:
                  max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
                  resume_from: Path | None = None, reference_context: Callable | None = None,
                  config_record: dict | None = None, pair_model: Callable = PairLogpsModel):
-        # pair_model: the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward)
+        # pair_model: the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward.bradley_terry)
         config.validate(hardware.world_size)
         if loss.reference and reference is None and reference_logps is None and reference_context is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")

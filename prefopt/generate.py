@@ -22,7 +22,7 @@ BACKENDS = ("auto", "hf", "vllm")
 
 @dataclass
 class GenerationConfig:
-    """How completions are produced (`generation:` in conf/pipeline.yaml)."""
+    """How completions are produced (`generation:` in conf/mathloop.yaml)."""
 
     backend: str = "auto"  # auto: vLLM when it is installed and a GPU is visible, else hf
     batch_size: int = 1024  # sequences (prompts x samples) per HF `generate` call; vLLM batches itself

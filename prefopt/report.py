@@ -1,4 +1,4 @@
-"""`python -m prefopt.report PATH... [--out DIR] [--wandb ENTITY/PROJECT/GROUP]`: a sweep report (see prefopt.reporting.report)."""
+"""`python -m prefopt.report PATH... [--out DIR] [--wandb ENTITY/PROJECT/GROUP]`: a sweep report (see prefopt.reporting.sweep)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from prefopt.errors import PrefoptError
-from prefopt.reporting.report import write_report
+from prefopt.reporting.sweep import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def char_tokenizer(family: str = "qwen") -> PreTrainedTokenizerFast:
     # One token per character, written in the byte-level alphabet (space is "Ġ", newline "Ċ"): a byte-level BPE
     # with no merges. Transformers 5.4+ rebuilds a qwen2 checkpoint's tokenizer as Qwen2Tokenizer (byte-level,
     # from vocab and merges) whatever tokenizer_config.json says; in this alphabet that rebuild gives the same ids,
-    # so `final/` reloads identically with AutoTokenizer (tests/test_export.py).
+    # so `final/` reloads identically with AutoTokenizer (tests/integration/test_export.py).
     symbols = [_byte_level(c) for c in sorted(set(CHARS))]
     vocab = {tok: i for i, tok in enumerate(specials + ["<unk>"] + symbols)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))

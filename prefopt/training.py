@@ -246,7 +246,7 @@ def summarize(plan: RunPlan, trainer: Trainer, inputs: Inputs, hw, result: dict,
             "data": {**inputs.data_info, "tokenize": inputs.tokenize_stats},
             "torch_threads": torch.get_num_threads(), "world_size": hw.world_size, "strategy": hw.strategy,
             "rank": hw.rank, **result,
-            "pipeline": prepared.info, "verified": {"before": prepared.verified, "after": verified_after}}
+            "mathloop": prepared.info, "verified": {"before": prepared.verified, "after": verified_after}}
 
 
 def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:

@@ -1,9 +1,8 @@
-"""Shared test set-up: offline, deterministic, and a helper that composes the real config."""
+"""Shared test set-up: offline, deterministic; fixtures for runs, real tokenizers and the SLURM cluster."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -11,31 +10,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from prefopt.config import conf_dir  # noqa: E402
 from prefopt.tokenizer import packaged_tokenizer  # noqa: E402
-
-# The verified-math stages around a run (warm-up, on-policy pairs, verified accuracy) have tests of their own.
-PIPELINE_OFF = ["pipeline.warmup=false", "pipeline.pairs=false", "pipeline.evaluate=false"]
-# Small enough for a few seconds per run on 2 cores.
-TINY = ["steps=3", "batch_size=4", "micro_batch_size=2", "eval_every=2", "data.source.n_train=32",
-        "data.source.n_eval=8", "train.progress=false"] + PIPELINE_OFF
-
-
-# A tiny qwen2 with the character tokenizer (ModelSpec keyword arguments): what the unit tests build models from.
-TINY_SPEC = dict(arch="qwen2", tokenizer="char",
-                 config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-
-
-def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):
-    overrides = list(overrides or [])
-    base = TINY if tiny else []
-    if any(o.startswith("data=") for o in overrides):  # the sizes below belong to the arithmetic source only
-        base = [o for o in base if not o.startswith("data.source.")]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=base + overrides)
+from tests.helpers.config import compose_cfg  # noqa: E402
 
 
 @pytest.fixture
@@ -60,8 +37,8 @@ def real_tokenizer(request):
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A real single-node SLURM cluster (tests/slurm_cluster.py), started once for the `slurm` tests."""
-    from tests.slurm_cluster import ClusterError, SlurmCluster, install_packages
+    """A real single-node SLURM cluster (tests/helpers/slurm_cluster.py), started once for the `slurm` tests."""
+    from tests.helpers.slurm_cluster import ClusterError, SlurmCluster, install_packages
 
     try:
         install_packages()
@@ -69,14 +46,3 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"no SLURM: {exc}")
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
-
-
-def benchmark_script(name: str):
-    """benchmarks/<name>.py, imported as a module (the scripts are not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script

@@ -15,13 +15,13 @@ from prefopt.tracking import RunLog
 
 
 def sft_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None) -> dict:
-    """Warm up, write run_dir/final, evaluate it (when `pipeline.evaluate`); returns the summary."""
+    """Warm up, write run_dir/final, evaluate it (when `mathloop.evaluate`); returns the summary."""
     hardware.setup()
     spec = loop.start_spec(spec)
     run_log = RunLog(run_dir, {"warmup": vars(loop.warmup)}, wandb, enabled=hardware.is_main)
     model, tokenizer, result = loop.run_warmup(spec, data, hardware, run_dir, run_log=run_log)
     metrics, details = dict(result["metrics"]), {}
-    if loop.pipeline.evaluate and hardware.is_main:
+    if loop.switches.evaluate and hardware.is_main:
         verified, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
         metrics.update(verified)
         run_log.log(loop.warmup.steps, verified)

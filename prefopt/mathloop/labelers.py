@@ -4,7 +4,7 @@ A labeller is an object chosen by config (`pairs/labeler=verifier`, the math def
 like a loss; the pairs stage calls `labeler.label(rows, samples, context)` and never asks which one it has.
 
 - `VerifierLabeler`: chosen = a sample whose final answer the answer checker verifies, rejected = one it
-  does not (`prefopt.mathloop.pairs.build_pairs`).
+  does not (`prefopt.mathloop.stages.sampling.build_pairs`).
 - `RewardModelLabeler`: a Hugging Face sequence-classification reward model scores each (prompt, sample);
   chosen = the highest-scoring sample, rejected = the lowest (`build_scored_pairs`), as SimPO's and α-DPO's
   on-policy UltraFeedback data are built (Meng et al. 2024, §3; Wu et al. 2024).
@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.mathloop.pairs import build_pairs
-from prefopt.mathloop.judging import preference_from_scores
-from prefopt.mathloop.reward_model import RewardScorer, named_scorer
+from prefopt.mathloop.stages.sampling import build_pairs
+from prefopt.mathloop.judging.win_rates import preference_from_scores
+from prefopt.mathloop.reward.scorer import RewardScorer, named_scorer
 
 log = logging.getLogger("prefopt")
 

@@ -3,7 +3,7 @@
 `prefopt.training.train` calls `MathLoop.prepare` before preference training and `MathLoop.verify_after` at
 its end; the entry points `prefopt.sft`, `prefopt.pairs` and `prefopt.evaluate` run one stage each. The
 warm-up policy, the pairs and the accuracy of the starting policy are cached under
-`<pipeline.cache_dir>/{warmup,pairs,eval}/<key>`, the key being a sha256 of everything that made them,
+`<mathloop.cache_dir>/{warmup,pairs,eval}/<key>`, the key being a sha256 of everything that made them,
 so a second run, or every run of a sweep, reuses them. Cache entries appear atomically (built under a
 temporary name, then renamed) and concurrent runs wait on a lock file instead of computing twice.
 """
@@ -28,15 +28,15 @@ from prefopt.data.sources import FileData
 from prefopt.errors import ConfigError, DataError
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
 from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
-from prefopt.mathloop.evaluation import EvalConfig, benchmark_rows, evaluate_policy
+from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
                                            with_weights)
-from prefopt.mathloop.judged import greedy_answers, judge_prompts, judged_evaluation, reference_answers
+from prefopt.mathloop.judging.pairwise import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
-from prefopt.mathloop.reward import RewardConfig
-from prefopt.mathloop.reward_stage import cached_reward
-from prefopt.mathloop.pairs import PairsConfig, provenance_path, sample_pairs, write_pairs
-from prefopt.mathloop.warmup import WarmupConfig, warm_up
+from prefopt.mathloop.reward.bradley_terry import RewardConfig
+from prefopt.mathloop.stages.reward_training import cached_reward
+from prefopt.mathloop.stages.sampling import PairsConfig, provenance_path, sample_pairs, write_pairs
+from prefopt.mathloop.stages.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.tokenizer import save_tokenizer
 from prefopt.stats import StatsError, preservation_metrics, read_benchmarks
@@ -48,15 +48,15 @@ CACHE_VERSION = 1  # bump when a stage's code changes what it produces for the s
 
 
 @dataclass
-class StageSwitches:
-    """`pipeline:` in conf/mathloop.yaml: which stages of the loop run around preference training."""
+class MathLoopConfig:
+    """`mathloop:` in conf/mathloop.yaml: which stages of the loop run around preference training."""
 
     warmup: bool = True  # SFT the starting policy on the data's chosen responses first
     pairs: bool = True  # train on on-policy pairs sampled from the starting policy instead of `data`'s pairs
     evaluate: bool = True  # verified accuracy before and after preference training (evaluation.*)
     cache_dir: str = "outputs/cache"
     cache: bool = True  # false: compute every stage afresh, read and write no cache
-    reward: bool = False  # train the tiny reward model after the warm-up (prefopt.mathloop.reward_stage, cached)
+    reward: bool = False  # train the tiny reward model after the warm-up (prefopt.mathloop.stages.reward_training, cached)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _release_memory() -> None:
 class MathLoop:
     """The verified-math loop: its config as plain objects (built by `prefopt.compose`) and its stages."""
 
-    pipeline: StageSwitches
+    switches: MathLoopConfig
     warmup: WarmupConfig
     pairs: PairsConfig
     evaluation: EvalConfig
@@ -132,7 +132,7 @@ class MathLoop:
     max_grad_norm: float | None = 1.0
     chunk_elements: int | None = None
     policy: str | None = None  # start from these saved weights instead of the model's own
-    reward: RewardConfig | None = None  # the reward stage's schedule (`reward:`), run when pipeline.reward
+    reward: RewardConfig | None = None  # the reward stage's schedule (`reward:`), run when mathloop.reward
 
     def checker(self):
         return answer_checker(self.verify)
@@ -185,7 +185,7 @@ class MathLoop:
         return cache_key({"stage": stage, "version": CACHE_VERSION, **payload})
 
     def _cache(self, stage: str) -> Path:
-        return Path(self.pipeline.cache_dir) / stage
+        return Path(self.switches.cache_dir) / stage
 
     # -- warm-up ----------------------------------------------------------------------------------------
     def warmup_key(self, spec: ModelSpec, data) -> str:
@@ -209,7 +209,7 @@ class MathLoop:
         if getattr(spec, "uses_lora", False):  # later stages load full weights: merge the adapters in
             if getattr(hardware, "strategy", "none") == "fsdp":
                 raise ConfigError("a warm-up with LoRA under FSDP cannot export merged weights; warm up without "
-                                  "LoRA (model.lora.r=0) or with pipeline.warmup=false and policy=DIR")
+                                  "LoRA (model.lora.r=0) or with mathloop.warmup=false and policy=DIR")
             if hardware.is_main:
                 model = model.merge_and_unload()
                 model.save_pretrained(out_dir / "final", safe_serialization=True)
@@ -224,19 +224,19 @@ class MathLoop:
     def cached_warmup(self, spec: ModelSpec, data, hardware, run_dir: Path) -> tuple[ModelSpec, dict, Any]:
         """(spec of the warmed-up policy, info, (model, tokenizer) when it was trained in this process).
 
-        With `pipeline.cache=false` the warm-up goes to `run_dir/warmup` and no cache entry is read or written.
+        With `mathloop.cache=false` the warm-up goes to `run_dir/warmup` and no cache entry is read or written.
         """
         key = self.warmup_key(spec, data)
-        final = self._cache("warmup") / key if self.pipeline.cache else run_dir / "warmup"
+        final = self._cache("warmup") / key if self.switches.cache else run_dir / "warmup"
         info = {"key": key, "path": str(final)}
-        if self.pipeline.cache and (final / "warmup.json").is_file():
+        if self.switches.cache and (final / "warmup.json").is_file():
             log.info("warm-up: reusing the cached policy %s", final)
             return with_weights(spec, final / "policy"), {**info, "cached": True}, None
-        with locked(final) if self.pipeline.cache and hardware.is_main else contextlib.nullcontext():
-            if self.pipeline.cache and (final / "warmup.json").is_file():  # another run finished it meanwhile
+        with locked(final) if self.switches.cache and hardware.is_main else contextlib.nullcontext():
+            if self.switches.cache and (final / "warmup.json").is_file():  # another run finished it meanwhile
                 return with_weights(spec, final / "policy"), {**info, "cached": True}, None
             # built under a temporary name (resumable from its checkpoints), renamed into place when complete
-            build = final.with_name(f".{key}.build") if self.pipeline.cache else final
+            build = final.with_name(f".{key}.build") if self.switches.cache else final
             t0 = time.perf_counter()
             model, tokenizer, result = self.run_warmup(spec, data, hardware, build)
             if hardware.is_main:
@@ -281,15 +281,15 @@ class MathLoop:
         return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
 
     def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
-        """The pairs file of `spec`'s samples (cached; with `pipeline.cache=false`, run_dir/pairs.jsonl)."""
+        """The pairs file of `spec`'s samples (cached; with `mathloop.cache=false`, run_dir/pairs.jsonl)."""
         problems = self.pair_problems(data)
         key = self.pairs_key(spec, problems[1])
-        path = self._cache("pairs") / f"{key}.jsonl" if self.pipeline.cache else run_dir / "pairs.jsonl"
+        path = self._cache("pairs") / f"{key}.jsonl" if self.switches.cache else run_dir / "pairs.jsonl"
         info = {"key": key, "path": str(path), "cached": True}
         meta = provenance_path(path)
-        if not (self.pipeline.cache and meta.is_file()):
-            with locked(path) if self.pipeline.cache else contextlib.nullcontext():
-                if not (self.pipeline.cache and meta.is_file()) and hardware.is_main:
+        if not (self.switches.cache and meta.is_file()):
+            with locked(path) if self.switches.cache else contextlib.nullcontext():
+                if not (self.switches.cache and meta.is_file()) and hardware.is_main:
                     model, tokenizer = loaded or self.load(spec, hardware)
                     self.run_pairs(model, tokenizer, spec, data, path, problems)
                     info["cached"] = False
@@ -311,7 +311,7 @@ class MathLoop:
                                  "max_new_tokens": self.generation.max_new_tokens,
                                  "verify_timeout_s": self.verify.timeout_s})
         entry = self._cache("eval") / key
-        if not self.pipeline.cache:
+        if not self.switches.cache:
             model, tokenizer = loaded or self.load(spec, hardware)
             return self.run_eval(model, tokenizer, spec, data, out_dir, prefix)
         if (entry / "result.json").is_file():
@@ -334,19 +334,19 @@ class MathLoop:
 
     # -- the stages around a preference run -------------------------------------------------------------
     def prepare(self, spec: ModelSpec, data, hardware, run_dir: Path) -> Prepared:
-        """Warm-up → pairs → accuracy before, as the pipeline switches say; returns what training starts from."""
+        """Warm-up → pairs → accuracy before, as the loop's switches say; returns what training starts from."""
         spec = self.start_spec(spec)
         prepared = Prepared(model=spec, data=data, source=data)
         loaded = None
-        if self.pipeline.warmup:
+        if self.switches.warmup:
             spec, prepared.info["warmup"], loaded = self.cached_warmup(spec, data, hardware, run_dir)
             prepared.model = spec
-        if self.pipeline.reward:  # the trained reward model labels the pairs and judges, where they name none
+        if self.switches.reward:  # the trained reward model labels the pairs and judges, where they name none
             model_dir, prepared.info["reward"] = cached_reward(self, spec, data, hardware, run_dir)
             self.pairs.labeler = self.pairs.labeler.with_reward_model(str(model_dir))
             if self.evaluation.judge is not None:
                 self.evaluation.judge = self.evaluation.judge.with_reward_model(str(model_dir))
-        if self.pipeline.pairs:
+        if self.switches.pairs:
             path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
             if n <= self.pairs.eval_size:
@@ -354,7 +354,7 @@ class MathLoop:
                                 f"held out); the starting policy is almost always right or always wrong "
                                 f"(see the counts in {path}.provenance.json)")
             prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size, eval_key="pairs.eval_size")
-        if self.pipeline.evaluate and hardware.is_main:
+        if self.switches.evaluate and hardware.is_main:
             prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
                                                          run_dir / "verified_before", "eval/verified_before")
             prepared.verified = details
@@ -365,7 +365,7 @@ class MathLoop:
     def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
         """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean;
         with `evaluation.judge` set, also the judged win rate against the baseline (eval/judge/...)."""
-        if not (self.pipeline.evaluate and hardware.is_main):
+        if not (self.switches.evaluate and hardware.is_main):
             return {}, {}
         spec = prepared.model
         if (run_dir / "final" / "config.json").is_file():
@@ -380,7 +380,7 @@ class MathLoop:
         return {**metrics, **preserved(run_dir)}, details
 
     def judge_after(self, policy, tokenizer, spec: ModelSpec, prepared: Prepared, hardware, run_dir: Path):
-        """The judged evaluation (prefopt.mathloop.judged): the trained policy vs the baseline or starting policy."""
+        """The judged evaluation (prefopt.mathloop.judging.pairwise): the trained policy vs the baseline or starting policy."""
         judge = self.evaluation.judge
         prompts = judge_prompts(judge, self.problem_source(prepared.source).problem_rows("eval"))
         rendered = [self.render(tokenizer, p) for p in prompts]

@@ -1,0 +1,95 @@
+"""Every yaml in conf/ composes with the real config and instantiates; presets show what they promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from prefopt.config import conf_dir
+from prefopt.errors import ConfigError
+from prefopt.compose import build
+from tests.helpers.config import compose_cfg
+
+CONF = conf_dir()
+
+
+def plan(cfg):
+    """The composed plan, without checking that the (7-8B) weights or data files are on this machine."""
+    return build(cfg, check_inputs=False)
+MAIN_GROUPS = {"model", "loss", "data", "optimizer", "hardware", "logger", "experiment"}  # in config.yaml's defaults
+# data=jsonl reads a file: the composition root refuses a missing one, so point it at a real one
+PAIRS = Path(__file__).resolve().parents[1] / "data" / "pairs.jsonl"
+REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"],
+            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"],
+            "evaluation/judge/reward_model": ["evaluation.judge.name_or_path=org/reward-model"],
+            "evaluation/judge/openai": ["evaluation.judge.base_url=http://localhost:8000/v1",
+                                        "evaluation.judge.model=judge"]}
+# The paper recipes run on a CUDA GPU with a 4-bit base; planned here on CPU (tests/integration/test_recipes.py tests them as they are).
+ON_CPU = ["hardware=cpu", "model.lora.load_in_4bit=false"]
+for _name in ("qwen_math", "llama3_8b"):
+    REQUIRED[f"model/{_name}"] = REQUIRED[f"recipe/{_name}"] = ON_CPU
+
+
+def options():
+    for path in sorted(CONF.rglob("*.yaml")):
+        rel = path.relative_to(CONF).with_suffix("")
+        if rel.parts[0] in ("hydra",) or rel.parent == Path("."):
+            continue  # hydra/launcher presets: tests/cluster/test_launchers.py; config.yaml and the root files it includes: below
+        yield str(rel.parent), rel.name
+
+
+@pytest.mark.parametrize("group,option", list(options()), ids=lambda x: x)
+def test_every_yaml_composes_and_instantiates(group, option):
+    if group == "recipe":  # chosen by the model preset of the same name (config.yaml: optional recipe: ${model})
+        override = f"model={option}"
+    elif group == "benchmark":  # every benchmark is composed already (benchmark.<name>)
+        override = f"evaluation.benchmarks=[{option}]"
+    elif group in MAIN_GROUPS:
+        override = f"{group}={option}"
+    elif group in ("model/lora", "pairs/labeler", "evaluation/judge"):  # groups with a default of their own: replaced, not appended
+        override = f"{group}={option}"
+    else:
+        override = f"+{group}={option}"
+    cfg = compose_cfg([override, *REQUIRED.get(f"{group}/{option}", [])], tiny=False)
+    if group == "hardware" and option == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            plan(cfg)
+        return
+    run = plan(cfg)  # hardware, loss, train, model, data source, logger: all built, nothing loaded
+    assert run.loss.key == cfg.loss.key and run.train.steps == cfg.steps
+    node = cfg
+    for part in (["benchmark", option] if group == "benchmark" else [] if group == "recipe" else group.split("/")):
+        node = node.get(part) if node is not None else None  # an experiment overlay has no node of its own
+    if node is not None and "_target_" in node:
+        assert instantiate(node) is not None
+
+
+def test_defaults_compose_to_the_embedded_run():
+    run = plan(compose_cfg([], tiny=False))
+    assert run.model.arch == "qwen2" and run.loss.key == "dpo" and run.loss.hparams["beta"] == 0.1
+    assert run.hardware.strategy == "none" and run.wandb is None
+
+
+@pytest.mark.parametrize("model,hub_id", [("qwen_math", "Qwen/Qwen2.5-Math-7B"),
+                                          ("qwen_math_instruct", "Qwen/Qwen2.5-Math-7B-Instruct"),
+                                          ("qwen_math_1_5b", "Qwen/Qwen2.5-Math-1.5B"),
+                                          ("llama3_8b", "meta-llama/Llama-3.1-8B-Instruct"),
+                                          ("llama3_8b_base", "meta-llama/Llama-3.1-8B")])
+def test_real_model_presets(model, hub_id):
+    run = plan(compose_cfg([f"model={model}", "beta=0.1", "loss=bpo", *REQUIRED.get(f"model/{model}", [])], tiny=False))
+    assert run.model.name_or_path == hub_id and run.model.dtype == "bfloat16"
+    assert run.model.attn_implementation == "auto" and run.model.gradient_checkpointing
+    assert run.loss.hparams == {"beta": 0.1, "alpha": 0.3, "form": "hinge"}
+
+
+def test_cfg_job_shows_hub_id_dtype_and_attention(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "prefopt.run", "model=qwen_math", "--cfg", "job"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "name_or_path: Qwen/Qwen2.5-Math-7B" in out.stdout
+    assert "dtype: bfloat16" in out.stdout and "attn_implementation: auto" in out.stdout
