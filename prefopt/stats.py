@@ -123,6 +123,7 @@ def preservation_metrics(before: Mapping[str, Mapping[int, bool]], after: Mappin
     for name in sorted(set(before) & set(after)):
         for what, interval in preservation(before[name], after[name]).items():
             if interval is not None:
+                assert interval.low is not None and interval.high is not None  # Clopper-Pearson: always bounded
                 metrics[f"{prefix}/{what}/{name}"] = interval.estimate
                 metrics[f"{prefix}/{what}_low/{name}"] = interval.low
                 metrics[f"{prefix}/{what}_high/{name}"] = interval.high
@@ -183,7 +184,9 @@ def seed_accuracy(runs: Sequence[Mapping[int, bool]]) -> Interval:
     """Accuracy over seeds (one {problem: correct} per seed, on the problems all share) with its interval."""
     problems = _shared(runs)
     grid = _grid(runs, problems)
-    estimate, low, high = _two_level(grid, np.ones_like(grid))
+    result = _two_level(grid, np.ones_like(grid))
+    assert result is not None  # _shared found problems: the denominator is positive
+    estimate, low, high = result
     return Interval(estimate, low, high, len(problems), BOOTSTRAP)
 
 
@@ -208,7 +211,9 @@ def paired_difference(runs: Sequence[Mapping[int, bool]], baseline: Sequence[Map
         raise StatsError(f"a paired difference needs the same seeds: {len(runs)} runs vs {len(baseline)} baseline")
     problems = _shared([*runs, *baseline])
     a, b = _grid(runs, problems), _grid(baseline, problems)
-    estimate, low, high = _two_level(a - b, np.ones_like(a))
+    result = _two_level(a - b, np.ones_like(a))
+    assert result is not None  # _shared found problems: the denominator is positive
+    estimate, low, high = result
     wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     p = 1.0 if wins + losses == 0 else float(sps.binomtest(wins, wins + losses, 0.5).pvalue)
     return Difference(estimate, low, high, p, a.size, f"{BOOTSTRAP}; exact McNemar p ({wins} vs {losses} discordant)")
@@ -224,7 +229,7 @@ def scalar_mean(values: Sequence[float | None], bounds: tuple[float, float] | No
     """The mean of one value per seed with its Student-t 95% interval (none for a single seed); with `bounds`
     (a share: (0, 1)) the interval is cut to them, where the value itself can lie."""
     interval = _t_mean(values)
-    if bounds is None or interval is None or interval.low is None:
+    if bounds is None or interval is None or interval.low is None or interval.high is None:
         return interval
     return Interval(interval.estimate, max(interval.low, bounds[0]), min(interval.high, bounds[1]), interval.n,
                     interval.method + f", cut to [{bounds[0]:g}, {bounds[1]:g}]")
@@ -259,4 +264,5 @@ def scalar_difference(values: Sequence[float | None], baseline: Sequence[float |
         return Difference(float(d[0]), float(d[0]), float(d[0]), 1.0 if d[0] == 0 else None, int(d.size),
                           "paired t (no spread between seeds)")
     p = float(sps.ttest_rel([v for v, _ in pairs], [b for _, b in pairs]).pvalue)
+    assert interval is not None  # two seeds or more
     return Difference(interval.estimate, interval.low, interval.high, p, int(d.size), "paired t-test over seeds")

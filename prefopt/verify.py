@@ -348,6 +348,7 @@ class AnswerChecker:
                 except (EOFError, OSError):  # the worker died (out of memory, a crash in sympy's C code)
                     if w.state == "starting":
                         raise RuntimeError(f"answer-checker worker {w.proc.pid} died while starting")
+                    assert w.index is not None  # a busy worker: the starting ones raised above
                     log.warning("answer-checker worker %s died on answer %d", w.proc.pid, w.index)
                     results[w.index] = Verdict(False, "error", None)
                     remaining -= 1
@@ -368,6 +369,7 @@ class AnswerChecker:
             now = time.monotonic()
             for w in list(self._workers):
                 if w.state == "busy" and now >= w.deadline:
+                    assert w.index is not None  # busy workers have an answer
                     results[w.index] = Verdict(False, "timeout", None)
                     remaining -= 1
                     self.timeouts += 1

@@ -59,7 +59,8 @@ def problems(n: int, seed: int, max_operand: int, ops: str, exclude: set | None 
     if n > space - len(exclude):
         raise ConfigError(f"data: {n} distinct problems requested but only {space - len(exclude)} exist "
                           f"with max_operand={max_operand}, ops={ops!r}")
-    rng, seen, out = random.Random(seed), set(exclude), []
+    rng, seen = random.Random(seed), set(exclude)
+    out: list[tuple[int, str, int]] = []
     while len(out) < n:
         p = (rng.randint(0, max_operand), rng.choice(ops), rng.randint(0, max_operand))
         if p not in seen:
@@ -143,7 +144,7 @@ class ArithmeticData:
             return set()
         return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n)))
 
-    def pairs(self, probs: list, seed: int, prefix: str, miscopied: set[int] = frozenset()) -> list[PreferencePair]:
+    def pairs(self, probs: list, seed: int, prefix: str, miscopied: set[int] | frozenset[int] = frozenset()) -> list[PreferencePair]:
         rng = random.Random(seed)
         out = []
         for i, (a, op, b) in enumerate(probs):

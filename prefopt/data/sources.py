@@ -148,7 +148,7 @@ def split_implicit(chosen, rejected, where: str) -> tuple[Any, str, str]:
 def _pair_values(row: dict, where: str, fields: dict[str, str], implicit: bool) -> dict[str, Any] | None:
     """prompt/chosen/rejected of a row (replies as strings); None for an implicit-prompt row whose two
     conversations are identical (nothing to split: counted as identical)."""
-    values = {}
+    values: dict[str, Any] = {}
     for ours in (("chosen", "rejected") if implicit else FIELDS):
         theirs = fields[ours]
         value = _get(row, theirs)

@@ -20,7 +20,8 @@ def sft_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None) -> 
     spec = loop.start_spec(spec)
     run_log = RunLog(run_dir, {"warmup": vars(loop.warmup)}, wandb, enabled=hardware.is_main)
     model, tokenizer, result = loop.run_warmup(spec, data, hardware, run_dir, run_log=run_log)
-    metrics, details = dict(result["metrics"]), {}
+    metrics = dict(result["metrics"])
+    details: dict = {}
     if loop.switches.evaluate and hardware.is_main:
         verified, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
         metrics.update(verified)

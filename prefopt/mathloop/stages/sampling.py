@@ -137,7 +137,8 @@ def build_pairs(
     for i, (prompt, completions, checks) in enumerate(zip(prompts, samples, verdicts)):
         if len(completions) != len(checks):
             raise DataError(f"prompt {i}: {len(completions)} samples but {len(checks)} verdicts")
-        right, wrong = [], []
+        right: list[int] = []
+        wrong: list[int] = []
         for j, (text, verdict) in enumerate(zip(completions, checks)):
             status = _status(verdict, f"prompt {i}, sample {j}")
             setattr(stats, status, getattr(stats, status) + 1)

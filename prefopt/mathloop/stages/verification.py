@@ -109,7 +109,9 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
     An output with no extractable answer is wrong and counted as `no_answer`; a checker timeout is wrong
     and counted as `timeout` (the counts are in `details[benchmark]`).
     """
-    metrics, details, greedy_scores, sampled_scores = {}, {}, [], []
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    greedy_scores, sampled_scores = [], []
     if not benchmarks:  # evaluation.benchmarks=[]: nothing to score, and no mean of nothing
         return metrics, details
     for spec, rows in benchmarks:
@@ -121,7 +123,7 @@ def evaluate_policy(generator: Generator, tokenizer, benchmarks: Sequence[tuple[
         greedy = generator.generate(prompts, n=1, temperature=0.0, seed=config.seed)
         outputs = [texts[0] for texts in greedy.texts]
         verdicts = checker.check_many(outputs, golds)
-        result = score(verdicts)
+        result: dict[str, Any] = score(verdicts)
         result["unfinished"] = sum(not f[0] for f in greedy.finished)
         samples = [{"benchmark": spec.name, "index": r["index"], "problem": r["problem"], "prompt": p, "output": o,
                     "extracted": v.extracted, "gold": g, "correct": v.correct, "status": v.status}
