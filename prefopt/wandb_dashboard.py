@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         import wandb_workspaces.workspaces as ws
     except ImportError:
         print("prefopt.wandb_dashboard: error: the optional package wandb-workspaces is not installed "
-              "(pip install wandb-workspaces), or make the dashboard by hand: README, 'W&B dashboards'",
+              "(pip install wandb-workspaces), or make the dashboard by hand: docs/reports.md, 'W&B dashboards'",
               file=sys.stderr)
         return 2
     try:

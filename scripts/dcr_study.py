@@ -1,6 +1,6 @@
-"""The README's DCR-study table: run the seed sweep, then print the table with the date, machine and command.
+"""The DCR study's table (docs/results/): run the seed sweep, then print the table with the date, machine and command.
 
-    python scripts/dcr_study.py                                  # 5 losses x 3 seeds, the README's table
+    python scripts/dcr_study.py                                  # 5 losses x 3 seeds, docs/results/dcr_arith.md
     python scripts/dcr_study.py --losses dpo,bpo --seeds 0,1 --extra experiment=dcr_mini
     python scripts/dcr_study.py --sweep-dir outputs/dcr_arith/2026-11-30/21-55-00   # table of a finished sweep
 
@@ -8,7 +8,7 @@ It runs `python -m prefopt.run -m experiment=<experiment> loss=<losses> seed=<se
 `--sweep-dir` names a finished sweep), then `prefopt.reporting.dcr_table.write_dcr_table` over the sweep, and prints
 a header (UTC date, machine: CPU model, cores, load average, torch threads; the exact command; the sweep's wall
 time) followed by the table per loss over seeds (95% intervals, paired differences against DPO,
-preservation/improvement) that the README shows. Wall times depend on the machine and on its other load.
+preservation/improvement) that docs/results/ shows. Wall times depend on the machine and on its other load.
 """
 
 from __future__ import annotations

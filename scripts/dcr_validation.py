@@ -1,4 +1,4 @@
-"""The DCR miniature's settings sweep on the validation split: run it, then print the table the README shows.
+"""The DCR miniature's settings sweep on the validation split: run it, then print the table docs/studies.md shows.
 
     python scripts/dcr_validation.py                          # the documented grid, DPO, seed 0, on arith_val
     python scripts/dcr_validation.py --sweep-dir DIR [DIR...]  # the table of finished sweeps

@@ -30,7 +30,7 @@ Per size, three more rows on the same weights and pairs (skipped with a one-line
   and its tokens/s counts its own tokens (2·prompt + chosen + rejected per pair) over the median step after the first.
 
 With vLLM installed and a GPU visible, each size also gets greedy generation of 64 prompts x 2048 new tokens
-(new tokens/s; untested so far: no GPU in the session that wrote it). `--dry`: one step per row, a 2-layer model.
+(new tokens/s; not yet run on a GPU). `--dry`: one step per row, a 2-layer model.
 """
 
 from __future__ import annotations

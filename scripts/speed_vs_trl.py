@@ -3,7 +3,7 @@
     python scripts/speed_vs_trl.py [--steps 12] [--large-steps 5] [--json rows.json] [--vocab small,qwen]
                                       [--reference live,cached] [--precision bf16|fp32]
 
-The workload (issue 6): a tiny Qwen2 (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024, tied
+The workload (docs/performance.md): a tiny Qwen2 (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024, tied
 embeddings) with a 128-token ("small") or Qwen's 151,936-token ("qwen") vocabulary; prefopt's character-level
 arithmetic pairs without a chat template; 32 pairs per optimizer step; DPO sigmoid, β = 0.1; AdamW, lr 5e-4,
 gradient clipping at 1.0; no evaluation during training. Both tools start from the same weights and the same

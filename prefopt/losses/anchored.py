@@ -48,7 +48,7 @@ def bco_pair(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.
     """Paired BCO: −log σ(β r̂_w) − log σ(−β r̂_l), each response classified on its own log-ratio.
 
     Jung et al. 2024, arXiv 2404.04656, in the paired form TRL calls `bco_pair`: without BCO's running
-    reward shift δ (spec/losses.md).
+    reward shift δ (docs/losses.md).
     """
     check_positive("beta", beta)
     rw, rl = log_ratios(policy, reference, "bco_pair")

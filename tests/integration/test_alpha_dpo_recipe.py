@@ -1,4 +1,4 @@
-"""`model=llama3_8b experiment=alpha_dpo_ultrafeedback` composes to the README's table of the α-DPO recipe."""
+"""`model=llama3_8b experiment=alpha_dpo_ultrafeedback` composes to the table of the α-DPO recipe in docs/recipes.md."""
 
 from __future__ import annotations
 

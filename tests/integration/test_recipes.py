@@ -28,13 +28,13 @@ SUFFIX = " Let's think step by step and output the final answer within \\boxed{}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BENCHMARKS = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench"]
 
-# The README's recipe tables, key by key. Sources: [P] the BPO paper (Sun et al. 2025, arXiv 2506.03557) as
-# issue 13 summarises it: QLoRA NF4 + double quant, r = alpha = 16 on q,k,v,o,gate,up,down, bf16, reference = base
+# The recipe tables of docs/recipes.md, key by key. Sources: [P] the BPO paper (Sun et al. 2025, arXiv 2506.03557) as
+# summarised here: QLoRA NF4 + double quant, r = alpha = 16 on q,k,v,o,gate,up,down, bf16, reference = base
 # with adapters off, beta 0.1, lr 5e-6, constant schedule with 3% warm-up, 2 epochs, effective batch 8 pairs,
 # max length 2048, max prompt 256, no SFT warm-up, on-policy verified pairs, greedy pass@1 with >= 2048 new tokens
 # on five benchmarks (mean = headline), the `qwen25-math-cot-extra` prompt; [H] the Qwen2.5-Math evaluation
 # harness (system message and user suffix of that prompt type); [M] the model card (hub id); [D] prefopt's own
-# choice where neither says (marked in the README).
+# choice where neither says (marked in docs/recipes.md).
 COMMON = {
     "model.dtype": "bfloat16",  # [P]
     "model.lora.r": 16, "model.lora.alpha": 16, "model.lora.target_modules": LORA_TARGETS,  # [P]

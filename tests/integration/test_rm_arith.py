@@ -28,7 +28,7 @@ def test_rm_arith_end_to_end(tmp_path):
     assert len(rows) == 50 and {"policy_score", "baseline_score", "preference"} <= set(rows[0])
     reward = json.loads(next((tmp_path / "cache" / "reward").glob("*/reward.json")).read_text())
     # agreement with the checker on three held-out sets, each with its interval (the figures themselves move with the
-    # machine's arithmetic: the README reports them, with what they mean)
+    # machine's arithmetic: docs/studies.md reports them, with what they mean)
     assert reward["agreement"]["pairs"] == 50
     for name in ("agreement", "on_policy_agreement", "fresh_answer_agreement"):
         a = reward[name]
@@ -39,8 +39,8 @@ def test_rm_arith_end_to_end(tmp_path):
     # checker lies well above chance: fresh answers of the training problems, drawn as the labeller draws the answers it
     # ranks (0.765 [0.709, 0.819] on the 2-core machine, 2026-12-01; the lowest low over five reward seeds was 0.673),
     # and the data's held-out pairs (0.78 [0.64, 0.885]; lowest low 0.597). On the policy's samples of unseen problems
-    # the estimate is above chance (0.617; lowest over five seeds 0.580), its interval not on every seed (README); the
-    # bound is ½ itself, since another CPU's float order trains another model.
+    # the estimate is above chance (0.617; lowest over five seeds 0.580), its interval not on every seed
+    # (docs/studies.md); the bound is ½ itself, since another CPU's float order trains another model.
     assert reward["measured_on"] == {"k": 8, "temperature": 0.7} and reward["reward"]["ema"] == 0.995
     assert reward["fresh_answer_agreement"]["low"] > 0.6, reward["fresh_answer_agreement"]
     assert reward["agreement"]["low"] > 0.5, reward["agreement"]

@@ -1,7 +1,8 @@
 """Answer checking as good as the Qwen2.5-Math harness: gold answers as MATH-500, OlympiadBench and Minerva write them.
 
 Each gold, written back by a model as `\\boxed{gold}`, must verify; the same output against a near-miss gold must
-not. The three golds reported wrong in issue 14 (`\\$18.90`, `\\$32,\\!348`, `$221,$8$`) come first.
+not. The three golds math-verify alone marked wrong (`\\$18.90`, `\\$32,\\!348`, `$221,$8$`) come first
+(docs/decisions.md#answer-checking).
 """
 
 from __future__ import annotations

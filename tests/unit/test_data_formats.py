@@ -17,7 +17,7 @@ SYSTEM = {"role": "system", "content": "You are a careful math tutor."}
 TURNS = [SYSTEM, {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
          {"role": "user", "content": "And 3 + 5?"}]
 
-# One row of each format (TRL's dataset-formats guide), as the README shows them.
+# One row of each format (TRL's dataset-formats guide), as docs/data.md shows them.
 FORMATS = {
     "standard": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
     "standard_implicit": {"chosen": "The sky is blue.", "rejected": "The sky is green."},

@@ -1,4 +1,4 @@
-"""The second batch of losses (spec/losses.md, "More losses"): worked numbers, limits, sorting, mixtures, sweeps."""
+"""The second batch of losses (docs/losses.md, §6): worked numbers, limits, sorting, mixtures, sweeps."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ without `__init__` (no model, no dataset), with stub models whose forward return
 TRL's fused LM head (`log_probs`, `log_sum_sq_probs`, `entropy`, `is_top1`, `mean_logits`). TRL returns the
 batch mean, so the per-pair comparison feeds one pair per call; AOT, which sorts over the batch, is compared
 on whole batches. Where prefopt differs from TRL on purpose the matching setting is used and the difference is
-asserted (see README, "Losses"): rewards are β·r̂ on the plain sums for LD-DPO (TRL: on the desensitised sums).
+asserted (docs/losses.md#trl-parity): rewards are β·r̂ on the plain sums for LD-DPO (TRL: on the desensitised sums).
 """
 
 from __future__ import annotations
