@@ -3,6 +3,7 @@
     python scripts/dcr_study.py                                  # 5 losses x 3 seeds, docs/results/dcr_arith.md
     python scripts/dcr_study.py --losses dpo,bpo --seeds 0,1 --extra experiment=dcr_mini
     python scripts/dcr_study.py --sweep-dir outputs/dcr_arith/2026-11-30/21-55-00   # table of a finished sweep
+    python scripts/dcr_study.py --experiment dcr_mini --doc docs/results/dcr_mini.md   # also write the results page
 
 It runs `python -m prefopt.run -m experiment=<experiment> loss=<losses> seed=<seeds> [extra...]` (unless
 `--sweep-dir` names a finished sweep), then `prefopt.reporting.dcr_table.write_dcr_table` over the sweep, and prints
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prefopt.reporting.dcr_table import write_dcr_table  # noqa: E402
+from prefopt.reporting.doc_page import write_doc_page  # noqa: E402
 
 
 def machine() -> str:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     ap.add_argument("--sweep-dir", help="a finished sweep: print its table without running anything (with the "
                     "date, machine and command of the run that made it, from its study_header.md)")
+    ap.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     args = ap.parse_args(argv)
     started = datetime.now(timezone.utc)
     if args.sweep_dir:
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     result = write_dcr_table([sweep], echo=False)
     print(result["intervals"])
     print(f"\nEvery run: {result['files']['md']}")
+    if args.doc:
+        body = (text.replace("## ", "### ", 1) + "\n" + result["intervals"] + "\n\n[Studies](../studies.md) says what "
+                "the columns mean and what the table shows.")
+        print(f"wrote {write_doc_page(args.doc, f'DCR study: experiment={args.experiment}', body)}")
     return 0
 
 

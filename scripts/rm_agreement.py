@@ -2,6 +2,7 @@
 
     python scripts/rm_agreement.py                                   # reward seeds 0,1,2, the experiment's defaults
     python scripts/rm_agreement.py --seeds 0,1,2 reward.source=data reward.steps=300 reward.lr=3e-4
+    python scripts/rm_agreement.py --seeds 0,1,2,3,4 --doc docs/results/rm_agreement.md   # also write the results page
 
 Composes `experiment=rm_arith` with the overrides given, then for each seed runs only the (cached) warm-up and the
 (cached) reward stage with `reward.seed` set to it: the warm-up, and so the policy whose answers are judged, is the
@@ -27,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from prefopt.reporting.doc_page import write_doc_page  # noqa: E402
 
 SETS = (("agreement", "held-out data pairs"), ("on_policy_agreement", "held-out problems' samples"),
         ("fresh_answer_agreement", "fresh answers, training problems"))
@@ -65,6 +68,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2],
                         help="reward.seed values, comma-separated (default 0,1,2)")
+    parser.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=rm_arith")
     args = parser.parse_args(argv)
     rows = []
@@ -75,14 +79,21 @@ def main(argv=None) -> None:
             print(f"seed {seed}: " + "; ".join(f"{name} {cell(record[key])}" for key, name in SETS), flush=True)
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; experiment=rm_arith {' '.join(args.overrides)}\n")
-    print("| reward.seed | source | train pairs | " + " | ".join(name for _, name in SETS) + " | seconds |")
-    print("|---|---|---|" + "---|" * len(SETS) + "---|")
+    lines = ["| reward.seed | source | train pairs | " + " | ".join(name for _, name in SETS) + " | seconds |",
+             "|---|---|---|" + "---|" * len(SETS) + "---|"]
     for seed, record in rows:
         pairs = sum(v for k, v in record["training"].items() if k.endswith("_pairs"))
-        print(f"| {seed} | {record['reward']['source']} | {pairs} | "
-              + " | ".join(cell(record[key]) for key, _ in SETS) + f" | {record['seconds']:.0f} |")
+        lines.append(f"| {seed} | {record['reward']['source']} | {pairs} | "
+                     + " | ".join(cell(record[key]) for key, _ in SETS) + f" | {record['seconds']:.0f} |")
     means = [mean([record[key]["agreement"] for _, record in rows]) for key, _ in SETS]
-    print(f"| mean of {len(rows)} | | | " + " | ".join(means) + " | |")
+    lines.append(f"| mean of {len(rows)} | | | " + " | ".join(means) + " | |")
+    print("\n".join(lines))
+    if args.doc:
+        body = ("Agreement of the tiny reward model of `experiment=rm_arith` with the answer checker, per reward seed: "
+                "the share of the checker's (correct, wrong) pairs it orders the same way, with its 95% interval and "
+                "the number of pairs. [Studies](../studies.md) says what it shows.\n\n" + "\n".join(lines))
+        title = "Reward-model agreement with the answer checker, over reward seeds"
+        print(f"\nwrote {write_doc_page(args.doc, title, body)}")
 
 
 if __name__ == "__main__":

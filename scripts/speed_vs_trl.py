@@ -1,6 +1,7 @@
 """prefopt vs TRL's `DPOTrainer` on one DPO workload: steps/s, tokens/s, peak RSS, model-FLOPs utilisation.
 
     python scripts/speed_vs_trl.py [--steps 12] [--large-steps 5] [--json rows.json] [--vocab small,qwen]
+    python scripts/speed_vs_trl.py --doc docs/results/speed_vs_trl.md   # also write the documentation's results page
                                       [--reference live,cached] [--precision bf16|fp32]
 
 The workload (docs/performance.md): a tiny Qwen2 (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024, tied
@@ -239,6 +240,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prefopt-args", default="train.compile=true",
                     help="extra prefopt overrides, space-separated (default: train.compile=true)")
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
+    ap.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=int, help=argparse.SUPPRESS)
@@ -255,11 +257,11 @@ def main(argv=None) -> None:
     peaks = {dt: matmul_peak_gflops(dt) for dt in ("fp32", "bf16")}
     _, tokenized, _ = dataset(n_train(args.steps))
     tps = tokens_per_step(tokenized)  # the same pairs at both vocabularies: the large one runs fewer steps of them
-    print(f"# {args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
-          f"bf16; {len(tokenized)} pairs, "
-          f"{tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, {tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; "
-          f"{args.steps} steps ({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up",
-          flush=True)
+    setup = (f"{args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
+             f"bf16; {len(tokenized)} pairs, {tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, "
+             f"{tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; {args.steps} steps "
+             f"({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up")
+    print(f"# {setup}", flush=True)
     rows = []
     for vocab in args.vocab.split(","):
         params = param_count(VOCABS[vocab])
@@ -287,9 +289,20 @@ def main(argv=None) -> None:
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.doc:
+        from prefopt.reporting.doc_page import write_doc_page
+
+        body = (f"{setup}. [Performance](../performance.md#speed-against-trl) describes the workload and what the "
+                f"figures mean.\n\n{table_text(rows)}")
+        print(f"wrote {write_doc_page(args.doc, 'Speed against TRL 1.16', body)}")
 
 
 def print_table(rows: list[dict]) -> None:
+    print(table_text(rows))
+
+
+def table_text(rows: list[dict]) -> str:
+    """The rows as a Markdown table, with the prefopt/TRL ratios."""
     head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "CPU s/step",
             "first step s", "tok/s ×TRL", "RSS ×TRL", "CPU ×TRL")
     lines = []
@@ -305,10 +318,8 @@ def print_table(rows: list[dict]) -> None:
                       f"{r['first_step_s']:.0f}" if "first_step_s" in r else "", ratio, rss, cpu))
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:{'>' if i > 3 else '<'}{w}}}" for i, w in enumerate(widths)) + " |"
-    print(fmt.format(*head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for x in lines:
-        print(fmt.format(*x))
+    return "\n".join([fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(fmt.format(*x) for x in lines)])
 
 
 if __name__ == "__main__":
