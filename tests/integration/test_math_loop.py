@@ -356,7 +356,7 @@ def test_cli_entry_points_chain(tmp_path):  # ~30 s on 2 cores: four Python proc
 
 
 def test_the_default_warmup_makes_a_policy_that_is_sometimes_right(tmp_path):
-    """The issue's bar: the tiny random model, warmed up on the default arithmetic, answers 15-85% of the held-out
+    """What the loop needs: the tiny random model, warmed up on the default arithmetic, answers 15-85% of the held-out
     problems right (greedy, verified), so that sampling gives right and wrong answers to pair. ~25 s on 2 quiet
     cores: the real 350-step warm-up, in one process."""
     out = _cli("prefopt.sft", "train.progress=false", f"hydra.run.dir={tmp_path}/sft", cwd=tmp_path)
