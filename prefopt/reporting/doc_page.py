@@ -34,8 +34,12 @@ def cpu_name() -> str:
 def machine() -> dict[str, str]:
     """What a figure was measured on: platform, CPU and core count, torch version, GPU name ('none' without CUDA)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"platform": platform.platform(), "CPU": f"{cpu_name()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "GPU": gpu}
+    return {
+        "platform": platform.platform(),
+        "CPU": f"{cpu_name()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "GPU": gpu,
+    }
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -43,20 +47,23 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", *(sys.argv if argv is None else argv)])
 
 
-def render_page(title: str, body: str, command: str, when: datetime | None = None,
-                machine_info: dict[str, str] | None = None) -> str:
+def render_page(
+    title: str, body: str, command: str, when: datetime | None = None, machine_info: dict[str, str] | None = None
+) -> str:
     """The page: a title, the header (date, command, machine) and the script's Markdown body."""
     when = when or datetime.now(timezone.utc)
-    rows = [("date", f"{when:%Y-%m-%d %H:%M} UTC"), ("command", f"`{command}`"),
-            *(machine_info or machine()).items()]
+    rows = [("date", f"{when:%Y-%m-%d %H:%M} UTC"), ("command", f"`{command}`"), *(machine_info or machine()).items()]
     header = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    return (f"# {title}\n\n"
-            "This page is written by the command in its header; rerunning that command measures again and replaces "
-            "the page.\n\n"
-            f"| measured | |\n|---|---|\n{header}\n\n{body.strip()}\n")
+    return (
+        f"# {title}\n\n"
+        "This page is written by the command in its header; rerunning that command measures again and replaces "
+        "the page.\n\n"
+        f"| measured | |\n|---|---|\n{header}\n\n{body.strip()}\n"
+    )
 
 
-def write_doc_page(path: str | Path, title: str, body: str, command: str | None = None,
-                   when: datetime | None = None) -> Path:
+def write_doc_page(
+    path: str | Path, title: str, body: str, command: str | None = None, when: datetime | None = None
+) -> Path:
     """Write the results page atomically (`prefopt.io`) and return its path."""
     return atomic_write_text(path, render_page(title, body, command or command_line(), when), what="results page")

@@ -10,8 +10,13 @@ def test_the_page_names_date_command_and_machine_above_the_table():
     info = {"platform": "Linux", "CPU": "AMD EPYC, 2 cores", "torch": "2.13.0", "GPU": "none"}
     page = render_page("Speed", "| a |\n|---|\n| 1 |\n", "python scripts/speed_vs_trl.py --doc x.md", when, info)
     assert page.startswith("# Speed\n")
-    for row in ("| date | 2026-12-01 01:26 UTC |", "| command | `python scripts/speed_vs_trl.py --doc x.md` |",
-                "| CPU | AMD EPYC, 2 cores |", "| torch | 2.13.0 |", "| GPU | none |"):
+    for row in (
+        "| date | 2026-12-01 01:26 UTC |",
+        "| command | `python scripts/speed_vs_trl.py --doc x.md` |",
+        "| CPU | AMD EPYC, 2 cores |",
+        "| torch | 2.13.0 |",
+        "| GPU | none |",
+    ):
         assert row in page
     assert page.index("| GPU | none |") < page.index("| a |") and page.endswith("| 1 |\n")
 
