@@ -1,7 +1,8 @@
 """The training engine: micro-batches, accumulation, clipping, optimizer step, evaluation, logging, checkpoints.
 
-It knows no model names, loss names or distributed strategies: it gets a policy, an optional frozen
-reference, a `Loss` (see `prefopt.losses`), batches of tokenized pairs, and a `Hardware`.
+It knows no model names, loss names or distributed strategies: it gets a policy, a reference provider
+(`prefopt.reference_providers`: a frozen model, the LoRA base, a disk cache or TR-DPO's moving copy; none for a
+reference-free loss), a `Loss` (see `prefopt.losses`), batches of tokenized pairs, and a `Hardware`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
@@ -26,7 +26,8 @@ from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, process_age_s, rng_state, set_rng_state, stop_signals
 from prefopt.io import atomic_dir
 from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, PairLogpsModel, autocast_dtype, packing_layout
-from prefopt.losses import LossOutput, PairLogps
+from prefopt.losses import Loss, LossOutput, PairLogps
+from prefopt.reference_providers import ReferenceProvider
 from prefopt.tracking import RunLog
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class TrainConfig:
             raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {self.packing!r})")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be stop or skip (got {self.on_nonfinite!r})")
+        self.validate_reference_sync()
+
+    def validate_reference_sync(self) -> None:
+        """TR-DPO's settings (`reference_sync.every` / `.alpha`)."""
         every = self.reference_sync_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ConfigError(f"reference_sync.every must be a number of steps >= 1, or null (got {every!r})")
@@ -146,114 +151,96 @@ class MetricSums:
         return {f"{prefix}/{k}": v / max(self.pairs, 1) for k, v in self.sums.items()}
 
 
-class Trainer:
-    """Owns the order that distributed training needs: resume weights → wrap (DDP/FSDP) → optimizer → its state."""
+@dataclass
+class TrainerParts:
+    """The objects a `Trainer` is built from (`TrainConfig` holds its numbers)."""
 
-    def __init__(self, *, policy: torch.nn.Module, reference: torch.nn.Module | None, loss,
-                 optimizer_factory: Callable, scheduler_factory: Callable,
-                 train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
-                 config: TrainConfig, hardware: Hardware, run_log: RunLog | None, run_dir: Path, seed: int,
-                 max_grad_norm: float | None = 1.0, reference_logps: Callable | None = None,
-                 resume_from: Path | None = None, reference_context: Callable | None = None,
-                 config_record: dict | None = None, pair_model: Callable = PairLogpsModel):
-        # pair_model: the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward.bradley_terry)
+    policy: torch.nn.Module
+    loss: Loss
+    optimizer_factory: Callable  # params -> optimizer
+    scheduler_factory: Callable  # optimizer -> learning-rate schedule
+    train_pairs: Sequence[TokenizedPair]
+    eval_pairs: Sequence[TokenizedPair]
+    pad_id: int
+    reference: ReferenceProvider | None = None  # None: a reference-free loss
+    seed: int = 0  # the batch order's
+    max_grad_norm: float | None = 1.0
+    # the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward.bradley_terry)
+    pair_model: Callable = PairLogpsModel
+
+
+class Trainer:
+    """Owns the order that distributed training needs: resume weights → wrap (DDP/FSDP) → optimizer → its state.
+
+    `Trainer(parts, config, hardware, run_dir)` only checks and keeps its parts; `setup()` does that work (it
+    reads checkpoints and wraps the models), then `fit(run_log)` trains.
+    """
+
+    def __init__(self, parts: TrainerParts, config: TrainConfig, hardware: Hardware, run_dir: Path | str):
         config.validate(hardware.world_size)
-        if loss.reference and reference is None and reference_logps is None and reference_context is None:
+        loss = parts.loss
+        if loss.reference and parts.reference is None:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
-        self.policy, self.loss = policy, loss
-        self.cfg, self.hw, self.run_log = config, hardware, run_log
-        self.batcher = PairBatcher(train_pairs, config.batch_size, seed, hardware.rank, hardware.world_size)
-        self.eval_pairs = list(eval_pairs)
-        self.pad_id, self.max_grad_norm = pad_id, max_grad_norm
+        self.parts, self.policy, self.loss, self.reference = parts, parts.policy, loss, parts.reference
+        self.cfg, self.hw = config, hardware
+        self.batcher = PairBatcher(parts.train_pairs, config.batch_size, parts.seed, hardware.rank,
+                                   hardware.world_size)
+        self.eval_pairs = list(parts.eval_pairs)
+        self.pad_id, self.max_grad_norm = parts.pad_id, parts.max_grad_norm
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.device = hardware.torch_device
         self.step = 0
         self.skipped_steps = 0
         self.finished = False  # the final evaluation and checkpoint are done
-        self.config_record = config_record or {}  # what a checkpoint must have been made with to be resumed
-        self.external_reference = reference_logps  # pairs -> reference PairLogps, e.g. prefopt.reference's cache
-        self.packing = packing_layout(config.packing, policy)  # the batch layout: shared_prefix, flat or None
-        self.reference_context = reference_context  # e.g. LoRA: the policy with its adapters switched off
-        self.reference = reference
-        self.sync_every = config.reference_sync_every or 0  # TR-DPO; see `sync_reference`
-        if self.sync_every:
-            self._check_reference_sync()
+        self.config_record: dict = {}  # what a checkpoint must have been made with to be resumed
+        self.packing = packing_layout(config.packing, self.policy)  # the batch layout: shared_prefix, flat or None
+        self.resumed_from: int | None = None
 
+    def setup(self, resume_from: Path | str | None = None, config_record: dict | None = None) -> Trainer:
+        """Resume the weights (from `resume_from`, else this run's checkpoints), wrap the policy and the
+        reference, build the optimizer and schedule, and restore their state; returns the trainer.
+
+        `config_record`: the settings a checkpoint is tied to; one written with others is refused."""
+        self.config_record = config_record or {}
+        hardware, config, parts = self.hw, self.cfg, self.parts
         if hardware.is_main:
             remove_partial(self.ckpt_dir)  # a killed save's `.tmp-step_*` holds the space the next save needs
         # Weights first (into the unwrapped model), so every rank starts from the same full state.
-        found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, policy)
+        found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, self.policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
-        needs = getattr(loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
-        self.policy_logps = hardware.wrap(pair_model(policy, config.chunk_elements, autocast, config.compile,
-                                                     fields=needs, diagnostics=config.token_metrics),
-                                          trainable=True)
-        self.reference_model = (hardware.wrap(pair_model(reference, config.chunk_elements, autocast, config.compile,
-                                                         fields=needs), trainable=False)
-                                if reference is not None else None)
-        self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = optimizer_factory(self.params)
-        self.scheduler = scheduler_factory(self.optimizer)
-        self.resumed_from: int | None = None
+        needs = getattr(self.loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
+        self.policy_logps = hardware.wrap(parts.pair_model(self.policy, config.chunk_elements, autocast,
+                                                           config.compile, fields=needs,
+                                                           diagnostics=config.token_metrics), trainable=True)
+        if self.reference is not None:
+            self.reference.attach(policy=self.policy, policy_logps=self.policy_logps, hardware=hardware,
+                                  wrap=lambda model: hardware.wrap(parts.pair_model(
+                                      model, config.chunk_elements, autocast, config.compile, fields=needs),
+                                      trainable=False))
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = parts.optimizer_factory(self.params)
+        self.scheduler = parts.scheduler_factory(self.optimizer)
         if found is not None:
             self._restore(*found)
         elif resume_from:
             raise ConfigError(f"resume={resume_from}: no complete checkpoint there")
+        return self
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def reference_logps(self, batch: PreferenceBatch) -> PairLogps | None:
-        if not self.loss.reference:
+    def reference_logps(self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair]) -> PairLogps | None:
+        if not self.loss.reference or self.reference is None:  # (None only for a reference-free loss)
             return None
-        if batch.reference is not None:
-            return batch.reference
         with torch.no_grad():
-            if self.reference_context is not None:
-                with self.reference_context():
-                    return self.policy_logps(batch)
-            return self.reference_model(batch)
-
-    def _check_reference_sync(self) -> None:
-        every = f"reference_sync.every={self.sync_every}"
-        if not self.loss.reference:
-            raise ConfigError(f"{every}: loss {self.loss.key!r} is reference-free, there is no reference to update; "
-                              f"set reference_sync.every=null")
-        if self.external_reference is not None:
-            raise ConfigError(f"{every} cannot be combined with reference_cache: the cache holds the initial "
-                              f"reference's log-probs, which TR-DPO changes; set reference_cache=null")
-        if self.reference is None:  # LoRA: the reference is the policy with its adapters off
-            raise ConfigError(f"{every} is not supported with LoRA (the reference is the base model, adapters off, "
-                              f"which cannot move); set reference_sync.every=null or train without LoRA")
-
-    @torch.no_grad()
-    def sync_reference(self) -> None:
-        """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): θ_ref ← α·θ + (1 − α)·θ_ref (α = 1: a copy).
-
-        Parameter by parameter on the unwrapped modules, so under FSDP each rank updates its own shard of
-        the reference from the same shard of the policy (both are sharded alike), and under DDP every rank
-        holds the same policy after the step: the reference stays identical on every rank.
-        """
-        alpha = float(self.cfg.reference_sync_alpha)
-        for wrapped in (self.policy_logps, self.reference_model):  # FSDP2 keeps the root unsharded after a forward
-            for module in wrapped.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-        ref = dict(self.reference.named_parameters())
-        for name, p in self.policy.named_parameters():
-            if alpha == 1.0:
-                ref[name].copy_(p)
-            else:
-                ref[name].lerp_(p.to(ref[name].dtype), alpha)
+            return self.reference.logps(batch, pairs)
 
     def collate(self, pairs: Sequence[TokenizedPair]) -> PreferenceBatch:
-        """A micro-batch on the device, with its cached reference log-probs when a cache is in use."""
-        batch = collate(pairs, self.pad_id, packing=self.packing).to(self.device)
-        if self.external_reference is not None and self.loss.reference:
-            batch.reference = self.external_reference(pairs)
-        return batch
+        """A micro-batch on the device."""
+        return collate(pairs, self.pad_id, packing=self.packing).to(self.device)
 
-    def forward_loss(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
+    def forward_loss(self, batch: PreferenceBatch,
+                     pairs: Sequence[TokenizedPair]) -> tuple[LossOutput, PairLogps, PairLogps | None]:
         policy = self.policy_logps(batch)
-        reference = self.reference_logps(batch)
+        reference = self.reference_logps(batch, pairs)
         return self.loss(policy, reference), policy, reference
 
     def accumulate(self, pairs: Sequence[TokenizedPair], step: int) -> tuple[MetricSums, int]:
@@ -261,7 +248,7 @@ class Trainer:
         sums, tokens = MetricSums(), 0
         for micro in micro_batches(pairs, self.cfg.micro_batch_size):
             batch = self.collate(micro)
-            out, policy, reference = self.forward_loss(batch)
+            out, policy, reference = self.forward_loss(batch, micro)
             if not torch.isfinite(out.loss).all():
                 bad = [batch.pair_ids[i] for i in (~torch.isfinite(out.loss)).nonzero().flatten().tolist()]
                 raise _NonFinite(f"non-finite loss at step {step + 1} for pairs {bad}")
@@ -313,7 +300,7 @@ class Trainer:
         share = self.eval_pairs[self.hw.rank:: self.hw.world_size]
         for micro in micro_batches(share, self.cfg.micro_batch_size):
             batch = self.collate(micro)
-            out, policy, reference = self.forward_loss(batch)
+            out, policy, reference = self.forward_loss(batch, micro)
             sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
         self.policy.train()
         self.loss.train()
@@ -324,7 +311,7 @@ class Trainer:
         return {"step": self.step, "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "loss": self.loss.state_dict(), "rng": rng_state(),
                 "skipped_steps": self.skipped_steps, "finished": self.finished, "config": self.config_record,
-                **({"reference": self.hw.full_state_dict(self.reference)} if self.sync_every else {})}
+                **(self.reference.state_dict() if self.reference is not None else {})}
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (collective under FSDP: every rank calls it, rank 0 writes)."""
@@ -354,10 +341,8 @@ class Trainer:
         self.hw.load_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
-        if self.sync_every:  # TR-DPO: the reference as it was at that step, not the initial policy
-            if "reference" not in state:
-                raise ConfigError(f"{path} has no reference weights: it was written without reference_sync.every")
-            self.hw.load_full_state_dict(self.reference, state["reference"])
+        if self.reference is not None:  # TR-DPO: the reference as it was at that step, not the initial policy
+            self.reference.load_state_dict(state, path)
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         # finished = its final evaluation and checkpoint were written; a resume with more steps goes on
@@ -366,9 +351,10 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, self.step)
 
     # -- the loop -------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, run_log: RunLog) -> dict:
+        """Train to `config.steps` (from where `setup` resumed), logging to `run_log`; returns the result."""
         start = time.perf_counter()
-        last: dict[str, float] = self.run_log.history() if self.resumed_from is not None else {}
+        last: dict[str, float] = run_log.history() if self.resumed_from is not None else {}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
                    dynamic_ncols=True)
         with StopSignals() as stop:
@@ -377,12 +363,12 @@ class Trainer:
                 metrics = self.train_step()
                 if self.step == first + 1:
                     log.info("step %d done %.1f s after the process started", self.step, process_age_s())
-                if self.sync_every and self.step % self.sync_every == 0:
-                    self.sync_reference()  # before this step's evaluation and checkpoint
+                if self.reference is not None:
+                    self.reference.after_step(self.step)  # TR-DPO's sync: before this step's evaluation and checkpoint
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
                     metrics.update(self.evaluate())
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    self.run_log.log(self.step, metrics)
+                    run_log.log(self.step, metrics)
                 last.update(metrics)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save()
@@ -395,13 +381,13 @@ class Trainer:
                     bar.close()
                     log.warning("%s received: checkpoint of step %d written to %s in %.2f s; exiting for a requeue",
                                 stop.name, self.step, self.ckpt_dir, time.perf_counter() - t0)
-                    self.run_log.suspend()
+                    run_log.suspend()
                     stop.hand_over()  # to submitit's own handler (it requeues the job), else a clean exit
         bar.close()
         if not self.finished:
             final_eval = self.evaluate()
             if final_eval:
-                self.run_log.log(self.step, final_eval)
+                run_log.log(self.step, final_eval)
                 last.update(final_eval)
             self.finished = True
             self.save()

@@ -30,6 +30,7 @@ from prefopt.io import atomic_target, cache_key
 from prefopt.logprobs import PairLogpsModel, autocast_dtype, packing_layout
 from prefopt.losses import PairLogps
 from prefopt.losses.base import FIELD_GROUPS
+from prefopt.reference_providers import ReferenceProvider
 
 log = logging.getLogger("prefopt")
 
@@ -112,8 +113,9 @@ def reference_key(header: dict[str, Any]) -> str:
 
 
 # -- the values ---------------------------------------------------------------------------------------------
-class ReferenceCache:
-    """Reference `PairLogps` of known pairs: `cache(pairs)` returns them for a micro-batch, on `device`."""
+class ReferenceCache(ReferenceProvider):
+    """Reference `PairLogps` of known pairs: `cache(pairs)` returns them for a micro-batch, on `device`; as the
+    Trainer's reference provider it needs no model."""
 
     def __init__(self, pairs: Sequence[TokenizedPair], values: torch.Tensor, key: str, path: Path | None,
                  device: torch.device | str = "cpu", fields: Sequence[str] = ()):
@@ -134,6 +136,9 @@ class ReferenceCache:
             raise TrainingError(f"pair {exc.args[0].pair_id!r} is not in the reference cache {self.path}") from None
         v = self.values[torch.tensor(idx, device=self.values.device)]
         return PairLogps(**{name: v[:, i] for i, name in enumerate(self.columns)})
+
+    def logps(self, batch, pairs: Sequence[TokenizedPair]) -> PairLogps:
+        return self(pairs)
 
 
 @torch.no_grad()

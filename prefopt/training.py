@@ -3,7 +3,7 @@
 `RunPlan` is what a run needs, as plain objects; the composition root (`prefopt.compose`) builds it from the
 Hydra config, so this module never sees one.
 
-    inputs → policy → reference → trainer → fit and export → verify → summary
+    inputs → policy → reference provider → trainer (set up) and run log → fit and export → verify → summary
 
 Each step is one function below. The verified-math loop (`prefopt.mathloop`) runs its stages before training
 (warm-up, on-policy pairs, accuracy before) and returns what training starts from; the plan itself is never
@@ -23,13 +23,14 @@ from omegaconf import OmegaConf
 from transformers import get_scheduler
 
 from prefopt.data.batching import tokenize_pairs
-from prefopt.engine import Trainer, resolve_steps, resolve_warmup
+from prefopt.engine import Trainer, TrainerParts, resolve_steps, resolve_warmup
 from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
 from prefopt.io import atomic_write_text
 from prefopt.mathloop.loop import MathLoop, Prepared
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
+from prefopt.reference_providers import ReferenceProvider, choose_reference
 from prefopt.tokenizer import save_tokenizer
 from prefopt.tracking import RunLog
 
@@ -126,15 +127,6 @@ class Inputs:
     tokenize_stats: dict
 
 
-@dataclass
-class Reference:
-    """The reference policy in one of its three forms (or none, for a reference-free loss)."""
-
-    model: torch.nn.Module | None = None  # a frozen copy of the initial policy
-    context: Any = None  # LoRA: the policy's own base, adapters switched off
-    cached: ReferenceCache | None = None  # log-probs from the disk cache: no reference model at all
-
-
 def run_directory(plan: RunPlan, run_dir: Path | str | None, default: str = "outputs/run") -> Path:
     return Path(run_dir or plan.info.run_dir or plan.resolved.get("output_dir") or default)
 
@@ -168,40 +160,42 @@ def cached_reference(plan: RunPlan, policy, inputs: Inputs, hw, directory: Path)
                            eval_pairs=inputs.eval_pairs, train_cfg=plan.train, hardware=hw, fields=plan.loss.needs)
 
 
-def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> Reference:
-    """The reference the loss compares with: none, cached log-probs, the LoRA base, or a frozen copy."""
+def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> ReferenceProvider | None:
+    """The reference the loss compares with: none, cached log-probs, the LoRA base, or a frozen copy (moving
+    toward the policy with `reference_sync.every`)."""
     if not plan.loss.reference:
-        return Reference()
+        return choose_reference(plan.loss, plan.train)
     if plan.reference_cache is not None:
-        return Reference(cached=cached_reference(plan, policy, inputs, hw, plan.reference_cache))
+        cache = cached_reference(plan, policy, inputs, hw, plan.reference_cache)
+        return choose_reference(plan.loss, plan.train, cache=cache)
     if inputs.prepared.model.uses_lora:
-        return Reference(context=reference_context(policy))
-    return Reference(model=freeze(copy.deepcopy(policy)))
+        return choose_reference(plan.loss, plan.train, context=reference_context(policy))
+    return choose_reference(plan.loss, plan.train, model=freeze(copy.deepcopy(policy)))
 
 
-def make_trainer(plan: RunPlan, policy, reference: Reference, inputs: Inputs, hw, run_dir: Path) -> Trainer:
+def make_trainer(plan: RunPlan, policy, reference: ReferenceProvider | None, inputs: Inputs, hw,
+                 run_dir: Path) -> tuple[Trainer, RunLog]:
+    """The Trainer, set up (resumed from `resume`, wrapped), and the run's log."""
     if plan.resume not in (None, "auto") and not Path(plan.resume).is_dir():
         raise ConfigError(f"resume={plan.resume}: not a directory of checkpoints")
     config = resolve_steps(plan.train, len(inputs.train_pairs))  # epochs=N: steps from the number of pairs
-    trainer = Trainer(
-        policy=policy, reference=reference.model, loss=plan.loss, optimizer_factory=plan.optimizer_factory,
-        scheduler_factory=plan.schedule.factory(config.steps), train_pairs=inputs.train_pairs,
-        eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, config=config, hardware=hw,
-        run_log=None, run_dir=run_dir, seed=plan.seed, max_grad_norm=plan.max_grad_norm,
+    parts = TrainerParts(policy=policy, loss=plan.loss, reference=reference, optimizer_factory=plan.optimizer_factory,
+                         scheduler_factory=plan.schedule.factory(config.steps), train_pairs=inputs.train_pairs,
+                         eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, seed=plan.seed,
+                         max_grad_norm=plan.max_grad_norm)
+    trainer = Trainer(parts, config, hw, run_dir).setup(
         resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),
-        reference_context=reference.context, reference_logps=reference.cached,
-        config_record=resume_record(plan.resolved),
-    )
+        config_record=resume_record(plan.resolved))
     if plan.resume is None and trainer.resumed_from is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
-    trainer.run_log = RunLog(run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main,
-                             resume_step=trainer.resumed_from)
+    run_log = RunLog(run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main,
+                     resume_step=trainer.resumed_from)
     if hw.is_main:
         atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(plan.resolved), what="resolved config")
         log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir,
                  len(inputs.train_pairs), len(inputs.eval_pairs), plan.loss.key, plan.loss.hparams,
                  f"{sum(q.numel() for q in trainer.params):,}")
-    return trainer
+    return trainer, run_log
 
 
 def name_wandb(plan: RunPlan, run_dir: Path):
@@ -215,9 +209,9 @@ def name_wandb(plan: RunPlan, run_dir: Path):
     return spec
 
 
-def fit_and_export(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path) -> dict:
+def fit_and_export(trainer: Trainer, run_log: RunLog, policy, inputs: Inputs, hw, run_dir: Path) -> dict:
     """Train; write the policy (and, with LoRA, the merged weights) with its tokenizer."""
-    result = trainer.fit()
+    result = trainer.fit(run_log)
     trainer.export(run_dir / "final")
     if hw.is_main:
         save_tokenizer(inputs.tokenizer, run_dir / "final")
@@ -229,13 +223,14 @@ def fit_and_export(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, 
     return result
 
 
-def verify(trainer: Trainer, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path, result: dict) -> dict:
+def verify(trainer: Trainer, run_log: RunLog, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path,
+           result: dict) -> dict:
     """Verified accuracy after training (the loop's last stage); its metrics join the run's. Returns details."""
     prepared = inputs.prepared
     verified, details = plan.loop.verify_after(policy, inputs.tokenizer, prepared, hw, run_dir)
     if verified or prepared.metrics:
         result["metrics"].update({**prepared.metrics, **verified})
-        trainer.run_log.log(trainer.step, {**prepared.metrics, **verified})
+        run_log.log(trainer.step, {**prepared.metrics, **verified})
     return details
 
 
@@ -256,11 +251,11 @@ def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
     inputs = prepare_inputs(plan, hw, run_dir)
     policy = load_policy(inputs, hw)
     reference = make_reference(plan, policy, inputs, hw)
-    trainer = make_trainer(plan, policy, reference, inputs, hw, run_dir)
-    result = fit_and_export(trainer, plan, policy, inputs, hw, run_dir)
-    details = verify(trainer, plan, policy, inputs, hw, run_dir, result)
+    trainer, run_log = make_trainer(plan, policy, reference, inputs, hw, run_dir)
+    result = fit_and_export(trainer, run_log, policy, inputs, hw, run_dir)
+    details = verify(trainer, run_log, plan, policy, inputs, hw, run_dir, result)
     summary = summarize(plan, trainer, inputs, hw, result, details)
-    trainer.run_log.finish(summary)
+    run_log.finish(summary)
     hw.teardown()
     return summary
 

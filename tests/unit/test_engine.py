@@ -95,18 +95,20 @@ def test_dpo_loss_at_step_zero_is_ln2(setup):
 
 
 def _grads_after(model, micro, pairs, tok, cfg_overrides=None):
-    from prefopt.engine import TrainConfig, Trainer
-    from prefopt.hardware import Hardware
     import copy
+
+    from prefopt.engine import TrainConfig, Trainer, TrainerParts
+    from prefopt.hardware import Hardware
+    from prefopt.reference_providers import FrozenReference
 
     policy = copy.deepcopy(model)
     reference = copy.deepcopy(model).eval()
     cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=micro, progress=False)
-    t = Trainer(policy=policy, reference=reference, loss=get_loss("dpo", beta=0.5),
-                optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, config=cfg, hardware=Hardware(device="cpu"),
-                run_log=None, run_dir="/nonexistent", seed=0, max_grad_norm=None)
+    parts = TrainerParts(policy=policy, reference=FrozenReference(reference), loss=get_loss("dpo", beta=0.5),
+                         optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0),
+                         scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                         train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, seed=0, max_grad_norm=None)
+    t = Trainer(parts, cfg, Hardware(device="cpu"), "/nonexistent").setup()
     # one pass of step 0 without the optimizer: make the reference differ so gradients are not trivial
     with torch.no_grad():
         for p in reference.parameters():

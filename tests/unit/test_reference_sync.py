@@ -11,11 +11,12 @@ import torch
 
 from prefopt.data.arith import ArithmeticData
 from prefopt.data.batching import tokenize_pairs
-from prefopt.engine import TrainConfig, Trainer
+from prefopt.engine import TrainConfig, Trainer, TrainerParts
 from prefopt.errors import ConfigError
 from prefopt.hardware import Hardware
 from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+from prefopt.reference_providers import MovingReference, choose_reference
 
 SPEC = ModelSpec(arch="qwen2", config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
@@ -32,29 +33,32 @@ def setup():
 
 
 def trainer(setup, loss="dpo", reference=True, **cfg):
+    """A set-up Trainer with a frozen copy as reference, or (reference=False) a LoRA-like adapters-off context."""
     model, tok, pairs = setup
     policy = copy.deepcopy(model)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
-    return Trainer(policy=policy, reference=ref, loss=get_loss(loss),
-                   optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5),
-                   scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                   train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id,
-                   config=TrainConfig(steps=2, batch_size=4, micro_batch_size=4, progress=False, **cfg),
-                   hardware=Hardware(device="cpu"), run_log=None, run_dir="/nonexistent", seed=0, max_grad_norm=None,
-                   reference_context=None if reference else (lambda: None))
+    config = TrainConfig(steps=2, batch_size=4, micro_batch_size=4, progress=False, **cfg)
+    loss = get_loss(loss)
+    provider = choose_reference(loss, config, model=ref, context=None if reference else (lambda: None))
+    parts = TrainerParts(policy=policy, reference=provider, loss=loss,
+                         optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5),
+                         scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                         train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, seed=0, max_grad_norm=None)
+    return Trainer(parts, config, Hardware(device="cpu"), "/nonexistent").setup()
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_sync_is_the_soft_update_of_the_spec(setup, alpha):
     t = trainer(setup, reference_sync_every=1, reference_sync_alpha=alpha)
-    before = {n: p.detach().clone() for n, p in t.reference.named_parameters()}
+    assert isinstance(t.reference, MovingReference)
+    before = {n: p.detach().clone() for n, p in t.reference.model.named_parameters()}
     t.train_step()
     policy = {n: p.detach().clone() for n, p in t.policy.named_parameters()}
     assert any(not torch.equal(policy[n], before[n]) for n in before)  # the step moved the policy
-    t.sync_reference()
-    for n, p in t.reference.named_parameters():
+    t.reference.sync()
+    for n, p in t.reference.model.named_parameters():
         torch.testing.assert_close(p, alpha * policy[n] + (1 - alpha) * before[n], rtol=1e-6, atol=1e-7)
-    assert all(not p.requires_grad for p in t.reference.parameters())
+    assert all(not p.requires_grad for p in t.reference.model.parameters())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -19,7 +19,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from transformers import AutoModelForSequenceClassification
 
-from prefopt.engine import Trainer
+from prefopt.engine import Trainer, TrainerParts
 from prefopt.errors import ConfigError
 from prefopt.mathloop.judging.win_rates import preference_from_scores
 from prefopt.mathloop.stages.sampling import validate_pair_limit, validate_sampling
@@ -210,16 +210,14 @@ def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs
     # shared-prefix rows: a clean contrast pair shares all but its box, so a step computes about a quarter fewer
     # tokens (the reward stage takes most of experiment=rm_arith's time)
     train = config.train_config(packing="shared_prefix" if packs(model) else False)
-    trainer = Trainer(
-        policy=model, reference=None, loss=BradleyTerry(), optimizer_factory=config.optimizer(optimizer_factory),
-        scheduler_factory=config.scheduler_factory(),
-        train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
-        run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm, pair_model=PairRewardsModel,
-    )
-    trainer.run_log = RunLog(run_dir, {"reward": vars(config)}, None, enabled=hardware.is_main,
-                             resume_step=trainer.resumed_from)
+    parts = TrainerParts(policy=model, loss=BradleyTerry(), optimizer_factory=config.optimizer(optimizer_factory),
+                         scheduler_factory=config.scheduler_factory(), train_pairs=train_pairs, eval_pairs=eval_pairs,
+                         pad_id=pad_id, seed=config.seed, max_grad_norm=max_grad_norm, pair_model=PairRewardsModel)
+    trainer = Trainer(parts, train, hardware, run_dir).setup()
+    run_log = RunLog(run_dir, {"reward": vars(config)}, None, enabled=hardware.is_main,
+                     resume_step=trainer.resumed_from)
     log.info("reward model (Bradley-Terry): %d steps of %d pairs, lr %g", config.steps, config.batch_size, config.lr)
-    result = trainer.fit()
+    result = trainer.fit(run_log)
     if config.ema is not None and use_average(trainer.optimizer):  # the exported model is the average
         log.info("reward model: the exported weights are the moving average of the weights (decay %g)", config.ema)
     result["trainer"] = trainer

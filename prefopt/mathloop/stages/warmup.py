@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import get_scheduler
 
-from prefopt.engine import TrainConfig, Trainer
+from prefopt.engine import TrainConfig, Trainer, TrainerParts
 from prefopt.errors import ConfigError
 from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.tracking import RunLog
@@ -101,17 +101,15 @@ def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence
     """
     train_pairs, eval_pairs = targets_only(train_pairs), targets_only(eval_pairs)
     train = config.train_config(**({"chunk_elements": chunk_elements} if chunk_elements else {}))
-    trainer = Trainer(
-        policy=policy, reference=None, loss=SFTObjective(), optimizer_factory=config.optimizer(optimizer_factory),
-        scheduler_factory=config.scheduler_factory(),
-        train_pairs=train_pairs, eval_pairs=eval_pairs, pad_id=pad_id, config=train, hardware=hardware,
-        run_log=None, run_dir=run_dir, seed=config.seed, max_grad_norm=max_grad_norm,
-    )
-    trainer.run_log = run_log or RunLog(run_dir, {"warmup": vars(config)}, None, enabled=hardware.is_main,
-                                        resume_step=trainer.resumed_from)
+    parts = TrainerParts(policy=policy, loss=SFTObjective(), optimizer_factory=config.optimizer(optimizer_factory),
+                         scheduler_factory=config.scheduler_factory(), train_pairs=train_pairs, eval_pairs=eval_pairs,
+                         pad_id=pad_id, seed=config.seed, max_grad_norm=max_grad_norm)
+    trainer = Trainer(parts, train, hardware, run_dir).setup()
+    run_log = run_log or RunLog(run_dir, {"warmup": vars(config)}, None, enabled=hardware.is_main,
+                                resume_step=trainer.resumed_from)
     if trainer.resumed_from is not None:
         log.info("warm-up resumed at step %d", trainer.resumed_from)
     log.info("warm-up (SFT): %d steps of %d responses, lr %g", config.steps, config.batch_size, config.lr)
-    result = trainer.fit()
+    result = trainer.fit(run_log)
     result["trainer"] = trainer
     return result
