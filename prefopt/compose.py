@@ -305,6 +305,8 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
     objects, found = collect(cfg, read_data, check_inputs)
     if found:
         raise ConfigError(f"{found[0]}{recipe_note()}" if len(found) == 1 else listing(found))
+    if check_inputs:  # a GGUF file becomes an ordinary model directory (converted once) that every stage reads
+        objects["model"] = objects["model"].converted()
     info, tokenize = hydra_info(), tokenize_settings(cfg)
     loop = MathLoop(switches=objects["mathloop"], warmup=objects["warmup"], pairs=objects["pairs"],
                     evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],

@@ -6,6 +6,7 @@ RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID),
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -28,7 +29,7 @@ class Hardware:
     device: str = "auto"  # auto | cpu | cuda
     strategy: str = "none"  # none | ddp | fsdp
     backend: str | None = None  # process-group backend; None = nccl on CUDA, gloo on CPU
-    threads: int | None = None  # torch CPU threads; None = torch's default
+    threads: int | str | None = None  # torch CPU threads; auto = the cores this process may use; None = torch's default
     mixed_precision: str | None = None  # fsdp: "bf16" computes in bf16 over fp32 master weights (upcast first)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     find_unused_parameters: bool = False  # ddp
@@ -40,6 +41,10 @@ class Hardware:
             raise ConfigError(f"hardware.device must be auto, cpu or cuda (got {self.device!r})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("hardware.device=cuda but no CUDA device is visible (use hardware=cpu)")
+        if self.threads == "auto":
+            self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"hardware.threads must be a positive integer, auto or null (got {self.threads!r})")
         self.rank, self.world_size, self.local_rank = ranks.rank(), ranks.world_size(), ranks.local_rank()
         if self.world_size > 1 and self.strategy == "none":
             raise ConfigError(f"{self.world_size} processes were launched but hardware.strategy=none "

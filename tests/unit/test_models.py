@@ -55,7 +55,7 @@ def test_llama_prompts_carry_exactly_one_bos_and_qwen_none(saved):
 
 def test_a_doubled_bos_is_refused():
     tok = load_tokenizer(ModelSpec(arch="llama", config=TINY, tokenizer="char", tokenizer_family="llama3"))
-    with pytest.raises(DataError, match="2 BOS tokens, expected exactly one"):
+    with pytest.raises(DataError, match="2 BOS tokens .* where its chat template writes 1"):
         tokenize_pairs([PreferencePair("<|begin_of_text|>What is 2 + 2?", "4", "5", "p0")], tok, max_length=128,
                        max_prompt_length=64)
 
