@@ -20,6 +20,7 @@ from prefopt.refcache import cache_dir
 def main(cfg: DictConfig) -> None:
     plan = compose.build(cfg)
     directory = plan.reference_cache or cache_dir("auto", plan.loss)
+    assert directory is not None  # "auto" is a directory for a loss with a reference (cache_dir refuses others)
     result = training.build_reference_cache(plan, directory)
     print(f"prefopt: reference log-probs of {result['pairs']} pairs -> {result['path']}")
 

@@ -34,7 +34,8 @@ def validate(cfg: DictConfig) -> None:
 @compose.entry
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("validate") is True:
-        return validate(cfg)
+        validate(cfg)
+        return None
     summary = train(cfg)
     if summary.get("rank", 0) != 0:
         return None

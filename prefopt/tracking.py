@@ -16,7 +16,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefopt.checkpoint import last_complete
 from prefopt.io import append_text, atomic_write_json, atomic_write_text, named_errors, remove_leftovers
@@ -47,6 +47,8 @@ def _clean(value: Any) -> Any:
 class RunLog:
     """Writes one JSON object per logging step; only the main process writes anything."""
 
+    wandb: Any  # the W&B run, None without one
+
     def __init__(self, run_dir: Path, config: dict, wandb_spec: WandbSpec | None = None, enabled: bool = True,
                  resume_step: int | None = None):
         self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
@@ -72,7 +74,7 @@ class RunLog:
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+                if line.strip() and (s := _step_of(line)) is not None and s <= step]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept), "metrics", self._note)
 
     def history(self) -> dict[str, float]:
@@ -94,7 +96,7 @@ class RunLog:
             self.wandb = wandb.init(
                 project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,
                 tags=list(spec.tags), name=spec.name, config=config, id=run_id, resume="allow",
-                dir=str(self.run_dir), mode=spec.mode or os.environ.get("WANDB_MODE") or "online",
+                dir=str(self.run_dir), mode=cast(Any, spec.mode or os.environ.get("WANDB_MODE") or "online"),
                 settings=wandb.Settings(init_timeout=spec.init_timeout, silent=True),
             )
             self.wandb.define_metric("step")

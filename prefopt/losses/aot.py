@@ -13,6 +13,7 @@ from prefopt.losses.base import (
     log_ratios,
     neg_log_sigmoid,
     reference_output,
+    require_reference,
 )
 
 
@@ -35,7 +36,7 @@ def aot(
     check_positive("beta", beta)
     check_label_smoothing("label_smoothing", label_smoothing)
     rw, rl = log_ratios(policy, reference, "aot")
-    ref = reference
+    ref = require_reference(reference, "aot")
     delta = torch.sort(policy.chosen - policy.rejected).values - torch.sort(ref.chosen - ref.rejected).values
     return reference_output(_smoothed_logistic(delta, beta, label_smoothing), beta, rw, rl)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +166,7 @@ def reference_free_output(loss: Tensor, beta: float, policy: PairLogps, **metric
 def check_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(f"loss.{name} must be a finite number (got {value!r})")
-    return value
+    return cast(float, value)
 
 
 def check_positive(name: str, value) -> None:

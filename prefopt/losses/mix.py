@@ -6,6 +6,7 @@ import collections
 from collections.abc import Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
 
 from prefopt.errors import ConfigError
 from prefopt.losses.base import LossOutput, PairLogps, check_number, scalar
@@ -61,11 +62,13 @@ class Mix:
             seen[key] += 1
             self.weights.append(float(weight))
         self.reference = any(loss.reference for loss in self.losses)
-        self.needs = tuple(sorted({n for loss in self.losses for n in loss.needs}))
+        self.needs = tuple(sorted({n for loss in self.losses for n in loss.needs or ()}))
         self.reward_index = next((i for i, loss in enumerate(self.losses) if loss.reference), 0)
 
     def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        total, metrics, rewards = None, {}, None
+        total: Tensor | None = None
+        metrics: dict[str, Tensor] = {}
+        rewards: LossOutput | None = None
         for label, weight, loss in zip(self.labels, self.weights, self.losses):
             out = loss(policy, reference if loss.reference else None)
             total = weight * out.loss if total is None else total + weight * out.loss
@@ -74,6 +77,7 @@ class Mix:
                 metrics[f"{label}/{name.split('/', 1)[1] if name.startswith(loss.key + '/') else name}"] = value
             if loss is self.losses[self.reward_index]:
                 rewards = out
+        assert total is not None and rewards is not None  # a mixture has components (checked in __init__)
         return LossOutput(loss=total, chosen_reward=rewards.chosen_reward, rejected_reward=rewards.rejected_reward,
                           metrics=metrics)
 

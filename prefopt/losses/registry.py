@@ -6,6 +6,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +23,7 @@ def _hyperparameters(target: Callable) -> dict[str, object]:
     """Names and defaults of a loss's hyper-parameters: a function's keyword-only arguments, a class's
     constructor arguments."""
     params = inspect.signature(target).parameters.values()
+    wanted: tuple[inspect._ParameterKind, ...]
     if isinstance(target, type):
         wanted = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     else:
@@ -180,7 +182,7 @@ def get_loss(key: str, **hparams) -> Loss:
     if key not in keys:
         raise ConfigError(f"unknown loss {key!r}; available: {', '.join(keys)}")
     node = OmegaConf.load(conf_dir() / "loss" / f"{key}.yaml")
-    valid = [k for k in node if k not in _WRAPPER_KEYS]
+    valid = cast(list[str], [k for k in node if k not in _WRAPPER_KEYS])
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
         raise ConfigError(
@@ -190,5 +192,5 @@ def get_loss(key: str, **hparams) -> Loss:
     root = OmegaConf.create({"loss": node})
     for name, value in hparams.items():
         root.loss[name] = value
-    spec = OmegaConf.to_container(root.loss, resolve=True)
+    spec = cast(dict, OmegaConf.to_container(root.loss, resolve=True))
     return import_object(spec.pop("_target_"))(**spec)

@@ -9,7 +9,7 @@ The DCR metrics (one value per run) get a mean over seeds and a paired differenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 from prefopt.reporting.runs import VERIFIED, RunRecord
 from prefopt.stats import (BOOTSTRAP, Difference, Interval, StatsError, paired_difference, scalar_difference,
@@ -105,7 +105,7 @@ def _accuracy(runs: Sequence[RunRecord], name: str, before: bool = False) -> Int
     """Over the runs' per-problem results when every run has them, else over their final accuracies."""
     files = [(r.outcomes_before if before else r.outcomes).get(name) for r in runs]
     if files and all(f for f in files):
-        return seed_accuracy(files)
+        return seed_accuracy(cast(list[Mapping[int, bool]], files))
     prefix = "eval/verified_before/" if before else VERIFIED
     return scalar_mean([r.final.get(prefix + name) for r in runs])
 
@@ -116,13 +116,14 @@ def _fill(group: Group, names: Sequence[str], base: Group | None) -> None:
             interval = _accuracy(group.runs, name, before)
             if interval is not None:
                 target[name] = interval
-        pairs = [(r.outcomes_before.get(name), r.outcomes.get(name)) for r in group.runs]
+        pairs = cast(list[tuple[Mapping[int, bool], Mapping[int, bool]]],
+                     [(r.outcomes_before.get(name), r.outcomes.get(name)) for r in group.runs])
         if pairs and all(b and a for b, a in pairs):
             result = seed_preservation([b for b, _ in pairs], [a for _, a in pairs])
             group.preserved[name], group.improved[name] = result["preserved"], result["improved"]
         if base is not None:
             mine, theirs = _paired_runs(group, base)
-            files = [r.outcomes.get(name) for r in mine + theirs]
+            files = cast(list[Mapping[int, bool]], [r.outcomes.get(name) for r in mine + theirs])
             if mine and all(files):
                 group.versus[name] = paired_difference(files[:len(mine)], files[len(mine):])
     for _, key in DCR_METRICS:

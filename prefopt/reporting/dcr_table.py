@@ -44,7 +44,7 @@ def dcr_rows(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[st
     extra = [k for k in differing(records)[0] if k != "loss"]
     rows = []
     for r in records:
-        row = {"loss": r.loss or r.overrides.get("loss", r.name), "run": r.name, "status": r.status}
+        row: dict[str, Any] = {"loss": r.loss or r.overrides.get("loss", r.name), "run": r.name, "status": r.status}
         row.update({k: r.overrides.get(k, "") for k in extra})
         row.update({key: r.final.get(key) for _, key in COLUMNS})
         rows.append(row)

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 def collect(paths: Iterable[str | Path]) -> tuple[list[RunRecord], Path | None]:
     """The runs under `paths` (directories or `wandb:` groups) and the directory they share."""
     local = [Path(p) for p in paths if not str(p).startswith("wandb:")]
-    for p in local:
-        if not p.exists():
-            raise ReportError(f"no such directory: {p}")
+    for directory in local:
+        if not directory.exists():
+            raise ReportError(f"no such directory: {directory}")
     root = Path(os.path.commonpath([p.resolve() for p in local])) if local else None
     records: list[RunRecord] = []
     for p in paths:
@@ -146,10 +146,10 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
                  baseline: str | None = None) -> dict:
     """Write `report.md`, `report.csv`, `comparison.csv` and the plots for the runs under `paths`; returns what
     it wrote. `baseline`: the loss every other setting is compared with (None: dpo when present; "none": off)."""
-    paths = [str(p) for p in paths]
-    records, root = collect(paths)
+    names = [str(p) for p in paths]
+    records, root = collect(names)
     if out_dir is None:
-        group = next((p.rsplit("/", 1)[-1] for p in paths if p.startswith("wandb:")), "wandb")
+        group = next((p.rsplit("/", 1)[-1] for p in names if p.startswith("wandb:")), "wandb")
         out_dir = root if root is not None else Path("outputs") / "reports" / group
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     seeds = seed_section(comparison)
-    md = _markdown(records, paths, table, main, vtable, {p.name for p in plots}) + seeds
+    md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds
     md_path = out / "report.md"
     atomic_write_text(md_path, md, what="report")
     if echo:

@@ -186,6 +186,7 @@ class OpenAIJudge(JudgeSettings):
         return self  # judged by the endpoint, not a reward model
 
     def client(self) -> ChatClient:
+        assert self.base_url is not None and self.model is not None  # required by __post_init__
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return ChatClient(self.base_url, self.model, key, self.timeout_s, self.retries, self.backoff_s,
                           self.max_tokens)

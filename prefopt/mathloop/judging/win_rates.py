@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy.special import expit, log_expit
 
 from prefopt.errors import DataError
@@ -36,7 +37,7 @@ def win_rate(prefs: Sequence[float]) -> float:
     return float(p.mean())
 
 
-def length_feature(policy_lengths: Sequence[float], baseline_lengths: Sequence[float]) -> np.ndarray:
+def length_feature(policy_lengths: npt.ArrayLike, baseline_lengths: npt.ArrayLike) -> np.ndarray:
     """tanh(Δ / σ) per prompt; zeros when the length differences do not vary (σ = 0)."""
     diff = np.asarray(policy_lengths, dtype=float) - np.asarray(baseline_lengths, dtype=float)
     sigma = diff.std()
@@ -48,7 +49,7 @@ def _penalised_nll(theta: np.ndarray, p: np.ndarray, x: np.ndarray) -> float:
     return float(-(p * log_expit(z) + (1 - p) * log_expit(-z)).sum() + RIDGE * (theta @ theta))
 
 
-def fit_length_model(prefs: Sequence[float], feature: np.ndarray) -> tuple[float, float]:
+def fit_length_model(prefs: npt.ArrayLike, feature: np.ndarray) -> tuple[float, float]:
     """(a, b) of logit P = a + b·x by ridge-penalised binomial maximum likelihood with fractional targets.
 
     Newton's method with step halving on the (strictly convex) penalised negative log-likelihood.
@@ -72,8 +73,8 @@ def fit_length_model(prefs: Sequence[float], feature: np.ndarray) -> tuple[float
     return float(theta[0]), float(theta[1])
 
 
-def length_controlled_win_rate(prefs: Sequence[float], policy_lengths: Sequence[float],
-                               baseline_lengths: Sequence[float]) -> float:
+def length_controlled_win_rate(prefs: npt.ArrayLike, policy_lengths: npt.ArrayLike,
+                               baseline_lengths: npt.ArrayLike) -> float:
     """sigmoid(a) of the fitted length model: the preference at zero length difference."""
     a, _ = fit_length_model(prefs, length_feature(policy_lengths, baseline_lengths))
     return float(expit(a))

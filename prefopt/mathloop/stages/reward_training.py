@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from prefopt.data.batching import tokenize_pairs
 from prefopt.data.sources import PreferencePair
@@ -107,6 +108,7 @@ def pair_agreement(scorer: RewardScorer, pairs: list[dict]) -> dict:
     for p, sc, sr in zip(pairs, chosen, rejected):
         hits.setdefault(p["prompt_index"], []).append(preference_from_scores(sc, sr))
     interval = clustered_share([sum(h) for h in hits.values()], [len(h) for h in hits.values()])
+    assert interval is not None  # at least one pair was counted
     return {"agreement": interval.estimate, "low": interval.low, "high": interval.high, "pairs": len(pairs),
             "problems": len(hits), "method": interval.method}
 
@@ -120,7 +122,7 @@ def training_rows(loop, policy, data) -> tuple[list, list, dict]:
                               f"{type(data).__name__}: use reward.source=data, samples or both")
         rows = data.contrast_pairs(loop.reward.contrasts_per_problem, loop.reward.seed)
         return rows, eval_rows, {"data_pairs": 0, "contrast_pairs": len(rows)}
-    counts = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
+    counts: dict[str, Any] = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
     if loop.reward.source == "data":
         return train_rows, eval_rows, counts
     pairs, stats = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed,
