@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -36,7 +37,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_s
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
     with atomic_dir(final, what="checkpoint", note=lambda: last_complete(ckpt_dir)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        cast(Any, model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         # Through a Python file, so that a failed write (ENOSPC) reaches us as the OSError behind torch's
         # `[enforce fail at inline_container.cc]`, not as that message alone.
         with open(tmp / "trainer.pt", "wb") as fh:
@@ -65,7 +66,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     if hasattr(model, "peft_config"):  # a LoRA policy: its checkpoints hold the adapters only
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
+        result: Any = set_peft_model_state_dict(model, load_file(Path(path) / "adapter_model.safetensors"))
         if result.unexpected_keys:
             raise RuntimeError(f"{path}: adapter weights do not match the model ({result.unexpected_keys[:5]})")
         return
@@ -80,7 +81,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         raise RuntimeError(f"{path}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]})")
     if tied:
-        model.tie_weights()
+        cast(Any, model).tie_weights()
 
 
 def load_latest(ckpt_dir: Path, model: torch.nn.Module) -> tuple[Path, dict] | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 
@@ -127,21 +127,22 @@ class _HeadLogprobs(torch.autograd.Function):
                 # in `dt` (bf16 under autocast: accumulated in float32 inside the kernel), the dtype the matmuls take
                 p = torch.softmax(torch.nn.functional.linear(h, w, b), dim=-1)
                 a = -g[r0: r0 + rows] * torch.exp(tile_lse[t, r0: r0 + rows] - lse[r0: r0 + rows])
-                if need_h:
+                if grad_h is not None:  # need_h
                     grad_h[r0: r0 + rows].addcmul_((p @ w).float(), a[:, None])
-                if need_w:
+                if grad_w is not None:  # need_w
                     grad_w[v0: v0 + cols] += (p.t() @ (h.float() * a[:, None]).to(dt)).float()
-                if need_b:
+                if grad_b is not None:  # need_b
                     grad_b[v0: v0 + cols] += (p.float().t() @ a)
         # the target term (+1 at the target's logit)
-        if need_h:
+        if grad_h is not None:
             grad_h += g[:, None] * weight[targets].float()
-        if need_w:
+        if grad_w is not None:
             grad_w.index_add_(0, targets, g[:, None] * hidden.float())
-        if need_b:
+        if grad_b is not None:
             grad_b.index_add_(0, targets, g)
-        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+        return (grad_h.to(hidden.dtype) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None)
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
@@ -151,7 +152,8 @@ def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: to
     With `stats`: (log-probs, (N, 3) statistics: columns STAT_LOG_SUM_SQ, STAT_ENTROPY, STAT_TOP1), see
     `_HeadLogprobs`."""
     if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * head.weight.sum()  # keeps the graph connected
+        weight = cast(torch.Tensor, head.weight)
+        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()  # keeps the graph connected
         return (empty, hidden.new_zeros((0, 3), dtype=torch.float32)) if stats else empty
     logps, table = _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements,
                                        stats)
@@ -211,10 +213,11 @@ def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
 def score_tokens(model: torch.nn.Module, batch: PreferenceBatch, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  backbone: Callable | None = None, stats: bool = False) -> ScoredTokens:
     """One forward over all rows, then the tiled LM head at the scored positions only (any layout)."""
-    backbone = model.get_decoder() if backbone is None else backbone
+    lm: Any = model  # a transformers (or PEFT) model
+    backbone = lm.get_decoder() if backbone is None else backbone
     if batch.packed is not None:
         return _packed_scored(model, backbone, batch, chunk_elements, stats)
-    head = model.get_output_embeddings()
+    head = lm.get_output_embeddings()
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     rows, cols, targets, counts = _positions(batch)
     out = chunked_token_logps(hidden[rows, cols], head, targets, chunk_elements, stats=stats)
@@ -225,7 +228,8 @@ def score_tokens(model: torch.nn.Module, batch: PreferenceBatch, chunk_elements:
 def _packed_scored(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
                    chunk_elements: int, stats: bool) -> ScoredTokens:
     pk = batch.packed
-    head = model.get_output_embeddings()
+    assert pk is not None  # called for a packed batch
+    head = cast(Any, model).get_output_embeddings()
     hidden = packed_hidden(model, backbone, batch, lambda: head.weight.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = chunked_token_logps(flat[pk.score_index], head, pk.score_target, chunk_elements, stats=stats)
@@ -241,6 +245,7 @@ def packed_hidden(model: torch.nn.Module, backbone: Callable, batch: PreferenceB
     boolean for sdpa, additive for eager attention (which adds it to the scores), in the dtype `mask_dtype()` gives.
     It is asked only then: under FSDP2 nothing touches a sharded weight before the forward's own hooks."""
     pk = batch.packed
+    assert pk is not None  # called for a packed batch
     mask = pk.mask  # None in the flat layout: transformers separates the sequences by their position ids
     if mask is not None and _attention(model) == "eager":
         dtype = mask_dtype()
@@ -324,9 +329,11 @@ def pair_logps(model: torch.nn.Module, batch: PreferenceBatch,
         prefix = scored.per_sequence(scored.token_logps, keep)
         extra.update(chosen_prefix=prefix[:b], rejected_prefix=prefix[b:])
     if "head_logps" in fields:
+        assert scored.stats is not None  # asked for above
         head = scored.per_sequence(scored.token_logps.detach() - scored.stats[:, STAT_LOG_SUM_SQ])
         extra.update(chosen_head=head[:b], rejected_head=head[b:])
     if diagnostics:
+        assert scored.stats is not None  # asked for above
         entropy = scored.per_sequence(scored.stats[:, STAT_ENTROPY])
         top1 = scored.per_sequence(scored.stats[:, STAT_TOP1])
         extra.update(chosen_entropy=entropy[:b], rejected_entropy=entropy[b:], chosen_top1=top1[:b])
@@ -356,10 +363,12 @@ class PairLogpsModel(torch.nn.Module):
         if compile:
             check_compiler(next(model.parameters()).device)
         # in __dict__, not as a submodule: a submodule would add `_orig_mod.` keys to this module's state dict
-        self.__dict__["compiled_backbone"] = torch.compile(model.get_decoder(), dynamic=True) if compile else None
+        lm: Any = model  # a transformers (or PEFT) model
+        self.__dict__["compiled_backbone"] = torch.compile(lm.get_decoder(), dynamic=True) if compile else None
 
     def forward(self, batch: PreferenceBatch) -> PairLogps:
-        args = (self.model, batch, self.chunk_elements, self.compiled_backbone, self.fields, self.diagnostics)
+        args: tuple[Any, ...] = (self.model, batch, self.chunk_elements, self.compiled_backbone, self.fields,
+                                 self.diagnostics)
         if self.autocast is None:
             return pair_logps(*args)
         with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):

@@ -144,7 +144,8 @@ class ArithmeticData:
             return set()
         return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n)))
 
-    def pairs(self, probs: list, seed: int, prefix: str, miscopied: set[int] | frozenset[int] = frozenset()) -> list[PreferencePair]:
+    def pairs(self, probs: list, seed: int, prefix: str,
+              miscopied: set[int] | frozenset[int] = frozenset()) -> list[PreferencePair]:
         rng = random.Random(seed)
         out = []
         for i, (a, op, b) in enumerate(probs):

@@ -167,8 +167,8 @@ class RewardModelLabeler:
         scores = [[next(it) for _ in texts] for texts in samples]
         pairs, stats = build_scored_pairs(problems, samples, scores, self.min_gap)
         del scorer
-        extra: dict[str, Any] = {"reward_model": self.name_or_path, "min_gap": self.min_gap, "mean_score": sum(flat) / max(len(flat), 1),
-                 "summary": stats.summary()}
+        extra: dict[str, Any] = {"reward_model": self.name_or_path, "min_gap": self.min_gap,
+                                 "mean_score": sum(flat) / max(len(flat), 1), "summary": stats.summary()}
         if rows and all("answer" in r for r in rows):  # gold answers: how often the scores order samples as the checker
             extra["checker_agreement"] = sample_agreement(rows, samples, scores, context.checker())
             extra["summary"] += (f"; agreement with the answer checker {extra['checker_agreement']['agreement']:.3f} "
