@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -63,7 +63,7 @@ def hydra_info() -> HydraInfo:
     if not HydraConfig.initialized():
         return HydraInfo()
     hc = HydraConfig.get()
-    multirun = hc.mode.name == "MULTIRUN"
+    multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     overrides = list(hc.overrides.task)
     return HydraInfo(run_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices),
                      group=sweep_group(Path(hc.sweep.dir).name, overrides) if multirun
@@ -181,7 +181,7 @@ def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
              "data": cfg.data.source, "optimizer": cfg.optimizer.factory, "logger": cfg.logger.get("wandb"),
              **{key: cfg[key] for key in STAGES}}
     skip = fed_by_bad_knobs(cfg)
-    objects = {key: None if node is None or key in skip else _attempt(found, key, lambda n=node: instantiate(n))
+    objects = {key: None if node is None or key in skip else _attempt(found, key, functools.partial(instantiate, node))
                for key, node in nodes.items()}
     if objects["pairs"] is None:  # e.g. a recipe's required pairs.path not set (reported): check the other settings
         objects["pairs_without_path"] = _attempt(found, "pairs", lambda: instantiate(_relaxed(cfg, "pairs.path", None).pairs))
@@ -322,7 +322,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
                                      cfg.optimizer.get("warmup_ratio")),
                    max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize, seed=cfg.seed,
                    resume=cfg.resume, reference_cache=objects.get("reference_cache"),
-                   resolved=OmegaConf.to_container(cfg, resolve=True), info=info)
+                   resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)), info=info)
 
 
 def tokenize_settings(cfg: DictConfig) -> dict:

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from safetensors.torch import save_file
@@ -90,7 +90,7 @@ def cache_header(*, spec, model: torch.nn.Module, tokenizer, data_fingerprint: s
             "identity": spec.identity, "config": dict(spec.config), "dtype": spec.dtype,
             "attn_implementation": getattr(config, "_attn_implementation", spec.attn_implementation),
             "load_in_4bit": bool(spec.lora.get("load_in_4bit")) if hasattr(spec, "lora") else False,
-            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+            "vocab_size": int(cast(Any, model).get_output_embeddings().weight.shape[0]),
             "local_files": _local_files(spec.name_or_path),
         },
         "tokenizer": {
@@ -238,7 +238,7 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
 
     def logps(batch):
         if getattr(spec, "uses_lora", False):
-            with policy.disable_adapter():
+            with cast(Any, policy).disable_adapter():
                 return logps_model(batch)
         return logps_model(batch)
 

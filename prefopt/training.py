@@ -16,7 +16,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -147,7 +147,7 @@ def prepare_inputs(plan: RunPlan, hw, run_dir: Path) -> Inputs:
 
 def load_policy(inputs: Inputs, hw) -> torch.nn.Module:
     policy = load_model(inputs.prepared.model, vocab_size=len(inputs.tokenizer)).to(hw.torch_device)
-    vocab = policy.get_output_embeddings().weight.shape[0]
+    vocab = cast(Any, policy).get_output_embeddings().weight.shape[0]
     if len(inputs.tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(inputs.tokenizer)} tokens but the model's vocabulary only {vocab}")
     return policy
@@ -179,6 +179,7 @@ def make_trainer(plan: RunPlan, policy, reference: ReferenceProvider | None, inp
     if plan.resume not in (None, "auto") and not Path(plan.resume).is_dir():
         raise ConfigError(f"resume={plan.resume}: not a directory of checkpoints")
     config = resolve_steps(plan.train, len(inputs.train_pairs))  # epochs=N: steps from the number of pairs
+    assert config.steps is not None  # resolved
     parts = TrainerParts(policy=policy, loss=plan.loss, reference=reference, optimizer_factory=plan.optimizer_factory,
                          scheduler_factory=plan.schedule.factory(config.steps), train_pairs=inputs.train_pairs,
                          eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, seed=plan.seed,

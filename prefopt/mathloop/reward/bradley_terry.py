@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -72,9 +72,10 @@ class PairRewardsModel(torch.nn.Module):
             if not packs(self.model):
                 raise ConfigError(f"the reward stage packs rows only for a classifier with a `score` head, not "
                                   f"{type(self.model).__name__}: train it with packing=false")
-            hidden = packed_hidden(self.model, self.model.base_model, batch, lambda: self.model.score.weight.dtype)
+            model: Any = self.model  # a transformers sequence classifier
+            hidden = packed_hidden(model, model.base_model, batch, lambda: model.score.weight.dtype)
             last = hidden.reshape(-1, hidden.shape[-1])[batch.packed.last_index]
-            rewards = self.model.score(last)[:, 0].float()
+            rewards = model.score(last)[:, 0].float()
         else:
             rewards = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
         b, ones = batch.num_pairs, torch.ones(batch.num_pairs, device=rewards.device)
@@ -134,7 +135,7 @@ class RewardConfig(StageSchedule):
         make = super().optimizer(factory)
         if self.ema is None:
             return make
-        return lambda params: keep_average(make(params), self.ema)
+        return lambda params: keep_average(make(params), cast(float, self.ema))
 
 
 def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.Optimizer:
