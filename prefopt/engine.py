@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -98,6 +98,7 @@ def resolve_steps(config: TrainConfig, num_pairs: int) -> TrainConfig:
         return config
     if num_pairs < 1:
         raise ConfigError(f"epochs={config.epochs}: there are no training pairs to count epochs over")
+    assert config.epochs is not None  # TrainConfig.validate: exactly one of steps and epochs
     return dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * num_pairs / config.batch_size)),
                                epochs=None)
 
@@ -111,6 +112,7 @@ def resolve_warmup(warmup_steps: int | None, warmup_ratio: float | None, steps: 
         if not 0 <= warmup_ratio < 1:
             raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
         return math.ceil(warmup_ratio * steps)
+    assert warmup_steps is not None  # exactly one of the two is set
     return warmup_steps
 
 
@@ -128,6 +130,7 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None
         m["dcr/rejected_logp_delta_per_token"] = ((policy.rejected - reference.rejected).detach() / policy.rejected_tokens).float()
     if policy.chosen_entropy is not None:  # TRL's names: the policy's per-token entropy on both completions, and
         tokens = (policy.chosen_tokens + policy.rejected_tokens).float()  # the share of chosen tokens it ranks first
+        assert policy.rejected_entropy is not None and policy.chosen_top1 is not None  # the diagnostics come together
         m["entropy"] = ((policy.chosen_entropy + policy.rejected_entropy).detach() / tokens).float()
         m["mean_token_accuracy"] = (policy.chosen_top1.detach() / policy.chosen_tokens).float()
     return m
@@ -328,7 +331,7 @@ class Trainer:
         weights = self.hw.full_state_dict(self.policy)
         if self.hw.is_main:
             with atomic_dir(path, "the trained policy", note=lambda: last_complete(self.ckpt_dir)) as tmp:
-                self.policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                cast(Any, self.policy).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         self.hw.barrier()
 
     def _restore(self, path: Path, state: dict) -> None:
@@ -346,6 +349,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         # finished = its final evaluation and checkpoint were written; a resume with more steps goes on
+        assert self.cfg.steps is not None  # resolved (resolve_steps) before the Trainer is built
         self.finished = state.get("finished", False) and self.step >= self.cfg.steps
         self.resumed_from = self.step
         log.info("resumed from %s (step %d)", path, self.step)
@@ -353,6 +357,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, run_log: RunLog) -> dict:
         """Train to `config.steps` (from where `setup` resumed), logging to `run_log`; returns the result."""
+        assert self.cfg.steps is not None  # resolved (resolve_steps) before the Trainer is built
         start = time.perf_counter()
         last: dict[str, float] = run_log.history() if self.resumed_from is not None else {}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
@@ -413,7 +418,7 @@ class StopSignals:
     def __init__(self, signals: tuple[int, ...] | None = None):
         self.signals = tuple(signals) if signals is not None else stop_signals()
         self.received: int | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Any] = {}  # signal.signal's previous handlers
 
     @property
     def name(self) -> str:
@@ -433,11 +438,12 @@ class StopSignals:
             signal.signal(num, handler)
 
     def hand_over(self) -> None:
-        previous = self.previous.get(self.received)
+        received = cast(int, self.received)  # None on a rank that agreed to stop before its signal arrived
+        previous = self.previous.get(received)
         self.__exit__()
         if callable(previous):
-            previous(self.received, None)
-        raise SystemExit(128 + int(self.received))
+            previous(received, None)
+        raise SystemExit(128 + int(received))
 
 
 class _NonFinite(Exception):
