@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import psutil
@@ -66,14 +67,14 @@ class Hardware:
 
     def setup(self) -> "Hardware":
         if self.threads:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(cast(int, self.threads))  # "auto" became a count in __post_init__
         if self.torch_device.type == "cuda":
             torch.cuda.set_device(self.torch_device)
         if self.distributed and not dist.is_initialized():
             backend = self.backend or ("nccl" if self.torch_device.type == "cuda" else "gloo")
             # one process (torchrun --nproc_per_node 1, or a plain launch with hardware=fsdp): an in-memory store,
             # no rendezvous address needed
-            store = {"store": dist.HashStore()} if self.world_size == 1 else {}
+            store: dict[str, Any] = {"store": dist.HashStore()} if self.world_size == 1 else {}
             dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size, **store)
         return self
 
@@ -94,7 +95,7 @@ class Hardware:
                                                              find_unused_parameters=self.find_unused_parameters)
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.mixed_precision:
             if self.mixed_precision != "bf16":
                 raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {self.mixed_precision!r})")

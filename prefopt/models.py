@@ -134,6 +134,7 @@ def auto_dtype() -> str:
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     spec = spec.converted()
     source = spec.tokenizer or spec.name_or_path
+    tok: PreTrainedTokenizerBase
     if source in (None, "char"):
         tok = char_tokenizer(spec.tokenizer_family)
     else:
@@ -160,6 +161,7 @@ def load_model(spec: ModelSpec, vocab_size: int | None = None) -> torch.nn.Modul
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         spec.check_available()
+        assert spec.name_or_path is not None  # no `arch`: a checkpoint (a GGUF file was converted to one above)
         extra = {}
         if spec.lora["load_in_4bit"]:
             from transformers import BitsAndBytesConfig

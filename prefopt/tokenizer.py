@@ -51,7 +51,7 @@ def qwen25_template(default_system: str = QWEN25_SYSTEM) -> str:
 TEMPLATES = {"qwen": QWEN_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "qwen2.5": qwen25_template(),
              "qwen2.5-math": qwen25_template(QWEN25_MATH_SYSTEM)}
 
-FAMILIES = {
+FAMILIES: dict[str, tuple[list[str], str, dict[str, str | None]]] = {
     # family: (special tokens, chat template, named special tokens)
     "qwen": (
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

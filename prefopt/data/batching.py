@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -213,7 +213,7 @@ class SharedPrefixRows:
     last_index: torch.Tensor  # (2B,) flat index of each sequence's last token (a reward model reads it)
 
     def to(self, device) -> "SharedPrefixRows":
-        t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        t: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return SharedPrefixRows(**t)
 
 
@@ -298,7 +298,10 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
     comp = torch.zeros((b, width), dtype=torch.bool)
     pos = torch.zeros((b, width), dtype=torch.long)
     seg = torch.full((b, width), -1, dtype=torch.long)  # 0 trunk, 1 chosen tail, 2 rejected tail, -1 padding
-    score_index, score_target, contrib_score, contrib_seq = [], [], [], []
+    score_index: list[int] = []
+    score_target: list[int] = []
+    contrib_score: list[int] = []
+    contrib_seq: list[int] = []
     last = [0] * (2 * b)
     tokens = 0
 
@@ -392,8 +395,12 @@ def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch
     """
     b = len(pairs)
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    ids, pos, comp, last = [], [], [], []
-    score_index, score_target = [], []
+    ids: list[int] = []
+    pos: list[int] = []
+    comp: list[bool] = []
+    last: list[int] = []
+    score_index: list[int] = []
+    score_target: list[int] = []
     for s, (prompt, completion) in enumerate(seqs):
         start, n = len(ids), len(prompt)
         ids += list(prompt) + list(completion)
