@@ -4,14 +4,14 @@
 its end; the entry points `prefopt.sft`, `prefopt.pairs` and `prefopt.evaluate` run one stage each. The
 warm-up policy, the pairs and the accuracy of the starting policy are cached under
 `<mathloop.cache_dir>/{warmup,pairs,eval}/<key>`, the key being a sha256 of everything that made them,
-so a second run, or every run of a sweep, reuses them. Cache entries appear atomically (built under a
-temporary name, then renamed) and concurrent runs wait on a lock file instead of computing twice.
+so a second run, or every run of a sweep, reuses them. Each stage is a `prefopt.mathloop.stages.stage.Stage`
+(`key`, `run`, and the shared `cached`): entries appear atomically (built under a temporary name, then renamed)
+and concurrent runs wait on a lock file instead of computing twice.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import json
 import logging
@@ -28,15 +28,14 @@ from prefopt.data.batching import render_prompt, tokenize_pairs
 from prefopt.data.sources import FileData
 from prefopt.errors import ConfigError, DataError
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
-from prefopt.io import cache_key, locked, replace_dir, atomic_write_text
 from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
-from prefopt.mathloop.fingerprints import (data_fingerprint, optimizer_fingerprint, spec_fingerprint, weights_id,
-                                           with_weights)
+from prefopt.mathloop.fingerprints import data_fingerprint, weights_id, with_weights
 from prefopt.mathloop.judging.pairwise import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.reward.bradley_terry import RewardConfig
 from prefopt.mathloop.stages.reward_training import cached_reward
-from prefopt.mathloop.stages.sampling import PairsConfig, provenance_path, sample_pairs, write_pairs
+from prefopt.mathloop.stages.sampling import PairsConfig, sample_pairs, write_pairs
+from prefopt.mathloop.stages.stage import EvalStage, PairsStage, WarmupStage
 from prefopt.mathloop.stages.warmup import WarmupConfig, warm_up
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.merge import trained_weights
@@ -46,7 +45,6 @@ from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
 
-CACHE_VERSION = 1  # bump when a stage's code changes what it produces for the same config
 
 
 @dataclass
@@ -192,19 +190,7 @@ class MathLoop:
                      if any(s.name == name for s in specs)}
         return [(spec, benchmark_rows(spec, generated)) for spec in specs]
 
-    def _key(self, stage: str, payload: dict) -> str:
-        return cache_key({"stage": stage, "version": CACHE_VERSION, **payload})
-
-    def _cache(self, stage: str) -> Path:
-        return Path(self.switches.cache_dir) / stage
-
     # -- warm-up ----------------------------------------------------------------------------------------
-    def warmup_key(self, spec: ModelSpec, data) -> str:
-        return self._key("warmup", {"model": spec_fingerprint(spec), "data": data_fingerprint(data, training=True),
-                                    "tokenize": self.tokenize, "warmup": {**vars(self.warmup), "progress": None},
-                                    "optimizer": optimizer_fingerprint(self.optimizer_factory),
-                                    "max_grad_norm": self.max_grad_norm})
-
     def run_warmup(self, spec: ModelSpec, data, hardware, out_dir: Path, run_log=None):
         """SFT from `spec` on `data`'s chosen responses; the policy (weights + tokenizer) goes to out_dir/final."""
         model, tokenizer = self.load(spec, hardware)
@@ -237,40 +223,20 @@ class MathLoop:
 
         With `mathloop.cache=false` the warm-up goes to `run_dir/warmup` and no cache entry is read or written.
         """
-        key = self.warmup_key(spec, data)
-        final = self._cache("warmup") / key if self.switches.cache else run_dir / "warmup"
-        info = {"key": key, "path": str(final)}
-        if self.switches.cache and (final / "warmup.json").is_file():
-            log.info("warm-up: reusing the cached policy %s", final)
-            return with_weights(spec, final / "policy"), {**info, "cached": True}, None
-        with locked(final) if self.switches.cache and hardware.is_main else contextlib.nullcontext():
-            if self.switches.cache and (final / "warmup.json").is_file():  # another run finished it meanwhile
-                return with_weights(spec, final / "policy"), {**info, "cached": True}, None
-            # built under a temporary name (resumable from its checkpoints), renamed into place when complete
-            build = final.with_name(f".{key}.build") if self.switches.cache else final
-            t0 = time.perf_counter()
-            model, tokenizer, result = self.run_warmup(spec, data, hardware, build)
-            if hardware.is_main:
-                shutil.rmtree(build / "checkpoints", ignore_errors=True)
-                shutil.rmtree(build / "policy", ignore_errors=True)
-                (build / "final").rename(build / "policy")
-                record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
-                          "model": spec_fingerprint(spec), "warmup": vars(self.warmup)}
-                atomic_write_text(build / "warmup.json", json.dumps(record, indent=2, default=str))
-                replace_dir(build, final)
-            hardware.barrier()
+        stage = WarmupStage(self)
+        key = stage.key(spec, data)
+        t0 = time.perf_counter()
+        got = stage.cached(key, lambda out: stage.run(key, spec, data, hardware, out), hardware, run_dir / "warmup")
+        policy = with_weights(spec, got.path / "policy")
+        info = {"key": key, "path": str(got.path), "cached": got.reused}
+        if got.reused:
+            return policy, info, None
+        model, tokenizer, result = got.made
         log.info("warm-up: %d steps in %.0f s, final train loss %.4f -> %s", self.warmup.steps,
-                 time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), final)
-        return with_weights(spec, final / "policy"), {**info, "cached": False}, (model, tokenizer)
+                 time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), got.path)
+        return policy, info, (model, tokenizer)
 
     # -- pairs ------------------------------------------------------------------------------------------
-    def pairs_key(self, policy_spec: ModelSpec, problems_id: Any) -> str:
-        return self._key("pairs", {"policy": spec_fingerprint(policy_spec), "problems": problems_id,
-                                   "render": {k: self.tokenize[k] for k in ("chat_template", "system_prompt", "user_suffix")
-                                              if k in self.tokenize},
-                                   "pairs": self.pairs.fingerprint(), "max_new_tokens": self.generation.max_new_tokens,
-                                   "top_p": self.generation.top_p, "verify_timeout_s": self.verify.timeout_s})
-
     def run_pairs(self, model, tokenizer, spec: ModelSpec, data, path: Path, problems=None) -> dict:
         """Sample, verify and write pairs to `path` (+ provenance); returns the provenance record."""
         rows, problems_id = problems or self.pair_problems(data)
@@ -293,22 +259,14 @@ class MathLoop:
 
     def cached_pairs(self, spec: ModelSpec, loaded, data, hardware, run_dir: Path) -> tuple[Path, dict]:
         """The pairs file of `spec`'s samples (cached; with `mathloop.cache=false`, run_dir/pairs.jsonl)."""
+        stage = PairsStage(self)
         problems = self.pair_problems(data)
-        key = self.pairs_key(spec, problems[1])
-        path = self._cache("pairs") / f"{key}.jsonl" if self.switches.cache else run_dir / "pairs.jsonl"
-        info = {"key": key, "path": str(path), "cached": True}
-        meta = provenance_path(path)
-        if not (self.switches.cache and meta.is_file()):
-            with locked(path) if self.switches.cache else contextlib.nullcontext():
-                if not (self.switches.cache and meta.is_file()) and hardware.is_main:
-                    model, tokenizer = loaded or self.load(spec, hardware)
-                    self.run_pairs(model, tokenizer, spec, data, path, problems)
-                    info["cached"] = False
-                hardware.barrier()
-        if info["cached"]:
-            log.info("pairs: reusing the cached %s", path)
-        record = json.loads(meta.read_text())
-        return path, {**info, "num_pairs": record.get("num_pairs"), "counts": record.get("counts")}
+        key = stage.key(spec, problems[1])
+        got = stage.cached(key, lambda out: stage.run(loaded, spec, data, hardware, problems, out), hardware,
+                           run_dir / "pairs.jsonl")
+        record = json.loads(stage.done(got.path).read_text())
+        return got.path, {"key": key, "path": str(got.path), "cached": got.reused,
+                          "num_pairs": record.get("num_pairs"), "counts": record.get("counts")}
 
     # -- evaluation -------------------------------------------------------------------------------------
     def run_eval(self, model, tokenizer, spec: ModelSpec, data, out_dir: Path | None, prefix: str) -> tuple[dict, dict]:
@@ -317,29 +275,15 @@ class MathLoop:
 
     def cached_eval(self, spec: ModelSpec, loaded, data, hardware, out_dir: Path, prefix: str) -> tuple[dict, dict]:
         """The starting policy's verified accuracy, cached (per-sample files copied into out_dir)."""
-        key = self._key("eval", {"policy": spec_fingerprint(spec), "evaluation": self.evaluation.fingerprint(),
-                                 "problems": self.problem_source(data).fingerprint(), "prefix": prefix,
-                                 "max_new_tokens": self.generation.max_new_tokens,
-                                 "verify_timeout_s": self.verify.timeout_s})
-        entry = self._cache("eval") / key
         if not self.switches.cache:
             model, tokenizer = loaded or self.load(spec, hardware)
             return self.run_eval(model, tokenizer, spec, data, out_dir, prefix)
-        if (entry / "result.json").is_file():
-            log.info("%s: reusing the cached result %s", prefix, entry)
-        else:
-            with locked(entry):
-                if not (entry / "result.json").is_file():
-                    build = entry.with_name(f".{key}.build")
-                    build.mkdir(parents=True, exist_ok=True)
-                    model, tokenizer = loaded or self.load(spec, hardware)
-                    metrics, details = self.run_eval(model, tokenizer, spec, data, build, prefix)
-                    atomic_write_text(build / "result.json", json.dumps({"metrics": metrics, "details": details},
-                                                                         indent=2))
-                    replace_dir(build, entry)
-        result = json.loads((entry / "result.json").read_text())
+        stage = EvalStage(self)
+        got = stage.cached(stage.key(spec, data, prefix),
+                           lambda out: stage.run(loaded, spec, data, hardware, prefix, out), hardware, out_dir)
+        result = json.loads(stage.done(got.path).read_text())
         out_dir.mkdir(parents=True, exist_ok=True)
-        for f in entry.glob("*.jsonl"):
+        for f in got.path.glob("*.jsonl"):
             shutil.copyfile(f, out_dir / f.name)
         return result["metrics"], result["details"]
 

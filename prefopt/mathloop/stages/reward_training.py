@@ -13,7 +13,6 @@ every labeller and judge whose `name_or_path` is null (`with_reward_model`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -24,12 +23,13 @@ from typing import Any
 from prefopt.data.batching import tokenize_pairs
 from prefopt.data.sources import PreferencePair
 from prefopt.errors import ConfigError
-from prefopt.io import atomic_write_text, locked, replace_dir
+from prefopt.io import atomic_write_text
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
 from prefopt.mathloop.judging.win_rates import preference_from_scores
 from prefopt.mathloop.reward.bradley_terry import checker_agreement, reward_model_from, train_reward_model
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
 from prefopt.mathloop.reward.scorer import RewardScorer
+from prefopt.mathloop.stages.stage import Stage, stage_key
 from prefopt.stats import clustered_share, proportion
 
 log = logging.getLogger("prefopt")
@@ -42,7 +42,7 @@ def measure_sampling(loop) -> dict:
 
 
 def reward_key(loop, spec, data) -> str:
-    return loop._key("reward", {"policy": spec_fingerprint(spec), "data": data_fingerprint(data),
+    return stage_key("reward", {"policy": spec_fingerprint(spec), "data": data_fingerprint(data),
                                 "tokenize": loop.tokenize, "reward": {**vars(loop.reward), "progress": None},
                                 "optimizer": optimizer_fingerprint(loop.optimizer_factory),
                                 "max_grad_norm": loop.max_grad_norm, "measure": measure_sampling(loop)})
@@ -181,21 +181,27 @@ def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware
             "fresh_answer_agreement": pair_agreement(scorer, unseen(fresh, train_rows))}
 
 
+class RewardStage(Stage):
+    """The reward model: `<key>/model` and `reward.json`."""
+
+    name, label, record, every_rank = "reward", "reward model", "reward.json", True
+
+    def key(self, spec, data) -> str:
+        return reward_key(self.loop, spec, data)
+
+    def run(self, key: str, spec, data, hardware, out: Path) -> dict:
+        record = run_reward(self.loop, spec, data, hardware, out)
+        if hardware.is_main:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            atomic_write_text(out / self.record, json.dumps({"key": key, **record}, indent=2, default=str))
+        return record
+
+
 def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict]:
     """(the reward model's directory, info): from the cache, or trained now (run_dir/reward without a cache)."""
-    key = reward_key(loop, spec, data)
-    final = loop._cache("reward") / key if loop.switches.cache else run_dir / "reward"
-    if not (loop.switches.cache and (final / "reward.json").is_file()):
-        with locked(final) if loop.switches.cache else contextlib.nullcontext():
-            if not (loop.switches.cache and (final / "reward.json").is_file()):
-                build = final.with_name(f".{key}.build") if loop.switches.cache else final
-                record = run_reward(loop, spec, data, hardware, build)
-                shutil.rmtree(build / "checkpoints", ignore_errors=True)
-                atomic_write_text(build / "reward.json", json.dumps({"key": key, **record}, indent=2, default=str))
-                if loop.switches.cache:
-                    replace_dir(build, final)
-    else:
-        log.info("reward model: reusing the cached %s", final)
-    record = json.loads((final / "reward.json").read_text())
-    return final / "model", {"key": key, "path": str(final),
-                             **{name: value for name, value in record.items() if name.endswith("agreement")}}
+    stage = RewardStage(loop)
+    key = stage.key(spec, data)
+    got = stage.cached(key, lambda out: stage.run(key, spec, data, hardware, out), hardware, run_dir / "reward")
+    record = json.loads(stage.done(got.path).read_text())
+    return got.path / "model", {"key": key, "path": str(got.path),
+                                **{name: value for name, value in record.items() if name.endswith("agreement")}}
