@@ -55,7 +55,7 @@ class AlphaDPO:
 
     EPS = 1e-8
 
-    def __init__(self, *, beta: float = 2.5, gamma: float = 1.0, alpha: float = 0.2, momentum: float = 0.9):
+    def __init__(self, *, beta: float = 2.5, gamma: float = 1.5, alpha: float = 0.2, momentum: float = 0.9):
         check_positive("beta", beta)
         check_number("gamma", gamma)
         check_nonnegative("alpha", alpha)

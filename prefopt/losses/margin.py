@@ -46,7 +46,7 @@ def slic(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1) -
 
 
 def caldpo(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, calibration_weight: float = 1.0
+    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, calibration_weight: float = 0.5
 ) -> LossOutput:
     """Cal-DPO: −log σ(r̂_w − r̂_l) + c·[(r̂_w − 1/(2β))² + (r̂_l + 1/(2β))²].
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from prefopt.errors import ConfigError
 from prefopt.losses.base import LossOutput, PairLogps, check_number, scalar
-from prefopt.losses.registry import get_loss
+from prefopt.losses.registry import available_losses, get_loss, hyperparameters
 
 
 def sft(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
@@ -28,16 +28,16 @@ class Mix:
     """Σ_k weight_k · L_k over `components`, each {key, weight, …hyper-parameters of that key}.
 
     Wang et al. 2024, arXiv 2411.10442 (MPO = 0.8·dpo + 0.2·bco_pair + 1.0·sft, `conf/loss/mpo.yaml`).
-    Each component is built by `get_loss(key, **hyper-parameters)`, so it takes that key's yaml defaults
-    (a component's β is its own entry's, else its yaml's default; the run's top-level `beta` does not
-    reach into components). The mixture needs the reference when any component does, and the union of
+    Each component is built by `get_loss(key, **hyper-parameters)`, so it takes that key's yaml defaults.
+    A component with a β takes its own entry's, else the mixture's `beta` (the run's top-level `beta`,
+    `${top_or:beta,null}` in the yamls) when set, else its yaml's default. The mixture needs the reference when any component does, and the union of
     their `needs`. Metrics: each component's mean loss as `<key>/loss` and its own metrics under `<key>/`
     (a key used twice gets its position appended: `dpo`, `dpo_1`). Rewards: those of the first component
     with a reference (β·r̂), else of the first component. Stateful components keep their state (checkpointed
     under their label) and follow train/eval.
     """
 
-    def __init__(self, *, components=()):
+    def __init__(self, *, components=(), beta: float | None = None):
         if isinstance(components, (DictConfig, ListConfig)):
             components = OmegaConf.to_container(components, resolve=True)
         if isinstance(components, Mapping) or not components:
@@ -54,6 +54,8 @@ class Mix:
             check_number(f"components.{i}.weight", weight)
             if key == "mix":
                 raise ConfigError(f"loss.components.{i}: a mixture cannot contain a mixture")
+            if beta is not None and "beta" not in entry and key in available_losses() and "beta" in hyperparameters(key):
+                entry["beta"] = beta
             try:
                 self.losses.append(get_loss(key, **entry))
             except ConfigError as err:

@@ -176,6 +176,11 @@ def available_losses() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
 
 
+def hyperparameters(key: str) -> list[str]:
+    """The hyper-parameter names of conf/loss/<key>.yaml."""
+    return [k for k in OmegaConf.load(conf_dir() / "loss" / f"{key}.yaml") if k not in _WRAPPER_KEYS]
+
+
 def get_loss(key: str, **hparams) -> Loss:
     """Build the loss of conf/loss/<key>.yaml; `hparams` override that yaml's defaults."""
     keys = available_losses()

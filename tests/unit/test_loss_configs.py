@@ -66,9 +66,9 @@ FIRST_BATCH_KEYS = {"dpo", "cdpo", "robust", "ipo", "slic", "caldpo", "simpo", "
                     "nca", "apo_zero", "apo_down", "rpo", "typo"}
 # Not in the tables: `sft` (a mixture's component, no hyper-parameters) and the mixtures' component lists.
 SPEC_DEFAULTS = {**DOCUMENTED, "sft": {},
-                 "mix": {"components": [{"key": "dpo", "weight": 1.0}]},
-                 "mpo": {"components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
-                                        {"key": "sft", "weight": 1.0}]}}
+                 "mix": {"beta": None, "components": [{"key": "dpo", "weight": 1.0}]},
+                 "mpo": {"beta": None, "components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
+                                                      {"key": "sft", "weight": 1.0}]}}
 REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
 NEEDS = {"ld_dpo": ("prefix_logps",), "wpo": ("head_logps",)}
 COMPOSITE = {"mix", "mpo"}  # reference and needs come from their components
@@ -98,7 +98,8 @@ def test_yaml_shape(key):
         assert node.reference is (key not in REFERENCE_FREE)
         assert tuple(node.get("needs", ())) == NEEDS.get(key, ())
     if "beta" in SPEC_DEFAULTS[key]:
-        assert OmegaConf.to_container(node)["beta"] == f"${{top_or:beta,{SPEC_DEFAULTS[key]['beta']}}}"
+        default = "null" if SPEC_DEFAULTS[key]["beta"] is None else SPEC_DEFAULTS[key]["beta"]
+        assert OmegaConf.to_container(node)["beta"] == f"${{top_or:beta,{default}}}"
     hparams = [k for k in node if k not in ("_target_", "key", "fn", "reference", "needs")]
     assert hparams == list(SPEC_DEFAULTS[key])  # same names, in the spec's order
 
@@ -255,3 +256,21 @@ def test_composed_run_config_reads_top_level_beta(overrides, beta):
     assert loss.hparams["beta"] == beta
     if "loss.form=savage" in overrides:
         assert loss.hparams["form"] == "savage"
+
+
+@pytest.mark.parametrize("overrides, betas", [
+    (["loss=mpo"], {"dpo": 0.1, "bco_pair": 0.1}),  # no top-level beta: each component's own default
+    (["loss=mpo", "beta=0.05"], {"dpo": 0.05, "bco_pair": 0.05}),  # the top-level beta reaches the components
+    (["loss=mix", "beta=0.3"], {"dpo": 0.3}),
+    (["loss=mix", "beta=0.3", "loss.components=[{key: dpo, weight: 1.0, beta: 0.2}, {key: simpo, weight: 0.5}]"],
+     {"dpo": 0.2, "simpo": 0.3}),  # a component's own beta wins
+])
+def test_top_level_beta_reaches_mixture_components(overrides, betas):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    mix = hydra.utils.instantiate(cfg.loss)._impl
+    got = {label: loss.hparams["beta"] for label, loss in zip(mix.labels, mix.losses) if "beta" in loss.hparams}
+    assert got == betas
+    assert "sft" not in got  # a component without a β is left alone
