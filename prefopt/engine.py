@@ -438,7 +438,9 @@ class StopSignals:
             signal.signal(num, handler)
 
     def hand_over(self) -> None:
-        received = cast(int, self.received)  # None on a rank that agreed to stop before its signal arrived
+        # A rank can agree to stop (another rank got the signal) before its own signal arrives: it hands over the
+        # signal the scheduler sends to every rank.
+        received = self.received if self.received is not None else self.signals[0]
         previous = self.previous.get(received)
         self.__exit__()
         if callable(previous):
