@@ -191,6 +191,9 @@ def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
 def _check_values(cfg: DictConfig, objects: dict, found: list[str]) -> None:
     """Values that are wrong together: batch sizes for the world size, lengths, TR-DPO's partners."""
     hardware, train, model, loss = (objects[k] for k in ("hardware", "train", "model", "loss"))
+    if OmegaConf.select(cfg, "recipe.none") is not None:  # a real model's preset with no recipe (conf/recipe/)
+        name = hydra_info().choices.get("model") or cfg.model.get("name_or_path")
+        found.append(f"model={name} has no recipe: {cfg.recipe.none}")
     if train is not None:
         _attempt(found, "train", lambda: train.validate(hardware.world_size if hardware else 1))
     if model is not None:

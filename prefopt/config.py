@@ -32,10 +32,17 @@ def _required(key: str, what: str, when: bool = True):
     raise ConfigError(f"{key} is required: set {key}=... ({what})")
 
 
+def _not(value) -> bool:
+    # `${not:${mathloop.pairs}}`: a switch's opposite (the pair file is required when on-policy pairs are off)
+    return not value
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("top_or"):
         OmegaConf.register_new_resolver("top_or", _top_or)
     if not OmegaConf.has_resolver("required"):
         OmegaConf.register_new_resolver("required", _required)
+    if not OmegaConf.has_resolver("not"):
+        OmegaConf.register_new_resolver("not", _not)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

@@ -29,6 +29,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     top_p: float = 1.0
     vllm_gpu_memory_utilization: float = 0.5
+    stop_tokens: tuple[str, ...] = ()  # more tokens that end a completion (those the tokenizer lacks are skipped)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -39,6 +40,9 @@ class GenerationConfig:
             raise ConfigError(f"generation.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1] (got {self.top_p})")
+        if isinstance(self.stop_tokens, str) or not all(isinstance(t, str) for t in self.stop_tokens):
+            raise ConfigError(f"generation.stop_tokens must be a list of token strings (got {self.stop_tokens!r})")
+        self.stop_tokens = tuple(self.stop_tokens)
 
 
 @dataclass
@@ -53,10 +57,11 @@ class Completions:
         return sum(not f for row in self.finished for f in row)
 
 
-def stop_token_ids(tokenizer, completion_eos: str | None) -> list[int]:
-    """The tokens that end a completion: the model's completion EOS (e.g. <|im_end|>) and the tokenizer's EOS."""
+def stop_token_ids(tokenizer, completion_eos: str | None, extra: Sequence[str] = ()) -> list[int]:
+    """The tokens that end a completion: the model's completion EOS (e.g. <|im_end|>), the tokenizer's EOS and
+    `extra` (generation.stop_tokens), each where the tokenizer has it as one token."""
     ids = []
-    for token in (completion_eos, tokenizer.eos_token):
+    for token in (completion_eos, tokenizer.eos_token, *extra):
         if token is not None:
             tid = tokenizer.convert_tokens_to_ids(token)
             if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
@@ -71,7 +76,7 @@ class HFGenerator:
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: GenerationConfig, completion_eos: str | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
-        self.stop_ids = stop_token_ids(tokenizer, completion_eos)
+        self.stop_ids = stop_token_ids(tokenizer, completion_eos, config.stop_tokens)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, seed: int = 0) -> Completions:
@@ -118,7 +123,7 @@ class VLLMGenerator:
         from vllm import LLM
 
         self.cfg, self.tokenizer = config, tokenizer
-        self.stop_ids = stop_token_ids(tokenizer, completion_eos)
+        self.stop_ids = stop_token_ids(tokenizer, completion_eos, config.stop_tokens)
         self.llm = LLM(model=str(model_path), dtype=dtype, seed=seed,
                        gpu_memory_utilization=config.vllm_gpu_memory_utilization)
 

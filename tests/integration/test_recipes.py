@@ -28,42 +28,47 @@ SUFFIX = " Let's think step by step and output the final answer within \\boxed{}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BENCHMARKS = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench"]
 
-# The recipe tables of docs/recipes.md, key by key. Sources: [P] the BPO paper (Sun et al. 2025, arXiv 2506.03557) as
-# summarised here: QLoRA NF4 + double quant, r = alpha = 16 on q,k,v,o,gate,up,down, bf16, reference = base
-# with adapters off, beta 0.1, lr 5e-6, constant schedule with 3% warm-up, 2 epochs, effective batch 8 pairs,
-# max length 2048, max prompt 256, no SFT warm-up, on-policy verified pairs, greedy pass@1 with >= 2048 new tokens
-# on five benchmarks (mean = headline), the `qwen25-math-cot-extra` prompt; [H] the Qwen2.5-Math evaluation
-# harness (system message and user suffix of that prompt type); [M] the model card (hub id); [D] prefopt's own
-# choice where neither says (marked in docs/recipes.md).
+# docs/recipes.md's table, key by key. Sources: [C] github.com/sunlin-ai/BPO at d882c0f, train_config.yaml:<line>;
+# [T] its train_dpo.py:<line>; [E] its sh/evaluate_all_bench.sh:<line>; [Q] the Qwen2.5-Math harness [E] runs
+# (evaluation/math_eval.py); [M] the model card (hub id); [D] prefopt's own choice where the code says nothing.
 COMMON = {
-    "model.dtype": "bfloat16",  # [P]
-    "model.lora.r": 16, "model.lora.alpha": 16, "model.lora.target_modules": LORA_TARGETS,  # [P]
-    "model.lora.load_in_4bit": True,  # [P] NF4 + double quant: prefopt.models.load_model
+    "seed": 42,  # [C:43]
+    "model.dtype": "bfloat16",  # [C:5]
+    "model.lora.r": 16, "model.lora.alpha": 16, "model.lora.target_modules": LORA_TARGETS,  # [C:17-19]
+    "model.lora.load_in_4bit": True,  # [C:16] NF4 + double quant [T:423-430]: prefopt.models.load_model
     "model.lora.dropout": 0.0,  # [D]
-    "model.gradient_checkpointing": True,  # [D]
-    "model.attn_implementation": "auto",  # [D] flash-attention 2 when installed and on a GPU
-    "beta": 0.1, "loss.beta": 0.1,  # [P]
-    "lr": 5.0e-6, "optimizer.factory.lr": 5.0e-6,  # [P]
-    "optimizer.scheduler": "constant_with_warmup", "optimizer.warmup_ratio": 0.03, "optimizer.warmup_steps": None,  # [P]
-    "epochs": 2, "steps": None, "train.epochs": 2, "train.steps": None,  # [P]
-    "batch_size": 8,  # [P]
+    "model.completion_eos": None,  # [T] TRL's DPOTrainer appends the tokenizer's EOS
+    "model.gradient_checkpointing": True,  # [C:29]
+    "model.attn_implementation": "auto",  # [D] flash-attention 2 when installed and on a GPU ([C:6])
+    "beta": 0.1, "loss.beta": 0.1,  # [C:22]
+    "lr": 5.0e-6, "optimizer.factory.lr": 5.0e-6,  # [C:32]
+    # [C:33-34] constant; its warmup_ratio 0.03 is ignored by transformers' constant schedule: no warm-up in effect
+    "optimizer.scheduler": "constant", "optimizer.warmup_ratio": None, "optimizer.warmup_steps": 0,
+    "epochs": 2, "steps": None, "train.epochs": 2, "train.steps": None,  # [C:26]
+    "batch_size": 8,  # [C:27-28]
     "train.packing": False,  # [D] shared-prefix packing + gradient checkpointing raises CheckpointError (notes)
     "micro_batch_size": 1,  # [D]
-    "data.max_length": 2048, "data.max_prompt_length": 256, "data.chat_template": True,  # [P]
-    "data.system_prompt": COT, "data.user_suffix": SUFFIX,  # [P] [H]
-    "mathloop.warmup": False, "mathloop.pairs": True, "mathloop.evaluate": True,  # [P]
+    "data.max_length": 2048, "data.max_prompt_length": 256, "data.chat_template": True,  # [C:23-24] [T:17-22]
+    "data.system_prompt": COT, "data.user_suffix": SUFFIX,  # [T:17-22, T:385] [Q] qwen25-math-cot-extra
+    "mathloop.warmup": False, "mathloop.evaluate": True,  # [C:2] training starts from the base
+    "mathloop.pairs": True,  # [D] on-policy pairs; the paper's own pair file: mathloop.pairs=false (data=bpo_pairs)
     "pairs.k": 8, "pairs.temperature": 0.7, "pairs.max_pairs_per_prompt": 1,  # [D]
     "pairs.problem_field": None, "pairs.answer_field": None,  # detected
-    "evaluation.benchmarks": BENCHMARKS, "evaluation.samples": 0,  # [P] greedy pass@1
-    "evaluation.prompt_family": "data", "evaluation.system_prompt": COT, "evaluation.user_suffix": SUFFIX,  # [P] [H]
-    "generation.max_new_tokens": 2048,  # [P]
+    "evaluation.benchmarks": BENCHMARKS, "evaluation.samples": 0,  # [E:19-25] greedy pass@1
+    "evaluation.prompt_family": "data", "evaluation.system_prompt": COT, "evaluation.user_suffix": SUFFIX,  # [E:7]
+    "generation.max_new_tokens": 2048,  # [E:28]
+    "generation.stop_tokens": ["</s>", "<|im_end|>", "<|endoftext|>"],  # [Q] stop words
     "generation.backend": "auto",  # [D] vLLM when installed and a GPU is visible
     "hardware.device": "cuda", "hardware.strategy": "none",  # [D] one GPU
+    # the paper's pair file layout [T:384-387], read when mathloop.pairs=false
+    "data.source._target_": "prefopt.data.sources.FileData",
+    "data.source.fields": {"prompt": "question", "chosen": "chosen.solution", "rejected": "rejected.solution"},
 }
 RECIPES = {
-    "qwen_math": {**COMMON, "model.name_or_path": "Qwen/Qwen2.5-Math-7B", "model.completion_eos": "<|im_end|>"},  # [M]
-    "llama3_8b": {**COMMON, "model.name_or_path": "meta-llama/Llama-3.1-8B-Instruct",  # [M]
-                  "model.completion_eos": "<|eot_id|>"},
+    "qwen_math": {**COMMON, "model.name_or_path": "Qwen/Qwen2.5-Math-7B"},  # [M]
+    "llama3_8b": {**COMMON, "model.name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},  # [M]
+    "qwen_math_1_5b": {**COMMON, "model.name_or_path": "Qwen/Qwen2.5-Math-1.5B"},  # [M]
+    "qwen_math_instruct": {**COMMON, "model.name_or_path": "Qwen/Qwen2.5-Math-7B-Instruct"},  # [M]
 }
 MISSION = ["loss=bpo", "beta=0.1"]
 
@@ -82,6 +87,49 @@ def test_the_mission_command_composes_the_papers_run(model):
     # the training problems are the user's to supply: resolving pairs.path says so, in one line
     with pytest.raises(Exception, match=r"pairs\.path is required: set pairs\.path=\.\.\."):
         OmegaConf.select(cfg, "pairs.path", throw_on_resolution_failure=True)
+
+
+@pytest.mark.parametrize("model", sorted(RECIPES))
+def test_a_recipe_shows_no_synthetic_arithmetic(model):
+    text = OmegaConf.to_yaml(compose_cfg([*MISSION, f"model={model}"], tiny=False))
+    assert "ArithmeticData" not in text and "arith" not in text
+
+
+def test_the_recipes_share_one_protocol_file():
+    from prefopt.config import conf_dir
+
+    for model in RECIPES:
+        node = OmegaConf.load(conf_dir() / "recipe" / f"{model}.yaml")
+        assert list(node.defaults) == ["bpo_paper", "_self_"] and set(node) == {"defaults"}
+
+
+def test_a_real_model_without_a_recipe_is_refused_in_one_line():
+    found = problems(compose_cfg([*MISSION, "model=llama3_8b_base"], tiny=False))
+    refusals = [p for p in found if "has no recipe" in p]
+    assert len(refusals) == 1 and "\n" not in refusals[0]
+    assert "the BPO paper trained no Llama-3.1-8B base model" in refusals[0] and "recipe=bpo_paper" in refusals[0]
+    # with the paper's protocol asked for by name, it composes that protocol on a GPU, not the tiny CPU defaults
+    cfg = compose_cfg([*MISSION, "model=llama3_8b_base", "recipe=bpo_paper"], tiny=False)
+    assert not [p for p in problems(cfg) if "has no recipe" in p]
+    assert (cfg.lr, cfg.seed, cfg.hardware.device, cfg.model.name_or_path) == (5e-6, 42, "cuda", "meta-llama/Llama-3.1-8B")
+
+
+def test_the_papers_pair_file_is_read_by_its_preset(tmp_path):
+    """The official run's pre-built file: {question, chosen: {solution}, rejected: {solution}} rows."""
+    rows = [{"question": f"What is {i} + 1?", "chosen": {"solution": f"\\boxed{{{i + 1}}}", "score": 1},
+             "rejected": {"solution": f"\\boxed{{{i}}}", "score": 0}} for i in range(20)]
+    path = tmp_path / "orz_pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_cfg([*MISSION, "model=qwen_math", "mathloop.pairs=false", f"data.source.path={path}"], tiny=False)
+    from prefopt.compose import instantiate
+
+    train, held, _ = instantiate(cfg.data.source).load()
+    assert len(train) + len(held) == 20 and len(held) == 8
+    first = train[0]
+    assert (first.prompt, first.chosen, first.rejected) == ("What is 0 + 1?", "\\boxed{1}", "\\boxed{0}")
+    # on-policy pairs off, the file is required and the message names it
+    cfg = compose_cfg([*MISSION, "model=qwen_math", "mathloop.pairs=false"], tiny=False)
+    assert any("data.source.path is required" in p and "chosen.solution" in p for p in problems(cfg))
 
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
@@ -287,7 +335,7 @@ def _expected_prompt(model: str, problem: str) -> str:
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-@pytest.mark.parametrize("model", sorted(RECIPES))
+@pytest.mark.parametrize("model", sorted(STAND_INS))
 def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monkeypatch):
     """The composed recipe itself: on-policy sampling → verification → pairs → training → five benchmarks → report,
     with only the weights' path, the 4-bit switch, the device, sizes and local files changed."""
@@ -354,3 +402,15 @@ def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monke
     tok = seen["tokenizer"]
     if model == "llama3_8b":
         assert all(tok(p, add_special_tokens=False).input_ids.count(tok.bos_token_id) == 1 for p in seen["generate"])
+
+
+def test_the_harness_stop_words_end_generation(real_tokenizer):
+    """generation.stop_tokens: the Qwen2.5-Math harness's stop words, as the tokens each tokenizer has."""
+    from prefopt.generate import stop_token_ids
+
+    name, tok = real_tokenizer
+    ids = stop_token_ids(tok, None, RECIPES["qwen_math"]["generation.stop_tokens"])
+    names = {tok.convert_ids_to_tokens(i) for i in ids}
+    assert tok.eos_token in names and names <= {tok.eos_token, "</s>", "<|im_end|>", "<|endoftext|>"}
+    if name == "qwen2.5":
+        assert {"<|im_end|>", "<|endoftext|>"} <= names

@@ -33,6 +33,7 @@ def test_a_saved_checkpoint_loads_and_trains_through_the_real_preset(saved, tiny
                                 "model.attn_implementation=sdpa", "model.gradient_checkpointing=false", "steps=2",
                                 # the preset's recipe (conf/recipe/) runs on a GPU over a 4-bit base, by epochs
                                 "hardware=cpu", "model.lora.load_in_4bit=false", "epochs=null",
+                                "data=arith",  # the preset chooses the paper's pair file; the tiny pairs here
                                 run_dir=tmp_path / "run")
     assert summary["status"] == "complete"
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
