@@ -29,8 +29,12 @@ Per size, three more rows on the same weights and pairs (skipped with a one-line
   constant, beta 0.1, gradient checkpointing. TRL tokenizes the pairs itself (no chat template: plain-text pairs),
   and its tokens/s counts its own tokens (2·prompt + chosen + rejected per pair) over the median step after the first.
 
-With vLLM installed and a GPU visible, each size also gets greedy generation of 64 prompts x 2048 new tokens
-(new tokens/s; not yet run on a GPU). `--dry`: one step per row, a 2-layer model.
+Per size, the LoRA row's adapters are then merged into a fresh bf16 copy of the base (prefopt.merge, what a LoRA
+run's after-training evaluation loads) and vLLM's greedy answers on the merged directory (64 prompts x 256 new
+tokens) are compared with HF generate on the policy with its adapters: the share of identical answers (HF on the
+merged directory stands in without vLLM, as in --dry). With vLLM installed and a GPU visible, each size also gets
+greedy generation of 64 prompts x 2048 new tokens (new tokens/s; not yet run on a GPU). `--dry`: one step per
+row, a 2-layer model.
 """
 
 from __future__ import annotations
@@ -263,6 +267,41 @@ def vllm_row(model_dir: Path, size: str, n_prompts: int = 64) -> dict | None:
             "tokens_per_s": tokens / seconds}
 
 
+def merged_row(work: Path, size: str, args) -> dict:
+    """The LoRA row's trained adapters merged into a fresh copy of the base (prefopt.merge, as after-training evaluation
+    does), then greedy answers of vLLM on the merged directory against HF generate on the policy with its adapters
+    (PeftModel, unmerged); without vLLM (--dry) HF generate on the merged directory stands in for it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt.data.batching import render_prompt
+    from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, vllm_usable
+    from prefopt.merge import merge_adapters
+    from prefopt.models import ModelSpec
+
+    dtype = "float32" if args.dry else "bfloat16"
+    adapters = work / "run_lora_live" / "final"
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    merged = merge_adapters(ModelSpec(name_or_path=str(work / "model"), dtype=dtype, lora={"r": 16}), adapters,
+                            work / "merged", tokenizer)
+    device = "cpu" if args.dry else "cuda"
+    base = AutoModelForCausalLM.from_pretrained(work / "model", dtype=getattr(torch, dtype))
+    policy = PeftModel.from_pretrained(base, adapters).to(device).eval()
+    n = 8 if args.dry else 64
+    config = GenerationConfig(max_new_tokens=16 if args.dry else 256, batch_size=64)
+    prompts = [render_prompt(tokenizer, f"What is {i} + {i}?", True, None) for i in range(n)]
+    ours = HFGenerator(policy, tokenizer, config, "<|im_end|>").generate(prompts).texts
+    if vllm_usable():
+        engine, theirs = "vllm", VLLMGenerator(str(merged), tokenizer, config, "<|im_end|>", dtype=dtype).generate(prompts).texts
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, dtype)).to(device)
+        engine, theirs = "hf", HFGenerator(loaded, tokenizer, config, "<|im_end|>").generate(prompts).texts
+    same = sum(a == b for a, b in zip(ours, theirs)) / n
+    return {"size": size, "mode": "lora merged", "engine": engine, "prompts": n,
+            "new_tokens_max": config.max_new_tokens, "same_greedy_answers": same}
+
+
 def peak_tflops(args) -> float | None:
     import torch
 
@@ -327,6 +366,10 @@ def main(argv=None) -> int:
                 elif why not in skipped:
                     skipped.append(why)
                     print(why, flush=True)
+            checked = merged_row(work, size, args)
+            print(json.dumps(checked), flush=True)
+            rows.append(checked)
+            free_memory()
             generated = vllm_row(work / "model", size)
             print(json.dumps(generated) if generated else "vLLM generation: not run (vLLM not installed or no GPU)",
                   flush=True)
@@ -338,7 +381,10 @@ def main(argv=None) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:>5} {r['tool']:>7} {r['mode']:>5} {r['reference']:>9} {r['strategy']:>8} "
               f"{r['tokens_per_s']:>10.1f} {mfu:>7} {r['peak_memory_mb'] or 0:>9.0f}")
-    for r in (r for r in rows if "reference" not in r):
+    for r in (r for r in rows if r.get("mode") == "lora merged"):
+        print(f"{r['size']:>5} LoRA merged, {r['engine']} on the merged weights vs HF on the adapters: "
+              f"{100 * r['same_greedy_answers']:.0f}% identical greedy answers ({r['prompts']} prompts)")
+    for r in (r for r in rows if r.get("mode") == "vllm generate"):
         print(f"{r['size']:>5} vLLM greedy generation: {r['tokens_per_s']:.0f} new tokens/s ({r['prompts']} prompts)")
     for why in skipped:
         print(why)

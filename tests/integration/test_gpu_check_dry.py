@@ -18,6 +18,9 @@ def test_gpu_check_dry_runs_the_recipe_step_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
+    merged = [r for r in rows if r["mode"] == "lora merged"]  # the LoRA row's adapters merged, generated from
+    assert len(merged) == 1 and merged[0]["engine"] == "hf" and merged[0]["same_greedy_answers"] == 1.0
+    rows = [r for r in rows if "reference" in r]
     assert [(r["tool"], r["mode"], r["reference"], r["strategy"]) for r in rows] == [
         ("prefopt", "full", "live", "none"), ("prefopt", "full", "cached", "none"), ("prefopt", "lora", "live", "none"),
         ("prefopt", "lora", "cached", "none"), ("prefopt", "full", "live", "fsdp"),
