@@ -95,9 +95,10 @@ def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
     for expected in ("loss.alpha must be in (0, 1]", "divisible by micro_batch_size", "not a directory with a saved model",
-                     "data.max_prompt_length (5000) must be < data.max_length (2048)"):
+                     "data.max_prompt_length (5000) must be < data.max_length (2048)",
+                     "data.source.path is required"):  # on-policy pairs off: the paper's pair file (data=bpo_pairs)
         assert expected in out.stdout, (expected, out.stdout)
-    assert out.stdout.startswith("prefopt: 4 problems (recipe qwen_math: conf/recipe/qwen_math.yaml):")
+    assert out.stdout.startswith("prefopt: 5 problems (recipe qwen_math: conf/recipe/qwen_math.yaml):")
     tiny = subprocess.run([sys.executable, "-m", "prefopt.run", "validate=true", "data.max_length=8192",
                            "data.max_prompt_length=64"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert tiny.returncode == 2 and "data.max_length (8192) exceeds the model's context (4096 positions)" in tiny.stdout
