@@ -40,7 +40,7 @@ def nls(z):  # −log σ(z) = log(1 + e^{−z}), written so a huge −z does not
     return math.log1p(math.exp(-z)) if z > -30 else -z + math.log1p(math.exp(z))
 
 
-def hand_step(pairs, mu, s, train, beta=2.5, gamma=1.0, alpha=0.2, m=0.9):
+def hand_step(pairs, mu, s, train, beta=2.5, gamma=1.5, alpha=0.2, m=0.9):
     """The spec's α-DPO step in plain Python: returns (per-pair losses, μ, s, mean margin)."""
     deltas = [(lw / nw - ll / nl) - (Lw / nw - Ll / nl) for lw, ll, Lw, Ll, nw, nl in pairs]
     if train:
@@ -117,7 +117,7 @@ def test_margin_carries_no_gradient():
     _, mu, s, _ = hand_step(BATCH1, 0.0, 0.0, train=True)
     for i, (lw, ll, Lw, Ll, nw, nl) in enumerate(BATCH1):
         d = (lw / nw - ll / nl) - (Lw / nw - Ll / nl)
-        x = 2.5 * (lw / nw - ll / nl - 0.2 * (d - mu) / s) - 1.0
+        x = 2.5 * (lw / nw - ll / nl - 0.2 * (d - mu) / s) - 1.5
         sig = 1 / (1 + math.exp(x))
         assert policy.chosen.grad[i].item() == pytest.approx(-2.5 * sig / nw, rel=1e-9)
         assert policy.rejected.grad[i].item() == pytest.approx(2.5 * sig / nl, rel=1e-9)

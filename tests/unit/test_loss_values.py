@@ -116,7 +116,7 @@ def hand(key, p, **hp):
     if key == "slic":
         return max(0.0, 1 - b * h)
     if key == "caldpo":
-        c = hp.get("calibration_weight", 1.0)
+        c = hp.get("calibration_weight", 0.5)
         return nls(h) + c * ((rw - 1 / (2 * b)) ** 2 + (rl + 1 / (2 * b)) ** 2)
     if key == "simpo":
         return nls(b * (aw - al) - hp.get("gamma", 1.0))
