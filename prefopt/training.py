@@ -28,6 +28,7 @@ from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
 from prefopt.io import atomic_write_text
 from prefopt.mathloop.loop import MathLoop, Prepared
+from prefopt.merge import MERGED, merge_adapters
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
 from prefopt.reference_providers import ReferenceProvider, choose_reference
@@ -210,17 +211,17 @@ def name_wandb(plan: RunPlan, run_dir: Path):
     return spec
 
 
-def fit_and_export(trainer: Trainer, run_log: RunLog, policy, inputs: Inputs, hw, run_dir: Path) -> dict:
-    """Train; write the policy (and, with LoRA, the merged weights) with its tokenizer."""
+def fit_and_export(trainer: Trainer, run_log: RunLog, inputs: Inputs, hw, run_dir: Path, evaluates: bool) -> dict:
+    """Train; write the policy (its LoRA adapters, or its weights) with its tokenizer. `model.lora.merge_on_export`
+    also writes the adapters merged into a fresh full-precision copy of the base (prefopt.merge; never the 4-bit
+    copy QLoRA trained on): here when no evaluation follows, else by the evaluation, which scores that copy."""
     result = trainer.fit(run_log)
     trainer.export(run_dir / "final")
     if hw.is_main:
         save_tokenizer(inputs.tokenizer, run_dir / "final")
         spec = inputs.prepared.model
-        if spec.uses_lora and spec.lora["merge_on_export"] and hw.strategy != "fsdp":
-            merged = policy.merge_and_unload()  # training is over: merging in place is safe now
-            merged.save_pretrained(run_dir / "final_merged", safe_serialization=True)
-            save_tokenizer(inputs.tokenizer, run_dir / "final_merged")
+        if spec.uses_lora and spec.lora["merge_on_export"] and not evaluates:
+            merge_adapters(spec, run_dir / "final", run_dir / MERGED, inputs.tokenizer)
     return result
 
 
@@ -253,7 +254,7 @@ def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
     policy = load_policy(inputs, hw)
     reference = make_reference(plan, policy, inputs, hw)
     trainer, run_log = make_trainer(plan, policy, reference, inputs, hw, run_dir)
-    result = fit_and_export(trainer, run_log, policy, inputs, hw, run_dir)
+    result = fit_and_export(trainer, run_log, inputs, hw, run_dir, evaluates=plan.loop.switches.evaluate)
     details = verify(trainer, run_log, plan, policy, inputs, hw, run_dir, result)
     summary = summarize(plan, trainer, inputs, hw, result, details)
     run_log.finish(summary)

@@ -96,3 +96,18 @@ def test_cfg_job_shows_hub_id_dtype_and_attention(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "name_or_path: Qwen/Qwen2.5-Math-7B" in out.stdout
     assert "dtype: bfloat16" in out.stdout and "attn_implementation: auto" in out.stdout
+
+
+def test_stop_words_enter_the_sampling_and_evaluation_keys_only_when_set():
+    """A cached sample set or accuracy made with other stop words is not reused; keys made without any stay valid."""
+    from prefopt import compose
+    from prefopt.mathloop.stages.stage import EvalStage, PairsStage
+
+    def keys(*overrides):
+        plan = compose.build(compose_cfg(list(overrides)))
+        return (EvalStage(plan.loop).key(plan.model, plan.data, "eval/verified_before"),
+                PairsStage(plan.loop).key(plan.model, "problems"))
+
+    plain, empty, stops = keys(), keys("generation.stop_tokens=[]"), keys("generation.stop_tokens=['<|im_end|>']")
+    assert plain == empty
+    assert stops[0] != plain[0] and stops[1] != plain[1]

@@ -131,7 +131,8 @@ class PairsStage(Stage):
         render = {k: loop.tokenize[k] for k in ("chat_template", "system_prompt", "user_suffix") if k in loop.tokenize}
         return stage_key("pairs", {"policy": spec_fingerprint(spec), "problems": problems_id, "render": render,
                                    "pairs": loop.pairs.fingerprint(), "max_new_tokens": loop.generation.max_new_tokens,
-                                   "top_p": loop.generation.top_p, "verify_timeout_s": loop.verify.timeout_s})
+                                   "top_p": loop.generation.top_p, "verify_timeout_s": loop.verify.timeout_s,
+                                   **stop_tokens(loop)})
 
     def entry(self, key: str) -> Path:
         return Path(self.loop.switches.cache_dir) / self.name / f"{key}.jsonl"
@@ -142,6 +143,12 @@ class PairsStage(Stage):
     def run(self, loaded, spec, data, hardware, problems, out: Path) -> dict:
         model, tokenizer = loaded or self.loop.load(spec, hardware)
         return self.loop.run_pairs(model, tokenizer, spec, data, out, problems)
+
+
+def stop_tokens(loop) -> dict:
+    """The generation's stop words, part of a key only when set (keys made without them stay valid)."""
+    stops = list(getattr(loop.generation, "stop_tokens", None) or [])
+    return {"stop_tokens": stops} if stops else {}
 
 
 class EvalStage(Stage):
@@ -155,7 +162,7 @@ class EvalStage(Stage):
         return stage_key("eval", {"policy": spec_fingerprint(spec), "evaluation": loop.evaluation.fingerprint(),
                                   "problems": loop.problem_source(data).fingerprint(), "prefix": prefix,
                                   "max_new_tokens": loop.generation.max_new_tokens,
-                                  "verify_timeout_s": loop.verify.timeout_s})
+                                  "verify_timeout_s": loop.verify.timeout_s, **stop_tokens(loop)})
 
     def run(self, loaded, spec, data, hardware, prefix: str, out: Path) -> tuple[dict, dict]:
         out.mkdir(parents=True, exist_ok=True)
