@@ -32,8 +32,14 @@ def last_complete(ckpt_dir: Path) -> str:
     return f"no complete checkpoint in {ckpt_dir} yet"
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2,
-                    state_dict: dict | None = None) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict,
+    keep: int = 2,
+    state_dict: dict | None = None,
+) -> Path:
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
     with atomic_dir(final, what="checkpoint", note=lambda: last_complete(ckpt_dir)) as tmp:
@@ -78,8 +84,10 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(model.config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]})")
+        raise RuntimeError(
+            f"{path}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
     if tied:
         cast(Any, model).tie_weights()
 

@@ -15,8 +15,9 @@ import functools
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -65,9 +66,12 @@ def hydra_info() -> HydraInfo:
     hc = HydraConfig.get()
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     overrides = list(hc.overrides.task)
-    return HydraInfo(run_dir=Path(hc.runtime.output_dir), choices=dict(hc.runtime.choices),
-                     group=sweep_group(Path(hc.sweep.dir).name, overrides) if multirun
-                     else Path(hc.runtime.output_dir).name, overrides=overrides)
+    return HydraInfo(
+        run_dir=Path(hc.runtime.output_dir),
+        choices=dict(hc.runtime.choices),
+        group=sweep_group(Path(hc.sweep.dir).name, overrides) if multirun else Path(hc.runtime.output_dir).name,
+        overrides=overrides,
+    )
 
 
 def sweep_group(sweep: str, overrides: list[str]) -> str:
@@ -156,19 +160,32 @@ def unknown_additions(overrides: list[str]) -> list[str]:
 
 
 # The config nodes each top-level knob flows into: a bad knob's garbled echo there is not reported twice.
-FEEDS = {"beta": ("loss",), "lr": ("optimizer",), "steps": ("train",), "epochs": ("train",), "batch_size": ("train",),
-         "micro_batch_size": ("train",), "eval_every": ("train",), "save_every": ("train",)}
+FEEDS = {
+    "beta": ("loss",),
+    "lr": ("optimizer",),
+    "steps": ("train",),
+    "epochs": ("train",),
+    "batch_size": ("train",),
+    "micro_batch_size": ("train",),
+    "eval_every": ("train",),
+    "save_every": ("train",),
+}
 
 
 def check_top_level(cfg: DictConfig) -> list[str]:
     """Wrong types and out-of-range values of the top-level knobs, each naming key, value and what it must be."""
-    return [f"{key}={cfg[key]!r}: must be {must}" for key, (must, ok) in TOP_LEVEL.items()
-            if key in cfg and not ok(cfg[key])]
+    return [
+        f"{key}={cfg[key]!r}: must be {must}"
+        for key, (must, ok) in TOP_LEVEL.items()
+        if key in cfg and not ok(cfg[key])
+    ]
 
 
 def fed_by_bad_knobs(cfg: DictConfig) -> set[str]:
     """The nodes a wrong top-level knob flows into (checked once that knob is fixed)."""
-    return {node for key, (_, ok) in TOP_LEVEL.items() if key in cfg and not ok(cfg[key]) for node in FEEDS.get(key, ())}
+    return {
+        node for key, (_, ok) in TOP_LEVEL.items() if key in cfg and not ok(cfg[key]) for node in FEEDS.get(key, ())
+    }
 
 
 STAGES = ("mathloop", "warmup", "reward", "pairs", "evaluation", "generation", "verify")
@@ -177,14 +194,25 @@ STAGES = ("mathloop", "warmup", "reward", "pairs", "evaluation", "generation", "
 def _instantiate_nodes(cfg: DictConfig, found: list[str]) -> dict:
     """Each config node instantiated once (None where it failed, the failure appended to `found`; None, and not
     reported again, where a wrong top-level knob flows in)."""
-    nodes = {"hardware": cfg.hardware, "loss": cfg.loss, "train": cfg.train, "model": cfg.model,
-             "data": cfg.data.source, "optimizer": cfg.optimizer.factory, "logger": cfg.logger.get("wandb"),
-             **{key: cfg[key] for key in STAGES}}
+    nodes = {
+        "hardware": cfg.hardware,
+        "loss": cfg.loss,
+        "train": cfg.train,
+        "model": cfg.model,
+        "data": cfg.data.source,
+        "optimizer": cfg.optimizer.factory,
+        "logger": cfg.logger.get("wandb"),
+        **{key: cfg[key] for key in STAGES},
+    }
     skip = fed_by_bad_knobs(cfg)
-    objects = {key: None if node is None or key in skip else _attempt(found, key, functools.partial(instantiate, node))
-               for key, node in nodes.items()}
+    objects = {
+        key: None if node is None or key in skip else _attempt(found, key, functools.partial(instantiate, node))
+        for key, node in nodes.items()
+    }
     if objects["pairs"] is None:  # e.g. a recipe's required pairs.path not set (reported): check the other settings
-        objects["pairs_without_path"] = _attempt(found, "pairs", lambda: instantiate(_relaxed(cfg, "pairs.path", None).pairs))
+        objects["pairs_without_path"] = _attempt(
+            found, "pairs", lambda: instantiate(_relaxed(cfg, "pairs.path", None).pairs)
+        )
     return objects
 
 
@@ -199,23 +227,31 @@ def _check_values(cfg: DictConfig, objects: dict, found: list[str]) -> None:
     if model is not None:
         length = _attempt(found, "model", lambda: max_positions(model))
         if length and cfg.data.max_length > length:
-            found.append(f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
-                         f"({length} positions): lower data.max_length")
+            found.append(
+                f"data.max_length ({cfg.data.max_length}) exceeds the model's context "
+                f"({length} positions): lower data.max_length"
+            )
     every = cfg.get("reference_sync", {}).get("every")
     if every and cfg.get("reference_cache"):
-        found.append(f"reference_sync.every={every} cannot be combined with reference_cache: the cache holds the "
-                     f"initial reference's log-probs, which TR-DPO changes; set reference_cache=null")
+        found.append(
+            f"reference_sync.every={every} cannot be combined with reference_cache: the cache holds the "
+            f"initial reference's log-probs, which TR-DPO changes; set reference_cache=null"
+        )
     if every and model is not None and model.uses_lora:
-        found.append(f"reference_sync.every={every} is not supported with LoRA (the reference is the base model, "
-                     f"adapters off, which cannot move); set reference_sync.every=null or train without LoRA")
+        found.append(
+            f"reference_sync.every={every} is not supported with LoRA (the reference is the base model, "
+            f"adapters off, which cannot move); set reference_sync.every=null or train without LoRA"
+        )
     if cfg.data.get("truncation", "keep_end") not in TRUNCATION:
         found.append(f"data.truncation={cfg.data.truncation!r}: must be one of {', '.join(TRUNCATION)}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
-        found.append(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
-                     f"({cfg.data.max_length})")
+        found.append(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length ({cfg.data.max_length})"
+        )
     if loss is not None:
-        objects["reference_cache"] = _attempt(found, "reference_cache",
-                                              lambda: reference_cache_dir(cfg.get("reference_cache"), loss))
+        objects["reference_cache"] = _attempt(
+            found, "reference_cache", lambda: reference_cache_dir(cfg.get("reference_cache"), loss)
+        )
 
 
 def _relaxed(cfg: DictConfig, key: str, value: Any):
@@ -251,7 +287,11 @@ def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) ->
     if source is not None:
         for key in ("path", "eval_path"):
             value = getattr(source, key, None)
-            if value and Path(value).suffix in (".jsonl", ".json", ".parquet") and not Path(value).expanduser().is_file():
+            if (
+                value
+                and Path(value).suffix in (".jsonl", ".json", ".parquet")
+                and not Path(value).expanduser().is_file()
+            ):
                 found.append(f"data.source.{key}={value}: no such file")
         if read_data:
             _attempt(found, "data", source.load)
@@ -259,15 +299,17 @@ def _check_inputs(cfg: DictConfig, source, found: list[str], read_data: bool) ->
 
 def without_required_inputs(cfg: DictConfig) -> DictConfig:
     """`cfg` with a recipe's `${required:...}` input file (pairs.path) set to null, to compose a plan to look at
-    (`cfg` itself when pairs.path resolves: `build` and `collect` both call this, and the second call copies nothing)."""
+    (`cfg` itself when pairs.path resolves: `build` and `collect` both call this, and the second call copies
+    nothing)."""
     unresolved: list[str] = []
     if "pairs" in cfg:
         _attempt(unresolved, "pairs", lambda: cfg.pairs.path)
     return _relaxed(cfg, "pairs.path", None) if unresolved else cfg
 
 
-def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
-            overrides: list[str] | None = None) -> tuple[dict, list[str]]:
+def collect(
+    cfg: DictConfig, read_data: bool = False, check_inputs: bool = True, overrides: list[str] | None = None
+) -> tuple[dict, list[str]]:
     """(the instantiated nodes by key, every problem found): one pass over the whole config.
 
     `check_inputs=False` skips what is outside the config (model availability, files, data rows): for
@@ -288,7 +330,11 @@ def collect(cfg: DictConfig, read_data: bool = False, check_inputs: bool = True,
 def recipe_note() -> str:
     """' (recipe X: conf/recipe/X.yaml)' when the model choice brought a recipe in, else ''."""
     recipe = hydra_info().choices.get("recipe")
-    return f" (recipe {recipe}: conf/recipe/{recipe}.yaml)" if recipe and (conf_dir() / "recipe" / f"{recipe}.yaml").is_file() else ""
+    return (
+        f" (recipe {recipe}: conf/recipe/{recipe}.yaml)"
+        if recipe and (conf_dir() / "recipe" / f"{recipe}.yaml").is_file()
+        else ""
+    )
 
 
 def listing(found: list[str]) -> str:
@@ -301,8 +347,7 @@ def report(found: list[str]) -> str:
     return f"prefopt: {listing(found)}" if found else f"prefopt: config OK{recipe_note()}"
 
 
-def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
-          check_inputs: bool = True) -> RunPlan:
+def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None, check_inputs: bool = True) -> RunPlan:
     """The run's `RunPlan`; one ConfigError naming every problem when the config has any."""
     cfg = cfg if check_inputs else without_required_inputs(cfg)
     objects, found = collect(cfg, read_data, check_inputs)
@@ -311,21 +356,41 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
     if check_inputs:  # a GGUF file becomes an ordinary model directory (converted once) that every stage reads
         objects["model"] = objects["model"].converted()
     info, tokenize = hydra_info(), tokenize_settings(cfg)
-    loop = MathLoop(switches=objects["mathloop"], warmup=objects["warmup"], pairs=objects["pairs"],
-                    evaluation=objects["evaluation"], generation=objects["generation"], verify=objects["verify"],
-                    tokenize=tokenize, optimizer_factory=objects["optimizer"],
-                    max_grad_norm=cfg.optimizer.max_grad_norm, chunk_elements=cfg.train.chunk_elements,
-                    policy=cfg.policy, reward=objects["reward"])
+    loop = MathLoop(
+        switches=objects["mathloop"],
+        warmup=objects["warmup"],
+        pairs=objects["pairs"],
+        evaluation=objects["evaluation"],
+        generation=objects["generation"],
+        verify=objects["verify"],
+        tokenize=tokenize,
+        optimizer_factory=objects["optimizer"],
+        max_grad_norm=cfg.optimizer.max_grad_norm,
+        chunk_elements=cfg.train.chunk_elements,
+        policy=cfg.policy,
+        reward=objects["reward"],
+    )
     wandb = objects["logger"]
     if wandb is not None and job_type is not None:
         wandb.job_type = job_type
-    return RunPlan(hardware=objects["hardware"], loss=objects["loss"], train=objects["train"], model=objects["model"],
-                   data=objects["data"], wandb=wandb, loop=loop, optimizer_factory=objects["optimizer"],
-                   schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps,
-                                     cfg.optimizer.get("warmup_ratio")),
-                   max_grad_norm=cfg.optimizer.max_grad_norm, tokenize=tokenize, seed=cfg.seed,
-                   resume=cfg.resume, reference_cache=objects.get("reference_cache"),
-                   resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)), info=info)
+    return RunPlan(
+        hardware=objects["hardware"],
+        loss=objects["loss"],
+        train=objects["train"],
+        model=objects["model"],
+        data=objects["data"],
+        wandb=wandb,
+        loop=loop,
+        optimizer_factory=objects["optimizer"],
+        schedule=Schedule(cfg.optimizer.scheduler, cfg.optimizer.warmup_steps, cfg.optimizer.get("warmup_ratio")),
+        max_grad_norm=cfg.optimizer.max_grad_norm,
+        tokenize=tokenize,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        reference_cache=objects.get("reference_cache"),
+        resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+        info=info,
+    )
 
 
 def tokenize_settings(cfg: DictConfig) -> dict:

@@ -1,4 +1,5 @@
-"""`python -m prefopt.dcr RUN_OR_SWEEP_DIR [...] [--baseline LOSS]`: the DCR study's table (see prefopt.reporting.dcr_table)."""
+"""`python -m prefopt.dcr RUN_OR_SWEEP_DIR [...] [--baseline LOSS]`: the DCR study's table (see
+prefopt.reporting.dcr_table)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from prefopt.reporting.dcr_table import write_dcr_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefopt.dcr", description="The DCR study's table over run "
-                                     "or sweep directories: per loss over seeds with 95% intervals, and every run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m prefopt.dcr",
+        description="The DCR study's table over run "
+        "or sweep directories: per loss over seeds with 95% intervals, and every run.",
+    )
     parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
     parser.add_argument("--out", help="where to write dcr_table.md/.csv (default: the directories' common parent)")
-    parser.add_argument("--baseline", metavar="LOSS", help="paired differences against this loss (default: dpo "
-                        "when present; none: off)")
+    parser.add_argument(
+        "--baseline", metavar="LOSS", help="paired differences against this loss (default: dpo when present; none: off)"
+    )
     args = parser.parse_args(argv)
     try:
         write_dcr_table(args.paths, args.out, baseline=args.baseline)

@@ -13,9 +13,10 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -59,8 +60,10 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ConfigError(f"set exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs}); "
-                              f"e.g. steps=null epochs=2")
+            raise ConfigError(
+                f"set exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs}); "
+                f"e.g. steps=null epochs=2"
+            )
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0 (got {self.epochs})")
         for name in ("steps", "batch_size", "micro_batch_size"):
@@ -71,10 +74,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         per_rank, rem = divmod(self.batch_size, world_size)
         if rem:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by the number of processes ({world_size})")
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by the number of processes ({world_size})"
+            )
         if per_rank % self.micro_batch_size:
-            raise ConfigError(f"batch_size per process ({per_rank}) must be divisible by micro_batch_size "
-                              f"({self.micro_batch_size})")
+            raise ConfigError(
+                f"batch_size per process ({per_rank}) must be divisible by micro_batch_size ({self.micro_batch_size})"
+            )
         if self.packing not in (True, False, "auto", "shared_prefix", "flat"):
             raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {self.packing!r})")
         if self.on_nonfinite not in ("stop", "skip"):
@@ -99,15 +105,18 @@ def resolve_steps(config: TrainConfig, num_pairs: int) -> TrainConfig:
     if num_pairs < 1:
         raise ConfigError(f"epochs={config.epochs}: there are no training pairs to count epochs over")
     assert config.epochs is not None  # TrainConfig.validate: exactly one of steps and epochs
-    return dataclasses.replace(config, steps=max(1, math.ceil(config.epochs * num_pairs / config.batch_size)),
-                               epochs=None)
+    return dataclasses.replace(
+        config, steps=max(1, math.ceil(config.epochs * num_pairs / config.batch_size)), epochs=None
+    )
 
 
 def resolve_warmup(warmup_steps: int | None, warmup_ratio: float | None, steps: int) -> int:
     """Learning-rate warm-up steps: `optimizer.warmup_steps`, or `optimizer.warmup_ratio` of the run's steps."""
     if (warmup_steps is None) == (warmup_ratio is None):
-        raise ConfigError(f"set exactly one of optimizer.warmup_steps and optimizer.warmup_ratio "
-                          f"(got {warmup_steps} and {warmup_ratio})")
+        raise ConfigError(
+            f"set exactly one of optimizer.warmup_steps and optimizer.warmup_ratio "
+            f"(got {warmup_steps} and {warmup_ratio})"
+        )
     if warmup_ratio is not None:
         if not 0 <= warmup_ratio < 1:
             raise ConfigError(f"optimizer.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
@@ -121,13 +130,21 @@ def pair_metrics(out: LossOutput, policy: PairLogps, reference: PairLogps | None
     c, r = out.chosen_reward.detach().float(), out.rejected_reward.detach().float()
     m = {
         "loss": out.loss.detach().float(),
-        "rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r, "rewards/accuracies": (c > r).float(),
-        "logps/chosen": policy.chosen.detach().float(), "logps/rejected": policy.rejected.detach().float(),
+        "rewards/chosen": c,
+        "rewards/rejected": r,
+        "rewards/margins": c - r,
+        "rewards/accuracies": (c > r).float(),
+        "logps/chosen": policy.chosen.detach().float(),
+        "logps/rejected": policy.rejected.detach().float(),
         "dcr/chosen_reward_below_zero": (c < 0).float(),
     }
     if reference is not None:
-        m["dcr/chosen_logp_delta_per_token"] = ((policy.chosen - reference.chosen).detach() / policy.chosen_tokens).float()
-        m["dcr/rejected_logp_delta_per_token"] = ((policy.rejected - reference.rejected).detach() / policy.rejected_tokens).float()
+        m["dcr/chosen_logp_delta_per_token"] = (
+            (policy.chosen - reference.chosen).detach() / policy.chosen_tokens
+        ).float()
+        m["dcr/rejected_logp_delta_per_token"] = (
+            (policy.rejected - reference.rejected).detach() / policy.rejected_tokens
+        ).float()
     if policy.chosen_entropy is not None:  # TRL's names: the policy's per-token entropy on both completions, and
         tokens = (policy.chosen_tokens + policy.rejected_tokens).float()  # the share of chosen tokens it ranks first
         assert policy.rejected_entropy is not None and policy.chosen_top1 is not None  # the diagnostics come together
@@ -186,8 +203,7 @@ class Trainer:
             raise ConfigError(f"loss {loss.key!r} needs a reference model, but none was set up")
         self.parts, self.policy, self.loss, self.reference = parts, parts.policy, loss, parts.reference
         self.cfg, self.hw = config, hardware
-        self.batcher = PairBatcher(parts.train_pairs, config.batch_size, parts.seed, hardware.rank,
-                                   hardware.world_size)
+        self.batcher = PairBatcher(parts.train_pairs, config.batch_size, parts.seed, hardware.rank, hardware.world_size)
         self.eval_pairs = list(parts.eval_pairs)
         self.pad_id, self.max_grad_norm = parts.pad_id, parts.max_grad_norm
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
@@ -212,14 +228,27 @@ class Trainer:
         found = load_latest(Path(resume_from) if resume_from else self.ckpt_dir, self.policy)
         autocast = autocast_dtype(hardware)  # hardware.mixed_precision=bf16 without FSDP
         needs = getattr(self.loss, "needs", ())  # the optional PairLogps fields the loss reads (its yaml's `needs`)
-        self.policy_logps = hardware.wrap(parts.pair_model(self.policy, config.chunk_elements, autocast,
-                                                           config.compile, fields=needs,
-                                                           diagnostics=config.token_metrics), trainable=True)
+        self.policy_logps = hardware.wrap(
+            parts.pair_model(
+                self.policy,
+                config.chunk_elements,
+                autocast,
+                config.compile,
+                fields=needs,
+                diagnostics=config.token_metrics,
+            ),
+            trainable=True,
+        )
         if self.reference is not None:
-            self.reference.attach(policy=self.policy, policy_logps=self.policy_logps, hardware=hardware,
-                                  wrap=lambda model: hardware.wrap(parts.pair_model(
-                                      model, config.chunk_elements, autocast, config.compile, fields=needs),
-                                      trainable=False))
+            self.reference.attach(
+                policy=self.policy,
+                policy_logps=self.policy_logps,
+                hardware=hardware,
+                wrap=lambda model: hardware.wrap(
+                    parts.pair_model(model, config.chunk_elements, autocast, config.compile, fields=needs),
+                    trainable=False,
+                ),
+            )
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = parts.optimizer_factory(self.params)
         self.scheduler = parts.scheduler_factory(self.optimizer)
@@ -240,8 +269,9 @@ class Trainer:
         """A micro-batch on the device."""
         return collate(pairs, self.pad_id, packing=self.packing).to(self.device)
 
-    def forward_loss(self, batch: PreferenceBatch,
-                     pairs: Sequence[TokenizedPair]) -> tuple[LossOutput, PairLogps, PairLogps | None]:
+    def forward_loss(
+        self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair]
+    ) -> tuple[LossOutput, PairLogps, PairLogps | None]:
         policy = self.policy_logps(batch)
         reference = self.reference_logps(batch, pairs)
         return self.loss(policy, reference), policy, reference
@@ -272,7 +302,9 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
             if not torch.isfinite(norm):
-                raise _NonFinite(f"non-finite gradient norm at step {step + 1} for pairs {self.batcher.batch_ids(step)}")
+                raise _NonFinite(
+                    f"non-finite gradient norm at step {step + 1} for pairs {self.batcher.batch_ids(step)}"
+                )
         except _NonFinite as exc:
             if self.cfg.on_nonfinite == "skip":
                 self.optimizer.zero_grad(set_to_none=True)
@@ -280,16 +312,25 @@ class Trainer:
                 self.step += 1
                 log.warning("%s; step skipped (on_nonfinite=skip)", exc)
                 return {"train/skipped_steps": self.skipped_steps}
-            raise TrainingError(f"{exc}; the run stopped, the last checkpoint in {self.ckpt_dir} is intact "
-                                f"(set on_nonfinite=skip to skip such steps)") from None
+            raise TrainingError(
+                f"{exc}; the run stopped, the last checkpoint in {self.ckpt_dir} is intact "
+                f"(set on_nonfinite=skip to skip such steps)"
+            ) from None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         metrics = sums.means("train")
         elapsed = time.perf_counter() - t0
-        metrics.update({"train/grad_norm": float(norm), "train/lr": lr, "train/epoch": self.batcher.epoch(self.step),
-                        "train/tokens_per_s": tokens * self.hw.world_size / elapsed, "train/step_time_s": elapsed})
+        metrics.update(
+            {
+                "train/grad_norm": float(norm),
+                "train/lr": lr,
+                "train/epoch": self.batcher.epoch(self.step),
+                "train/tokens_per_s": tokens * self.hw.world_size / elapsed,
+                "train/step_time_s": elapsed,
+            }
+        )
         return self.hw.all_reduce_mean(metrics)
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -300,7 +341,7 @@ class Trainer:
         self.policy.eval()
         self.loss.eval()
         sums = MetricSums()
-        share = self.eval_pairs[self.hw.rank:: self.hw.world_size]
+        share = self.eval_pairs[self.hw.rank :: self.hw.world_size]
         for micro in micro_batches(share, self.cfg.micro_batch_size):
             batch = self.collate(micro)
             out, policy, reference = self.forward_loss(batch, micro)
@@ -311,18 +352,26 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
-                "scheduler": self.scheduler.state_dict(), "loss": self.loss.state_dict(), "rng": rng_state(),
-                "skipped_steps": self.skipped_steps, "finished": self.finished, "config": self.config_record,
-                **(self.reference.state_dict() if self.reference is not None else {})}
+        return {
+            "step": self.step,
+            "optimizer": self.hw.optimizer_state_dict(self.policy, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "loss": self.loss.state_dict(),
+            "rng": rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "finished": self.finished,
+            "config": self.config_record,
+            **(self.reference.state_dict() if self.reference is not None else {}),
+        }
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (collective under FSDP: every rank calls it, rank 0 writes)."""
         weights, state = self.hw.full_state_dict(self.policy), self.state()
         path = None
         if self.hw.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.step, self.policy, state, keep=self.cfg.keep_checkpoints,
-                                   state_dict=weights)
+            path = save_checkpoint(
+                self.ckpt_dir, self.step, self.policy, state, keep=self.cfg.keep_checkpoints, state_dict=weights
+            )
         self.hw.barrier()
         return path
 
@@ -339,8 +388,10 @@ class Trainer:
         changed = sorted(k for k in set(saved) | set(self.config_record) if saved.get(k) != self.config_record.get(k))
         if changed:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config_record.get(k)!r}" for k in changed[:6])
-            raise ConfigError(f"{path} was written by a different config ({shown}); resume it with the same "
-                              f"settings, or start in a new run directory (hydra.run.dir=...)")
+            raise ConfigError(
+                f"{path} was written by a different config ({shown}); resume it with the same "
+                f"settings, or start in a new run directory (hydra.run.dir=...)"
+            )
         self.hw.load_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
@@ -360,8 +411,13 @@ class Trainer:
         assert self.cfg.steps is not None  # resolved (resolve_steps) before the Trainer is built
         start = time.perf_counter()
         last: dict[str, float] = run_log.history() if self.resumed_from is not None else {}
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", disable=not (self.cfg.progress and self.hw.is_main),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=not (self.cfg.progress and self.hw.is_main),
+            dynamic_ncols=True,
+        )
         with StopSignals() as stop:
             first = self.step
             while self.step < self.cfg.steps and not self.finished:
@@ -378,14 +434,21 @@ class Trainer:
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{last.get('train/loss', math.nan):.4f}",
-                                acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}")
+                bar.set_postfix(
+                    loss=f"{last.get('train/loss', math.nan):.4f}",
+                    acc=f"{last.get('train/rewards/accuracies', math.nan):.2f}",
+                )
                 if self._agreed(stop.received is not None) and self.step < self.cfg.steps:
                     t0 = time.perf_counter()
                     self.save()  # SLURM's warning before the time limit, or a preemption: keep this step
                     bar.close()
-                    log.warning("%s received: checkpoint of step %d written to %s in %.2f s; exiting for a requeue",
-                                stop.name, self.step, self.ckpt_dir, time.perf_counter() - t0)
+                    log.warning(
+                        "%s received: checkpoint of step %d written to %s in %.2f s; exiting for a requeue",
+                        stop.name,
+                        self.step,
+                        self.ckpt_dir,
+                        time.perf_counter() - t0,
+                    )
                     run_log.suspend()
                     stop.hand_over()  # to submitit's own handler (it requeues the job), else a clean exit
         bar.close()
@@ -396,8 +459,12 @@ class Trainer:
                 last.update(final_eval)
             self.finished = True
             self.save()
-        return {"metrics": last, "wall_time_s": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(),
-                "skipped_steps": self.skipped_steps}
+        return {
+            "metrics": last,
+            "wall_time_s": time.perf_counter() - start,
+            "peak_memory_mb": peak_memory_mb(),
+            "skipped_steps": self.skipped_steps,
+        }
 
     def _agreed(self, flag: bool) -> bool:
         """Every rank stops at the same step (the signal may reach them a step apart)."""
@@ -427,7 +494,7 @@ class StopSignals:
     def _record(self, signum, frame):
         self.received = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for num in self.signals:
                 self.previous[num] = signal.signal(num, self._record)

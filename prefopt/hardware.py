@@ -48,8 +48,10 @@ class Hardware:
             raise ConfigError(f"hardware.threads must be a positive integer, auto or null (got {self.threads!r})")
         self.rank, self.world_size, self.local_rank = ranks.rank(), ranks.world_size(), ranks.local_rank()
         if self.world_size > 1 and self.strategy == "none":
-            raise ConfigError(f"{self.world_size} processes were launched but hardware.strategy=none "
-                              f"(use hardware=ddp or hardware=fsdp)")
+            raise ConfigError(
+                f"{self.world_size} processes were launched but hardware.strategy=none "
+                f"(use hardware=ddp or hardware=fsdp)"
+            )
 
     @property
     def torch_device(self) -> torch.device:
@@ -65,7 +67,7 @@ class Hardware:
         """A process group and wrapping: more than one process, or FSDP (it shards even over a group of one)."""
         return self.world_size > 1 or self.strategy == "fsdp"
 
-    def setup(self) -> "Hardware":
+    def setup(self) -> Hardware:
         if self.threads:
             torch.set_num_threads(cast(int, self.threads))  # "auto" became a count in __post_init__
         if self.torch_device.type == "cuda":
@@ -91,8 +93,9 @@ class Hardware:
             if not trainable:
                 return module  # a frozen reference needs no gradient sync: each rank keeps a copy
             ids = [self.local_rank] if self.torch_device.type == "cuda" else None
-            return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids,
-                                                             find_unused_parameters=self.find_unused_parameters)
+            return torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=ids, find_unused_parameters=self.find_unused_parameters
+            )
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {}
@@ -130,13 +133,19 @@ class Hardware:
     def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def load_optimizer_state_dict(self, model: torch.nn.Module, optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))  # every rank read the file
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            optim_state_dict=state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )  # every rank read the file
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (every rank gets the same dict back)."""

@@ -4,7 +4,8 @@ Every file or directory is written under a temporary name in its own directory (
 renamed into place with `os.replace`, so a kill or a full disk at any moment leaves the old version or the new
 one. A failed write removes its temporary (the space a full disk needs back) and raises `StorageError`:
 `cannot write checkpoint /run/checkpoints/step_00000006: No space left on device [ENOSPC]; the last complete
-checkpoint is ...`. Leftovers of a killed write are removed by `remove_leftovers` at the next start. Caches also get their
+checkpoint is ...`. Leftovers of a killed write are removed by `remove_leftovers` at the next start. Caches also get
+their
 content keys (`cache_key`) and locks (`locked`) here.
 Libraries that hide the OSError are seen through: safetensors' `... (os error 28)` and torch's
 `[enforce fail at inline_container.cc ...]` (whose OSError is its context when it wrote to a Python file).
@@ -23,7 +24,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from prefopt.errors import StorageError
 
@@ -35,7 +36,7 @@ _LEGACY_TMP = re.compile(r".+\.jsonl?\.tmp$")
 # An errno a library spelled out in its message: Rust's `(os error 28)`, Python's `[Errno 28]`.
 _ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 
-Note = Union[str, Callable[[], str], None]
+Note = str | Callable[[], str] | None
 
 
 def os_error_of(exc: BaseException, path: Path | str | None = None) -> OSError | None:
@@ -66,8 +67,9 @@ def _free_bytes(path: Path | str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def storage_error(err: OSError, path: Path | str, what: str = "", action: str = "write", note: Note = None
-                  ) -> StorageError:
+def storage_error(
+    err: OSError, path: Path | str, what: str = "", action: str = "write", note: Note = None
+) -> StorageError:
     """One line: `cannot write <what> <path>: <errno text> [<ENAME>]; <note>`."""
     code = err.errno or 0
     text = os.strerror(code) if code else str(err)
@@ -158,7 +160,7 @@ def append_text(path: Path | str, text: str, what: str = "", note: Note = None) 
         try:
             view = memoryview(data)
             while view:
-                view = view[fh.write(view):]
+                view = view[fh.write(view) :]
         except BaseException:
             try:
                 os.ftruncate(fh.fileno(), size)

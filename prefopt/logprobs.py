@@ -15,8 +15,9 @@ per-row factors are folded into the small (tokens × hidden) operands of the gra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import torch
 
@@ -64,13 +65,13 @@ class _HeadLogprobs(torch.autograd.Function):
             best = torch.full((n,), -math.inf, dtype=torch.float32, device=hidden.device)
             best_idx = torch.zeros(n, dtype=torch.long, device=hidden.device)
         for t, v0 in enumerate(range(0, vocab, cols)):
-            w = weight[v0: v0 + cols].detach().to(dt)
-            b = bias[v0: v0 + cols].detach().to(dt) if bias is not None else None
+            w = weight[v0 : v0 + cols].detach().to(dt)
+            b = bias[v0 : v0 + cols].detach().to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
-                logits = torch.nn.functional.linear(h_all[r0: r0 + rows], w, b).float()
+                logits = torch.nn.functional.linear(h_all[r0 : r0 + rows], w, b).float()
                 if not stats:
                     ls = torch.log_softmax(logits, dim=-1)
-                    tile_lse[t, r0: r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
+                    tile_lse[t, r0 : r0 + rows] = logits[:, 0] - ls[:, 0]  # this tile's log Σ exp(logits)
                     continue
                 # The same normaliser by hand, so the statistics share its exp: d = z − max (in place), e = e^d,
                 # s = Σe: log Σ e^z = max + log s, Σq² = e·e / s², Σ q log q = e·d / s − log s. (`argmax` then a
@@ -81,12 +82,12 @@ class _HeadLogprobs(torch.autograd.Function):
                 e = torch.exp(d)
                 total = e.sum(-1)
                 log_total = total.log()
-                tile_lse[t, r0: r0 + rows] = top + log_total
-                tile_sq[t, r0: r0 + rows] = torch.linalg.vecdot(e, e) / total ** 2
-                tile_qlogq[t, r0: r0 + rows] = torch.linalg.vecdot(e, d) / total - log_total
-                better = top > best[r0: r0 + rows]  # strict: an earlier tile keeps a tie, as torch.argmax
-                best[r0: r0 + rows] = torch.where(better, top, best[r0: r0 + rows])
-                best_idx[r0: r0 + rows] = torch.where(better, arg + v0, best_idx[r0: r0 + rows])
+                tile_lse[t, r0 : r0 + rows] = top + log_total
+                tile_sq[t, r0 : r0 + rows] = torch.linalg.vecdot(e, e) / total**2
+                tile_qlogq[t, r0 : r0 + rows] = torch.linalg.vecdot(e, d) / total - log_total
+                better = top > best[r0 : r0 + rows]  # strict: an earlier tile keeps a tie, as torch.argmax
+                best[r0 : r0 + rows] = torch.where(better, top, best[r0 : r0 + rows])
+                best_idx[r0 : r0 + rows] = torch.where(better, arg + v0, best_idx[r0 : r0 + rows])
         lse = torch.logsumexp(tile_lse, dim=0)
         # the target's logit as the tile's matmul makes it: operands in `dt`, sum in float32, result rounded to `dt`
         target_logit = (h_all.float() * weight[targets].detach().to(dt).float()).sum(-1)
@@ -120,19 +121,19 @@ class _HeadLogprobs(torch.autograd.Function):
         # d logp / d logit_v = 1[v = target] − p_v. The softmax term, tile by tile: p = softmax_tile · e^(lse_t − lse),
         # so a = −g · e^(lse_t − lse) scales rows of the small operands, never the (tokens × vocab) tile.
         for t, v0 in enumerate(range(0, vocab, cols)):
-            w = weight[v0: v0 + cols].to(dt)
-            b = bias[v0: v0 + cols].to(dt) if bias is not None else None
+            w = weight[v0 : v0 + cols].to(dt)
+            b = bias[v0 : v0 + cols].to(dt) if bias is not None else None
             for r0 in range(0, n, rows):
-                h = h_all[r0: r0 + rows]
+                h = h_all[r0 : r0 + rows]
                 # in `dt` (bf16 under autocast: accumulated in float32 inside the kernel), the dtype the matmuls take
                 p = torch.softmax(torch.nn.functional.linear(h, w, b), dim=-1)
-                a = -g[r0: r0 + rows] * torch.exp(tile_lse[t, r0: r0 + rows] - lse[r0: r0 + rows])
+                a = -g[r0 : r0 + rows] * torch.exp(tile_lse[t, r0 : r0 + rows] - lse[r0 : r0 + rows])
                 if grad_h is not None:  # need_h
-                    grad_h[r0: r0 + rows].addcmul_((p @ w).float(), a[:, None])
+                    grad_h[r0 : r0 + rows].addcmul_((p @ w).float(), a[:, None])
                 if grad_w is not None:  # need_w
-                    grad_w[v0: v0 + cols] += (p.t() @ (h.float() * a[:, None]).to(dt)).float()
+                    grad_w[v0 : v0 + cols] += (p.t() @ (h.float() * a[:, None]).to(dt)).float()
                 if grad_b is not None:  # need_b
-                    grad_b[v0: v0 + cols] += (p.float().t() @ a)
+                    grad_b[v0 : v0 + cols] += p.float().t() @ a
         # the target term (+1 at the target's logit)
         if grad_h is not None:
             grad_h += g[:, None] * weight[targets].float()
@@ -140,13 +141,23 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_w.index_add_(0, targets, g[:, None] * hidden.float())
         if grad_b is not None:
             grad_b.index_add_(0, targets, g)
-        return (grad_h.to(hidden.dtype) if grad_h is not None else None,
-                grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None)
+        return (
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, stats: bool = False):
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    stats: bool = False,
+):
     """log p(target) for N hidden states (N, H) under the LM head, `chunk_elements` logits at a time.
 
     With `stats`: (log-probs, (N, 3) statistics: columns STAT_LOG_SUM_SQ, STAT_ENTROPY, STAT_TOP1), see
@@ -155,8 +166,7 @@ def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: to
         weight = cast(torch.Tensor, head.weight)
         empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()  # keeps the graph connected
         return (empty, hidden.new_zeros((0, 3), dtype=torch.float32)) if stats else empty
-    logps, table = _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements,
-                                       stats)
+    logps, table = _HeadLogprobs.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_elements, stats)
     return (logps, table) if stats else logps
 
 
@@ -198,9 +208,12 @@ class ScoredTokens:
         return torch.empty_like(rank).scatter_(0, order, rank)
 
 
-def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
-                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                   backbone: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module,
+    batch: PreferenceBatch,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    backbone: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-prob, completion token count) per sequence, from one forward over all rows.
 
     Sequences are the batch's 2B prompt+completion sequences (chosen, then rejected), whatever its layout.
@@ -210,8 +223,13 @@ def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch,
     return scored.per_sequence(scored.token_logps), scored.counts.to(scored.token_logps.dtype)
 
 
-def score_tokens(model: torch.nn.Module, batch: PreferenceBatch, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 backbone: Callable | None = None, stats: bool = False) -> ScoredTokens:
+def score_tokens(
+    model: torch.nn.Module,
+    batch: PreferenceBatch,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    backbone: Callable | None = None,
+    stats: bool = False,
+) -> ScoredTokens:
     """One forward over all rows, then the tiled LM head at the scored positions only (any layout)."""
     lm: Any = model  # a transformers (or PEFT) model
     backbone = lm.get_decoder() if backbone is None else backbone
@@ -225,8 +243,9 @@ def score_tokens(model: torch.nn.Module, batch: PreferenceBatch, chunk_elements:
     return ScoredTokens(token_logps, table, torch.arange(rows.shape[0], device=rows.device), rows, counts)
 
 
-def _packed_scored(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
-                   chunk_elements: int, stats: bool) -> ScoredTokens:
+def _packed_scored(
+    model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch, chunk_elements: int, stats: bool
+) -> ScoredTokens:
     pk = batch.packed
     assert pk is not None  # called for a packed batch
     head = cast(Any, model).get_output_embeddings()
@@ -237,8 +256,9 @@ def _packed_scored(model: torch.nn.Module, backbone: Callable, batch: Preference
     return ScoredTokens(token_logps, table, pk.contrib_score, pk.contrib_seq, pk.counts)
 
 
-def packed_hidden(model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch,
-                  mask_dtype: Callable[[], torch.dtype]) -> torch.Tensor:
+def packed_hidden(
+    model: torch.nn.Module, backbone: Callable, batch: PreferenceBatch, mask_dtype: Callable[[], torch.dtype]
+) -> torch.Tensor:
     """`backbone`'s last hidden states (rows, L, H) over a packed batch (`batch.packed`: shared-prefix or flat rows).
 
     The shared-prefix layout's 4D mask is passed through as is (transformers' masking utils return it unchanged):
@@ -251,8 +271,9 @@ def packed_hidden(model: torch.nn.Module, backbone: Callable, batch: PreferenceB
         dtype = mask_dtype()
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     with _attention_kernel(batch.input_ids):
-        return backbone(input_ids=batch.input_ids, attention_mask=mask, position_ids=pk.position_ids,
-                        use_cache=False).last_hidden_state
+        return backbone(
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=pk.position_ids, use_cache=False
+        ).last_hidden_state
 
 
 MATH_ATTENTION_MAX_LENGTH = 1024
@@ -275,7 +296,8 @@ def _attention(model: torch.nn.Module) -> str | None:
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether the model's attention takes the shared-prefix layout's 4D mask (sdpa and eager do; flash-attention not)."""
+    """Whether the model's attention takes the shared-prefix layout's 4D mask (sdpa and eager do; flash-attention
+    not)."""
     return _attention(model) in ("sdpa", "eager")
 
 
@@ -292,8 +314,10 @@ def packing_layout(setting: bool | str | None, model: torch.nn.Module) -> str | 
         return "flat"
     if setting == "shared_prefix":
         if not supports_packing(model):
-            raise ConfigError(f"train.packing=shared_prefix needs attention that takes a 4D mask (sdpa or eager), "
-                              f"not {_attention(model)!r}: use train.packing=flat or true")
+            raise ConfigError(
+                f"train.packing=shared_prefix needs attention that takes a 4D mask (sdpa or eager), "
+                f"not {_attention(model)!r}: use train.packing=flat or true"
+            )
         return "shared_prefix"
     raise ConfigError(f"train.packing must be true, false, shared_prefix or flat (got {setting!r})")
 
@@ -306,9 +330,14 @@ def plain_sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tupl
     return (logps * mask).sum(dim=1), mask.sum(dim=1).to(logps.dtype)
 
 
-def pair_logps(model: torch.nn.Module, batch: PreferenceBatch,
-               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backbone: Callable | None = None,
-               fields: Sequence[str] = (), diagnostics: bool = False) -> PairLogps:
+def pair_logps(
+    model: torch.nn.Module,
+    batch: PreferenceBatch,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    backbone: Callable | None = None,
+    fields: Sequence[str] = (),
+    diagnostics: bool = False,
+) -> PairLogps:
     """The batch's `PairLogps`; the optional field groups in `fields` (a loss's `needs`, see
     `prefopt.losses.base.FIELD_GROUPS`) and, with `diagnostics`, the entropy / top-1 sums for the metrics.
 
@@ -352,9 +381,15 @@ class PairLogpsModel(torch.nn.Module):
     model's own forward (generation, evaluation, export) and its state-dict keys are unchanged.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 autocast: torch.dtype | None = None, compile: bool = False, fields: Sequence[str] = (),
-                 diagnostics: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        autocast: torch.dtype | None = None,
+        compile: bool = False,
+        fields: Sequence[str] = (),
+        diagnostics: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.chunk_elements = chunk_elements
@@ -367,8 +402,14 @@ class PairLogpsModel(torch.nn.Module):
         self.__dict__["compiled_backbone"] = torch.compile(lm.get_decoder(), dynamic=True) if compile else None
 
     def forward(self, batch: PreferenceBatch) -> PairLogps:
-        args: tuple[Any, ...] = (self.model, batch, self.chunk_elements, self.compiled_backbone, self.fields,
-                                 self.diagnostics)
+        args: tuple[Any, ...] = (
+            self.model,
+            batch,
+            self.chunk_elements,
+            self.compiled_backbone,
+            self.fields,
+            self.diagnostics,
+        )
         if self.autocast is None:
             return pair_logps(*args)
         with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
@@ -381,7 +422,7 @@ def autocast_dtype(hardware) -> torch.dtype | None:
     if mode is None or getattr(hardware, "strategy", "none") == "fsdp":
         return None
     if mode != "bf16":
-            raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
+        raise ConfigError(f"hardware.mixed_precision must be bf16 or null (got {mode!r})")
     return torch.bfloat16
 
 
@@ -394,5 +435,7 @@ def check_compiler(device: torch.device) -> None:
         return
     candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     if not any(c and shutil.which(c) for c in candidates):
-        raise ConfigError("train.compile=true on CPU needs a C++ compiler for torch.compile (g++, c++ or clang++ on "
-                          "PATH, or CXX): install one (e.g. apt install g++) or set train.compile=false")
+        raise ConfigError(
+            "train.compile=true on CPU needs a C++ compiler for torch.compile (g++, c++ or clang++ on "
+            "PATH, or CXX): install one (e.g. apt install g++) or set train.compile=false"
+        )

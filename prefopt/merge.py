@@ -50,8 +50,14 @@ def merge_adapters(spec: ModelSpec, adapters: Path | str, out: Path | str, token
     with atomic_dir(out, "the merged policy") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
-    log.info("merged the LoRA adapters of %s into the %s base (%s) -> %s in %.0f s", adapters, spec.dtype,
-             spec.name_or_path or spec.identity, out, time.perf_counter() - t0)
+    log.info(
+        "merged the LoRA adapters of %s into the %s base (%s) -> %s in %.0f s",
+        adapters,
+        spec.dtype,
+        spec.name_or_path or spec.identity,
+        out,
+        time.perf_counter() - t0,
+    )
     return out
 
 

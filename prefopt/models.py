@@ -46,14 +46,23 @@ class ModelSpec:
 
     def __post_init__(self):
         if sum(x is not None for x in (self.name_or_path, self.gguf_file, self.arch)) != 1:
-            raise ConfigError("model: set exactly one of model.name_or_path (a checkpoint), model.gguf_file (a GGUF "
-                              "file) or model.arch (a tiny model)")
+            raise ConfigError(
+                "model: set exactly one of model.name_or_path (a checkpoint), model.gguf_file (a GGUF "
+                "file) or model.arch (a tiny model)"
+            )
         if self.dtype == "auto":
             self.dtype = auto_dtype()
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {sorted(DTYPES) + ['auto']} (got {self.dtype!r})")
-        self.lora = {"r": 0, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "load_in_4bit": False,
-                     "merge_on_export": False, **dict(self.lora or {})}
+        self.lora = {
+            "r": 0,
+            "alpha": 32,
+            "dropout": 0.0,
+            "target_modules": "all-linear",
+            "load_in_4bit": False,
+            "merge_on_export": False,
+            **dict(self.lora or {}),
+        }
         if self.lora["r"] < 0:
             raise ConfigError(f"model.lora.r must be >= 0 (got {self.lora['r']})")
         if self.lora["load_in_4bit"]:
@@ -110,8 +119,7 @@ class ModelSpec:
             f"--local-dir DIR) and run with model.name_or_path=DIR"
         )
 
-
-    def converted(self) -> "ModelSpec":
+    def converted(self) -> ModelSpec:
         """This spec reading an ordinary model directory: a GGUF file converted (once, cached), else itself."""
         if self.gguf_file is None:
             return self
@@ -166,11 +174,19 @@ def load_model(spec: ModelSpec, vocab_size: int | None = None) -> torch.nn.Modul
         if spec.lora["load_in_4bit"]:
             from transformers import BitsAndBytesConfig
 
-            extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                              bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path, revision=spec.revision, dtype=dtype,
-            attn_implementation=resolve_attention(spec.attn_implementation), **extra, **spec.config,
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=dtype,
+            attn_implementation=resolve_attention(spec.attn_implementation),
+            **extra,
+            **spec.config,
         )
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -200,8 +216,13 @@ def add_lora(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
     if spec.lora["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     targets = spec.lora["target_modules"]
-    config = LoraConfig(r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
-                        target_modules=targets if isinstance(targets, str) else list(targets), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.lora["r"],
+        lora_alpha=spec.lora["alpha"],
+        lora_dropout=spec.lora["dropout"],
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 

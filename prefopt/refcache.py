@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -41,7 +42,8 @@ FORMAT = 1  # bump when the meaning of the stored values changes
 def _columns(fields: Sequence[str]) -> list[str]:
     """The stored columns: the four sums, then the two of each optional field group a loss needs (sorted)."""
     return ["chosen", "rejected", "chosen_tokens", "rejected_tokens"] + [
-        name for group in sorted(fields) for name in FIELD_GROUPS[group]]
+        name for group in sorted(fields) for name in FIELD_GROUPS[group]
+    ]
 
 
 def cache_dir(setting: str | None, loss) -> Path | None:
@@ -49,8 +51,10 @@ def cache_dir(setting: str | None, loss) -> Path | None:
     if setting in (None, "", False, "null", "none"):
         return None
     if not loss.reference:
-        raise ConfigError(f"reference_cache={setting}: loss {loss.key!r} is reference-free (reference: false), "
-                          f"so it has no reference log-probs to cache; drop reference_cache (or set it to null)")
+        raise ConfigError(
+            f"reference_cache={setting}: loss {loss.key!r} is reference-free (reference: false), "
+            f"so it has no reference log-probs to cache; drop reference_cache (or set it to null)"
+        )
     return Path(DEFAULT_DIR if setting == "auto" else str(setting)).expanduser()
 
 
@@ -72,13 +76,23 @@ def _local_files(path: str | None) -> list | None:
     if not path or not Path(path).expanduser().is_dir():
         return None
     root = Path(path).expanduser()
-    return sorted([str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
-                  for f in root.rglob("*") if f.is_file())
+    return sorted(
+        [str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in root.rglob("*") if f.is_file()
+    )
 
 
-def cache_header(*, spec, model: torch.nn.Module, tokenizer, data_fingerprint: str, tokenize: dict[str, Any],
-                 train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair],
-                 autocast: str | None = None, fields: Sequence[str] = ()) -> dict[str, Any]:
+def cache_header(
+    *,
+    spec,
+    model: torch.nn.Module,
+    tokenizer,
+    data_fingerprint: str,
+    tokenize: dict[str, Any],
+    train_pairs: Sequence[TokenizedPair],
+    eval_pairs: Sequence[TokenizedPair],
+    autocast: str | None = None,
+    fields: Sequence[str] = (),
+) -> dict[str, Any]:
     """Everything the reference log-probs depend on; `cache_key` hashes it into the file name.
 
     `fields`: the optional `PairLogps` field groups stored beside the four sums (a loss's `needs`); absent
@@ -87,19 +101,29 @@ def cache_header(*, spec, model: torch.nn.Module, tokenizer, data_fingerprint: s
     header = {
         "format": FORMAT,
         "reference": {  # the initial policy (LoRA: its base, adapters off)
-            "identity": spec.identity, "config": dict(spec.config), "dtype": spec.dtype,
+            "identity": spec.identity,
+            "config": dict(spec.config),
+            "dtype": spec.dtype,
             "attn_implementation": getattr(config, "_attn_implementation", spec.attn_implementation),
             "load_in_4bit": bool(spec.lora.get("load_in_4bit")) if hasattr(spec, "lora") else False,
             "vocab_size": int(cast(Any, model).get_output_embeddings().weight.shape[0]),
             "local_files": _local_files(spec.name_or_path),
         },
         "tokenizer": {
-            "name": spec.tokenizer or spec.name_or_path, "family": spec.tokenizer_family, "size": len(tokenizer),
+            "name": spec.tokenizer or spec.name_or_path,
+            "family": spec.tokenizer_family,
+            "size": len(tokenizer),
             "chat_template": _sha256(str(getattr(tokenizer, "chat_template", None) or "")),
-            "eos": tokenizer.eos_token, "completion_eos": spec.completion_eos,
+            "eos": tokenizer.eos_token,
+            "completion_eos": spec.completion_eos,
         },
-        "data": {"source": data_fingerprint, "train": pairs_digest(train_pairs), "eval": pairs_digest(eval_pairs),
-                 "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)},
+        "data": {
+            "source": data_fingerprint,
+            "train": pairs_digest(train_pairs),
+            "eval": pairs_digest(eval_pairs),
+            "train_pairs": len(train_pairs),
+            "eval_pairs": len(eval_pairs),
+        },
         "tokenize": dict(tokenize),  # template on/off, system prompt, max lengths (truncation is keep-prompt-end)
         "numerics": {"autocast": autocast},
     }
@@ -117,8 +141,15 @@ class ReferenceCache(ReferenceProvider):
     """Reference `PairLogps` of known pairs: `cache(pairs)` returns them for a micro-batch, on `device`; as the
     Trainer's reference provider it needs no model."""
 
-    def __init__(self, pairs: Sequence[TokenizedPair], values: torch.Tensor, key: str, path: Path | None,
-                 device: torch.device | str = "cpu", fields: Sequence[str] = ()):
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        values: torch.Tensor,
+        key: str,
+        path: Path | None,
+        device: torch.device | str = "cpu",
+        fields: Sequence[str] = (),
+    ):
         self.columns = _columns(fields)
         if values.shape != (len(pairs), len(self.columns)):
             raise ValueError(f"reference values of shape {tuple(values.shape)} for {len(pairs)} pairs")
@@ -142,8 +173,15 @@ class ReferenceCache(ReferenceProvider):
 
 
 @torch.no_grad()
-def compute_values(logps: Callable, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch_size: int,
-                   packing: bool | str | None, device: torch.device, fields: Sequence[str] = ()) -> torch.Tensor:
+def compute_values(
+    logps: Callable,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    micro_batch_size: int,
+    packing: bool | str | None,
+    device: torch.device,
+    fields: Sequence[str] = (),
+) -> torch.Tensor:
     """(N, 4 + 2·fields) float32: chosen, rejected, chosen tokens, rejected tokens (then the field groups'
     columns, see `_columns`), by the engine's own log-prob path."""
     out, columns = [], _columns(fields)
@@ -182,7 +220,7 @@ def load(path: Path, key: str, sizes: dict[str, int], width: int = 4) -> dict[st
         if meta.get("key") != key:
             problem = "its key does not match its name"
         elif sorted(tensors) != sorted(sizes) or any(tensors[k].shape != (n, width) for k, n in sizes.items()):
-            problem = f"it holds {({k: tuple(v.shape) for k, v in tensors.items()})}, expected {sizes} pairs"
+            problem = f"it holds { ({k: tuple(v.shape) for k, v in tensors.items()}) }, expected {sizes} pairs"
         elif meta.get("sha256") != _checksum(tensors):
             problem = "its checksum does not match"
     except Exception as exc:  # noqa: BLE001 - a truncated or garbled file raises all sorts of errors
@@ -193,9 +231,20 @@ def load(path: Path, key: str, sizes: dict[str, int], width: int = 4) -> dict[st
     return tensors
 
 
-def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Module,
-          train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], pad_id: int,
-          micro_batch_size: int, packing: bool | str | None, device: torch.device, is_main: bool = True) -> ReferenceCache:
+def build(
+    *,
+    directory: Path,
+    header: dict,
+    logps: Callable,
+    model: torch.nn.Module,
+    train_pairs: Sequence[TokenizedPair],
+    eval_pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    micro_batch_size: int,
+    packing: bool | str | None,
+    device: torch.device,
+    is_main: bool = True,
+) -> ReferenceCache:
     """Load the cache for `header`, or compute it with `logps` (no grad, `model` in eval mode) and store it."""
     key = reference_key(header)
     path = directory / f"{key}.safetensors"
@@ -203,37 +252,67 @@ def build(*, directory: Path, header: dict, logps: Callable, model: torch.nn.Mod
     fields = header.get("fields", ())
     tensors = load(path, key, sizes, len(_columns(fields)))
     if tensors is not None:
-        log.info("reference log-probs: loaded %d pairs from cache %s (key %s); no reference model",
-                 sum(sizes.values()), path, key[:16])
+        log.info(
+            "reference log-probs: loaded %d pairs from cache %s (key %s); no reference model",
+            sum(sizes.values()),
+            path,
+            key[:16],
+        )
     else:
         t0, was_training = time.perf_counter(), model.training
         model.eval()
         try:
-            tensors = {name: compute_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)
-                       for name, pairs in (("train", train_pairs), ("eval", eval_pairs))}
+            tensors = {
+                name: compute_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)
+                for name, pairs in (("train", train_pairs), ("eval", eval_pairs))
+            }
         finally:
             model.train(was_training)
         if is_main:  # every rank computes the same values; one writes them
             save(path, key, header, tensors)
-        log.info("reference log-probs: computed %d pairs in %.1f s (cache key %s) -> %s",
-                 sum(sizes.values()), time.perf_counter() - t0, key[:16], path)
+        log.info(
+            "reference log-probs: computed %d pairs in %.1f s (cache key %s) -> %s",
+            sum(sizes.values()),
+            time.perf_counter() - t0,
+            key[:16],
+            path,
+        )
     pairs = list(train_pairs) + list(eval_pairs)
     values = torch.cat([tensors["train"], tensors["eval"]]) if pairs else torch.zeros(0, len(_columns(fields)))
     return ReferenceCache(pairs, values, key, path, device, fields)
 
 
-def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer, data, tokenize: dict[str, Any],
-                    train_pairs: Sequence[TokenizedPair], eval_pairs: Sequence[TokenizedPair], train_cfg,
-                    hardware, fields: Sequence[str] = ()) -> ReferenceCache:
+def reference_cache(
+    directory: Path,
+    *,
+    spec,
+    policy: torch.nn.Module,
+    tokenizer,
+    data,
+    tokenize: dict[str, Any],
+    train_pairs: Sequence[TokenizedPair],
+    eval_pairs: Sequence[TokenizedPair],
+    train_cfg,
+    hardware,
+    fields: Sequence[str] = (),
+) -> ReferenceCache:
     """The run's reference cache, built from the initial `policy` (before any checkpoint is loaded into it).
 
     The reference *is* the initial policy, so no second model is needed: the pass runs on the policy itself
     in eval mode without gradients (LoRA: with its adapters switched off, i.e. its base).
     """
     autocast = autocast_dtype(hardware)  # the same arithmetic as a live reference of this run
-    header = cache_header(spec=spec, model=policy, tokenizer=tokenizer, data_fingerprint=data.fingerprint(),
-                          tokenize=tokenize, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                          autocast=str(autocast) if autocast else None, fields=fields)
+    header = cache_header(
+        spec=spec,
+        model=policy,
+        tokenizer=tokenizer,
+        data_fingerprint=data.fingerprint(),
+        tokenize=tokenize,
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        autocast=str(autocast) if autocast else None,
+        fields=fields,
+    )
     logps_model = PairLogpsModel(policy, train_cfg.chunk_elements, autocast, fields=fields)
 
     def logps(batch):
@@ -243,6 +322,16 @@ def reference_cache(directory: Path, *, spec, policy: torch.nn.Module, tokenizer
         return logps_model(batch)
 
     packing = packing_layout(getattr(train_cfg, "packing", False), policy)
-    return build(directory=directory, header=header, logps=logps, model=policy, train_pairs=train_pairs,
-                 eval_pairs=eval_pairs, pad_id=tokenizer.pad_token_id, micro_batch_size=train_cfg.micro_batch_size,
-                 packing=packing, device=hardware.torch_device, is_main=hardware.is_main)
+    return build(
+        directory=directory,
+        header=header,
+        logps=logps,
+        model=policy,
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        pad_id=tokenizer.pad_token_id,
+        micro_batch_size=train_cfg.micro_batch_size,
+        packing=packing,
+        device=hardware.torch_device,
+        is_main=hardware.is_main,
+    )

@@ -122,8 +122,14 @@ class MovingReference(FrozenReference):
         self.hardware.load_full_state_dict(self.model, state["reference"])
 
 
-def choose_reference(loss, config, *, model: torch.nn.Module | None = None, context: Callable | None = None,
-                     cache: ReferenceProvider | None = None) -> ReferenceProvider | None:
+def choose_reference(
+    loss,
+    config,
+    *,
+    model: torch.nn.Module | None = None,
+    context: Callable | None = None,
+    cache: ReferenceProvider | None = None,
+) -> ReferenceProvider | None:
     """The provider for `loss` under `config` (a `prefopt.engine.TrainConfig`) from what the run set up: the
     `cache`, else the LoRA `context`, else the frozen `model` (moving when `reference_sync_every` is set); None
     for a reference-free loss. TR-DPO is refused where the reference cannot move, naming the setting."""
@@ -145,11 +151,17 @@ def choose_reference(loss, config, *, model: torch.nn.Module | None = None, cont
 def _check_reference_sync(loss, every: int, cached: bool, no_model: bool) -> None:
     setting = f"reference_sync.every={every}"
     if not loss.reference:
-        raise ConfigError(f"{setting}: loss {loss.key!r} is reference-free, there is no reference to update; "
-                          f"set reference_sync.every=null")
+        raise ConfigError(
+            f"{setting}: loss {loss.key!r} is reference-free, there is no reference to update; "
+            f"set reference_sync.every=null"
+        )
     if cached:
-        raise ConfigError(f"{setting} cannot be combined with reference_cache: the cache holds the initial "
-                          f"reference's log-probs, which TR-DPO changes; set reference_cache=null")
+        raise ConfigError(
+            f"{setting} cannot be combined with reference_cache: the cache holds the initial "
+            f"reference's log-probs, which TR-DPO changes; set reference_cache=null"
+        )
     if no_model:  # LoRA: the reference is the policy with its adapters off
-        raise ConfigError(f"{setting} is not supported with LoRA (the reference is the base model, adapters off, "
-                          f"which cannot move); set reference_sync.every=null or train without LoRA")
+        raise ConfigError(
+            f"{setting} is not supported with LoRA (the reference is the base model, adapters off, "
+            f"which cannot move); set reference_sync.every=null or train without LoRA"
+        )

@@ -1,4 +1,5 @@
-"""`python -m prefopt.report PATH... [--out DIR] [--wandb ENTITY/PROJECT/GROUP]`: a sweep report (see prefopt.reporting.sweep)."""
+"""`python -m prefopt.report PATH... [--out DIR] [--wandb ENTITY/PROJECT/GROUP]`: a sweep report (see
+prefopt.reporting.sweep)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,28 @@ from prefopt.reporting.sweep import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefopt.report", description="Sweep reports: a table and plots over run directories, a multirun directory, or a W&B group.")
-    parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="run directories, multirun directories, or wandb:ENTITY/PROJECT/GROUP")
+    parser = argparse.ArgumentParser(
+        prog="python -m prefopt.report",
+        description="Sweep reports: a table and plots over run directories, a multirun directory, or a W&B group.",
+    )
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help="run directories, multirun directories, or wandb:ENTITY/PROJECT/GROUP"
+    )
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep directory / common parent)")
-    parser.add_argument("--wandb", action="append", default=[], metavar="ENTITY/PROJECT/GROUP",
-                        help="a W&B group to read through the API (same as PATH wandb:ENTITY/PROJECT/GROUP)")
-    parser.add_argument("--baseline", metavar="LOSS", default=None,
-                        help="compare every setting with the same setting under this loss (default: dpo when a run "
-                             "used it; none: no paired differences)")
+    parser.add_argument(
+        "--wandb",
+        action="append",
+        default=[],
+        metavar="ENTITY/PROJECT/GROUP",
+        help="a W&B group to read through the API (same as PATH wandb:ENTITY/PROJECT/GROUP)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="LOSS",
+        default=None,
+        help="compare every setting with the same setting under this loss (default: dpo when a run "
+        "used it; none: no paired differences)",
+    )
     args = parser.parse_args(argv)
     paths = list(args.paths) + [f"wandb:{w}" for w in args.wandb]
     if not paths:

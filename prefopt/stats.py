@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -66,6 +66,7 @@ class Difference:
 
 # --- per-problem files -------------------------------------------------------------------------------
 
+
 def read_outcomes(path: str | Path) -> dict[int, bool]:
     """{problem index: correct} from a per-problem file `<run>/verified/<benchmark>.jsonl`."""
     path = Path(path)
@@ -95,6 +96,7 @@ def read_benchmarks(directory: str | Path) -> dict[str, dict[int, bool]]:
 
 # --- one run -------------------------------------------------------------------------------------------
 
+
 def proportion(successes: int, trials: int) -> Interval | None:
     """A share with its Clopper-Pearson exact 95% interval; None when there are no trials."""
     if trials == 0:
@@ -111,12 +113,15 @@ def preservation(before: Mapping[int, bool], after: Mapping[int, bool]) -> dict[
         raise StatsError(f"no problem is in both the results before ({len(before)}) and after ({len(after)})")
     solved = [i for i in shared if before[i]]
     failed = [i for i in shared if not before[i]]
-    return {"preserved": proportion(sum(after[i] for i in solved), len(solved)),
-            "improved": proportion(sum(after[i] for i in failed), len(failed))}
+    return {
+        "preserved": proportion(sum(after[i] for i in solved), len(solved)),
+        "improved": proportion(sum(after[i] for i in failed), len(failed)),
+    }
 
 
-def preservation_metrics(before: Mapping[str, Mapping[int, bool]], after: Mapping[str, Mapping[int, bool]],
-                         prefix: str = "eval") -> dict[str, float]:
+def preservation_metrics(
+    before: Mapping[str, Mapping[int, bool]], after: Mapping[str, Mapping[int, bool]], prefix: str = "eval"
+) -> dict[str, float]:
     """Flat metrics for summary.json / W&B: `<prefix>/preserved/<benchmark>` and `.../improved/...`, with
     `<prefix>/preserved_low/...`, `..._high/...` the interval (benchmarks in both, absent when undefined)."""
     metrics = {}
@@ -131,6 +136,7 @@ def preservation_metrics(before: Mapping[str, Mapping[int, bool]], after: Mappin
 
 
 # --- over seeds and problems ---------------------------------------------------------------------------
+
 
 def _two_level(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float] | None:
     """(estimate, low, high) of sum(num)/sum(den) over a seeds x problems grid, the interval from resampling
@@ -190,8 +196,9 @@ def seed_accuracy(runs: Sequence[Mapping[int, bool]]) -> Interval:
     return Interval(estimate, low, high, len(problems), BOOTSTRAP)
 
 
-def seed_preservation(before: Sequence[Mapping[int, bool]],
-                      after: Sequence[Mapping[int, bool]]) -> dict[str, Interval | None]:
+def seed_preservation(
+    before: Sequence[Mapping[int, bool]], after: Sequence[Mapping[int, bool]]
+) -> dict[str, Interval | None]:
     """Preservation and improvement pooled over seeds (seed i's run after vs. seed i's starting policy)."""
     if len(before) != len(after):
         raise StatsError(f"{len(before)} starting policies for {len(after)} runs")
@@ -221,6 +228,7 @@ def paired_difference(runs: Sequence[Mapping[int, bool]], baseline: Sequence[Map
 
 # --- a scalar per seed ---------------------------------------------------------------------------------
 
+
 def _finite(values: Sequence[float | None]) -> np.ndarray:
     return np.array([v for v in values if v is not None and math.isfinite(v)], float)
 
@@ -231,8 +239,13 @@ def scalar_mean(values: Sequence[float | None], bounds: tuple[float, float] | No
     interval = _t_mean(values)
     if bounds is None or interval is None or interval.low is None or interval.high is None:
         return interval
-    return Interval(interval.estimate, max(interval.low, bounds[0]), min(interval.high, bounds[1]), interval.n,
-                    interval.method + f", cut to [{bounds[0]:g}, {bounds[1]:g}]")
+    return Interval(
+        interval.estimate,
+        max(interval.low, bounds[0]),
+        min(interval.high, bounds[1]),
+        interval.n,
+        interval.method + f", cut to [{bounds[0]:g}, {bounds[1]:g}]",
+    )
 
 
 def _t_mean(values: Sequence[float | None]) -> Interval | None:
@@ -252,8 +265,11 @@ def _t_mean(values: Sequence[float | None]) -> Interval | None:
 def scalar_difference(values: Sequence[float | None], baseline: Sequence[float | None]) -> Difference | None:
     """Paired difference of one value per seed (seed i vs the baseline's seed i): mean, t interval, paired
     t-test p-value; None when no seed has both values."""
-    pairs = [(v, b) for v, b in zip(values, baseline)
-             if v is not None and b is not None and math.isfinite(v) and math.isfinite(b)]
+    pairs = [
+        (v, b)
+        for v, b in zip(values, baseline)
+        if v is not None and b is not None and math.isfinite(v) and math.isfinite(b)
+    ]
     if not pairs:
         return None
     d = np.array([v - b for v, b in pairs])
@@ -261,8 +277,14 @@ def scalar_difference(values: Sequence[float | None], baseline: Sequence[float |
     if d.size == 1:
         return Difference(float(d[0]), None, None, None, 1, "one seed: no interval or test")
     if np.all(d == d[0]):  # no spread: the t statistic is undefined
-        return Difference(float(d[0]), float(d[0]), float(d[0]), 1.0 if d[0] == 0 else None, int(d.size),
-                          "paired t (no spread between seeds)")
+        return Difference(
+            float(d[0]),
+            float(d[0]),
+            float(d[0]),
+            1.0 if d[0] == 0 else None,
+            int(d.size),
+            "paired t (no spread between seeds)",
+        )
     p = float(sps.ttest_rel([v for v, _ in pairs], [b for _, b in pairs]).pvalue)
     assert interval is not None  # two seeds or more
     return Difference(interval.estimate, interval.low, interval.high, p, int(d.size), "paired t-test over seeds")

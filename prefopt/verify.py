@@ -19,9 +19,10 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from prefopt.answers import last_boxed, normalize_answer, same_answer
 from prefopt.errors import ConfigError
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 
 # Workers forked from the fork server (which preloads the main module, see `_context`) re-run the main
 # module as `__mp_main__`, and runpy warns that it is already imported; in a worker that is expected.
-warnings.filterwarnings(
-    "ignore", message=r".*found in sys\.modules after import of package", category=RuntimeWarning
-)
+warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package", category=RuntimeWarning)
 
 Status = Literal["correct", "wrong", "no_answer", "timeout", "error"]
 STATUSES: tuple[str, ...] = ("correct", "wrong", "no_answer", "timeout", "error")
@@ -264,7 +263,7 @@ class AnswerChecker:
         self._lock = threading.RLock()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self) -> "AnswerChecker":
+    def start(self) -> AnswerChecker:
         with self._lock:
             if not self._workers:
                 self._ctx = self._ctx or _context(self.start_method)
@@ -285,7 +284,7 @@ class AnswerChecker:
                 w.kill()
             self._workers = []
 
-    def __enter__(self) -> "AnswerChecker":
+    def __enter__(self) -> AnswerChecker:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -347,7 +346,7 @@ class AnswerChecker:
                     msg = w.conn.recv()
                 except (EOFError, OSError):  # the worker died (out of memory, a crash in sympy's C code)
                     if w.state == "starting":
-                        raise RuntimeError(f"answer-checker worker {w.proc.pid} died while starting")
+                        raise RuntimeError(f"answer-checker worker {w.proc.pid} died while starting") from None
                     assert w.index is not None  # a busy worker: the starting ones raised above
                     log.warning("answer-checker worker %s died on answer %d", w.proc.pid, w.index)
                     results[w.index] = Verdict(False, "error", None)

@@ -12,7 +12,10 @@ from prefopt.reporting.dashboard import build_report, build_workspace
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefopt.wandb_dashboard", description="A W&B report (or saved workspace view) that compares one group's runs on the DCR metrics.")
+    parser = argparse.ArgumentParser(
+        prog="python -m prefopt.wandb_dashboard",
+        description="A W&B report (or saved workspace view) that compares one group's runs on the DCR metrics.",
+    )
     parser.add_argument("project", metavar="ENTITY/PROJECT")
     parser.add_argument("group", metavar="GROUP", help="the W&B group: the sweep's name")
     parser.add_argument("--kind", choices=("report", "workspace"), default="report")
@@ -26,13 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         import wandb_workspaces.reports.v2 as wr
         import wandb_workspaces.workspaces as ws
     except ImportError:
-        print("prefopt.wandb_dashboard: error: the optional package wandb-workspaces is not installed "
-              "(pip install wandb-workspaces), or make the dashboard by hand: docs/reports.md, 'W&B dashboards'",
-              file=sys.stderr)
+        print(
+            "prefopt.wandb_dashboard: error: the optional package wandb-workspaces is not installed "
+            "(pip install wandb-workspaces), or make the dashboard by hand: docs/reports.md, 'W&B dashboards'",
+            file=sys.stderr,
+        )
         return 2
     try:
-        built = (build_report(wr, entity, project, args.group, args.title) if args.kind == "report"
-                 else build_workspace(ws, wr, entity, project, args.group, args.title))
+        built = (
+            build_report(wr, entity, project, args.group, args.title)
+            if args.kind == "report"
+            else build_workspace(ws, wr, entity, project, args.group, args.title)
+        )
         if args.dry_run:
             print(built)
             return 0

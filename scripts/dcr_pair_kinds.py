@@ -89,15 +89,17 @@ def runs_of(paths: list[str]) -> list[Path]:
         if (p / "summary.json").is_file():
             out.append(p)
         else:  # a sweep: its runs 0, 1, ..., 10, ... in launch order
-            out.extend(sorted((d for d in p.iterdir() if (d / "summary.json").is_file()),
-                              key=lambda d: (len(d.name), d.name)))
+            out.extend(
+                sorted((d for d in p.iterdir() if (d / "summary.json").is_file()), key=lambda d: (len(d.name), d.name))
+            )
     return out
 
 
 def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
     """(setting, {kind: [reward-accurate per held-out pair]}) of one finished run."""
     import torch
-    from hydra import compose as hcompose, initialize_config_dir
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefopt import compose
@@ -116,8 +118,10 @@ def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
     rows = [json.loads(line) for line in (ROOT / loop["pairs"]["path"]).read_text().splitlines()][-eval_size:]
     reference = ROOT / loop["warmup"]["path"] / "policy"
     tokenizer = AutoTokenizer.from_pretrained(reference)
-    pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], pair_id=r["pair_id"])
-             for r in rows]
+    pairs = [
+        PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], pair_id=r["pair_id"])
+        for r in rows
+    ]
     args = dict(plan.loop.tokenize, completion_eos=plan.model.completion_eos)
     tokenized, _ = tokenize_pairs(pairs, tokenizer, **args)
 
@@ -125,9 +129,9 @@ def run_kinds(run: Path) -> tuple[str, dict[str, list[bool]]]:
         model, out = AutoModelForCausalLM.from_pretrained(path).eval(), []
         with torch.no_grad():
             for i in range(0, len(tokenized), 50):
-                batch = collate(tokenized[i:i + 50], tokenizer.pad_token_id)
+                batch = collate(tokenized[i : i + 50], tokenizer.pad_token_id)
                 logps, _ = plain_sequence_logps(model, batch)
-                out.append(logps[:batch.num_pairs] - logps[batch.num_pairs:])
+                out.append(logps[: batch.num_pairs] - logps[batch.num_pairs :])
         return torch.cat(out)
 
     won = (margins(run / "final") - margins(reference) > 0).tolist()
@@ -150,8 +154,10 @@ def by_setting(results: list[tuple[str, dict[str, list[bool]]]]) -> dict[str, li
 def fixed_table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
     """Per setting: the starting policy's wrong answers by kind (per seed) and the share of each the run solves."""
     grouped = by_setting(results)
-    lines = ["| setting | seeds | " + " | ".join(f"{k}: wrong before, solved after" for k in KINDS) + " |",
-             "|---" * (2 + len(KINDS)) + "|"]
+    lines = [
+        "| setting | seeds | " + " | ".join(f"{k}: wrong before, solved after" for k in KINDS) + " |",
+        "|---" * (2 + len(KINDS)) + "|",
+    ]
     for setting, runs in grouped.items():
         cells = []
         for k in KINDS:
@@ -164,8 +170,12 @@ def fixed_table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
 def table(results: list[tuple[str, dict[str, list[bool]]]]) -> str:
     """Per setting: each kind's share of the held-out pairs (pooled) and its reward accuracy (mean over seeds)."""
     grouped = by_setting(results)
-    lines = ["| setting | seeds | held-out pairs | " + " | ".join(f"{k}: share, reward acc" for k in KINDS)
-             + " | all: reward acc |", "|---" * (4 + len(KINDS)) + "|"]
+    lines = [
+        "| setting | seeds | held-out pairs | "
+        + " | ".join(f"{k}: share, reward acc" for k in KINDS)
+        + " | all: reward acc |",
+        "|---" * (4 + len(KINDS)) + "|",
+    ]
     for setting, runs in grouped.items():
         n = sum(len(r["all"]) for r in runs)
         cells = []
@@ -195,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- command: `python scripts/dcr_pair_kinds.py {' '.join(args.dirs)}`\n")
     print(table(results))
     if fixed:
-        print("\nThe starting policy's wrong greedy answers on `arith` by kind (mean count per seed), and the share of "
-              "them each run solves:\n")
+        print(
+            "\nThe starting policy's wrong greedy answers on `arith` by kind (mean count per seed), and the share of "
+            "them each run solves:\n"
+        )
         print(fixed_table(fixed))
     return 0
 

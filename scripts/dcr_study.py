@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--losses", default="dpo,ipo,slic,caldpo,bpo")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    ap.add_argument("--sweep-dir", help="a finished sweep: print its table without running anything (with the "
-                    "date, machine and command of the run that made it, from its study_header.md)")
+    ap.add_argument(
+        "--sweep-dir",
+        help="a finished sweep: print its table without running anything (with the "
+        "date, machine and command of the run that made it, from its study_header.md)",
+    )
     ap.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     args = ap.parse_args(argv)
     started = datetime.now(timezone.utc)
@@ -59,8 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         sweep, command, wall = Path(args.sweep_dir), "(an existing sweep)", None
     else:
         sweep = ROOT / "outputs" / args.experiment / f"study-{started:%Y-%m-%d_%H-%M-%S}"
-        cmd = [sys.executable, "-m", "prefopt.run", "-m", f"experiment={args.experiment}", f"loss={args.losses}",
-               f"seed={args.seeds}", *args.extra, f"hydra.sweep.dir={sweep}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            "-m",
+            f"experiment={args.experiment}",
+            f"loss={args.losses}",
+            f"seed={args.seeds}",
+            *args.extra,
+            f"hydra.sweep.dir={sweep}",
+        ]
         command = shlex.join(["python", *cmd[1:]])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT)
@@ -72,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_dir and header.is_file():
         text = header.read_text()
     else:
-        text = (f"## DCR study, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n- command: `{command}`\n"
-                + (f"- sweep wall time: {wall / 60:.1f} min (shared or busy machines are slower)\n" if wall else "")
-                + f"- sweep directory: {sweep}\n")
+        text = (
+            f"## DCR study, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n- command: `{command}`\n"
+            + (f"- sweep wall time: {wall / 60:.1f} min (shared or busy machines are slower)\n" if wall else "")
+            + f"- sweep directory: {sweep}\n"
+        )
         if not args.sweep_dir:
             header.write_text(text)
     print("\n" + text)
@@ -82,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     print(result["intervals"])
     print(f"\nEvery run: {result['files']['md']}")
     if args.doc:
-        body = (text.replace("## ", "### ", 1) + "\n" + result["intervals"] + "\n\n[Studies](../studies.md) says what "
-                "the columns mean and what the table shows.")
+        body = (
+            text.replace("## ", "### ", 1) + "\n" + result["intervals"] + "\n\n[Studies](../studies.md) says what "
+            "the columns mean and what the table shows."
+        )
         print(f"wrote {write_doc_page(args.doc, f'DCR study: experiment={args.experiment}', body)}")
     return 0
 

@@ -32,8 +32,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from dcr_study import machine  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
 
-BASE = ["experiment=dcr_mini", "loss=dpo", "seed=0", "evaluation.benchmarks=[arith_val]", "steps=null",
-        "pairs.eval_size=200"]
+BASE = [
+    "experiment=dcr_mini",
+    "loss=dpo",
+    "seed=0",
+    "evaluation.benchmarks=[arith_val]",
+    "steps=null",
+    "pairs.eval_size=200",
+]
 EVAL_PAIRS = 200
 GRID = [
     ["pairs.max_pairs_per_prompt=1", "lr=3e-5,1e-4", "epochs=1,3"],
@@ -59,8 +65,11 @@ def row(run: Path) -> list[str] | None:
     if not (run / "summary.json").is_file():
         return None
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    setting = {"pairs.max_pairs_per_prompt": config["pairs"]["max_pairs_per_prompt"], "lr": config["lr"],
-               "epochs": config["epochs"]}
+    setting = {
+        "pairs.max_pairs_per_prompt": config["pairs"]["max_pairs_per_prompt"],
+        "lr": config["lr"],
+        "epochs": config["epochs"],
+    }
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     accs = [r["eval/rewards/accuracies"] for r in history if "eval/rewards/accuracies" in r]
@@ -72,18 +81,35 @@ def row(run: Path) -> list[str] | None:
             return "-"
         return f"{100 * value:.0f}" + (f" [{100 * low:.0f}, {100 * high:.0f}]" if low is not None else "")
 
-    return [" ".join(f"{k}={setting[k]}" for k in SHOWN), str(history[-1].get("step", "?")),
-            f"{100 * metrics['eval/verified_before/arith_val']:.1f} → {100 * metrics['eval/verified/arith_val']:.1f}",
-            pct("preserved"), pct("improved"),
-            " ".join(f"{a:.2f}" for a in accs) + (f" [{last.low:.2f}, {last.high:.2f}]" if last else ""),
-            f"{metrics.get('eval/rewards/chosen', float('nan')):+.3f}"]
+    return [
+        " ".join(f"{k}={setting[k]}" for k in SHOWN),
+        str(history[-1].get("step", "?")),
+        f"{100 * metrics['eval/verified_before/arith_val']:.1f} → {100 * metrics['eval/verified/arith_val']:.1f}",
+        pct("preserved"),
+        pct("improved"),
+        " ".join(f"{a:.2f}" for a in accs) + (f" [{last.low:.2f}, {last.high:.2f}]" if last else ""),
+        f"{metrics.get('eval/rewards/chosen', float('nan')):+.3f}",
+    ]
 
 
 def table(dirs: list[Path]) -> str:
-    header = ["setting", "steps", "val acc % before → after", "preserved %", "improved %",
-              "held-out reward acc (every eval; 95% CI of the last)", "rewards/chosen"]
-    rows = [r for d in dirs for run in sorted(d.iterdir(), key=lambda p: p.name) if run.name.isdigit()
-            for r in [row(run)] if r]
+    header = [
+        "setting",
+        "steps",
+        "val acc % before → after",
+        "preserved %",
+        "improved %",
+        "held-out reward acc (every eval; 95% CI of the last)",
+        "rewards/chosen",
+    ]
+    rows = [
+        r
+        for d in dirs
+        for run in sorted(d.iterdir(), key=lambda p: p.name)
+        if run.name.isdigit()
+        for r in [row(run)]
+        if r
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -95,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.sweep_dir:
         dirs = [Path(d) for d in args.sweep_dir]
-        header = "\n".join((d / "study_header.md").read_text().strip() for d in dirs if (d / "study_header.md").is_file())
+        header = "\n".join(
+            (d / "study_header.md").read_text().strip() for d in dirs if (d / "study_header.md").is_file()
+        )
     else:
         t0, started = time.perf_counter(), datetime.now(timezone.utc)
         dirs, commands = run_grid(args.extra)
-        header = (f"## DCR miniature validation sweep, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n"
-                  f"{commands}\n- wall time: {(time.perf_counter() - t0) / 60:.1f} min\n")
+        header = (
+            f"## DCR miniature validation sweep, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n"
+            f"{commands}\n- wall time: {(time.perf_counter() - t0) / 60:.1f} min\n"
+        )
         for d in dirs:
             (d / "study_header.md").write_text(header)
     print(header + "\n")

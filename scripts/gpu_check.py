@@ -57,12 +57,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Qwen2.5-0.5B and -1.5B shapes (their config.json), with the 151,936-row vocabulary; --dry: a 2-layer toy.
 SIZES = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "dry": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, tie_word_embeddings=True),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "dry": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    ),
 }
 VOCAB = 151936
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, SXM parts
@@ -101,20 +119,33 @@ def write_pairs(path: Path, n: int, prompt_words: int, completion_words: int) ->
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_row(model_dir: Path, pairs: Path, work: Path, mode: str, reference: str, args, hardware: str | None = None) -> dict:
+def run_row(
+    model_dir: Path, pairs: Path, work: Path, mode: str, reference: str, args, hardware: str | None = None
+) -> dict:
     from hydra import compose, initialize_config_dir
 
     from prefopt.config import conf_dir
     from prefopt.run import train
 
-    overrides = ["model=qwen_math", "loss=dpo", f"model.name_or_path={model_dir}",
-                 f"model.lora.load_in_4bit={str(args.qlora).lower()}", f"model.lora.r={16 if mode == 'lora' else 0}",
-                 "mathloop.warmup=false", "mathloop.pairs=false", "mathloop.evaluate=false", "data=jsonl",
-                 f"data.source.path={pairs}", f"data.source.eval_size={1 if args.dry else 8}",
-                 f"steps={args.steps}", "epochs=null",
-                 "train.progress=false", f"hardware={hardware or ('cpu' if args.dry else 'gpu')}",
-                 f"mathloop.cache_dir={work}/cache",
-                 f"reference_cache={work / 'refcache' / mode if reference == 'cached' else 'null'}"]
+    overrides = [
+        "model=qwen_math",
+        "loss=dpo",
+        f"model.name_or_path={model_dir}",
+        f"model.lora.load_in_4bit={str(args.qlora).lower()}",
+        f"model.lora.r={16 if mode == 'lora' else 0}",
+        "mathloop.warmup=false",
+        "mathloop.pairs=false",
+        "mathloop.evaluate=false",
+        "data=jsonl",
+        f"data.source.path={pairs}",
+        f"data.source.eval_size={1 if args.dry else 8}",
+        f"steps={args.steps}",
+        "epochs=null",
+        "train.progress=false",
+        f"hardware={hardware or ('cpu' if args.dry else 'gpu')}",
+        f"mathloop.cache_dir={work}/cache",
+        f"reference_cache={work / 'refcache' / mode if reference == 'cached' else 'null'}",
+    ]
     if args.dry:
         overrides += ["batch_size=1", "micro_batch_size=1", "data.max_length=96", "data.max_prompt_length=48"]
         if hardware == "fsdp":  # CPU: gloo, computing in the model's dtype
@@ -127,8 +158,15 @@ def run_row(model_dir: Path, pairs: Path, work: Path, mode: str, reference: str,
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [s["train/tokens_per_s"] for s in steps if "train/tokens_per_s" in s]
     rates = rates[1:] or rates  # the steps after the first; --dry runs one step
-    return {"tool": "prefopt", "mode": mode, "reference": reference, "strategy": hardware or "none", "tokens_per_s": statistics.median(rates),
-            "peak_memory_mb": summary.get("peak_memory_mb"), "steps": summary["step"]}
+    return {
+        "tool": "prefopt",
+        "mode": mode,
+        "reference": reference,
+        "strategy": hardware or "none",
+        "tokens_per_s": statistics.median(rates),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "steps": summary["step"],
+    }
 
 
 def reset_peak_memory() -> None:
@@ -153,9 +191,22 @@ def free_memory() -> None:
 def fsdp_row(model_dir: Path, pairs: Path, work: Path, args) -> tuple[dict | None, str | None]:
     """Full fine-tuning, live reference, `hardware=fsdp` under `torchrun --nproc_per_node 1` (FSDP2 over one rank)."""
     out = work / "fsdp_row.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0",
-           str(Path(__file__).resolve()), "--fsdp-child", str(work), "--steps", str(args.steps),
-           *(["--dry"] if args.dry else []), *(["--qlora"] if args.qlora else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        "0",
+        str(Path(__file__).resolve()),
+        "--fsdp-child",
+        str(work),
+        "--steps",
+        str(args.steps),
+        *(["--dry"] if args.dry else []),
+        *(["--qlora"] if args.qlora else []),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -217,29 +268,61 @@ def trl_row(model_dir: Path, pairs: Path, work: Path, mode: str, args) -> tuple[
     if mode == "lora":
         from peft import LoraConfig
 
-        peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        peft = LoraConfig(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
     free_memory()
     reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    config = DPOConfig(output_dir=str(work / f"trl_{mode}"), use_cpu=args.dry, bf16=True,
-                       per_device_train_batch_size=1, gradient_accumulation_steps=batch, learning_rate=5e-6,
-                       lr_scheduler_type="constant", beta=0.1, max_steps=args.steps, max_length=max_length,
-                       gradient_checkpointing=True, save_strategy="no", eval_strategy="no", report_to="none",
-                       logging_steps=args.steps, disable_tqdm=True, seed=0)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft, callbacks=[Clock()])
+    config = DPOConfig(
+        output_dir=str(work / f"trl_{mode}"),
+        use_cpu=args.dry,
+        bf16=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=batch,
+        learning_rate=5e-6,
+        lr_scheduler_type="constant",
+        beta=0.1,
+        max_steps=args.steps,
+        max_length=max_length,
+        gradient_checkpointing=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=args.steps,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[Clock()],
+    )
     seen = trainer.train_dataset  # TRL's own tokenization: tokens/s counts what it computed
-    per_pair = sum(2 * len(a) + len(b) + len(c) for a, b, c in
-                   zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])) / len(seen)
+    per_pair = sum(
+        2 * len(a) + len(b) + len(c) for a, b, c in zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])
+    ) / len(seen)
     trainer.train()
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     step_s = step_s[1:] or step_s  # the steps after the first; --dry runs one step
-    row = {"tool": "trl", "mode": mode, "reference": "live", "strategy": "none",
-           "tokens_per_s": batch * per_pair / statistics.median(step_s), "peak_memory_mb": peak_memory_mb(),
-           "steps": trainer.state.global_step}
+    row = {
+        "tool": "trl",
+        "mode": mode,
+        "reference": "live",
+        "strategy": "none",
+        "tokens_per_s": batch * per_pair / statistics.median(step_s),
+        "peak_memory_mb": peak_memory_mb(),
+        "steps": trainer.state.global_step,
+    }
     del trainer, model
     free_memory()
     return row, None
@@ -263,8 +346,13 @@ def vllm_row(model_dir: Path, size: str, n_prompts: int = 64) -> dict | None:
     done = generator.generate(prompts)
     seconds = time.perf_counter() - start
     tokens = sum(len(tokenizer(t[0], add_special_tokens=False).input_ids) for t in done.texts)
-    return {"size": size, "mode": "vllm generate", "prompts": n_prompts, "new_tokens": tokens,
-            "tokens_per_s": tokens / seconds}
+    return {
+        "size": size,
+        "mode": "vllm generate",
+        "prompts": n_prompts,
+        "new_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def merged_row(work: Path, size: str, args) -> dict:
@@ -283,8 +371,9 @@ def merged_row(work: Path, size: str, args) -> dict:
     dtype = "float32" if args.dry else "bfloat16"
     adapters = work / "run_lora_live" / "final"
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    merged = merge_adapters(ModelSpec(name_or_path=str(work / "model"), dtype=dtype, lora={"r": 16}), adapters,
-                            work / "merged", tokenizer)
+    merged = merge_adapters(
+        ModelSpec(name_or_path=str(work / "model"), dtype=dtype, lora={"r": 16}), adapters, work / "merged", tokenizer
+    )
     device = "cpu" if args.dry else "cuda"
     base = AutoModelForCausalLM.from_pretrained(work / "model", dtype=getattr(torch, dtype))
     policy = PeftModel.from_pretrained(base, adapters).to(device).eval()
@@ -293,13 +382,22 @@ def merged_row(work: Path, size: str, args) -> dict:
     prompts = [render_prompt(tokenizer, f"What is {i} + {i}?", True, None) for i in range(n)]
     ours = HFGenerator(policy, tokenizer, config, "<|im_end|>").generate(prompts).texts
     if vllm_usable():
-        engine, theirs = "vllm", VLLMGenerator(str(merged), tokenizer, config, "<|im_end|>", dtype=dtype).generate(prompts).texts
+        engine, theirs = (
+            "vllm",
+            VLLMGenerator(str(merged), tokenizer, config, "<|im_end|>", dtype=dtype).generate(prompts).texts,
+        )
     else:
         loaded = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, dtype)).to(device)
         engine, theirs = "hf", HFGenerator(loaded, tokenizer, config, "<|im_end|>").generate(prompts).texts
     same = sum(a == b for a, b in zip(ours, theirs)) / n
-    return {"size": size, "mode": "lora merged", "engine": engine, "prompts": n,
-            "new_tokens_max": config.max_new_tokens, "same_greedy_answers": same}
+    return {
+        "size": size,
+        "mode": "lora merged",
+        "engine": engine,
+        "prompts": n,
+        "new_tokens_max": config.max_new_tokens,
+        "same_greedy_answers": same,
+    }
 
 
 def peak_tflops(args) -> float | None:
@@ -355,9 +453,14 @@ def main(argv=None) -> int:
             for mode, reference in ROWS:
                 add(run_row(work / "model", pairs, work, mode, reference, args), size, params)
             free_memory()
-            for name, make in ((None if args.no_fsdp else "fsdp", lambda: fsdp_row(work / "model", pairs, work, args)),
-                               *(() if args.no_trl else [(m, lambda m=m: trl_row(work / "model", pairs, work, m, args))
-                                                          for m in ("full", "lora")])):
+            for name, make in (
+                (None if args.no_fsdp else "fsdp", lambda: fsdp_row(work / "model", pairs, work, args)),
+                *(
+                    ()
+                    if args.no_trl
+                    else [(m, lambda m=m: trl_row(work / "model", pairs, work, m, args)) for m in ("full", "lora")]
+                ),
+            ):
                 if name is None:
                     continue
                 row, why = make()
@@ -371,19 +474,27 @@ def main(argv=None) -> int:
             rows.append(checked)
             free_memory()
             generated = vllm_row(work / "model", size)
-            print(json.dumps(generated) if generated else "vLLM generation: not run (vLLM not installed or no GPU)",
-                  flush=True)
+            print(
+                json.dumps(generated) if generated else "vLLM generation: not run (vLLM not installed or no GPU)",
+                flush=True,
+            )
             if generated:
                 rows.append(generated)
-    print(f"\n{'size':>5} {'tool':>7} {'mode':>5} {'reference':>9} {'strategy':>8} {'tokens/s':>10} {'MFU':>7} "
-          f"{'peak MB':>9}")
+    print(
+        f"\n{'size':>5} {'tool':>7} {'mode':>5} {'reference':>9} {'strategy':>8} {'tokens/s':>10} {'MFU':>7} "
+        f"{'peak MB':>9}"
+    )
     for r in (r for r in rows if "reference" in r):
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['size']:>5} {r['tool']:>7} {r['mode']:>5} {r['reference']:>9} {r['strategy']:>8} "
-              f"{r['tokens_per_s']:>10.1f} {mfu:>7} {r['peak_memory_mb'] or 0:>9.0f}")
+        print(
+            f"{r['size']:>5} {r['tool']:>7} {r['mode']:>5} {r['reference']:>9} {r['strategy']:>8} "
+            f"{r['tokens_per_s']:>10.1f} {mfu:>7} {r['peak_memory_mb'] or 0:>9.0f}"
+        )
     for r in (r for r in rows if r.get("mode") == "lora merged"):
-        print(f"{r['size']:>5} LoRA merged, {r['engine']} on the merged weights vs HF on the adapters: "
-              f"{100 * r['same_greedy_answers']:.0f}% identical greedy answers ({r['prompts']} prompts)")
+        print(
+            f"{r['size']:>5} LoRA merged, {r['engine']} on the merged weights vs HF on the adapters: "
+            f"{100 * r['same_greedy_answers']:.0f}% identical greedy answers ({r['prompts']} prompts)"
+        )
     for r in (r for r in rows if r.get("mode") == "vllm generate"):
         print(f"{r['size']:>5} vLLM greedy generation: {r['tokens_per_s']:.0f} new tokens/s ({r['prompts']} prompts)")
     for why in skipped:

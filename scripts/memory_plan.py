@@ -35,15 +35,45 @@ GIB = 2**30
 # - Qwen2.5-Math-1.5B: https://huggingface.co/unsloth/Qwen2.5-Math-1.5B/blob/main/config.json
 #   ("_name_or_path": "Qwen/Qwen2.5-Math-1.5B"; same values in mlx-community/Qwen2.5-Math-1.5B-bf16).
 PUBLISHED = {
-    "Qwen2.5-Math-7B": ("qwen2", dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)),
-    "Llama-3.1-8B(-Instruct)": ("llama", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=False)),
-    "Qwen2.5-Math-1.5B": ("qwen2", dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)),
+    "Qwen2.5-Math-7B": (
+        "qwen2",
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Llama-3.1-8B(-Instruct)": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Qwen2.5-Math-1.5B": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -84,9 +114,15 @@ def layer_linears(c) -> list[tuple[str, int, int, bool]]:
     attn_bias = bool(getattr(c, "attention_bias", False))
     qkv_bias, o_bias = (True, False) if qwen else (attn_bias, attn_bias)
     mlp_bias = bool(getattr(c, "mlp_bias", False))
-    return [("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
-            ("o_proj", q, h, o_bias), ("gate_proj", h, i, mlp_bias), ("up_proj", h, i, mlp_bias),
-            ("down_proj", i, h, mlp_bias)]
+    return [
+        ("q_proj", h, q, qkv_bias),
+        ("k_proj", h, kv, qkv_bias),
+        ("v_proj", h, kv, qkv_bias),
+        ("o_proj", q, h, o_bias),
+        ("gate_proj", h, i, mlp_bias),
+        ("up_proj", h, i, mlp_bias),
+        ("down_proj", i, h, mlp_bias),
+    ]
 
 
 def param_counts(c) -> dict[str, int]:
@@ -96,8 +132,14 @@ def param_counts(c) -> dict[str, int]:
     layer = sum(n_in * n_out + (n_out if bias else 0) for _, n_in, n_out, bias in layer_linears(c)) + 2 * h
     embed, head = v * h, (0 if c.tie_word_embeddings else v * h)
     total = embed + c.num_hidden_layers * layer + h + head
-    return {"embed": embed, "layer": layer, "final_norm": h, "lm_head": head, "total": total,
-            "root": embed + h + head}  # what FSDP's root unit holds (all but the decoder layers)
+    return {
+        "embed": embed,
+        "layer": layer,
+        "final_norm": h,
+        "lm_head": head,
+        "total": total,
+        "root": embed + h + head,
+    }  # what FSDP's root unit holds (all but the decoder layers)
 
 
 def lora_param_count(c, r: int, targets=LORA_TARGETS) -> int:
@@ -132,8 +174,11 @@ def layer_activation_bytes(c, lora_r: int = 0, lora_dropout: float = 0.0, target
     attention = 2 * q + 2 * 2 * kv + 2 * q + 4 * nh
     if not lora_r:
         return 2 * (4 * h + 4 + 2 * h) + 2 * h + 2 * h + attention + 4 * 2 * i
-    adapters = sum(4 * n_in + 4 * lora_r + (n_in if lora_dropout > 0 else 0)
-                   for name, n_in, _, _ in layer_linears(c) if name in targets)
+    adapters = sum(
+        4 * n_in + 4 * lora_r + (n_in if lora_dropout > 0 else 0)
+        for name, n_in, _, _ in layer_linears(c)
+        if name in targets
+    )
     return 2 * (4 * h + 4) + attention + 3 * 2 * i + adapters
 
 
@@ -189,12 +234,21 @@ COMPONENTS = [
     ("ref_cached", "reference cached"),
 ]
 TOTALS = [
-    ("total_prefopt", "total: prefopt (checkpointing, chunked, reference live)",
-     ("weights", "gathered", "adapters", "grads", "adamw", "act_ckpt", "logits_chunked", "ref_live")),
-    ("total_cached", "total: prefopt with cached reference",
-     ("weights", "gathered", "adapters", "grads", "adamw", "act_ckpt", "logits_chunked", "ref_cached")),
-    ("total_plain", "total: plain (no checkpointing, full logits, reference live)",
-     ("weights", "gathered", "adapters", "grads", "adamw", "act_full", "logits_plain", "ref_live_plain")),
+    (
+        "total_prefopt",
+        "total: prefopt (checkpointing, chunked, reference live)",
+        ("weights", "gathered", "adapters", "grads", "adamw", "act_ckpt", "logits_chunked", "ref_live"),
+    ),
+    (
+        "total_cached",
+        "total: prefopt with cached reference",
+        ("weights", "gathered", "adapters", "grads", "adamw", "act_ckpt", "logits_chunked", "ref_cached"),
+    ),
+    (
+        "total_plain",
+        "total: plain (no checkpointing, full logits, reference live)",
+        ("weights", "gathered", "adapters", "grads", "adamw", "act_full", "logits_plain", "ref_live_plain"),
+    ),
 ]
 
 
@@ -211,8 +265,12 @@ def logits_bytes(c, w: Workload, head_trains: bool = True) -> dict[str, int]:
     plain = full + (2 * c.hidden_size * w.tokens if head_trains else 0)
     chunk_rows = min(max(1, w.chunk_elements // v), w.completion_tokens)
     chunked = chunk_rows * v * 16 + w.completion_tokens * (2 * c.hidden_size + 4)
-    return {"plain": plain, "chunked": chunked, "chunk_forward_nograd": chunk_rows * v * 10,
-            "plain_forward_nograd": full}
+    return {
+        "plain": plain,
+        "chunked": chunked,
+        "chunk_forward_nograd": chunk_rows * v * 10,
+        "plain_forward_nograd": full,
+    }
 
 
 def activation_bytes(c, w: Workload, lora: bool = False) -> dict[str, int]:
@@ -296,11 +354,15 @@ def plan(models: dict[str, object], w: Workload) -> dict:
     out = {}
     for name, c in models.items():
         if w.seq_len > c.max_position_embeddings:
-            print(f"warning: {name}: seq_len {w.seq_len} > max_position_embeddings {c.max_position_embeddings}",
-                  file=sys.stderr)
+            print(
+                f"warning: {name}: seq_len {w.seq_len} > max_position_embeddings {c.max_position_embeddings}",
+                file=sys.stderr,
+            )
         out[name] = {
-            "params": param_counts(c)["total"], "lora_params": lora_param_count(c, w.lora_r),
-            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
+            "params": param_counts(c)["total"],
+            "lora_params": lora_param_count(c, w.lora_r),
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.max_position_embeddings,
             "activation_bytes_per_token_per_layer": layer_activation_bytes(c),
             "scenarios": {"fsdp": with_totals(fsdp_plan(c, w)), "lora": with_totals(lora_plan(c, w))},
         }
@@ -317,6 +379,7 @@ def markdown(result: dict, w: Workload) -> str:
     title = {"fsdp": f"FSDP ×{w.gpus}", "lora": "LoRA ×1"}
     head = "| GiB per GPU | " + " | ".join(f"{n} {title[s]}" for n, s in cols) + " |"
     lines = [head, "|---|" + "---:|" * len(cols)]
+
     def params(n: str, s: str) -> str:
         lora = f" (+{result[n]['lora_params'] / 1e6:.1f} M LoRA)" if s == "lora" else ""
         return f"{result[n]['params'] / 1e9:.2f} B{lora}"
@@ -335,19 +398,27 @@ def markdown(result: dict, w: Workload) -> str:
 
 
 def describe(w: Workload) -> str:
-    return (f"Micro-batch per GPU: {w.pairs} pairs × 2 sequences × {w.seq_len} tokens ({w.tokens:,} tokens, "
-            f"{w.completion_tokens:,} of them completion tokens after {w.prompt_len}-token prompts); "
-            f"logits chunk {w.chunk_elements:,} elements; FSDP master parameters, gradients and AdamW state in "
-            f"{'fp32' if w.master_dtype_bytes == 4 else 'bf16'}; LoRA r={w.lora_r} on {', '.join(LORA_TARGETS)}. "
-            f"Fits = total + {w.reserve_gib:g} GiB reserve (CUDA context, NCCL, fragmentation) ≤ {w.gpu_gib:g} GiB.")
+    return (
+        f"Micro-batch per GPU: {w.pairs} pairs × 2 sequences × {w.seq_len} tokens ({w.tokens:,} tokens, "
+        f"{w.completion_tokens:,} of them completion tokens after {w.prompt_len}-token prompts); "
+        f"logits chunk {w.chunk_elements:,} elements; FSDP master parameters, gradients and AdamW state in "
+        f"{'fp32' if w.master_dtype_bytes == 4 else 'bf16'}; LoRA r={w.lora_r} on {', '.join(LORA_TARGETS)}. "
+        f"Fits = total + {w.reserve_gib:g} GiB reserve (CUDA context, NCCL, fragmentation) ≤ {w.gpu_gib:g} GiB."
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = Workload()
-    ap.add_argument("--config", action="append", default=[], metavar="PATH",
-                    help="a local config.json (or its directory); repeatable; replaces the published models")
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a local config.json (or its directory); repeatable; replaces the published models",
+    )
     ap.add_argument("--pairs", type=int, default=d.pairs, help="preference pairs per micro-batch per GPU")
     ap.add_argument("--seq-len", type=int, default=d.seq_len)
     ap.add_argument("--prompt-len", type=int, default=d.prompt_len)
@@ -357,8 +428,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk-elements", type=int, default=d.chunk_elements)
     ap.add_argument("--lora-r", type=int, default=d.lora_r)
     ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    ap.add_argument("--master", choices=("fp32", "bf16"), default="fp32",
-                    help="FSDP's sharded parameters (and so gradients and AdamW state): fp32 master or pure bf16")
+    ap.add_argument(
+        "--master",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="FSDP's sharded parameters (and so gradients and AdamW state): fp32 master or pure bf16",
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the numbers (bytes) and assumptions as JSON")
     ap.add_argument("--explain", action="store_true", help="print the formulas after the table")
     return ap.parse_args(argv)
@@ -366,10 +441,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    w = Workload(pairs=args.pairs, seq_len=args.seq_len, prompt_len=args.prompt_len, gpus=args.gpus,
-                 gpu_gib=args.gpu_gib, reserve_gib=args.reserve_gib, chunk_elements=args.chunk_elements,
-                 lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                 master_dtype_bytes=4 if args.master == "fp32" else 2)
+    w = Workload(
+        pairs=args.pairs,
+        seq_len=args.seq_len,
+        prompt_len=args.prompt_len,
+        gpus=args.gpus,
+        gpu_gib=args.gpu_gib,
+        reserve_gib=args.reserve_gib,
+        chunk_elements=args.chunk_elements,
+        lora_r=args.lora_r,
+        lora_dropout=args.lora_dropout,
+        master_dtype_bytes=4 if args.master == "fp32" else 2,
+    )
     if args.config:
         models = dict(load_config(p) for p in args.config)
     else:

@@ -37,7 +37,8 @@ rejected sequences of a step (no padding), the same number for both tools. Peak 
 maximum resident set size as the kernel reports it (`wait4`). MFU = model FLOPs / s over the matmul peak
 measured here at start in the tool's precision (bf16 or float32), with model FLOPs = 6·params·tokens for the
 policy (+ 2·params·tokens for a live reference) counted on the unpacked sequences: the workload's FLOPs, the
-same for both tools, whatever work a tool saves (prefopt's shared-prefix packing computes a prompt once). On a machine shared with other work, timings are perturbed: run it when the machine is quiet.
+same for both tools, whatever work a tool saves (prefopt's shared-prefix packing computes a prompt once). On a machine
+shared with other work, timings are perturbed: run it when the machine is quiet.
 """
 
 from __future__ import annotations
@@ -53,8 +54,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             tie_word_embeddings=True, max_position_embeddings=512)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+)
 VOCABS = {"small": 128, "qwen": 151936}
 PAIRS_PER_STEP, BETA, LR, N_EVAL = 32, 0.1, 5e-4, 32
 DATA = dict(max_operand=20, ops="+-", seed=1234)  # pinned, so the workload does not move with the data defaults
@@ -90,22 +98,39 @@ def run_prefopt(args, out: dict) -> None:
     from prefopt.run import train
 
     work = Path(tempfile.mkdtemp(prefix="bench-prefopt-"))
-    overrides = ["model=tiny_qwen", *[f"model.config.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                      for k, v in MODEL.items()],
-                 f"model.config.vocab_size={VOCABS[args.vocab]}", "data=arith", "data.chat_template=false",
-                 f"data.source.n_train={args.pairs}", f"data.source.n_eval={N_EVAL}",
-                 *[f"data.source.{k}={v}" for k, v in DATA.items()], "loss=dpo",
-                 f"beta={BETA}", f"lr={LR}", f"batch_size={PAIRS_PER_STEP}", f"micro_batch_size={PAIRS_PER_STEP}",
-                 f"steps={args.steps}", "eval_every=0", "resume=null", "logger=none", "train.progress=false",
-                 "++optimizer.factory.fused=true", *args.prefopt_args.split(),
-                 f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}"]
+    overrides = [
+        "model=tiny_qwen",
+        *[f"model.config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()],
+        f"model.config.vocab_size={VOCABS[args.vocab]}",
+        "data=arith",
+        "data.chat_template=false",
+        f"data.source.n_train={args.pairs}",
+        f"data.source.n_eval={N_EVAL}",
+        *[f"data.source.{k}={v}" for k, v in DATA.items()],
+        "loss=dpo",
+        f"beta={BETA}",
+        f"lr={LR}",
+        f"batch_size={PAIRS_PER_STEP}",
+        f"micro_batch_size={PAIRS_PER_STEP}",
+        f"steps={args.steps}",
+        "eval_every=0",
+        "resume=null",
+        "logger=none",
+        "train.progress=false",
+        "++optimizer.factory.fused=true",
+        *args.prefopt_args.split(),
+        f"reference_cache={'null' if args.reference == 'live' else work / 'cache'}",
+    ]
     overrides.append(f"++hardware.mixed_precision={'bf16' if args.precision == 'bf16' else 'null'}")
     overrides.append(f"hardware.threads={args.threads}")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
         if "mathloop" in cfg:  # the verified-math stages around a run are not part of this workload
-            cfg = compose(config_name="config", overrides=overrides + [
-                f"mathloop.{k}=false" for k in ("warmup", "pairs", "evaluate") if k in cfg.mathloop])
+            cfg = compose(
+                config_name="config",
+                overrides=overrides
+                + [f"mathloop.{k}=false" for k in ("warmup", "pairs", "evaluate") if k in cfg.mathloop],
+            )
     ends: list[float] = []
     cpu: list[float] = []
     step = prefopt.engine.Trainer.train_step
@@ -119,18 +144,23 @@ def run_prefopt(args, out: dict) -> None:
     prefopt.engine.Trainer.train_step = timed_step
     start = time.perf_counter()
     summary = train(cfg, run_dir=work / "run")
-    out.update(ends=ends, cpu_ends=cpu, first_step_s=ends[0] - start, total_s=time.perf_counter() - start,
-               final_loss=summary["metrics"].get("train/loss"), overrides=overrides)
+    out.update(
+        ends=ends,
+        cpu_ends=cpu,
+        first_step_s=ends[0] - start,
+        total_s=time.perf_counter() - start,
+        final_loss=summary["metrics"].get("train/loss"),
+        overrides=overrides,
+    )
 
 
 def run_trl(args, out: dict) -> None:
     import copy
 
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    import torch
 
     from prefopt.models import ModelSpec, load_model
 
@@ -148,24 +178,50 @@ def run_trl(args, out: dict) -> None:
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
 
-    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True,
-                       per_device_train_batch_size=PAIRS_PER_STEP, learning_rate=LR, max_steps=args.steps, beta=BETA,
-                       save_strategy="no", eval_strategy="no", report_to="none", logging_steps=args.steps,
-                       disable_tqdm=True, seed=0, precompute_ref_log_probs=args.reference == "cached",
-                       **{"bf16": args.precision == "bf16", **json.loads(args.trl_args)})
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        use_cpu=True,
+        per_device_train_batch_size=PAIRS_PER_STEP,
+        learning_rate=LR,
+        max_steps=args.steps,
+        beta=BETA,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=args.steps,
+        disable_tqdm=True,
+        seed=0,
+        precompute_ref_log_probs=args.reference == "cached",
+        **{"bf16": args.precision == "bf16", **json.loads(args.trl_args)},
+    )
     start = time.perf_counter()
-    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=tok,
-                         callbacks=[Clock()])
+    trainer = DPOTrainer(
+        model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+    )
     setup = time.perf_counter() - start
     # TRL tokenizes by itself: check that it sees the same tokens as prefopt (tokens/s counts the same work)
     seen = trainer.train_dataset
-    trl_tokens = PAIRS_PER_STEP * sum(2 * len(a) + len(b) + len(c) for a, b, c in
-                                      zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])) / len(seen)
+    trl_tokens = (
+        PAIRS_PER_STEP
+        * sum(
+            2 * len(a) + len(b) + len(c)
+            for a, b, c in zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])
+        )
+        / len(seen)
+    )
     result = trainer.train()
-    out.update(ends=ends, cpu_ends=cpu, setup_s=setup, first_step_s=ends[0] - start, total_s=time.perf_counter() - start,
-               final_loss=result.training_loss,
-               tokens_per_step_seen=trl_tokens, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
-               optim=str(config.optim))
+    out.update(
+        ends=ends,
+        cpu_ends=cpu,
+        setup_s=setup,
+        first_step_s=ends[0] - start,
+        total_s=time.perf_counter() - start,
+        final_loss=result.training_loss,
+        tokens_per_step_seen=trl_tokens,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optim=str(config.optim),
+    )
 
 
 def child(args) -> None:
@@ -206,19 +262,47 @@ def param_count(vocab: int) -> int:
 def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--vocab", vocab, "--reference", reference,
-           "--steps", str(steps), "--pairs", str(n_train(args.steps)), "--threads", str(args.threads), "--out", out, "--trl-args", args.trl_args, "--precision", args.precision,
-           "--prefopt-args", args.prefopt_args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        tool,
+        "--vocab",
+        vocab,
+        "--reference",
+        reference,
+        "--steps",
+        str(steps),
+        "--pairs",
+        str(n_train(args.steps)),
+        "--threads",
+        str(args.threads),
+        "--out",
+        out,
+        "--trl-args",
+        args.trl_args,
+        "--precision",
+        args.precision,
+        "--prefopt-args",
+        args.prefopt_args,
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
     log = Path(out).with_suffix(".log")
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"{tool} {vocab} {reference} failed (exit {proc.returncode}); log: {log}\n"
-                         + log.read_text()[-3000:])
+        raise SystemExit(
+            f"{tool} {vocab} {reference} failed (exit {proc.returncode}); log: {log}\n" + log.read_text()[-3000:]
+        )
     row = json.loads(Path(out).read_text())
     row["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     return row
@@ -227,18 +311,29 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
-    ap.add_argument("--large-steps", type=int, default=5,
-                    help="steps per run at the 151,936 vocabulary (default 5; at most --steps): TRL takes ~1 min a step")
+    ap.add_argument(
+        "--large-steps",
+        type=int,
+        default=5,
+        help="steps per run at the 151,936 vocabulary (default 5; at most --steps): TRL takes ~1 min a step",
+    )
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2, at least 1)")
     ap.add_argument("--vocab", default="small,qwen", help="small, qwen or both (comma-separated)")
     ap.add_argument("--reference", default="live,cached", help="live, cached or both")
     ap.add_argument("--tools", default="prefopt,trl")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="torch threads of both tools (default: all cores, TRL's default; prefopt's hardware=cpu uses 1)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads of both tools (default: all cores, TRL's default; prefopt's hardware=cpu uses 1)",
+    )
     ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
-    ap.add_argument("--prefopt-args", default="train.compile=true",
-                    help="extra prefopt overrides, space-separated (default: train.compile=true)")
+    ap.add_argument(
+        "--prefopt-args",
+        default="train.compile=true",
+        help="extra prefopt overrides, space-separated (default: train.compile=true)",
+    )
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
     ap.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
@@ -257,10 +352,12 @@ def main(argv=None) -> None:
     peaks = {dt: matmul_peak_gflops(dt) for dt in ("fp32", "bf16")}
     _, tokenized, _ = dataset(n_train(args.steps))
     tps = tokens_per_step(tokenized)  # the same pairs at both vocabularies: the large one runs fewer steps of them
-    setup = (f"{args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
-             f"bf16; {len(tokenized)} pairs, {tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, "
-             f"{tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; {args.steps} steps "
-             f"({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up")
+    setup = (
+        f"{args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
+        f"bf16; {len(tokenized)} pairs, {tps / PAIRS_PER_STEP / 2:.1f} tokens per sequence, "
+        f"{tps:.0f} tokens per step of {PAIRS_PER_STEP} pairs; {args.steps} steps "
+        f"({min(args.steps, args.large_steps)} at 151,936 tokens), {args.warmup} of them warm-up"
+    )
     print(f"# {setup}", flush=True)
     rows = []
     for vocab in args.vocab.split(","):
@@ -270,30 +367,43 @@ def main(argv=None) -> None:
             for tool in args.tools.split(","):
                 row = spawn(tool, vocab, reference, args, steps)
                 ends = row.pop("ends")
-                row["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
+                row["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])]
                 # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
                 row["steps_per_s"] = 1 / statistics.median(row["step_s"])
                 row["steps_per_s_mean"] = len(row["step_s"]) / sum(row["step_s"])
                 cpu = row.pop("cpu_ends")
                 # CPU seconds (all threads) per step: the work, nearly independent of other load on the machine
-                row["cpu_s_per_step"] = statistics.median(b - a for a, b in zip(cpu[args.warmup - 1:], cpu[args.warmup:]))
+                row["cpu_s_per_step"] = statistics.median(
+                    b - a for a, b in zip(cpu[args.warmup - 1 :], cpu[args.warmup :])
+                )
                 row["tokens_per_s"] = row["steps_per_s"] * tps
                 precision = args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32")
                 flops = (6 + (2 if reference == "live" else 0)) * params * tps
                 row["mfu"] = flops * row["steps_per_s"] / (peaks[precision] * 1e9)
-                row.update(params=params, tokens_per_step=tps, steps=steps, warmup=args.warmup,
-                           matmul_peak_gflops=peaks[precision], precision=precision)
+                row.update(
+                    params=params,
+                    tokens_per_step=tps,
+                    steps=steps,
+                    warmup=args.warmup,
+                    matmul_peak_gflops=peaks[precision],
+                    precision=precision,
+                )
                 rows.append(row)
-                print(f"  {tool:8s} vocab {VOCABS[vocab]:>6} {reference:6s} {row['steps_per_s']:.3f} steps/s "
-                      f"{row['tokens_per_s']:.0f} tok/s {row['peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"  {tool:8s} vocab {VOCABS[vocab]:>6} {reference:6s} {row['steps_per_s']:.3f} steps/s "
+                    f"{row['tokens_per_s']:.0f} tok/s {row['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.doc:
         from prefopt.reporting.doc_page import write_doc_page
 
-        body = (f"{setup}. [Performance](../performance.md#speed-against-trl) describes the workload and what the "
-                f"figures mean.\n\n{table_text(rows)}")
+        body = (
+            f"{setup}. [Performance](../performance.md#speed-against-trl) describes the workload and what the "
+            f"figures mean.\n\n{table_text(rows)}"
+        )
         print(f"wrote {write_doc_page(args.doc, 'Speed against TRL 1.16', body)}")
 
 
@@ -303,23 +413,56 @@ def print_table(rows: list[dict]) -> None:
 
 def table_text(rows: list[dict]) -> str:
     """The rows as a Markdown table, with the prefopt/TRL ratios."""
-    head = ("vocab", "reference", "tool", "precision", "steps/s", "tokens/s", "peak RSS MB", "MFU", "CPU s/step",
-            "first step s", "tok/s ×TRL", "RSS ×TRL", "CPU ×TRL")
+    head = (
+        "vocab",
+        "reference",
+        "tool",
+        "precision",
+        "steps/s",
+        "tokens/s",
+        "peak RSS MB",
+        "MFU",
+        "CPU s/step",
+        "first step s",
+        "tok/s ×TRL",
+        "RSS ×TRL",
+        "CPU ×TRL",
+    )
     lines = []
     for r in rows:
-        trl = next((t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]), None)
+        trl = next(
+            (t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]),
+            None,
+        )
         ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl and r["tool"] == "prefopt" else ""
         rss = f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if trl and r["tool"] == "prefopt" else ""
-        cpu = (f"{trl['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}"
-               if trl and r["tool"] == "prefopt" and "cpu_s_per_step" in r else "")
-        lines.append((f"{r['vocab']:,}", r["reference"], r["tool"], r["precision"], f"{r['steps_per_s']:.3f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f}", f"{100 * r['mfu']:.1f}%",
-                      f"{r['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in r else "",
-                      f"{r['first_step_s']:.0f}" if "first_step_s" in r else "", ratio, rss, cpu))
+        cpu = (
+            f"{trl['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}"
+            if trl and r["tool"] == "prefopt" and "cpu_s_per_step" in r
+            else ""
+        )
+        lines.append(
+            (
+                f"{r['vocab']:,}",
+                r["reference"],
+                r["tool"],
+                r["precision"],
+                f"{r['steps_per_s']:.3f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['peak_rss_mb']:,.0f}",
+                f"{100 * r['mfu']:.1f}%",
+                f"{r['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in r else "",
+                f"{r['first_step_s']:.0f}" if "first_step_s" in r else "",
+                ratio,
+                rss,
+                cpu,
+            )
+        )
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:{'>' if i > 3 else '<'}{w}}}" for i, w in enumerate(widths)) + " |"
-    return "\n".join([fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(fmt.format(*x) for x in lines)])
+    return "\n".join(
+        [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt.format(*x) for x in lines)]
+    )
 
 
 if __name__ == "__main__":

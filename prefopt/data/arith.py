@@ -57,8 +57,10 @@ def problems(n: int, seed: int, max_operand: int, ops: str, exclude: set | None 
     space = (max_operand + 1) ** 2 * len(ops)
     exclude = exclude or set()
     if n > space - len(exclude):
-        raise ConfigError(f"data: {n} distinct problems requested but only {space - len(exclude)} exist "
-                          f"with max_operand={max_operand}, ops={ops!r}")
+        raise ConfigError(
+            f"data: {n} distinct problems requested but only {space - len(exclude)} exist "
+            f"with max_operand={max_operand}, ops={ops!r}"
+        )
     rng, seen = random.Random(seed), set(exclude)
     out: list[tuple[int, str, int]] = []
     while len(out) < n:
@@ -90,15 +92,20 @@ class ArithmeticData:
     miscopied: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.miscopied, (int, float)) or isinstance(self.miscopied, bool) \
-                or not 0 <= self.miscopied <= 1:
+        if (
+            not isinstance(self.miscopied, (int, float))
+            or isinstance(self.miscopied, bool)
+            or not 0 <= self.miscopied <= 1
+        ):
             raise ConfigError(f"data.source.miscopied must be a share between 0 and 1, got {self.miscopied!r}")
 
     def _fields(self, leave_out: tuple = ()) -> str:
         # n_val=0 and miscopied=0 leave the fingerprint (and so every cache key) of data made before they existed
         # unchanged
-        return json.dumps({k: v for k, v in self.__dict__.items()
-                           if k not in leave_out and (k not in ("n_val", "miscopied") or v)}, sort_keys=True)
+        return json.dumps(
+            {k: v for k, v in self.__dict__.items() if k not in leave_out and (k not in ("n_val", "miscopied") or v)},
+            sort_keys=True,
+        )
 
     def fingerprint(self) -> str:
         return self._fields()
@@ -144,15 +151,22 @@ class ArithmeticData:
             return set()
         return set(random.Random(self.seed + 6).sample(range(n), round(self.miscopied * n)))
 
-    def pairs(self, probs: list, seed: int, prefix: str,
-              miscopied: set[int] | frozenset[int] = frozenset()) -> list[PreferencePair]:
+    def pairs(
+        self, probs: list, seed: int, prefix: str, miscopied: set[int] | frozenset[int] = frozenset()
+    ) -> list[PreferencePair]:
         rng = random.Random(seed)
         out = []
         for i, (a, op, b) in enumerate(probs):
             right = solve(a, op, b)
             chosen = worked_answer(a, op, b, right, boxed=a if i in miscopied else None)
-            out.append(PreferencePair(prompt=question(a, op, b), chosen=chosen,
-                                      rejected=worked_answer(a, op, b, wrong_result(rng, right)), pair_id=f"{prefix}{i}"))
+            out.append(
+                PreferencePair(
+                    prompt=question(a, op, b),
+                    chosen=chosen,
+                    rejected=worked_answer(a, op, b, wrong_result(rng, right)),
+                    pair_id=f"{prefix}{i}",
+                )
+            )
         return out
 
     def load(self, miscopy: bool = False) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
@@ -160,9 +174,11 @@ class ArithmeticData:
         the first operand (the warm-up's noisy SFT targets, `sft_load`); preference pairs are always clean."""
         train, held = self.split_problems()
         picked = self.miscopied_indices(len(train)) if miscopy else set()
-        return (self.pairs(train, self.seed + 2, "arith-train-", picked),
-                self.pairs(held, self.seed + 3, "arith-eval-"),
-                {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}})
+        return (
+            self.pairs(train, self.seed + 2, "arith-train-", picked),
+            self.pairs(held, self.seed + 3, "arith-eval-"),
+            {"train": {"rows": len(train), "kept": len(train)}, "eval": {"rows": len(held), "kept": len(held)}},
+        )
 
     def contrast_pairs(self, per_problem: int, seed: int) -> list[PreferencePair]:
         """Contrastive pairs on the training problems for a reward model (`reward.source=contrasts`).
@@ -178,13 +194,24 @@ class ArithmeticData:
             mistakes = plausible_mistakes(a, op, b)
             rng.shuffle(mistakes)
             for j, wrong in enumerate(mistakes[:per_problem]):
-                out.append(PreferencePair(prompt=prompt, chosen=worked_answer(a, op, b, right),
-                                          rejected=worked_answer(a, op, b, wrong), pair_id=f"arith-contrast-{i}-{j}"))
+                out.append(
+                    PreferencePair(
+                        prompt=prompt,
+                        chosen=worked_answer(a, op, b, right),
+                        rejected=worked_answer(a, op, b, wrong),
+                        pair_id=f"arith-contrast-{i}-{j}",
+                    )
+                )
                 working = noisy_working(rng, a, op, b, self.max_operand)
                 other = working if rng.random() < 0.5 else noisy_working(rng, a, op, b, self.max_operand)
-                out.append(PreferencePair(prompt=prompt, chosen=worked_answer(*working, boxed=right),
-                                          rejected=worked_answer(*other, boxed=wrong),
-                                          pair_id=f"arith-contrast-{i}-{j}-noisy"))
+                out.append(
+                    PreferencePair(
+                        prompt=prompt,
+                        chosen=worked_answer(*working, boxed=right),
+                        rejected=worked_answer(*other, boxed=wrong),
+                        pair_id=f"arith-contrast-{i}-{j}-noisy",
+                    )
+                )
         return out
 
     def sft_load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -59,8 +60,10 @@ def prompt_messages(prompt, system_prompt: str | None, user_suffix: str | None =
 
 def _check_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("data.chat_template=true but this tokenizer has no chat template "
-                          "(a base model?): set data.chat_template=false to train on raw prompts")
+        raise ConfigError(
+            "data.chat_template=true but this tokenizer has no chat template "
+            "(a base model?): set data.chat_template=false to train on raw prompts"
+        )
 
 
 def render_messages(tokenizer, messages: list[dict], chat_template: bool) -> str:
@@ -72,14 +75,17 @@ def render_messages(tokenizer, messages: list[dict], chat_template: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def render_prompt(tokenizer, prompt, chat_template: bool, system_prompt: str | None,
-                  user_suffix: str | None = None) -> str:
+def render_prompt(
+    tokenizer, prompt, chat_template: bool, system_prompt: str | None, user_suffix: str | None = None
+) -> str:
     """The prompt text of a problem or conversation: system message, the last user turn followed by
     `user_suffix`, the generation prompt (the same text for pair sampling, training and evaluation)."""
     if not chat_template:
         if not isinstance(prompt, str):
-            raise ConfigError("data.chat_template=false but the data has conversational prompts (lists of "
-                              "messages): they need the chat template")
+            raise ConfigError(
+                "data.chat_template=false but the data has conversational prompts (lists of "
+                "messages): they need the chat template"
+            )
         return prompt + (user_suffix or "")
     return render_messages(tokenizer, prompt_messages(prompt, system_prompt, user_suffix), True)
 
@@ -94,15 +100,16 @@ def _shorten(tokenizer, text: str, excess: int, keep_end: bool) -> str:
     """`text` without its first (keep_end) or last `excess` tokens, cut at a whole character."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     keep = max(0, len(ids) - excess)
-    kept = ids[len(ids) - keep:] if keep_end else ids[:keep]
+    kept = ids[len(ids) - keep :] if keep_end else ids[:keep]
     out = tokenizer.decode(kept).strip("\ufffd") if keep else ""  # a byte-level cut can split a character
     if len(out) >= len(text):  # always progress
         out = text[1:] if keep_end else text[:-1]
     return out
 
 
-def fit_prompt(tokenizer, messages: list[dict], chat_template: bool, limit: int,
-               truncation: str) -> tuple[list[int], int] | None:
+def fit_prompt(
+    tokenizer, messages: list[dict], chat_template: bool, limit: int, truncation: str
+) -> tuple[list[int], int] | None:
     """Token ids of the rendered prompt within `limit` tokens, cutting message text only (the template's
     special tokens, BOS and assistant header stay whole); (ids, tokens cut), or None: dropped."""
     ids = tokenizer(render_messages(tokenizer, messages, chat_template), add_special_tokens=not chat_template).input_ids
@@ -116,8 +123,9 @@ def fit_prompt(tokenizer, messages: list[dict], chat_template: bool, limit: int,
     for i in _cut_order(messages, keep_end):
         while len(ids) > limit and messages[i]["content"]:
             messages[i]["content"] = _shorten(tokenizer, messages[i]["content"], len(ids) - limit, keep_end)
-            ids = tokenizer(render_messages(tokenizer, messages, chat_template),
-                            add_special_tokens=not chat_template).input_ids
+            ids = tokenizer(
+                render_messages(tokenizer, messages, chat_template), add_special_tokens=not chat_template
+            ).input_ids
         if len(ids) <= limit:
             return ids, full - len(ids)
     return None  # the template alone is longer than the limit
@@ -135,10 +143,17 @@ def template_bos_count(tokenizer, messages: list[dict], chat_template: bool) -> 
     return ids.count(tokenizer.bos_token_id)
 
 
-def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
-                   completion_eos: str | None = None, chat_template: bool = True,
-                   system_prompt: str | None = None, truncation: str = "keep_end", user_suffix: str | None = None,
-                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair],
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    completion_eos: str | None = None,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    truncation: str = "keep_end",
+    user_suffix: str | None = None,
+) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Prompt and completions tokenized separately (so the boundary is exact), completion + EOS.
 
     A prompt over `max_prompt_length` is cut inside its message text (`truncation`, see `TokenizeStats`);
@@ -166,11 +181,15 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
             if roles not in expected_bos:
                 expected_bos[roles] = template_bos_count(tokenizer, messages, chat_template)
             if prompt.count(bos_id) != expected_bos[roles]:
-                raise DataError(f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens "
-                                f"({tokenizer.bos_token}) where its {'chat template' if chat_template else 'tokenizer'} "
-                                f"writes {expected_bos[roles]}: a message's text carries the BOS token itself")
+                raise DataError(
+                    f"pair {pair.pair_id}: the prompt has {prompt.count(bos_id)} BOS tokens "
+                    f"({tokenizer.bos_token}) where its {'chat template' if chat_template else 'tokenizer'} "
+                    f"writes {expected_bos[roles]}: a message's text carries the BOS token itself"
+                )
         budget = max_length - len(prompt)
-        completions = [tokenizer(text + eos, add_special_tokens=False).input_ids for text in (pair.chosen, pair.rejected)]
+        completions = [
+            tokenizer(text + eos, add_special_tokens=False).input_ids for text in (pair.chosen, pair.rejected)
+        ]
         over = [max(0, len(ids) - budget) for ids in completions]
         if truncation == "drop" and any(over):
             stats.dropped_long += 1
@@ -182,8 +201,10 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, 
         out.append(TokenizedPair(pair.pair_id, tuple(prompt), *(tuple(ids[:budget]) for ids in completions)))
         stats.pairs += 1
     if pairs and not out:
-        raise DataError(f"all {len(pairs)} pairs were dropped: each is longer than data.max_prompt_length="
-                        f"{max_prompt_length} / data.max_length={max_length} (data.truncation={truncation})")
+        raise DataError(
+            f"all {len(pairs)} pairs were dropped: each is longer than data.max_prompt_length="
+            f"{max_prompt_length} / data.max_length={max_length} (data.truncation={truncation})"
+        )
     return out, stats
 
 
@@ -212,7 +233,7 @@ class SharedPrefixRows:
     tokens: int  # tokens of the 2B unpacked sequences (what tokens/s counts)
     last_index: torch.Tensor  # (2B,) flat index of each sequence's last token (a reward model reads it)
 
-    def to(self, device) -> "SharedPrefixRows":
+    def to(self, device) -> SharedPrefixRows:
         t: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return SharedPrefixRows(**t)
 
@@ -230,7 +251,7 @@ class PreferenceBatch:
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
     pair_ids: list[str]
-    reference: "object | None" = None  # PairLogps from the reference cache, when one is used
+    reference: object | None = None  # PairLogps from the reference cache, when one is used
     extras: dict = field(default_factory=dict)
     packed: SharedPrefixRows | None = None
 
@@ -243,11 +264,21 @@ class PreferenceBatch:
         """Tokens of the 2B prompt+completion sequences, whatever the layout."""
         return self.packed.tokens if self.packed is not None else int(self.attention_mask.sum())
 
-    def to(self, device) -> "PreferenceBatch":
-        ref = self.reference.to(device) if self.reference is not None and hasattr(self.reference, "to") else self.reference
-        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                               self.completion_mask.to(device), self.pair_ids, ref, self.extras,
-                               self.packed.to(device) if self.packed is not None else None)
+    def to(self, device) -> PreferenceBatch:
+        ref = (
+            self.reference.to(device)
+            if self.reference is not None and hasattr(self.reference, "to")
+            else self.reference
+        )
+        return PreferenceBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.pair_ids,
+            ref,
+            self.extras,
+            self.packed.to(device) if self.packed is not None else None,
+        )
 
 
 PACKING_LAYOUTS = ("shared_prefix", "flat")
@@ -271,7 +302,7 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool | str | N
         n, m = len(prompt), len(completion)
         ids[r, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
         attn[r, : n + m] = 1
-        comp[r, n: n + m] = True
+        comp[r, n : n + m] = True
     return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs])
 
 
@@ -318,11 +349,11 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
         a, r = len(tail_c), len(tail_r)
         ids[i, : t + a + r] = torch.tensor(trunk + tail_c + tail_r, dtype=torch.long)
         attn[i, : t + a + r] = 1
-        comp[i, n: t + a + r] = True
+        comp[i, n : t + a + r] = True
         pos[i, :t] = torch.arange(t)
-        pos[i, t: t + a] = torch.arange(t, t + a)
-        pos[i, t + a: t + a + r] = torch.arange(t, t + r)
-        seg[i, :t], seg[i, t: t + a], seg[i, t + a: t + a + r] = 0, 1, 2
+        pos[i, t : t + a] = torch.arange(t, t + a)
+        pos[i, t + a : t + a + r] = torch.arange(t, t + r)
+        seg[i, :t], seg[i, t : t + a], seg[i, t + a : t + a + r] = 0, 1, 2
         tokens += 2 * n + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
         for j in range(n, t):  # shared completion tokens: scored once, counted for chosen and rejected
             score(i, j - 1, trunk[j], i, b + i)
@@ -338,10 +369,16 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBat
     mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no fully masked row)
     contrib_seq_t = torch.tensor(contrib_seq, dtype=torch.long)
     packed = SharedPrefixRows(
-        position_ids=pos, mask=mask[:, None], score_index=torch.tensor(score_index, dtype=torch.long),
-        score_target=torch.tensor(score_target, dtype=torch.long), contrib_score=torch.tensor(contrib_score, dtype=torch.long),
-        contrib_seq=contrib_seq_t, counts=torch.bincount(contrib_seq_t, minlength=2 * b), tokens=tokens,
-        last_index=torch.tensor(last, dtype=torch.long))
+        position_ids=pos,
+        mask=mask[:, None],
+        score_index=torch.tensor(score_index, dtype=torch.long),
+        score_target=torch.tensor(score_target, dtype=torch.long),
+        contrib_score=torch.tensor(contrib_score, dtype=torch.long),
+        contrib_seq=contrib_seq_t,
+        counts=torch.bincount(contrib_seq_t, minlength=2 * b),
+        tokens=tokens,
+        last_index=torch.tensor(last, dtype=torch.long),
+    )
     return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs], packed=packed)
 
 
@@ -384,7 +421,7 @@ class PairBatcher:
 
 
 def micro_batches(pairs: Sequence[TokenizedPair], micro_batch_size: int) -> list[Sequence[TokenizedPair]]:
-    return [pairs[i: i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
+    return [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
 
 
 def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch:
@@ -401,7 +438,7 @@ def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch
     last: list[int] = []
     score_index: list[int] = []
     score_target: list[int] = []
-    for s, (prompt, completion) in enumerate(seqs):
+    for prompt, completion in seqs:
         start, n = len(ids), len(prompt)
         ids += list(prompt) + list(completion)
         last.append(len(ids) - 1)
@@ -412,14 +449,25 @@ def collate_flat(pairs: Sequence[TokenizedPair], pad_id: int) -> PreferenceBatch
                 continue
             score_index.append(start + n + m - 1)
             score_target.append(token)
-    seq_of_score = [s for s, (prompt, completion) in enumerate(seqs)
-                    for m in range(len(completion)) if len(prompt) + m > 0]
+    seq_of_score = [
+        s for s, (prompt, completion) in enumerate(seqs) for m in range(len(completion)) if len(prompt) + m > 0
+    ]
     contrib_seq = torch.tensor(seq_of_score, dtype=torch.long)
     packed = SharedPrefixRows(
-        position_ids=torch.tensor([pos], dtype=torch.long), mask=None,
-        score_index=torch.tensor(score_index, dtype=torch.long), score_target=torch.tensor(score_target, dtype=torch.long),
-        contrib_score=torch.arange(len(score_index)), contrib_seq=contrib_seq,
-        counts=torch.bincount(contrib_seq, minlength=2 * b), tokens=len(ids),
-        last_index=torch.tensor(last, dtype=torch.long))
-    return PreferenceBatch(torch.tensor([ids], dtype=torch.long), torch.ones((1, len(ids)), dtype=torch.long),
-                           torch.tensor([comp], dtype=torch.bool), [p.pair_id for p in pairs], packed=packed)
+        position_ids=torch.tensor([pos], dtype=torch.long),
+        mask=None,
+        score_index=torch.tensor(score_index, dtype=torch.long),
+        score_target=torch.tensor(score_target, dtype=torch.long),
+        contrib_score=torch.arange(len(score_index)),
+        contrib_seq=contrib_seq,
+        counts=torch.bincount(contrib_seq, minlength=2 * b),
+        tokens=len(ids),
+        last_index=torch.tensor(last, dtype=torch.long),
+    )
+    return PreferenceBatch(
+        torch.tensor([ids], dtype=torch.long),
+        torch.ones((1, len(ids)), dtype=torch.long),
+        torch.tensor([comp], dtype=torch.bool),
+        [p.pair_id for p in pairs],
+        packed=packed,
+    )

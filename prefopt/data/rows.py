@@ -56,8 +56,10 @@ def _decode(raw: bytes, path: Path, line: int, offset: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: line {line}: byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start} is not "
-                        f"UTF-8; save the file as UTF-8") from None
+        raise DataError(
+            f"{path}: line {line}: byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start} is not "
+            f"UTF-8; save the file as UTF-8"
+        ) from None
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
@@ -67,7 +69,7 @@ def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
             start = offset
             offset += len(raw)
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
             text = _decode(raw, path, number, start)
             if not text.strip():
                 continue
@@ -87,8 +89,9 @@ def _json_rows(path: Path) -> Rows:
     except UnicodeDecodeError as exc:
         at = skip + exc.start
         line = data.count(b"\n", 0, at) + 1
-        raise DataError(f"{path}: line {line}: byte 0x{data[at]:02x} at byte offset {at} is "
-                        f"not UTF-8; save the file as UTF-8") from None
+        raise DataError(
+            f"{path}: line {line}: byte 0x{data[at]:02x} at byte offset {at} is not UTF-8; save the file as UTF-8"
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -109,7 +112,9 @@ def _parquet_rows(path: Path) -> Rows:
     try:
         dataset = datasets.Dataset.from_parquet(str(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
-        raise DataError(f"{path}: cannot read as Parquet ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise DataError(
+            f"{path}: cannot read as Parquet ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
     return Rows(str(path), list(enumerate(dataset, start=1)))
 
 
@@ -120,7 +125,9 @@ def _hub_rows(name: str, subset: str | None, split: str) -> Rows:
         dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, a wrong id, a missing split: one message names them
         lines = str(exc).splitlines() or [type(exc).__name__]
-        raise DataError(f"data set {name!r} (subset {subset!r}, split {split!r}) could not be loaded: {lines[0][:200]}; "
-                        f"point data.source.path at a local .jsonl/.parquet copy") from None
+        raise DataError(
+            f"data set {name!r} (subset {subset!r}, split {split!r}) could not be loaded: {lines[0][:200]}; "
+            f"point data.source.path at a local .jsonl/.parquet copy"
+        ) from None
     label = f"{name}[{subset}/{split}]" if subset else f"{name}[{split}]"
     return Rows(label, list(enumerate(dataset, start=1)))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from prefopt.data.rows import read_rows
 from prefopt.errors import ConfigError, DataError
@@ -43,8 +44,9 @@ class RowStats:
     dropped_empty: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return dict(rows=self.rows, kept=self.kept, dropped_identical=self.dropped_identical,
-                    dropped_empty=self.dropped_empty)
+        return dict(
+            rows=self.rows, kept=self.kept, dropped_identical=self.dropped_identical, dropped_empty=self.dropped_empty
+        )
 
 
 _MISSING = object()
@@ -88,7 +90,9 @@ def _messages(value: list, where: str, name: str) -> tuple[dict, ...]:
     out = []
     for i, m in enumerate(value, start=1):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: field {name!r}: message {i} must have a string 'role' and 'content' (got {m!r:.80})")
+            raise DataError(
+                f"{where}: field {name!r}: message {i} must have a string 'role' and 'content' (got {m!r:.80})"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
 
@@ -103,7 +107,9 @@ def _value(value: Any, where: str, name: str) -> str | tuple[dict, ...]:
     if isinstance(value, dict) and value:
         texts = [k for k in sorted(value) if isinstance(value[k], str)] or sorted(value)
         hint = f" with fields {sorted(value)[:6]}: map one with data.source.fields, e.g. {name}.{texts[0]}"
-    raise DataError(f"{where}: field {name!r} must be a string or a list of messages (got {type(value).__name__}{hint})")
+    raise DataError(
+        f"{where}: field {name!r} must be a string or a list of messages (got {type(value).__name__}{hint})"
+    )
 
 
 def _reply(messages: tuple[dict, ...], where: str, name: str) -> str:
@@ -133,15 +139,19 @@ def split_implicit(chosen, rejected, where: str) -> tuple[Any, str, str]:
         while n > 0 and chosen[n - 1].isspace():
             n -= 1
         if n == 0:
-            raise DataError(f"{where}: no 'prompt' field and 'chosen'/'rejected' share no prompt (implicit-prompt "
-                            f"rows start with the same text); map the prompt with data.source.fields.prompt")
+            raise DataError(
+                f"{where}: no 'prompt' field and 'chosen'/'rejected' share no prompt (implicit-prompt "
+                f"rows start with the same text); map the prompt with data.source.fields.prompt"
+            )
         return chosen[:n], chosen[n:], rejected[n:]
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise DataError(f"{where}: no 'prompt' field and 'chosen'/'rejected' share no first message (implicit-prompt "
-                        f"conversations start with the same turns); map the prompt with data.source.fields.prompt")
+        raise DataError(
+            f"{where}: no 'prompt' field and 'chosen'/'rejected' share no first message (implicit-prompt "
+            f"conversations start with the same turns); map the prompt with data.source.fields.prompt"
+        )
     return chosen[:n], _reply(chosen[n:], where, "chosen"), _reply(rejected[n:], where, "rejected")
 
 
@@ -149,7 +159,7 @@ def _pair_values(row: dict, where: str, fields: dict[str, str], implicit: bool) 
     """prompt/chosen/rejected of a row (replies as strings); None for an implicit-prompt row whose two
     conversations are identical (nothing to split: counted as identical)."""
     values: dict[str, Any] = {}
-    for ours in (("chosen", "rejected") if implicit else FIELDS):
+    for ours in ("chosen", "rejected") if implicit else FIELDS:
         theirs = fields[ours]
         value = _get(row, theirs)
         if value is _MISSING:
@@ -158,7 +168,9 @@ def _pair_values(row: dict, where: str, fields: dict[str, str], implicit: bool) 
     if implicit:
         if values["chosen"] == values["rejected"]:
             return None
-        values["prompt"], values["chosen"], values["rejected"] = split_implicit(values["chosen"], values["rejected"], where)
+        values["prompt"], values["chosen"], values["rejected"] = split_implicit(
+            values["chosen"], values["rejected"], where
+        )
         return values
     for name in ("chosen", "rejected"):
         if not isinstance(values[name], str):
@@ -166,8 +178,13 @@ def _pair_values(row: dict, where: str, fields: dict[str, str], implicit: bool) 
     return values
 
 
-def validate_rows(rows: Iterable, source: str, fields: dict[str, str] | None = None,
-                  id_field: str | None = "pair_id", drop_identical: bool = True) -> tuple[list[PreferencePair], RowStats]:
+def validate_rows(
+    rows: Iterable,
+    source: str,
+    fields: dict[str, str] | None = None,
+    id_field: str | None = "pair_id",
+    drop_identical: bool = True,
+) -> tuple[list[PreferencePair], RowStats]:
     """Rows (or (number, row) pairs) → pairs. Missing or malformed fields stop with file, row (1-based) and field
     named; empty or identical chosen/rejected rows are dropped and counted (`drop_identical=False`: errors).
 
@@ -198,14 +215,20 @@ def validate_rows(rows: Iterable, source: str, fields: dict[str, str] | None = N
             continue
         used = [fields[f] for f in FIELDS if fields[f] and (f != "prompt" or not implicit)]
         pair_id = str(row[id_field]) if id_field and row.get(id_field) is not None else f"{Path(source).name}:{number}"
-        pairs.append(PreferencePair(pair_id=pair_id, metadata=_without(row, used + ([id_field] if id_field else [])),
-                                    **values))
+        pairs.append(
+            PreferencePair(pair_id=pair_id, metadata=_without(row, used + ([id_field] if id_field else [])), **values)
+        )
     stats.kept = len(pairs)
     return pairs, stats
 
 
-def load_rows(path_or_id: str, split: str = "train", fields: dict[str, str] | None = None,
-              drop_identical: bool = True, subset: str | None = None) -> tuple[list[PreferencePair], RowStats]:
+def load_rows(
+    path_or_id: str,
+    split: str = "train",
+    fields: dict[str, str] | None = None,
+    drop_identical: bool = True,
+    subset: str | None = None,
+) -> tuple[list[PreferencePair], RowStats]:
     rows = read_rows(path_or_id, split, subset)
     pairs, stats = validate_rows(rows.numbered, rows.source, fields, drop_identical=drop_identical)
     if not pairs:
@@ -224,12 +247,16 @@ def held_out_count(eval_size: float, total: int, where: str, key: str = "data.so
     elif float(eval_size).is_integer():
         count = int(eval_size)
         if count > total // 2:
-            raise DataError(f"{where}: {key}={count} is more than half of the {total} pairs; hold out at most "
-                            f"{total // 2} (or a fraction, e.g. {key}=0.05)")
+            raise DataError(
+                f"{where}: {key}={count} is more than half of the {total} pairs; hold out at most "
+                f"{total // 2} (or a fraction, e.g. {key}=0.05)"
+            )
     else:
         raise ConfigError(f"{key} must be a fraction in (0, 0.5] or a whole count >= 1 (got {eval_size!r})")
     if count > total // 2:
-        raise DataError(f"{where}: {total} pairs are too few to hold out {count} ({key}={eval_size}) and train on the rest")
+        raise DataError(
+            f"{where}: {total} pairs are too few to hold out {count} ({key}={eval_size}) and train on the rest"
+        )
     return count
 
 
@@ -245,23 +272,35 @@ class FileData:
     fields: dict[str, str] = field(default_factory=lambda: {f: f for f in FIELDS})
     drop_identical: bool = True
     subset: str | None = None  # a hub data set's configuration (e.g. trl-internal-testing/zen's `standard_preference`)
-    eval_key: str = "data.source.eval_size"  # the key errors name for eval_size (the verified-math loop: pairs.eval_size)
+    eval_key: str = (
+        "data.source.eval_size"  # the key errors name for eval_size (the verified-math loop: pairs.eval_size)
+    )
 
     def __post_init__(self):
         self.fields = dict(self.fields or {})  # a plain dict (Hydra hands a DictConfig), for fingerprints
 
     def fingerprint(self) -> str:
-        return json.dumps({"path": self.path, "eval_path": self.eval_path, "split": self.split,
-                           "eval_split": self.eval_split, "eval_size": self.eval_size, "fields": self.fields,
-                           "subset": self.subset}, sort_keys=True)
+        return json.dumps(
+            {
+                "path": self.path,
+                "eval_path": self.eval_path,
+                "split": self.split,
+                "eval_split": self.eval_split,
+                "eval_size": self.eval_size,
+                "fields": self.fields,
+                "subset": self.subset,
+            },
+            sort_keys=True,
+        )
 
     def load(self) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
         fields = self.fields
         train, stats = load_rows(self.path, self.split, fields, self.drop_identical, self.subset)
         info = {"train": stats.as_dict()}
         if self.eval_path or self.eval_split:
-            held, estats = load_rows(self.eval_path or self.path, self.eval_split or self.split, fields,
-                                     self.drop_identical, self.subset)
+            held, estats = load_rows(
+                self.eval_path or self.path, self.eval_split or self.split, fields, self.drop_identical, self.subset
+            )
             info["eval"] = estats.as_dict()
         else:
             n = held_out_count(self.eval_size, len(train), self.path, self.eval_key)

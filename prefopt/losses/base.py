@@ -13,7 +13,6 @@ from torch import Tensor
 
 from prefopt.errors import ConfigError
 
-
 # Optional per-sequence fields of PairLogps, by the name a loss yaml's `needs:` lists. The engine, the packed
 # layouts and the reference cache compute a group only when the loss asks for it (see prefopt.logprobs).
 FIELD_GROUPS: dict[str, tuple[str, str]] = {
@@ -60,16 +59,19 @@ class PairLogps:
         return self.rejected / self.rejected_tokens
 
     def detach(self) -> PairLogps:
-        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
-                                if getattr(self, f.name) is not None})
+        return replace(
+            self, **{f.name: getattr(self, f.name).detach() for f in fields(self) if getattr(self, f.name) is not None}
+        )
 
     def require(self, group: str, key: str) -> tuple[Tensor, Tensor]:
         """The (chosen, rejected) tensors of an optional field group; a clear error when they were not computed."""
         names = FIELD_GROUPS[group]
         values = tuple(getattr(self, n) for n in names)
         if any(v is None for v in values):
-            raise ConfigError(f"loss '{key}' needs the PairLogps fields {', '.join(names)} (its yaml says "
-                              f"needs: [{group}]) but they were not computed")
+            raise ConfigError(
+                f"loss '{key}' needs the PairLogps fields {', '.join(names)} (its yaml says "
+                f"needs: [{group}]) but they were not computed"
+            )
         return values
 
 

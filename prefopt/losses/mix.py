@@ -20,8 +20,12 @@ def sft(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
     term averages over all chosen tokens of the batch instead (equal when the lengths are equal).
     """
     nll = -policy.chosen_mean
-    return LossOutput(loss=nll, chosen_reward=policy.chosen_mean.detach(), rejected_reward=policy.rejected_mean.detach(),
-                      metrics={"sft/nll": scalar(nll)})
+    return LossOutput(
+        loss=nll,
+        chosen_reward=policy.chosen_mean.detach(),
+        rejected_reward=policy.rejected_mean.detach(),
+        metrics={"sft/nll": scalar(nll)},
+    )
 
 
 class Mix:
@@ -30,7 +34,8 @@ class Mix:
     Wang et al. 2024, arXiv 2411.10442 (MPO = 0.8·dpo + 0.2·bco_pair + 1.0·sft, `conf/loss/mpo.yaml`).
     Each component is built by `get_loss(key, **hyper-parameters)`, so it takes that key's yaml defaults.
     A component with a β takes its own entry's, else the mixture's `beta` (the run's top-level `beta`,
-    `${top_or:beta,null}` in the yamls) when set, else its yaml's default. The mixture needs the reference when any component does, and the union of
+    `${top_or:beta,null}` in the yamls) when set, else its yaml's default. The mixture needs the reference when any
+    component does, and the union of
     their `needs`. Metrics: each component's mean loss as `<key>/loss` and its own metrics under `<key>/`
     (a key used twice gets its position appended: `dpo`, `dpo_1`). Rewards: those of the first component
     with a reference (β·r̂), else of the first component. Stateful components keep their state (checkpointed
@@ -54,7 +59,12 @@ class Mix:
             check_number(f"components.{i}.weight", weight)
             if key == "mix":
                 raise ConfigError(f"loss.components.{i}: a mixture cannot contain a mixture")
-            if beta is not None and "beta" not in entry and key in available_losses() and "beta" in hyperparameters(key):
+            if (
+                beta is not None
+                and "beta" not in entry
+                and key in available_losses()
+                and "beta" in hyperparameters(key)
+            ):
                 entry["beta"] = beta
             try:
                 self.losses.append(get_loss(key, **entry))
@@ -80,8 +90,9 @@ class Mix:
             if loss is self.losses[self.reward_index]:
                 rewards = out
         assert total is not None and rewards is not None  # a mixture has components (checked in __init__)
-        return LossOutput(loss=total, chosen_reward=rewards.chosen_reward, rejected_reward=rewards.rejected_reward,
-                          metrics=metrics)
+        return LossOutput(
+            loss=total, chosen_reward=rewards.chosen_reward, rejected_reward=rewards.rejected_reward, metrics=metrics
+        )
 
     def train(self, mode: bool = True) -> Mix:
         for loss in self.losses:

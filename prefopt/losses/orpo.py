@@ -26,6 +26,4 @@ def orpo(policy: PairLogps, reference: PairLogps | None = None, *, beta: float =
     log_odds = (lw - ll) - (log1mexp(lw) - log1mexp(ll))
     nll = -lw
     loss = nll + beta * neg_log_sigmoid(log_odds)
-    return reference_free_output(
-        loss, beta, policy, **{"orpo/log_odds": scalar(log_odds), "orpo/nll": scalar(nll)}
-    )
+    return reference_free_output(loss, beta, policy, **{"orpo/log_odds": scalar(log_odds), "orpo/nll": scalar(nll)})

@@ -55,10 +55,26 @@ def _expected_kind(default: object, value: object) -> str | None:
 def _dummy_pair() -> tuple[PairLogps, PairLogps]:
     one = functools.partial(torch.tensor, dtype=torch.float32)
     # with every optional field, so a loss that needs one can be dry-run too (ℓ_{≤4} and the head sums)
-    policy = PairLogps(one([-4.0]), one([-6.0]), one([4.0]), one([5.0]), chosen_prefix=one([-4.0]),
-                       rejected_prefix=one([-5.0]), chosen_head=one([-1.0]), rejected_head=one([-2.0]))
-    reference = PairLogps(one([-5.0]), one([-5.0]), one([4.0]), one([5.0]), chosen_prefix=one([-5.0]),
-                          rejected_prefix=one([-4.5]), chosen_head=one([-1.5]), rejected_head=one([-1.5]))
+    policy = PairLogps(
+        one([-4.0]),
+        one([-6.0]),
+        one([4.0]),
+        one([5.0]),
+        chosen_prefix=one([-4.0]),
+        rejected_prefix=one([-5.0]),
+        chosen_head=one([-1.0]),
+        rejected_head=one([-2.0]),
+    )
+    reference = PairLogps(
+        one([-5.0]),
+        one([-5.0]),
+        one([4.0]),
+        one([5.0]),
+        chosen_prefix=one([-5.0]),
+        rejected_prefix=one([-4.5]),
+        chosen_head=one([-1.5]),
+        rejected_head=one([-1.5]),
+    )
     return policy, reference
 
 
@@ -93,7 +109,9 @@ class Loss:
                 f"loss '{key}' has no hyper-parameter {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
             )
         # plain values (a mixture's components arrive as OmegaConf lists): run summaries store them as JSON
-        hparams = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in hparams.items()}
+        hparams = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in hparams.items()
+        }
         for name, value in hparams.items():
             must = _expected_kind(valid[name], value)
             if must:
@@ -124,8 +142,10 @@ class Loss:
             raise ConfigError(f"loss.needs must be a list of field groups (got {needs!r}) in loss '{self.key}'")
         unknown = sorted(set(needs) - set(FIELD_GROUPS))
         if unknown:
-            raise ConfigError(f"loss.needs: unknown field group {', '.join(unknown)} in loss '{self.key}'; "
-                              f"known: {', '.join(FIELD_GROUPS)}")
+            raise ConfigError(
+                f"loss.needs: unknown field group {', '.join(unknown)} in loss '{self.key}'; "
+                f"known: {', '.join(FIELD_GROUPS)}"
+            )
         return tuple(sorted(set(needs)))
 
     def _dry_run(self) -> None:
@@ -178,7 +198,7 @@ def available_losses() -> list[str]:
 
 def hyperparameters(key: str) -> list[str]:
     """The hyper-parameter names of conf/loss/<key>.yaml."""
-    return [k for k in OmegaConf.load(conf_dir() / "loss" / f"{key}.yaml") if k not in _WRAPPER_KEYS]
+    return [str(k) for k in OmegaConf.load(conf_dir() / "loss" / f"{key}.yaml") if k not in _WRAPPER_KEYS]
 
 
 def get_loss(key: str, **hparams) -> Loss:

@@ -14,9 +14,7 @@ from prefopt.losses.base import (
 )
 
 
-def dpop(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, dpop_lambda: float = 50
-) -> LossOutput:
+def dpop(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, dpop_lambda: float = 50) -> LossOutput:
     """DPO-Positive: −log σ(β·(h − λ·max(0, ℓʳ_w − ℓ_w))).
 
     Pal et al. 2024 (Smaug), arXiv 2402.13228, Eq. 3: the penalty switches on as soon as the chosen
@@ -30,9 +28,7 @@ def dpop(
     return reference_output(loss, beta, rw, rl, **{"dpop/penalty": scalar(penalty)})
 
 
-def rpo(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, nll_weight: float = 1.0
-) -> LossOutput:
+def rpo(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, nll_weight: float = 1.0) -> LossOutput:
     """Iterative RPO: −log σ(β·h) + w·(−ℓ_w / n_w), DPO plus the length-normalized NLL of the chosen.
 
     Pang et al. 2024, arXiv 2404.19733, Eq. 3 (the NLL is divided by the chosen length, as there).
@@ -46,9 +42,7 @@ def rpo(
     return reference_output(loss, beta, rw, rl, **{"rpo/nll": scalar(nll)})
 
 
-def typo(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, kl_weight: float = 1.0
-) -> LossOutput:
+def typo(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, kl_weight: float = 1.0) -> LossOutput:
     """TYPO, in this project's reading: −log σ(β·(ℓ_w − ℓ_l)) + λ·½·[(ℓʳ_w − ℓ_w) + (ℓʳ_l − ℓ_l)].
 
     Hu, He, Wipf 2024, arXiv 2407.09072. The published form could not be checked against the paper's

@@ -100,9 +100,7 @@ def exo(
     return reference_output(loss, beta, rw, rl)
 
 
-def discopop(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, tau: float = 0.05
-) -> LossOutput:
+def discopop(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, tau: float = 0.05) -> LossOutput:
     """DiscoPOP (log-ratio modulated loss): (1 − m)·(−log σ(βh)) + m·e^{−βh}, m = σ(βh/τ).
 
     Lu et al. 2024, arXiv 2406.08414, Eq. 5. m·e^{−βh} is computed as exp(log σ(βh/τ) − βh), finite for

@@ -22,9 +22,7 @@ from prefopt.losses.base import (
 )
 
 
-def ld_dpo(
-    policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, ld_alpha: float = 0.5
-) -> LossOutput:
+def ld_dpo(policy: PairLogps, reference: PairLogps | None, *, beta: float = 0.1, ld_alpha: float = 0.5) -> LossOutput:
     """LD-DPO: DPO on length-desensitised log-probs ℓ′ = ℓ_{≤m} + a·(ℓ − ℓ_{≤m}), m = min(n_w, n_l).
 
     Liu et al. 2024, arXiv 2409.06411, Eq. 12: the tokens beyond the shorter completion's length count

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from prefopt.data.rows import LOCAL_SUFFIXES, is_local, read_rows
 from prefopt.errors import ConfigError, DataError
@@ -22,7 +23,6 @@ COT_INSTRUCTION = "Please reason step by step, and put your final answer within 
 # `data`: the run's own prompt (data.system_prompt, the problem, data.user_suffix), the one training and pair
 # sampling render (prefopt.data.batching.render_prompt), so all three stages see the same bytes.
 PROMPT_FAMILIES = ("qwen_math", "llama3", "plain", "data")
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,12 +85,14 @@ PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = (("final_answer", "join"), ("answer", None), ("solution", "boxed"))
 
 
-def detect_fields(row: dict, where: str, key: str, problem_field: str | None, answer_field: str | None,
-                  answer_transform: str | None) -> tuple[str, str, str | None]:
+def detect_fields(
+    row: dict, where: str, key: str, problem_field: str | None, answer_field: str | None, answer_transform: str | None
+) -> tuple[str, str, str | None]:
     """(problem field, answer field, answer transform) of a file, from its first row; set fields are kept as set.
 
     A detected answer field brings its transform (`join` for `final_answer`, `gsm8k` for an answer with
-    '#### N', `boxed` for a solution) unless `answer_transform` is set; an answer field that was set keeps `answer_transform` as is.
+    '#### N', `boxed` for a solution) unless `answer_transform` is set; an answer field that was set keeps
+    `answer_transform` as is.
     """
     if problem_field is None:
         problem_field = next((f for f in PROBLEM_FIELDS if f in row), None)
@@ -206,8 +208,9 @@ class BenchmarkSpec:
             raise ConfigError(f"benchmark name must be a non-empty string, got {self.name!r}")
         key = self.config_key
         if self.answer_transform is not None and self.answer_transform not in ANSWER_TRANSFORMS:
-            raise ConfigError(f"{key}.answer_transform {self.answer_transform!r} is not one of "
-                              f"{sorted(ANSWER_TRANSFORMS)}")
+            raise ConfigError(
+                f"{key}.answer_transform {self.answer_transform!r} is not one of {sorted(ANSWER_TRANSFORMS)}"
+            )
         if self.limit is not None and (
             not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 0
         ):
@@ -223,9 +226,13 @@ class BenchmarkSpec:
             return None
         if is_local(self.path):
             return f"{self.config_key}.path={self.path}: no such file"
-        if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-            return (f"{self.config_key}.path={self.path} is a hub id but the hub is offline (HF_HUB_OFFLINE): "
-                    f"set {self.config_key}.path to a local JSONL/JSON/Parquet copy")
+        if any(
+            os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        ):
+            return (
+                f"{self.config_key}.path={self.path} is a hub id but the hub is offline (HF_HUB_OFFLINE): "
+                f"set {self.config_key}.path to a local JSONL/JSON/Parquet copy"
+            )
         return None
 
     def load(self) -> list[dict]:
@@ -234,9 +241,16 @@ class BenchmarkSpec:
                 f"benchmark {self.name} has {self.config_key}.path null (its problems are generated): "
                 f"set {self.config_key}.path to a JSONL/JSON/Parquet file or a hub id to load it from there"
             )
-        return load_benchmark(self.path, split=self.split, problem_field=self.problem_field,
-                              answer_field=self.answer_field, limit=self.limit, subset=self.subset,
-                              answer_transform=self.answer_transform, key=self.config_key)
+        return load_benchmark(
+            self.path,
+            split=self.split,
+            problem_field=self.problem_field,
+            answer_field=self.answer_field,
+            limit=self.limit,
+            subset=self.subset,
+            answer_transform=self.answer_transform,
+            key=self.config_key,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,4 +301,3 @@ def score(verdicts: Iterable[Any]) -> dict[str, float | int]:
 def mean_accuracy(scores: Sequence[dict]) -> float:
     """The unweighted mean of several benchmarks' accuracies (the BPO paper's headline number)."""
     return sum(s["accuracy"] for s in scores) / len(scores) if scores else 0.0
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefopt.errors import ConfigError
 from prefopt.models import ModelSpec
@@ -21,9 +22,15 @@ def with_weights(spec: ModelSpec, path: str | os.PathLike) -> ModelSpec:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"policy={str(path)!r}: not a directory with a saved model (config.json missing)")
-    return dataclasses.replace(spec, name_or_path=str(path), arch=None, gguf_file=None, revision=None,
-                               config={} if spec.arch is not None else dict(spec.config),
-                               tokenizer="char" if spec.tokenizer == "char" else None)
+    return dataclasses.replace(
+        spec,
+        name_or_path=str(path),
+        arch=None,
+        gguf_file=None,
+        revision=None,
+        config={} if spec.arch is not None else dict(spec.config),
+        tokenizer="char" if spec.tokenizer == "char" else None,
+    )
 
 
 def weights_id(spec: ModelSpec) -> str:
@@ -39,9 +46,14 @@ def weights_id(spec: ModelSpec) -> str:
 
 
 def spec_fingerprint(spec: ModelSpec) -> dict:
-    return {"weights": weights_id(spec), "dtype": spec.dtype, "tokenizer": spec.tokenizer,
-            "tokenizer_family": spec.tokenizer_family, "completion_eos": spec.completion_eos,
-            **({"chat_template": spec.chat_template} if spec.chat_template else {})}
+    return {
+        "weights": weights_id(spec),
+        "dtype": spec.dtype,
+        "tokenizer": spec.tokenizer,
+        "tokenizer_family": spec.tokenizer_family,
+        "completion_eos": spec.completion_eos,
+        **({"chat_template": spec.chat_template} if spec.chat_template else {}),
+    }
 
 
 def data_fingerprint(data, training: bool = False) -> Any:

@@ -26,8 +26,14 @@ def sft_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None) -> 
         verified, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
         metrics.update(verified)
         run_log.log(loop.warmup.steps, verified)
-    summary = {"status": "complete", "stage": "warmup", "policy": str(run_dir / "final"), "metrics": metrics,
-               "verified": {"after": details}, "wall_time_s": result["wall_time_s"]}
+    summary = {
+        "status": "complete",
+        "stage": "warmup",
+        "policy": str(run_dir / "final"),
+        "metrics": metrics,
+        "verified": {"after": details},
+        "wall_time_s": result["wall_time_s"],
+    }
     run_log.finish(summary)
     hardware.teardown()
     return summary
@@ -52,8 +58,13 @@ def evaluate_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None
     metrics, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
     run_log = RunLog(run_dir, {"evaluation": vars(loop.evaluation)}, wandb, enabled=hardware.is_main)
     run_log.log(0, metrics)
-    summary = {"status": "complete", "stage": "evaluate", "policy": weights_id(spec), "metrics": metrics,
-               "verified": {"after": details}}
+    summary = {
+        "status": "complete",
+        "stage": "evaluate",
+        "policy": weights_id(spec),
+        "metrics": metrics,
+        "verified": {"after": details},
+    }
     run_log.finish(summary)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")

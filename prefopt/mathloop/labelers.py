@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
-from itertools import product
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from itertools import product
+from typing import Any
 
 import torch
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.mathloop.stages.sampling import build_pairs
 from prefopt.mathloop.judging.win_rates import preference_from_scores
 from prefopt.mathloop.reward.scorer import RewardScorer, named_scorer
+from prefopt.mathloop.stages.sampling import build_pairs
 
 log = logging.getLogger("prefopt")
 
@@ -52,20 +53,24 @@ class ScoredStats:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.pairs} pairs from {self.prompts} prompts ({self.samples} samples; dropped {self.dropped_tie} "
-                f"ties, {self.dropped_gap} under min_gap)")
+        return (
+            f"{self.pairs} pairs from {self.prompts} prompts ({self.samples} samples; dropped {self.dropped_tie} "
+            f"ties, {self.dropped_gap} under min_gap)"
+        )
 
 
-def build_scored_pairs(prompts: Sequence[Any], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],
-                       min_gap: float = 0.0) -> tuple[list[dict], ScoredStats]:
+def build_scored_pairs(
+    prompts: Sequence[Any], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], min_gap: float = 0.0
+) -> tuple[list[dict], ScoredStats]:
     """One pair per prompt: chosen = its highest-scoring sample, rejected = its lowest (first index on equal scores).
 
     A prompt whose best and worst samples score the same, or are the same text, is a tie and dropped; one whose
     score gap best − worst is below `min_gap` is dropped too. Both are counted. The pair keeps both scores.
     """
     if len(samples) != len(prompts) or len(scores) != len(prompts):
-        raise DataError(f"build_scored_pairs got {len(prompts)} prompts, {len(samples)} sample lists "
-                        f"and {len(scores)} score lists")
+        raise DataError(
+            f"build_scored_pairs got {len(prompts)} prompts, {len(samples)} sample lists and {len(scores)} score lists"
+        )
     stats, pairs = ScoredStats(prompts=len(prompts)), []
     for i, (prompt, texts, values) in enumerate(zip(prompts, samples, scores)):
         if len(texts) != len(values) or len(texts) < 2:
@@ -82,15 +87,26 @@ def build_scored_pairs(prompts: Sequence[Any], samples: Sequence[Sequence[str]],
         if gap < min_gap:
             stats.dropped_gap += 1
             continue
-        pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "pair_id": f"{i}-{best}-{worst}",
-                      "prompt_index": i, "chosen_index": best, "rejected_index": worst,
-                      "chosen_score": float(values[best]), "rejected_score": float(values[worst])})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": texts[best],
+                "rejected": texts[worst],
+                "pair_id": f"{i}-{best}-{worst}",
+                "prompt_index": i,
+                "chosen_index": best,
+                "rejected_index": worst,
+                "chosen_score": float(values[best]),
+                "rejected_score": float(values[worst]),
+            }
+        )
     stats.pairs = len(pairs)
     return pairs, stats
 
 
-def sample_agreement(rows: Sequence[dict], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],
-                     checker) -> dict:
+def sample_agreement(
+    rows: Sequence[dict], samples: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], checker
+) -> dict:
     """Over every (verified correct, not correct) pair of samples of a prompt: the fraction the scores order the
     same way (equal scores count ½), and how many such pairs there were."""
     flat = [t for texts in samples for t in texts]
@@ -112,7 +128,7 @@ class VerifierLabeler:
     def fingerprint(self) -> dict:
         return {"labeler": "verifier"}
 
-    def with_reward_model(self, path: str) -> "VerifierLabeler":
+    def with_reward_model(self, path: str) -> VerifierLabeler:
         return self  # reads no reward model
 
     def label(self, rows: Sequence[dict], samples: Sequence[Sequence[str]], context: LabelContext):
@@ -121,12 +137,19 @@ class VerifierLabeler:
         flat = [t for texts in samples for t in texts]
         golds = [str(r["answer"]) for r in rows for _ in range(k)]
         verdicts = context.checker().check_many(flat, golds)
-        per_prompt = [verdicts[i * k:(i + 1) * k] for i in range(len(rows))]
-        pairs, stats = build_pairs([r["problem"] for r in rows], samples, per_prompt, seed=context.seed,
-                                   max_pairs_per_prompt=context.max_pairs_per_prompt)
-        summary = (f"{stats.pairs} pairs from {stats.prompts} prompts (sample accuracy "
-                   f"{stats.correct / max(stats.samples, 1):.2f}; dropped {stats.dropped_all_correct} all-correct, "
-                   f"{stats.dropped_all_wrong} all-wrong; no_answer {stats.no_answer}, timeout {stats.timeout})")
+        per_prompt = [verdicts[i * k : (i + 1) * k] for i in range(len(rows))]
+        pairs, stats = build_pairs(
+            [r["problem"] for r in rows],
+            samples,
+            per_prompt,
+            seed=context.seed,
+            max_pairs_per_prompt=context.max_pairs_per_prompt,
+        )
+        summary = (
+            f"{stats.pairs} pairs from {stats.prompts} prompts (sample accuracy "
+            f"{stats.correct / max(stats.samples, 1):.2f}; dropped {stats.dropped_all_correct} all-correct, "
+            f"{stats.dropped_all_wrong} all-wrong; no_answer {stats.no_answer}, timeout {stats.timeout})"
+        )
         return pairs, stats, {"sample_accuracy": stats.correct / max(stats.samples, 1), "summary": summary}
 
 
@@ -149,28 +172,36 @@ class RewardModelLabeler:
     def fingerprint(self) -> dict:
         return {"labeler": "reward_model", **asdict(self)}
 
-    def with_reward_model(self, path: str) -> "RewardModelLabeler":
+    def with_reward_model(self, path: str) -> RewardModelLabeler:
         """This labeller scoring with the reward stage's model at `path` when it names none itself."""
         return self if self.name_or_path else replace(self, name_or_path=path)
 
     def scorer(self, device) -> RewardScorer:
-        return named_scorer(self.name_or_path, "pairs.labeler", device, self.batch_size, self.max_length,
-                            self.trust_remote_code)
+        return named_scorer(
+            self.name_or_path, "pairs.labeler", device, self.batch_size, self.max_length, self.trust_remote_code
+        )
 
     def label(self, rows: Sequence[dict], samples: Sequence[Sequence[str]], context: LabelContext):
         """(pairs, stats, extra): each sample scored by the reward model, best vs worst per prompt."""
         problems = [r["problem"] for r in rows]
         scorer = self.scorer(context.device)
-        flat = scorer.score([p for p, texts in zip(problems, samples) for _ in texts],
-                            [t for texts in samples for t in texts])
+        flat = scorer.score(
+            [p for p, texts in zip(problems, samples) for _ in texts], [t for texts in samples for t in texts]
+        )
         it = iter(flat)
         scores = [[next(it) for _ in texts] for texts in samples]
         pairs, stats = build_scored_pairs(problems, samples, scores, self.min_gap)
         del scorer
-        extra: dict[str, Any] = {"reward_model": self.name_or_path, "min_gap": self.min_gap,
-                                 "mean_score": sum(flat) / max(len(flat), 1), "summary": stats.summary()}
+        extra: dict[str, Any] = {
+            "reward_model": self.name_or_path,
+            "min_gap": self.min_gap,
+            "mean_score": sum(flat) / max(len(flat), 1),
+            "summary": stats.summary(),
+        }
         if rows and all("answer" in r for r in rows):  # gold answers: how often the scores order samples as the checker
             extra["checker_agreement"] = sample_agreement(rows, samples, scores, context.checker())
-            extra["summary"] += (f"; agreement with the answer checker {extra['checker_agreement']['agreement']:.3f} "
-                                 f"over {extra['checker_agreement']['pairs']} (correct, wrong) sample pairs")
+            extra["summary"] += (
+                f"; agreement with the answer checker {extra['checker_agreement']['agreement']:.3f} "
+                f"over {extra['checker_agreement']['pairs']} (correct, wrong) sample pairs"
+            )
         return pairs, stats, extra

@@ -17,9 +17,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,7 +29,6 @@ from prefopt.data.batching import render_prompt, tokenize_pairs
 from prefopt.data.sources import FileData
 from prefopt.errors import ConfigError, DataError
 from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choose_backend
-from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.fingerprints import data_fingerprint, weights_id, with_weights
 from prefopt.mathloop.judging.pairwise import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
@@ -36,15 +36,15 @@ from prefopt.mathloop.reward.bradley_terry import RewardConfig
 from prefopt.mathloop.stages.reward_training import cached_reward
 from prefopt.mathloop.stages.sampling import PairsConfig, sample_pairs, write_pairs
 from prefopt.mathloop.stages.stage import EvalStage, PairsStage, WarmupStage
+from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.mathloop.stages.warmup import WarmupConfig, warm_up
-from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.merge import trained_weights
-from prefopt.tokenizer import save_tokenizer
+from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.stats import StatsError, preservation_metrics, read_benchmarks
+from prefopt.tokenizer import save_tokenizer
 from prefopt.verify import AnswerChecker
 
 log = logging.getLogger("prefopt")
-
 
 
 @dataclass
@@ -56,7 +56,9 @@ class MathLoopConfig:
     evaluate: bool = True  # verified accuracy before and after preference training (evaluation.*)
     cache_dir: str = "outputs/cache"
     cache: bool = True  # false: compute every stage afresh, read and write no cache
-    reward: bool = False  # train the tiny reward model after the warm-up (prefopt.mathloop.stages.reward_training, cached)
+    reward: bool = (
+        False  # train the tiny reward model after the warm-up (prefopt.mathloop.stages.reward_training, cached)
+    )
 
 
 @dataclass
@@ -156,13 +158,19 @@ class MathLoop:
 
     def render(self, tokenizer, problem: str) -> str:
         """A problem as the preference run renders its prompts (so pair samples are on-policy for it)."""
-        return render_prompt(tokenizer, problem, self.tokenize["chat_template"], self.tokenize["system_prompt"],
-                             self.tokenize.get("user_suffix"))
+        return render_prompt(
+            tokenizer,
+            problem,
+            self.tokenize["chat_template"],
+            self.tokenize["system_prompt"],
+            self.tokenize.get("user_suffix"),
+        )
 
     def generator(self, model, tokenizer, spec: ModelSpec):
         """HF generate on `model`, or a vLLM engine on the weights `spec` names (one engine per weights, reused)."""
         saved = spec.name_or_path
         if choose_backend(self.generation, saved) == "vllm":
+            assert saved is not None  # vLLM is chosen only for weights on disk
             if saved not in _VLLM:
                 release_engines()  # one engine at a time: each holds its share of the GPU's memory
                 _VLLM[saved] = VLLMGenerator(saved, tokenizer, self.generation, spec.completion_eos, dtype=spec.dtype)
@@ -186,8 +194,11 @@ class MathLoop:
     def benchmarks(self, data) -> list:
         specs = self.evaluation.specs()
         source = self.problem_source(data)
-        generated = {name: source.problem_rows(split) for name, split in (("arith", "eval"), ("arith_val", "val"))
-                     if any(s.name == name for s in specs)}
+        generated = {
+            name: source.problem_rows(split)
+            for name, split in (("arith", "eval"), ("arith_val", "val"))
+            if any(s.name == name for s in specs)
+        }
         return [(spec, benchmark_rows(spec, generated)) for spec in specs]
 
     # -- warm-up ----------------------------------------------------------------------------------------
@@ -199,14 +210,26 @@ class MathLoop:
         args = dict(self.tokenize, completion_eos=spec.completion_eos)
         train_pairs, _ = tokenize_pairs(train_rows, tokenizer, **args)
         eval_pairs, _ = tokenize_pairs(eval_rows, tokenizer, **args)
-        result = warm_up(model, train_pairs, eval_pairs, tokenizer.pad_token_id, self.warmup, self.optimizer_factory,
-                         hardware, out_dir, max_grad_norm=self.max_grad_norm, chunk_elements=self.chunk_elements,
-                         run_log=run_log)
+        result = warm_up(
+            model,
+            train_pairs,
+            eval_pairs,
+            tokenizer.pad_token_id,
+            self.warmup,
+            self.optimizer_factory,
+            hardware,
+            out_dir,
+            max_grad_norm=self.max_grad_norm,
+            chunk_elements=self.chunk_elements,
+            run_log=run_log,
+        )
         trainer = result.pop("trainer")
         if getattr(spec, "uses_lora", False):  # later stages load full weights: merge the adapters in
             if getattr(hardware, "strategy", "none") == "fsdp":
-                raise ConfigError("a warm-up with LoRA under FSDP cannot export merged weights; warm up without "
-                                  "LoRA (model.lora.r=0) or with mathloop.warmup=false and policy=DIR")
+                raise ConfigError(
+                    "a warm-up with LoRA under FSDP cannot export merged weights; warm up without "
+                    "LoRA (model.lora.r=0) or with mathloop.warmup=false and policy=DIR"
+                )
             if hardware.is_main:
                 model = model.merge_and_unload()
                 model.save_pretrained(out_dir / "final", safe_serialization=True)
@@ -232,8 +255,13 @@ class MathLoop:
         if got.reused:
             return policy, info, None
         model, tokenizer, result = got.made
-        log.info("warm-up: %d steps in %.0f s, final train loss %.4f -> %s", self.warmup.steps,
-                 time.perf_counter() - t0, result["metrics"].get("train/loss", float("nan")), got.path)
+        log.info(
+            "warm-up: %d steps in %.0f s, final train loss %.4f -> %s",
+            self.warmup.steps,
+            time.perf_counter() - t0,
+            result["metrics"].get("train/loss", float("nan")),
+            got.path,
+        )
         return policy, info, (model, tokenizer)
 
     # -- pairs ------------------------------------------------------------------------------------------
@@ -243,16 +271,30 @@ class MathLoop:
         prompts = [self.render(tokenizer, r["problem"]) for r in rows]
         t0 = time.perf_counter()
         labeler = self.pairs.labeler or VerifierLabeler()
-        context = LabelContext(checker=lambda: answer_checker(self.verify), device=_device_of(model),
-                               seed=self.pairs.seed, max_pairs_per_prompt=self.pairs.max_pairs_per_prompt)
-        pairs, stats, extra = sample_pairs(self.generator(model, tokenizer, spec), rows, prompts, self.pairs,
-                                           labeler, context)
+        context = LabelContext(
+            checker=lambda: answer_checker(self.verify),
+            device=_device_of(model),
+            seed=self.pairs.seed,
+            max_pairs_per_prompt=self.pairs.max_pairs_per_prompt,
+        )
+        pairs, stats, extra = sample_pairs(
+            self.generator(model, tokenizer, spec), rows, prompts, self.pairs, labeler, context
+        )
         summary = extra.pop("summary")
-        provenance = {"policy": weights_id(spec), "labeler": labeler.fingerprint(), "k": self.pairs.k,
-                      "temperature": self.pairs.temperature, "top_p": self.generation.top_p, "seed": self.pairs.seed,
-                      "max_new_tokens": self.generation.max_new_tokens,
-                      "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt, "problems": problems_id,
-                      "verify_timeout_s": self.verify.timeout_s, "seconds": time.perf_counter() - t0, **extra}
+        provenance = {
+            "policy": weights_id(spec),
+            "labeler": labeler.fingerprint(),
+            "k": self.pairs.k,
+            "temperature": self.pairs.temperature,
+            "top_p": self.generation.top_p,
+            "seed": self.pairs.seed,
+            "max_new_tokens": self.generation.max_new_tokens,
+            "max_pairs_per_prompt": self.pairs.max_pairs_per_prompt,
+            "problems": problems_id,
+            "verify_timeout_s": self.verify.timeout_s,
+            "seconds": time.perf_counter() - t0,
+            **extra,
+        }
         write_pairs(path, pairs, provenance, stats)
         log.info("pairs: %s, %d samples each -> %s", summary, self.pairs.k, path)
         return {**provenance, "num_pairs": stats.pairs, "counts": stats.as_dict()}
@@ -262,16 +304,29 @@ class MathLoop:
         stage = PairsStage(self)
         problems = self.pair_problems(data)
         key = stage.key(spec, problems[1])
-        got = stage.cached(key, lambda out: stage.run(loaded, spec, data, hardware, problems, out), hardware,
-                           run_dir / "pairs.jsonl")
+        got = stage.cached(
+            key, lambda out: stage.run(loaded, spec, data, hardware, problems, out), hardware, run_dir / "pairs.jsonl"
+        )
         record = json.loads(stage.done(got.path).read_text())
-        return got.path, {"key": key, "path": str(got.path), "cached": got.reused,
-                          "num_pairs": record.get("num_pairs"), "counts": record.get("counts")}
+        return got.path, {
+            "key": key,
+            "path": str(got.path),
+            "cached": got.reused,
+            "num_pairs": record.get("num_pairs"),
+            "counts": record.get("counts"),
+        }
 
     # -- evaluation -------------------------------------------------------------------------------------
     def run_eval(self, model, tokenizer, spec: ModelSpec, data, out_dir: Path | None, prefix: str) -> tuple[dict, dict]:
-        return evaluate_policy(self.generator(model, tokenizer, spec), tokenizer, self.benchmarks(data),
-                               answer_checker(self.verify), self.evaluation, out_dir, prefix=prefix)
+        return evaluate_policy(
+            self.generator(model, tokenizer, spec),
+            tokenizer,
+            self.benchmarks(data),
+            answer_checker(self.verify),
+            self.evaluation,
+            out_dir,
+            prefix=prefix,
+        )
 
     def cached_eval(self, spec: ModelSpec, loaded, data, hardware, out_dir: Path, prefix: str) -> tuple[dict, dict]:
         """The starting policy's verified accuracy, cached (per-sample files copied into out_dir)."""
@@ -279,8 +334,12 @@ class MathLoop:
             model, tokenizer = loaded or self.load(spec, hardware)
             return self.run_eval(model, tokenizer, spec, data, out_dir, prefix)
         stage = EvalStage(self)
-        got = stage.cached(stage.key(spec, data, prefix),
-                           lambda out: stage.run(loaded, spec, data, hardware, prefix, out), hardware, out_dir)
+        got = stage.cached(
+            stage.key(spec, data, prefix),
+            lambda out: stage.run(loaded, spec, data, hardware, prefix, out),
+            hardware,
+            out_dir,
+        )
         result = json.loads(stage.done(got.path).read_text())
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in got.path.glob("*.jsonl"):
@@ -305,13 +364,16 @@ class MathLoop:
             path, prepared.info["pairs"] = self.cached_pairs(spec, loaded, data, hardware, run_dir)
             n = prepared.info["pairs"].get("num_pairs") or sum(1 for _ in open(path))
             if n <= self.pairs.eval_size:
-                raise DataError(f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "
-                                f"held out); the starting policy is almost always right or always wrong "
-                                f"(see the counts in {path}.provenance.json)")
+                raise DataError(
+                    f"pairs: only {n} pairs from {path} (pairs.eval_size={self.pairs.eval_size} are "
+                    f"held out); the starting policy is almost always right or always wrong "
+                    f"(see the counts in {path}.provenance.json)"
+                )
             prepared.data = FileData(path=str(path), eval_size=self.pairs.eval_size, eval_key="pairs.eval_size")
         if self.switches.evaluate and hardware.is_main:
-            prepared.metrics, details = self.cached_eval(spec, loaded, data, hardware,
-                                                         run_dir / "verified_before", "eval/verified_before")
+            prepared.metrics, details = self.cached_eval(
+                spec, loaded, data, hardware, run_dir / "verified_before", "eval/verified_before"
+            )
             prepared.verified = details
         loaded = None
         _release_memory()
@@ -327,12 +389,15 @@ class MathLoop:
         if not (self.switches.evaluate and hardware.is_main):
             return {}, {}
         spec, temporary = trained_weights(prepared.model, run_dir, tokenizer)
-        if spec is not prepared.model and (getattr(hardware, "strategy", "none") == "fsdp" or (
-                prepared.model.lora["load_in_4bit"] and choose_backend(self.generation, spec.name_or_path) == "hf")):
+        if spec is not prepared.model and (
+            getattr(hardware, "strategy", "none") == "fsdp"
+            or (prepared.model.lora["load_in_4bit"] and choose_backend(self.generation, spec.name_or_path) == "hf")
+        ):
             policy, tokenizer = self.load(spec, hardware)
         try:
-            metrics, details = self.run_eval(policy, tokenizer, spec, prepared.source, run_dir / "verified",
-                                             "eval/verified")
+            metrics, details = self.run_eval(
+                policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified"
+            )
             if self.evaluation.judge is not None:
                 judged, details["judge"] = self.judge_after(policy, tokenizer, spec, prepared, hardware, run_dir)
                 metrics.update(judged)
@@ -343,7 +408,8 @@ class MathLoop:
         return {**metrics, **preserved(run_dir)}, details
 
     def judge_after(self, policy, tokenizer, spec: ModelSpec, prepared: Prepared, hardware, run_dir: Path):
-        """The judged evaluation (prefopt.mathloop.judging.pairwise): the trained policy vs the baseline or starting policy."""
+        """The judged evaluation (prefopt.mathloop.judging.pairwise): the trained policy vs the baseline or starting
+        policy."""
         judge = self.evaluation.judge
         prompts = judge_prompts(judge, self.problem_source(prepared.source).problem_rows("eval"))
         rendered = [self.render(tokenizer, p) for p in prompts]
@@ -351,8 +417,9 @@ class MathLoop:
         theirs = reference_answers(judge, len(prompts))
         if theirs is None:  # the starting policy (after the warm-up) answers the same rendered prompts
             start, start_tokenizer = self.load(prepared.model, hardware)
-            theirs = greedy_answers(self.generator(start, start_tokenizer, prepared.model), rendered,
-                                    self.evaluation.seed)
+            theirs = greedy_answers(
+                self.generator(start, start_tokenizer, prepared.model), rendered, self.evaluation.seed
+            )
             del start
         return judged_evaluation(judge, prompts, ours, theirs, _device_of(policy), run_dir / "judged.jsonl")
 

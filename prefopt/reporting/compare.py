@@ -8,18 +8,31 @@ The DCR metrics (one value per run) get a mean over seeds and a paired differenc
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, cast
 
 from prefopt.reporting.runs import VERIFIED, RunRecord
-from prefopt.stats import (BOOTSTRAP, Difference, Interval, StatsError, paired_difference, scalar_difference,
-                           scalar_mean, seed_accuracy, seed_preservation)
+from prefopt.stats import (
+    BOOTSTRAP,
+    Difference,
+    Interval,
+    StatsError,
+    paired_difference,
+    scalar_difference,
+    scalar_mean,
+    seed_accuracy,
+    seed_preservation,
+)
 
 SHARES = {"eval/rewards/accuracies", "eval/dcr/chosen_reward_below_zero"}  # in [0, 1]: intervals cut to it
-DCR_METRICS = [("rewards/chosen", "eval/rewards/chosen"), ("rewards/rejected", "eval/rewards/rejected"),
-               ("reward accuracy", "eval/rewards/accuracies"),
-               ("chosen reward < 0", "eval/dcr/chosen_reward_below_zero"),
-               ("chosen Δlogp/token", "eval/dcr/chosen_logp_delta_per_token")]
+DCR_METRICS = [
+    ("rewards/chosen", "eval/rewards/chosen"),
+    ("rewards/rejected", "eval/rewards/rejected"),
+    ("reward accuracy", "eval/rewards/accuracies"),
+    ("chosen reward < 0", "eval/dcr/chosen_reward_below_zero"),
+    ("chosen Δlogp/token", "eval/dcr/chosen_logp_delta_per_token"),
+]
 NO_BASELINE = ("", "none", "null")
 
 
@@ -96,8 +109,9 @@ def _paired_runs(group: Group, base: Group) -> tuple[list[RunRecord], list[RunRe
 def benchmarks(records: Sequence[RunRecord]) -> list[str]:
     """The benchmarks any run has per-problem results or a final accuracy for (sorted; `mean` left out)."""
     names = {b for r in records for b in r.outcomes}
-    names |= {k[len(VERIFIED):] for r in records for k in r.final if k.startswith(VERIFIED)
-              and "/" not in k[len(VERIFIED):]}
+    names |= {
+        k[len(VERIFIED) :] for r in records for k in r.final if k.startswith(VERIFIED) and "/" not in k[len(VERIFIED) :]
+    }
     return sorted(names - {"mean"})
 
 
@@ -116,8 +130,10 @@ def _fill(group: Group, names: Sequence[str], base: Group | None) -> None:
             interval = _accuracy(group.runs, name, before)
             if interval is not None:
                 target[name] = interval
-        pairs = cast(list[tuple[Mapping[int, bool], Mapping[int, bool]]],
-                     [(r.outcomes_before.get(name), r.outcomes.get(name)) for r in group.runs])
+        pairs = cast(
+            list[tuple[Mapping[int, bool], Mapping[int, bool]]],
+            [(r.outcomes_before.get(name), r.outcomes.get(name)) for r in group.runs],
+        )
         if pairs and all(b and a for b, a in pairs):
             result = seed_preservation([b for b, _ in pairs], [a for _, a in pairs])
             group.preserved[name], group.improved[name] = result["preserved"], result["improved"]
@@ -125,13 +141,14 @@ def _fill(group: Group, names: Sequence[str], base: Group | None) -> None:
             mine, theirs = _paired_runs(group, base)
             files = cast(list[Mapping[int, bool]], [r.outcomes.get(name) for r in mine + theirs])
             if mine and all(files):
-                group.versus[name] = paired_difference(files[:len(mine)], files[len(mine):])
+                group.versus[name] = paired_difference(files[: len(mine)], files[len(mine) :])
     for _, key in DCR_METRICS:
         group.scalars[key] = scalar_mean([r.final.get(key) for r in group.runs], (0.0, 1.0) if key in SHARES else None)
         if base is not None:
             mine, theirs = _paired_runs(group, base)
-            group.scalar_versus[key] = scalar_difference([r.final.get(key) for r in mine],
-                                                         [r.final.get(key) for r in theirs])
+            group.scalar_versus[key] = scalar_difference(
+                [r.final.get(key) for r in mine], [r.final.get(key) for r in theirs]
+            )
 
 
 def compare(records: Sequence[RunRecord], baseline: str | None = None) -> dict[str, Any]:
@@ -148,6 +165,7 @@ def compare(records: Sequence[RunRecord], baseline: str | None = None) -> dict[s
 
 
 # --- text ----------------------------------------------------------------------------------------------
+
 
 def pct(iv: Interval | Difference | None, signed: bool = False) -> str:
     """`52.0 [47.1, 57.6]` in % (or points, signed); `-` when missing."""
@@ -174,50 +192,90 @@ def tables(result: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]
     """(header, rows) of each comparison table; the report renders them with `markdown_table`."""
     groups, names, base = result["groups"], result["benchmarks"], result["baseline"]
     seeds = lambda g: f"{len(g.runs)}"  # noqa: E731
-    out = {"accuracy": (["setting", "seeds", *(f"{n} before" for n in names), *names],
-                        [[g.label, seeds(g), *(pct(g.before.get(n)) for n in names),
-                          *(pct(g.accuracy.get(n)) for n in names)] for g in groups])}
+    out = {
+        "accuracy": (
+            ["setting", "seeds", *(f"{n} before" for n in names), *names],
+            [
+                [g.label, seeds(g), *(pct(g.before.get(n)) for n in names), *(pct(g.accuracy.get(n)) for n in names)]
+                for g in groups
+            ],
+        )
+    }
     if any(g.preserved for g in groups):
-        out["preservation"] = (["setting", "seeds", *(f"{n} {w}" for n in names for w in ("preserved", "improved"))],
-                               [[g.label, seeds(g), *(pct(getattr(g, w).get(n)) for n in names
-                                                      for w in ("preserved", "improved"))] for g in groups])
+        out["preservation"] = (
+            ["setting", "seeds", *(f"{n} {w}" for n in names for w in ("preserved", "improved"))],
+            [
+                [g.label, seeds(g), *(pct(getattr(g, w).get(n)) for n in names for w in ("preserved", "improved"))]
+                for g in groups
+            ],
+        )
     versus = [g for g in groups if g.versus or any(g.scalar_versus.values())]
     if base and versus:
-        out["versus"] = (["setting", "pairs", *names],
-                         [[g.label, str(max((d.n for d in g.versus.values()), default=len(g.runs))),
-                           *(pct(g.versus.get(n), signed=True) for n in names)] for g in versus])
-    out["dcr"] = (["setting", "seeds", *(name for name, _ in DCR_METRICS)],
-                  [[g.label, seeds(g), *(num(g.scalars.get(k)) for _, k in DCR_METRICS)] for g in groups])
+        out["versus"] = (
+            ["setting", "pairs", *names],
+            [
+                [
+                    g.label,
+                    str(max((d.n for d in g.versus.values()), default=len(g.runs))),
+                    *(pct(g.versus.get(n), signed=True) for n in names),
+                ]
+                for g in versus
+            ],
+        )
+    out["dcr"] = (
+        ["setting", "seeds", *(name for name, _ in DCR_METRICS)],
+        [[g.label, seeds(g), *(num(g.scalars.get(k)) for _, k in DCR_METRICS)] for g in groups],
+    )
     if base and versus:
-        out["dcr_versus"] = (["setting", "seeds", *(name for name, _ in DCR_METRICS)],
-                             [[g.label, str(len(g.runs)), *(num(g.scalar_versus.get(k), signed=True)
-                                                            for _, k in DCR_METRICS)] for g in versus])
+        out["dcr_versus"] = (
+            ["setting", "seeds", *(name for name, _ in DCR_METRICS)],
+            [
+                [g.label, str(len(g.runs)), *(num(g.scalar_versus.get(k), signed=True) for _, k in DCR_METRICS)]
+                for g in versus
+            ],
+        )
     return out
 
 
-METHODS = (f"Intervals are 95%. Accuracy, preservation and improvement over seeds: the pooled mean with a "
-           f"{BOOTSTRAP} (the same problems resampled for every seed); with a single seed the interval is over "
-           f"problems only. Paired differences (a setting minus its `{{baseline}}` run of the same seed, on the same "
-           f"problems): the mean difference in points with the same bootstrap interval, and the exact McNemar "
-           f"p-value (two-sided binomial test on the discordant seed-problem pairs, pooled over seeds). Preservation: "
-           f"of the problems the starting policy solved, the share still solved; improvement: of those it failed, "
-           f"the share now solved. DCR metrics (one value per run): mean over seeds with a Student-t interval, "
-           f"paired t-test against the baseline's seeds; one seed has no interval. Accuracy without per-problem "
-           f"files (e.g. from W&B) is the t interval over the runs' final accuracies.")
+METHODS = (
+    f"Intervals are 95%. Accuracy, preservation and improvement over seeds: the pooled mean with a "
+    f"{BOOTSTRAP} (the same problems resampled for every seed); with a single seed the interval is over "
+    f"problems only. Paired differences (a setting minus its `{{baseline}}` run of the same seed, on the same "
+    f"problems): the mean difference in points with the same bootstrap interval, and the exact McNemar "
+    f"p-value (two-sided binomial test on the discordant seed-problem pairs, pooled over seeds). Preservation: "
+    f"of the problems the starting policy solved, the share still solved; improvement: of those it failed, "
+    f"the share now solved. DCR metrics (one value per run): mean over seeds with a Student-t interval, "
+    f"paired t-test against the baseline's seeds; one seed has no interval. Accuracy without per-problem "
+    f"files (e.g. from W&B) is the t interval over the runs' final accuracies."
+)
 
 
 def rows_for_csv(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per group, benchmark (or DCR metric) and statistic, with estimate, interval, p and method."""
     rows = []
     for g in result["groups"]:
-        items = [(n, kind, getattr(g, kind).get(n)) for n in result["benchmarks"]
-                 for kind in ("before", "accuracy", "preserved", "improved", "versus")]
+        items = [
+            (n, kind, getattr(g, kind).get(n))
+            for n in result["benchmarks"]
+            for kind in ("before", "accuracy", "preserved", "improved", "versus")
+        ]
         items += [(k, "mean", g.scalars.get(k)) for _, k in DCR_METRICS]
         items += [(k, "versus", g.scalar_versus.get(k)) for _, k in DCR_METRICS]
         for what, kind, iv in items:
             if iv is not None:
-                rows.append({"setting": g.label, "seeds": " ".join(str(s) for s in g.seeds), "metric": what,
-                             "statistic": kind, "estimate": iv.estimate, "low": iv.low, "high": iv.high,
-                             "p_value": getattr(iv, "p_value", None), "n": iv.n, "method": iv.method,
-                             "baseline": result["baseline"] if kind == "versus" else None})
+                rows.append(
+                    {
+                        "setting": g.label,
+                        "seeds": " ".join(str(s) for s in g.seeds),
+                        "metric": what,
+                        "statistic": kind,
+                        "estimate": iv.estimate,
+                        "low": iv.low,
+                        "high": iv.high,
+                        "p_value": getattr(iv, "p_value", None),
+                        "n": iv.n,
+                        "method": iv.method,
+                        "baseline": result["baseline"] if kind == "versus" else None,
+                    }
+                )
     return rows

@@ -15,8 +15,9 @@ last logged values. Columns (final values, on the held-out preference pairs wher
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -55,8 +56,9 @@ def means_by_loss(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The mean of each column over the runs of each loss (in first-seen order), with the run count."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
-        agg = out.setdefault(row["loss"], {"loss": row["loss"], "runs": 0, "status": "complete",
-                                           **{key: [] for _, key in COLUMNS}})
+        agg = out.setdefault(
+            row["loss"], {"loss": row["loss"], "runs": 0, "status": "complete", **{key: [] for _, key in COLUMNS}}
+        )
         agg["runs"] += 1
         for _, key in COLUMNS:
             if row[key] is not None:
@@ -93,10 +95,18 @@ def seed_table(paths: Sequence[str | Path], baseline: str | None = None) -> tupl
     for g in result["groups"]:
         row = [g.label, " ".join(str(s) for s in g.seeds)]
         for n in names:
-            row += [pct(g.before.get(n)), pct(g.accuracy.get(n)), pct(g.versus.get(n), signed=True),
-                    pct(g.preserved.get(n)), pct(g.improved.get(n))]
-        row += [num(g.scalars.get("eval/rewards/accuracies")), num(g.scalars.get("eval/rewards/chosen")),
-                num(g.scalars.get("eval/dcr/chosen_reward_below_zero"))]
+            row += [
+                pct(g.before.get(n)),
+                pct(g.accuracy.get(n)),
+                pct(g.versus.get(n), signed=True),
+                pct(g.preserved.get(n)),
+                pct(g.improved.get(n)),
+            ]
+        row += [
+            num(g.scalars.get("eval/rewards/accuracies")),
+            num(g.scalars.get("eval/rewards/chosen")),
+            num(g.scalars.get("eval/dcr/chosen_reward_below_zero")),
+        ]
         body.append(row)
     return markdown_table(header, body), result
 
@@ -104,13 +114,20 @@ def seed_table(paths: Sequence[str | Path], baseline: str | None = None) -> tupl
 def markdown(rows: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
 
     header = ["loss", *extra, *(name for name, _ in COLUMNS)]
-    body = [[row["loss"] + ("" if row["status"] == "complete" else f" ({row['status']})"),
-             *(row.get(k, "") for k in extra), *(_fmt(row[key], key) for _, key in COLUMNS)] for row in rows]
+    body = [
+        [
+            row["loss"] + ("" if row["status"] == "complete" else f" ({row['status']})"),
+            *(row.get(k, "") for k in extra),
+            *(_fmt(row[key], key) for _, key in COLUMNS),
+        ]
+        for row in rows
+    ]
     return markdown_table(header, body)
 
 
-def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True,
-                    baseline: str | None = None) -> dict:
+def write_dcr_table(
+    paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = True, baseline: str | None = None
+) -> dict:
     """Write `dcr_table.md` and `dcr_table.csv` over the runs under `paths`; returns the rows and files.
 
     The markdown starts with one row per setting over its seeds (intervals, paired differences against
@@ -126,21 +143,33 @@ def write_dcr_table(paths: Iterable[str | Path], out_dir: str | Path | None = No
         counts = ", ".join(f"{m['loss']}: {m['runs']}" for m in means)
         table += f"\n\nMean over the runs of each loss ({counts}):\n\n" + markdown(means)
     intervals, comparison = seed_table(paths, baseline)
-    method = (f"Accuracy, preservation and improvement in %, differences in points; each cell `estimate [95% "
-              f"interval]` (and p). {METHODS.format(baseline=comparison['baseline'] or 'baseline')}")
+    method = (
+        f"Accuracy, preservation and improvement in %, differences in points; each cell `estimate [95% "
+        f"interval]` (and p). {METHODS.format(baseline=comparison['baseline'] or 'baseline')}"
+    )
     md = out / "dcr_table.md"
-    atomic_write_text(md, f"# DCR study\n\n{intervals}\n\n{method}\n\n## Each run\n\n{table}\n\nAccuracy: greedy "
-                      "pass@1, answers checked by math-verify, on the held-out problems, before and after preference "
-                      "training. Rewards (β·log π/π_ref, summed over the completion) and the DCR signals: final values "
-                      "on the held-out on-policy pairs.\n")
+    atomic_write_text(
+        md,
+        f"# DCR study\n\n{intervals}\n\n{method}\n\n## Each run\n\n{table}\n\nAccuracy: greedy "
+        "pass@1, answers checked by math-verify, on the held-out problems, before and after preference "
+        "training. Rewards (β·log π/π_ref, summed over the completion) and the DCR signals: final values "
+        "on the held-out on-policy pairs.\n",
+    )
     path = out / "dcr_table.csv"
-    atomic_write_text(path, csv_text(["loss", *extra, "run", "status", *(key for _, key in COLUMNS)], rows),
-                      what="DCR table")
+    atomic_write_text(
+        path, csv_text(["loss", *extra, "run", "status", *(key for _, key in COLUMNS)], rows), what="DCR table"
+    )
     if echo:
         print(f"{intervals}\n\n{table}")
         print(f"\nDCR table: {md} and {path}")
-    return {"rows": rows, "means": means, "table": table, "intervals": intervals, "comparison": comparison,
-            "files": {"md": md, "csv": path}}
+    return {
+        "rows": rows,
+        "means": means,
+        "table": table,
+        "intervals": intervals,
+        "comparison": comparison,
+        "files": {"md": md, "csv": path},
+    }
 
 
 class DCRTableCallback(Callback):

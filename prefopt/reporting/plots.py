@@ -6,8 +6,9 @@ Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -15,8 +16,11 @@ from matplotlib.lines import Line2D
 
 DPI = 100
 SIZES = {"rewards.png": (15.0, 4.8), "chosen_below_zero.png": (9.0, 4.8), "verified_accuracy.png": (11.0, 5.0)}
-REWARDS = (("rewards/chosen", "chosen reward"), ("rewards/rejected", "rejected reward"),
-           ("rewards/margins", "margin (chosen − rejected)"))
+REWARDS = (
+    ("rewards/chosen", "chosen reward"),
+    ("rewards/rejected", "rejected reward"),
+    ("rewards/margins", "margin (chosen − rejected)"),
+)
 
 
 def _figure(name: str, ncols: int = 1) -> tuple[Figure, Any]:
@@ -70,8 +74,12 @@ def chosen_below_zero(runs: Sequence[Any], path: Path) -> Path:
     fig, (ax,) = _figure(path.name)
     if not _curve(ax, runs, "dcr/chosen_reward_below_zero"):
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    ax.set(title="share of pairs with chosen reward < 0", xlabel="optimizer step", ylabel="fraction of pairs",
-           ylim=(-0.03, 1.03))
+    ax.set(
+        title="share of pairs with chosen reward < 0",
+        xlabel="optimizer step",
+        ylabel="fraction of pairs",
+        ylim=(-0.03, 1.03),
+    )
     ax.axhline(0.5, color="gray", lw=0.8, ls="--", zorder=0)
     ax.grid(alpha=0.3)
     _legend(fig, runs)
@@ -89,18 +97,29 @@ def verified_bars(groups: Sequence[Any], names: Sequence[str], path: Path) -> Pa
         xs = [g - 0.4 + width * (i + 0.5) for g in range(len(names))]
         found = [group.accuracy.get(n) for n in names]
         values = [100 * iv.estimate if iv else float("nan") for iv in found]
-        err = [[100 * (iv.estimate - iv.low) if iv and iv.low is not None else 0 for iv in found],
-               [100 * (iv.high - iv.estimate) if iv and iv.high is not None else 0 for iv in found]]
-        ax.bar(xs, values, width * 0.92, color=_color(i, len(groups)), label=f"{group.label} ({len(group.runs)})",
-               yerr=err, capsize=3, error_kw={"lw": 1.2})
+        err = [
+            [100 * (iv.estimate - iv.low) if iv and iv.low is not None else 0 for iv in found],
+            [100 * (iv.high - iv.estimate) if iv and iv.high is not None else 0 for iv in found],
+        ]
+        ax.bar(
+            xs,
+            values,
+            width * 0.92,
+            color=_color(i, len(groups)),
+            label=f"{group.label} ({len(group.runs)})",
+            yerr=err,
+            capsize=3,
+            error_kw={"lw": 1.2},
+        )
         for x, name in zip(xs, names):
             before = group.before.get(name)
             if before is not None:
                 ax.hlines(100 * before.estimate, x - width * 0.46, x + width * 0.46, color="black", lw=2)
                 has_before = True
     ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="accuracy (%)", title="verified accuracy per benchmark (mean over seeds, 95% interval)",
-           ylim=(0, 100))
+    ax.set(
+        ylabel="accuracy (%)", title="verified accuracy per benchmark (mean over seeds, 95% interval)", ylim=(0, 100)
+    )
     ax.grid(axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if has_before:

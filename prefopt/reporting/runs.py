@@ -8,22 +8,38 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from prefopt.errors import PrefoptError
 from prefopt.stats import StatsError, read_benchmarks
 
-SPLIT_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "dcr/chosen_reward_below_zero", "dcr/chosen_logp_delta_per_token",
-                 "dcr/rejected_logp_delta_per_token")
+SPLIT_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "dcr/chosen_reward_below_zero",
+    "dcr/chosen_logp_delta_per_token",
+    "dcr/rejected_logp_delta_per_token",
+)
 CSV_METRICS = [f"{split}/{m}" for split in ("train", "eval") for m in SPLIT_METRICS]
 # The printed / markdown table: what a reader compares first; the CSV has every column.
-TABLE_METRICS = ["train/loss", "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-                 "eval/rewards/accuracies", "train/dcr/chosen_reward_below_zero", "eval/dcr/chosen_reward_below_zero"]
+TABLE_METRICS = [
+    "train/loss",
+    "eval/loss",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/margins",
+    "eval/rewards/accuracies",
+    "train/dcr/chosen_reward_below_zero",
+    "eval/dcr/chosen_reward_below_zero",
+]
 VERIFIED, VERIFIED_BEFORE = "eval/verified/", "eval/verified_before/"
 SKIP_DIRS = {"checkpoints", "final", "wandb", "__pycache__"}
 
@@ -54,6 +70,7 @@ class RunRecord:
 
 
 # --- reading runs --------------------------------------------------------------------------------------
+
 
 def to_number(value: Any) -> float | None:
     if isinstance(value, bool):
@@ -138,9 +155,16 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
     resolved = _yaml(run_dir / "resolved_config.yaml") or _yaml(run_dir / ".hydra" / "config.yaml") or {}
     loss = (resolved.get("loss") or {}).get("key") if isinstance(resolved, dict) else None
     steps = [s for points in history.values() for s, _ in points]
-    record = RunRecord(name=name, source=str(run_dir), status="incomplete", step=max(steps) if steps else None,
-                       loss=loss, overrides=parse_overrides(overrides or []),
-                       final={k: points[-1][1] for k, points in history.items()}, history=history)
+    record = RunRecord(
+        name=name,
+        source=str(run_dir),
+        status="incomplete",
+        step=max(steps) if steps else None,
+        loss=loss,
+        overrides=parse_overrides(overrides or []),
+        final={k: points[-1][1] for k, points in history.items()},
+        history=history,
+    )
     seed = record.overrides.get("seed", resolved.get("seed") if isinstance(resolved, dict) else None)
     record.seed = None if seed is None else str(seed)
     try:
@@ -157,5 +181,3 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
         record.wall_time_s = to_number(summary.get("wall_time_s"))
         record.peak_memory_mb = to_number(summary.get("peak_memory_mb"))
     return record
-
-

@@ -63,8 +63,14 @@ def _wandb_record(run: Any, project_path: str) -> RunRecord:
     config = dict(run.config)
     status = {"finished": "complete"}.get(run.state, run.state)
     step = final.pop("step", None)
-    return RunRecord(name=run.name, source=f"wandb:{project_path}/{run.id}", status=status,
-                     step=int(step) if step is not None else None,
-                     loss=(config.get("loss") or {}).get("key") if isinstance(config.get("loss"), dict) else None,
-                     overrides=_flatten(config), final=final, history=history,
-                     wall_time_s=to_number(dict(run.summary).get("_runtime")))
+    return RunRecord(
+        name=run.name,
+        source=f"wandb:{project_path}/{run.id}",
+        status=status,
+        step=int(step) if step is not None else None,
+        loss=(config.get("loss") or {}).get("key") if isinstance(config.get("loss"), dict) else None,
+        overrides=_flatten(config),
+        final=final,
+        history=history,
+        wall_time_s=to_number(dict(run.summary).get("_runtime")),
+    )

@@ -8,19 +8,48 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.helpers.config import MATHLOOP_OFF
 
-COMMON = ["steps=5", "batch_size=8", "micro_batch_size=2", "eval_every=2", "data.source.n_train=40",
-          "data.source.n_eval=8", "train.progress=false", "optimizer.warmup_steps=1", "save_every=5", *MATHLOOP_OFF]
+COMMON = [
+    "steps=5",
+    "batch_size=8",
+    "micro_batch_size=2",
+    "eval_every=2",
+    "data.source.n_train=40",
+    "data.source.n_eval=8",
+    "train.progress=false",
+    "optimizer.warmup_steps=1",
+    "save_every=5",
+    *MATHLOOP_OFF,
+]
 
 
 def launch(tmp_path, name, nproc, *overrides):
     run_dir = tmp_path / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-              "-m", "prefopt.run"] if nproc > 1 else [sys.executable, "-m", "prefopt.run"]
-    out = subprocess.run(prefix + COMMON + list(overrides) + [f"hydra.run.dir={run_dir}"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    prefix = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--standalone",
+            "-m",
+            "prefopt.run",
+        ]
+        if nproc > 1
+        else [sys.executable, "-m", "prefopt.run"]
+    )
+    out = subprocess.run(
+        prefix + COMMON + list(overrides) + [f"hydra.run.dir={run_dir}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 

@@ -53,8 +53,12 @@ def test_slurm_preset_composes_with_the_real_config():
 
 
 def test_slurm_overrides_and_the_one_gpu_preset():
-    cfg = _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
-                     "hydra.launcher.gpus_per_node=4")
+    cfg = _hydra_cfg(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.gpus_per_node=4",
+    )
     assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.account) == ("gpu", "proj")
     assert cfg.hydra.launcher.tasks_per_node == 4  # follows gpus_per_node
     one = _hydra_cfg("hydra/launcher=slurm_1gpu").hydra.launcher
@@ -95,15 +99,23 @@ def test_the_preset_renders_a_valid_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake_srun}:{os.environ['PATH']}")
     cfg = _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}/sweep")
     params = dict(instantiate(cfg.hydra.launcher).params)
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=tmp_path / "submitit", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     params.pop("submitit_folder")
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     assert executor._executor.max_num_timeout == 3
     script = executor._executor._make_submission_file_text("python -m prefopt.run", "uid")
-    for flag in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--partition=gpu",
-                 "--time=1440", f"--signal={JobEnvironment.USR_SIG}@120"):
+    for flag in (
+        "--nodes=1",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=8",
+        "--partition=gpu",
+        "--time=1440",
+        f"--signal={JobEnvironment.USR_SIG}@120",
+    ):
         assert flag in script, flag
     assert script.index("export MASTER_ADDR") < script.index("srun ")  # setup runs before the tasks start
     path = tmp_path / "job.sh"
@@ -114,8 +126,16 @@ def test_the_preset_renders_a_valid_sbatch_script(tmp_path, monkeypatch):
 def test_sbatch_template_is_valid_bash():
     text = SBATCH.read_text()
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
-    for directive in ("--nodes=", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=", "--time=",
-                      "--requeue", "--signal=B:USR1@120", "--open-mode=append"):
+    for directive in (
+        "--nodes=",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--cpus-per-task=",
+        "--time=",
+        "--requeue",
+        "--signal=B:USR1@120",
+        "--open-mode=append",
+    ):
         assert f"#SBATCH {directive}" in text, directive
 
 
@@ -124,45 +144,84 @@ def fake_slurm(tmp_path):
     """scontrol and srun stand-ins: srun records its command line and waits; `scontrol requeue` records itself and
     ends srun, as SLURM would."""
     log = tmp_path / "calls.log"
-    _fake_bin(tmp_path, "scontrol", f"""
+    _fake_bin(
+        tmp_path,
+        "scontrol",
+        f"""
 if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-node-07\\ngpu-node-08\\n'; exit 0; fi
 echo "scontrol $*" >> {log}
 [ "$1" = requeue ] && kill "$(cat {tmp_path}/srun.pid)"
 exit 0
-""")
-    _fake_bin(tmp_path, "scancel", f"""
+""",
+    )
+    _fake_bin(
+        tmp_path,
+        "scancel",
+        f"""
 echo "scancel $*" >> {log}
 kill -TERM "$(cat {tmp_path}/srun.pid)"  # the job's steps end after their checkpoint
 exit 0
-""")
-    bin_dir = _fake_bin(tmp_path, "srun", f"""
+""",
+    )
+    bin_dir = _fake_bin(
+        tmp_path,
+        "srun",
+        f"""
 echo $$ > {tmp_path}/srun.pid
 echo "srun $*" >> {log}
 exec sleep "${{FAKE_SRUN_SECONDS:-0}}"
-""")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2")
+""",
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu-node-[07-08]",
+        SLURM_NNODES="2",
+    )
     return env, log
 
 
 def test_sbatch_template_starts_torchrun_per_node_in_a_run_dir_fixed_by_the_job_id(fake_slurm, tmp_path):
     env, log = fake_slurm
-    subprocess.run(["bash", str(SBATCH), "model=llama3_8b", "loss=bpo"], env=env, cwd=tmp_path, check=True,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["bash", str(SBATCH), "model=llama3_8b", "loss=bpo"],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     (call,) = [line for line in log.read_text().splitlines() if line.startswith("srun")]
-    assert ("torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id 4242 --rdzv_backend c10d "
-            "--rdzv_endpoint gpu-node-07:24242 -m prefopt.run hardware=fsdp "
-            "hydra.run.dir=outputs/slurm/4242 model=llama3_8b loss=bpo") in call
-    subprocess.run(["bash", str(SBATCH), "hardware=ddp", "steps=3"], env=dict(env, NPROC_PER_NODE="2"), cwd=tmp_path,
-                   check=True, capture_output=True, timeout=30)
+    assert (
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id 4242 --rdzv_backend c10d "
+        "--rdzv_endpoint gpu-node-07:24242 -m prefopt.run hardware=fsdp "
+        "hydra.run.dir=outputs/slurm/4242 model=llama3_8b loss=bpo"
+    ) in call
+    subprocess.run(
+        ["bash", str(SBATCH), "hardware=ddp", "steps=3"],
+        env=dict(env, NPROC_PER_NODE="2"),
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     call = [line for line in log.read_text().splitlines() if line.startswith("srun")][-1]
-    assert "--nproc_per_node 2 " in call and "-m prefopt.run hydra.run.dir=outputs/slurm/4242 hardware=ddp steps=3" in call
+    assert (
+        "--nproc_per_node 2 " in call and "-m prefopt.run hydra.run.dir=outputs/slurm/4242 hardware=ddp steps=3" in call
+    )
 
 
 def test_sbatch_template_requeues_itself_on_the_time_limit_signal(fake_slurm, tmp_path):
     env, log = fake_slurm
-    proc = subprocess.Popen(["bash", str(SBATCH)], env=dict(env, FAKE_SRUN_SECONDS="60"), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH)],
+        env=dict(env, FAKE_SRUN_SECONDS="60"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 20
     while not (tmp_path / "srun.pid").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -179,9 +238,22 @@ def test_sbatch_template_requeues_itself_on_the_time_limit_signal(fake_slurm, tm
 def test_submitit_local_sweep_runs_two_points_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "prefopt.run", "-m", "hydra/launcher=submitit_local", "loss=dpo,bpo", "steps=2",
-           "batch_size=4", "micro_batch_size=2", "data.source.n_train=16", "data.source.n_eval=4",
-           "train.progress=false", f"hydra.sweep.dir={sweep}", *MATHLOOP_OFF]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.run",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "loss=dpo,bpo",
+        "steps=2",
+        "batch_size=4",
+        "micro_batch_size=2",
+        "data.source.n_train=16",
+        "data.source.n_eval=4",
+        "train.progress=false",
+        f"hydra.sweep.dir={sweep}",
+        *MATHLOOP_OFF,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
@@ -203,9 +275,23 @@ def test_a_requeued_task_reruns_in_its_run_directory_and_resumes(tmp_path, monke
     import submitit
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    cmd = [sys.executable, "-m", "prefopt.run", "-m", "hydra/launcher=submitit_local", "loss=dpo", "steps=2",
-           "batch_size=4", "micro_batch_size=2", "data.source.n_train=16", "data.source.n_eval=4", "save_every=1",
-           "train.progress=false", "logger=wandb", *MATHLOOP_OFF]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.run",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "loss=dpo",
+        "steps=2",
+        "batch_size=4",
+        "micro_batch_size=2",
+        "data.source.n_train=16",
+        "data.source.n_eval=4",
+        "save_every=1",
+        "train.progress=false",
+        "logger=wandb",
+        *MATHLOOP_OFF,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")  # the default, timestamped sweep directory

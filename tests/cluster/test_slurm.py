@@ -1,4 +1,5 @@
-"""Against a real single-node SLURM cluster (tests/helpers/slurm_cluster.py): a job-array sweep, a run longer than its time
+"""Against a real single-node SLURM cluster (tests/helpers/slurm_cluster.py): a job-array sweep, a run longer than its
+time
 limit, a preempted run, and the multi-node torchrun template with 2 processes. `python -m pytest -m slurm`."""
 
 from __future__ import annotations
@@ -20,17 +21,35 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "launchers" / "sbatch_torchrun.sh"
 # one CPU, one thread per job: two jobs share this 2-core node, and results do not depend on the thread count
-LAUNCH = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
-          "hydra.launcher.mem_gb=1"]
-SMALL = ["batch_size=4", "micro_batch_size=4", "eval_every=500", "data.source.n_train=64", "data.source.n_eval=8",
-         "train.progress=false", "lr=1e-3", *MATHLOOP_OFF]
+LAUNCH = [
+    "hydra/launcher=slurm_cpu",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+]
+SMALL = [
+    "batch_size=4",
+    "micro_batch_size=4",
+    "eval_every=500",
+    "data.source.n_train=64",
+    "data.source.n_eval=8",
+    "train.progress=false",
+    "lr=1e-3",
+    *MATHLOOP_OFF,
+]
 
 
 def job_env(cluster) -> dict:
     """What a job needs: this checkout on PYTHONPATH, this venv on PATH, the cluster's SLURM_CONF, offline W&B."""
-    return {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return {
+        **cluster.env,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def spawn(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
@@ -43,8 +62,12 @@ def spawn(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
 
 def local_run(cluster, run_dir: Path, *overrides: str) -> subprocess.Popen:
     """The uninterrupted reference, as a plain process (it runs while the SLURM job does)."""
-    return spawn([sys.executable, "-m", "prefopt.run", *overrides, "hardware.threads=1", f"hydra.run.dir={run_dir}"],
-                 job_env(cluster), run_dir.parent, run_dir.parent / f"{run_dir.name}.out")
+    return spawn(
+        [sys.executable, "-m", "prefopt.run", *overrides, "hardware.threads=1", f"hydra.run.dir={run_dir}"],
+        job_env(cluster),
+        run_dir.parent,
+        run_dir.parent / f"{run_dir.name}.out",
+    )
 
 
 def finish(proc: subprocess.Popen, cluster, timeout: float, during=None) -> str:
@@ -95,7 +118,9 @@ def assert_same_as(run_dir: Path, reference: Path, tol: float = 1e-6, keys=None)
 def segments(sweep_dir: Path) -> list[str]:
     """One line per start of the job (submitit logs each), over all its segments."""
     (log,) = sweep_dir.glob(".submitit/*/*_0_log.out")
-    return [line for line in log.read_text().splitlines() if line.startswith("submitit INFO") and "Starting with" in line]
+    return [
+        line for line in log.read_text().splitlines() if line.startswith("submitit INFO") and "Starting with" in line
+    ]
 
 
 def one_wandb_id(run_dir: Path) -> str:
@@ -125,8 +150,9 @@ def steps_per_s(slurm_cluster, tmp_path_factory) -> float:
     return 150 / json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
 
 
-def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(slurm_cluster, tmp_path,
-                                                                                   steps_per_s):
+def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupted(
+    slurm_cluster, tmp_path, steps_per_s
+):
     """timeout_min=1: SLURM sends submitit's USR2 signal_delay_s before the limit (up to 30 s earlier: it checks
     every 30 s); every rank checkpoints at the end of its step, submitit requeues, the job resumes. About 60 s of
     training (at the speed measured just before) cannot fit in one segment: the signal comes by 55 s."""
@@ -135,8 +161,14 @@ def test_a_run_longer_than_its_time_limit_is_requeued_and_ends_as_if_uninterrupt
     (tmp_path / "ref").mkdir()
     reference = local_run(slurm_cluster, tmp_path / "ref" / "run", *run)
     sweep_dir = tmp_path / "sweep"
-    proc = sweep(slurm_cluster, sweep_dir, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5",
-                 "hydra.launcher.max_num_timeout=6", *run)
+    proc = sweep(
+        slurm_cluster,
+        sweep_dir,
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=5",
+        "hydra.launcher.max_num_timeout=6",
+        *run,
+    )
     finish(proc, slurm_cluster, 540)
     finish(reference, slurm_cluster, 120)
     run_dir = sweep_dir / "0"
@@ -184,9 +216,23 @@ def test_the_torchrun_template_with_two_processes_matches_one_process_and_requeu
     (tmp_path / "ref").mkdir()
     reference = local_run(slurm_cluster, tmp_path / "ref" / "run", "hardware=cpu", *run)
     # the job gets the submitter's environment (sbatch's default --export=ALL): NPROC_PER_NODE, PATH, PYTHONPATH
-    submit = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
-                             "--time=10", f"--chdir={tmp_path}", str(SBATCH), "hardware=ddp", *run],
-                            env=dict(job_env(slurm_cluster), NPROC_PER_NODE="2"), capture_output=True, text=True)
+    submit = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            "--time=10",
+            f"--chdir={tmp_path}",
+            str(SBATCH),
+            "hardware=ddp",
+            *run,
+        ],
+        env=dict(job_env(slurm_cluster), NPROC_PER_NODE="2"),
+        capture_output=True,
+        text=True,
+    )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     run_dir = tmp_path / "outputs" / "slurm" / job
@@ -200,14 +246,23 @@ def test_the_torchrun_template_with_two_processes_matches_one_process_and_requeu
 
     # Until the job has left the queue for good: a squeue that failed (slurmctld busy under load: a timeout, empty
     # stdout) says nothing, so only an answered empty queue or a purged job id ends the wait.
-    waiter = spawn([sys.executable, "-c", f"""
+    waiter = spawn(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import subprocess, time
 while True:
     q = subprocess.run(["squeue", "-h", "-j", "{job}"], capture_output=True, text=True)
     if (q.returncode == 0 and not q.stdout.strip()) or "Invalid job id" in q.stderr:
         break
     time.sleep(1)
-"""], slurm_cluster.env, tmp_path, tmp_path / "waiter.out")
+""",
+        ],
+        slurm_cluster.env,
+        tmp_path,
+        tmp_path / "waiter.out",
+    )
     finish(waiter, slurm_cluster, 420, usr1)
     finish(reference, slurm_cluster, 120)
     out = (tmp_path / f"slurm-{job}.out").read_text()
@@ -215,5 +270,9 @@ while True:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["world_size"], summary["strategy"]) == ("complete", 2, "ddp")
     assert summary["resumed_from_step"] is not None
-    assert_same_as(run_dir, tmp_path / "ref" / "run", tol=1e-5,
-                   keys=("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/grad_norm", "eval/loss"))
+    assert_same_as(
+        run_dir,
+        tmp_path / "ref" / "run",
+        tol=1e-5,
+        keys=("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/grad_norm", "eval/loss"),
+    )

@@ -11,14 +11,31 @@ from prefopt.config import conf_dir
 # The verified-math stages around a run (warm-up, on-policy pairs, verified accuracy) have tests of their own.
 MATHLOOP_OFF = ["mathloop.warmup=false", "mathloop.pairs=false", "mathloop.evaluate=false"]
 # Small enough for a few seconds per run on 2 cores.
-TINY = ["steps=3", "batch_size=4", "micro_batch_size=2", "eval_every=2", "data.source.n_train=32",
-        "data.source.n_eval=8", "train.progress=false"] + MATHLOOP_OFF
+TINY = [
+    "steps=3",
+    "batch_size=4",
+    "micro_batch_size=2",
+    "eval_every=2",
+    "data.source.n_train=32",
+    "data.source.n_eval=8",
+    "train.progress=false",
+] + MATHLOOP_OFF
 
 
 # A tiny qwen2 with the character tokenizer (ModelSpec keyword arguments): what the unit tests build models from.
-TINY_SPEC = dict(arch="qwen2", tokenizer="char",
-                 config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+TINY_SPEC = dict(
+    arch="qwen2",
+    tokenizer="char",
+    config=dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+)
 
 
 def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):

@@ -9,7 +9,6 @@ bytes (default 64 KiB) free, so that the next checkpoint meets a really full dis
 """
 
 import errno
-
 import os
 import signal
 import sys

@@ -146,16 +146,19 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
     # -- processes ----------------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 log = self.root / "log" / f"{name}.out"
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-                raise ClusterError(f"{name} exited with {proc.returncode}: {tail[0] if tail else '(no output)'} "
-                                   f"(logs in {self.root / 'log'})")
+                raise ClusterError(
+                    f"{name} exited with {proc.returncode}: {tail[0] if tail else '(no output)'} "
+                    f"(logs in {self.root / 'log'})"
+                )
 
     def _wait(self, what: str, ready, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -173,19 +176,35 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             raise ClusterError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
         return proc
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         install_packages()
         self.write_config()
         m = self.root / "munge"
         try:
-            self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={m}/munge.key",
-                                   f"--socket={m}/munge.socket.2", f"--pid-file={m}/munged.pid",
-                                   f"--log-file={self.root}/log/munged.log", f"--seed-file={m}/munged.seed"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--key-file={m}/munge.key",
+                    f"--socket={m}/munge.socket.2",
+                    f"--pid-file={m}/munged.pid",
+                    f"--log-file={self.root}/log/munged.log",
+                    f"--seed-file={m}/munged.seed",
+                ],
+            )
             self._wait("munged", lambda: (m / "munge.socket.2").exists(), 30)
             # -i: ignore any old state; -D: foreground, so the process we hold is the daemon
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-            self._wait("slurmctld", lambda: self.run("scontrol", "ping", check=False).returncode == 0
-                       and "UP" in self.run("scontrol", "ping", check=False).stdout, 60)
+            self._wait(
+                "slurmctld",
+                lambda: (
+                    self.run("scontrol", "ping", check=False).returncode == 0
+                    and "UP" in self.run("scontrol", "ping", check=False).stdout
+                ),
+                60,
+            )
             self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
             self._wait("slurmd (node idle in sinfo)", self._node_idle, 60)
         except BaseException:
@@ -269,7 +288,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             except OSError:
                 pass
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

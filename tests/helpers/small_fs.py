@@ -18,8 +18,9 @@ def tmpfs(directory: Path, size: str = "16m") -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         pytest.skip("no `mount` command here: the real full-disk test needs a small tmpfs")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         pytest.skip(f"mounting a {size} tmpfs is not permitted here ({out.stderr.strip() or out.returncode})")
     try:

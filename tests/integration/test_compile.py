@@ -13,7 +13,6 @@ from prefopt.logprobs import PairLogpsModel
 from prefopt.models import ModelSpec, load_model
 
 
-
 def test_compile_without_a_cxx_compiler_is_refused_naming_the_fix(monkeypatch):
     from prefopt.errors import ConfigError
     from prefopt.logprobs import check_compiler
@@ -35,15 +34,22 @@ def test_a_compiled_run_equals_an_eager_one(tiny_run, tmp_path):
     _, eager = tiny_run("train.compile=false", "steps=3", run_dir=tmp_path / "eager")
     _, compiled = tiny_run("train.compile=true", "steps=3", run_dir=tmp_path / "compiled")
     a, b = _rows(eager), _rows(compiled)
-    keys = [k for k in {k for r in a for k in r} if k.startswith(("train/loss", "train/rewards/", "train/logps/", "eval/loss", "train/grad_norm"))
-            and "accuracies" not in k]  # a step function of margins that start at exactly 0
+    keys = [
+        k
+        for k in {k for r in a for k in r}
+        if k.startswith(("train/loss", "train/rewards/", "train/logps/", "eval/loss", "train/grad_norm"))
+        and "accuracies" not in k
+    ]  # a step function of margins that start at exactly 0
     assert len(a) == len(b) >= 3 and len(keys) >= 5
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in keys:
             if k in ra:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-4), (ra["step"], k)
-    ckpt = lambda d: sorted((d / "checkpoints").glob("step_*"))[-1]
+
+    def ckpt(d):
+        return sorted((d / "checkpoints").glob("step_*"))[-1]
+
     ta = load_file(next(ckpt(eager).glob("*.safetensors")))
     tb = load_file(next(ckpt(compiled).glob("*.safetensors")))
     assert sorted(ta) == sorted(tb)
@@ -71,8 +77,18 @@ def tiny_model_and_batch():
     from prefopt.data.batching import tokenize_pairs
     from prefopt.models import load_tokenizer
 
-    spec = ModelSpec(arch="qwen2", config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2), tokenizer="char")
+    spec = ModelSpec(
+        arch="qwen2",
+        config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        tokenizer="char",
+    )
     tok = load_tokenizer(spec)
     train, _, _ = ArithmeticData(n_train=4, n_eval=1).load()
     pairs, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64)

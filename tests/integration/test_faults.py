@@ -16,16 +16,32 @@ from tests.helpers.config import MATHLOOP_OFF
 from tests.helpers.small_fs import tmpfs
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
-ARGS = ["steps=8", "save_every=3", "eval_every=2", "batch_size=4", "micro_batch_size=2", "data.source.n_train=24",
-        "data.source.n_eval=4", "train.progress=false", "lr=1e-3", *MATHLOOP_OFF]
+ARGS = [
+    "steps=8",
+    "save_every=3",
+    "eval_every=2",
+    "batch_size=4",
+    "micro_batch_size=2",
+    "data.source.n_train=24",
+    "data.source.n_eval=4",
+    "train.progress=false",
+    "lr=1e-3",
+    *MATHLOOP_OFF,
+]
 TIMING = ("time", "per_s", "wall", "peak_memory")
 
 
 def run(run_dir, fault=None, *extra, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(HELPERS / "fault_runner.py"), fault] if fault else [sys.executable, "-m", "prefopt.run"]
-    return subprocess.run(cmd + ARGS + list(extra) + [f"hydra.run.dir={run_dir}"], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=run_dir.parent)
+    return subprocess.run(
+        cmd + ARGS + list(extra) + [f"hydra.run.dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=run_dir.parent,
+    )
 
 
 def strip(row: dict) -> dict:
@@ -118,9 +134,11 @@ def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes(baseline, t
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
     line = one_error_line(run(run_dir, "enospc_save:2"))  # the step-6 save: its trainer state hits ENOSPC
-    assert line == (f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left on device "
-                    f"[ENOSPC]; the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command "
-                    f"to resume from it")
+    assert line == (
+        f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left on device "
+        f"[ENOSPC]; the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command "
+        f"to resume from it"
+    )
     assert list_checkpoints(ckpts) == [ckpts / "step_00000003"] and not list(ckpts.glob(".tmp-*"))
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6  # what was logged before the failure is kept
@@ -135,10 +153,12 @@ def test_a_really_full_disk_then_space_freed_resumes_to_the_same_result(baseline
         ckpts = run_dir / "checkpoints"
         # After the step-3 checkpoint a filler takes all but 64 KiB: steps 4-6 still log, the step-6 save fails.
         line = one_error_line(run(run_dir, "fill_disk:1", env={"PREFOPT_FILL": str(filler)}))
-        assert line.startswith(f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left "
-                               f"on device [ENOSPC]")
-        assert line.endswith(f"the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command "
-                             f"to resume from it")
+        assert line.startswith(
+            f"prefopt: error: cannot write checkpoint {ckpts / 'step_00000006'}: No space left on device [ENOSPC]"
+        )
+        assert line.endswith(
+            f"the last complete checkpoint is {ckpts / 'step_00000003'}; rerun the same command to resume from it"
+        )
         assert not list(ckpts.glob(".tmp-*"))  # the partial checkpoint gave its space back
         filler.unlink()  # the user frees space
         again = run(run_dir)

@@ -32,8 +32,15 @@ ENOSPC = "No space left on device [ENOSPC]"
 
 def tiny_model(hidden: int = 16, vocab: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -58,8 +65,10 @@ def test_a_failed_checkpoint_write_names_path_errno_and_last_checkpoint(tmp_path
     with pytest.raises(StorageError) as info:
         save_checkpoint(ckpts, 6, model, state(6))
     message = str(info.value)
-    assert message == (f"cannot write checkpoint {ckpts / 'step_00000006'}: {ENOSPC}; the last complete checkpoint "
-                       f"is {ckpts / 'step_00000003'}; rerun the same command to resume from it")
+    assert message == (
+        f"cannot write checkpoint {ckpts / 'step_00000006'}: {ENOSPC}; the last complete checkpoint "
+        f"is {ckpts / 'step_00000003'}; rerun the same command to resume from it"
+    )
     assert "\n" not in message and isinstance(info.value, PrefoptError)
     assert [p.name for p in ckpts.iterdir()] == ["step_00000003"]  # the partial one is gone, the old one kept
     monkeypatch.undo()
@@ -182,8 +191,10 @@ def test_permission_denied_on_the_run_directory(tmp_path):
     finally:
         locked.chmod(0o755)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == f"cannot create run directory {run_dir}: Permission denied [EACCES]; " \
-                                 f"no complete checkpoint in {run_dir / 'checkpoints'} yet"
+    assert (
+        out.stdout.strip() == f"cannot create run directory {run_dir}: Permission denied [EACCES]; "
+        f"no complete checkpoint in {run_dir / 'checkpoints'} yet"
+    )
 
 
 def test_a_log_file_that_is_a_directory(tmp_path):

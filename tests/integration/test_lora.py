@@ -31,8 +31,9 @@ def test_lora_run_loads_one_model_and_trains_adapters_only(tiny_run, monkeypatch
         return real_step(self)
 
     monkeypatch.setattr(prefopt.engine.Trainer, "train_step", spy)
-    summary, run_dir = tiny_run("model.lora.r=4", "steps=3", "eval_every=0", "model.lora.merge_on_export=true",
-                                run_dir=tmp_path / "lora")
+    summary, run_dir = tiny_run(
+        "model.lora.r=4", "steps=3", "eval_every=0", "model.lora.merge_on_export=true", run_dir=tmp_path / "lora"
+    )
     assert loads == [1]  # the reference is the base with adapters off: no second model
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -52,11 +53,28 @@ def test_lora_adapters_save_load_and_merge_to_the_same_function(tiny_run, tmp_pa
 
     from prefopt.models import ModelSpec, load_model
 
-    _, run_dir = tiny_run("model.lora.r=4", "steps=3", "eval_every=0", "model.lora.merge_on_export=true",
-                          "lr=1e-2", run_dir=tmp_path / "lora")
-    spec = ModelSpec(arch="qwen2", tokenizer="char", config=dict(vocab_size=128, hidden_size=64, intermediate_size=256,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                     tie_word_embeddings=True))
+    _, run_dir = tiny_run(
+        "model.lora.r=4",
+        "steps=3",
+        "eval_every=0",
+        "model.lora.merge_on_export=true",
+        "lr=1e-2",
+        run_dir=tmp_path / "lora",
+    )
+    spec = ModelSpec(
+        arch="qwen2",
+        tokenizer="char",
+        config=dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+    )
     base = load_model(spec).eval()
     ids = torch.tensor([[5, 17, 30, 42, 8, 9]])
     with torch.no_grad():

@@ -15,10 +15,23 @@ from prefopt.generate import HFGenerator
 
 # The tiny warm-up (its default 350 steps) gives a policy that answers some arithmetic right; LoRA adapters
 # trained hard on the arithmetic pairs (lr 3e-2) then change its greedy answers.
-LORA_RUN = ["mathloop.warmup=true", "mathloop.pairs=false", "mathloop.evaluate=true", "warmup.progress=false",
-            "data.source.n_train=150", "data.source.n_eval=50", "verify.workers=1", "model.lora.r=8",
-            "model.lora.alpha=16", "lr=3e-2", "steps=12", "batch_size=8", "micro_batch_size=8",
-            "evaluation.benchmarks=[arith]", "generation.max_new_tokens=24"]
+LORA_RUN = [
+    "mathloop.warmup=true",
+    "mathloop.pairs=false",
+    "mathloop.evaluate=true",
+    "warmup.progress=false",
+    "data.source.n_train=150",
+    "data.source.n_eval=50",
+    "verify.workers=1",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "lr=3e-2",
+    "steps=12",
+    "batch_size=8",
+    "micro_batch_size=8",
+    "evaluation.benchmarks=[arith]",
+    "generation.max_new_tokens=24",
+]
 
 
 class RecordingEngine:
@@ -67,7 +80,10 @@ def test_a_lora_run_is_scored_on_the_merged_weights_not_the_base(tiny_run, tmp_p
     assert loop_module._VLLM == {}  # its engine went with it
 
     # the adapters changed the greedy answers, so the score after differs from the score before
-    before, after = _answers(run_dir / "verified_before" / "arith.jsonl"), _answers(run_dir / "verified" / "arith.jsonl")
+    before, after = (
+        _answers(run_dir / "verified_before" / "arith.jsonl"),
+        _answers(run_dir / "verified" / "arith.jsonl"),
+    )
     assert len(before) == len(after) == 50 and before != after
     metrics = summary["metrics"]
     assert metrics["eval/verified/arith"] != metrics["eval/verified_before/arith"]
@@ -80,4 +96,6 @@ def test_the_merged_copy_generates_what_the_policy_in_memory_does(tiny_run, tmp_
     tiny_run(*LORA_RUN, cache, "model.lora.merge_on_export=true", run_dir=tmp_path / "vllm")
     assert (tmp_path / "vllm" / "final_merged" / "model.safetensors").is_file()
     tiny_run(*LORA_RUN, cache, "generation.backend=hf", run_dir=tmp_path / "hf")
-    assert _answers(tmp_path / "vllm" / "verified" / "arith.jsonl") == _answers(tmp_path / "hf" / "verified" / "arith.jsonl")
+    assert _answers(tmp_path / "vllm" / "verified" / "arith.jsonl") == _answers(
+        tmp_path / "hf" / "verified" / "arith.jsonl"
+    )

@@ -25,19 +25,28 @@ RUNS = [
     (["loss=dpo", "loss.divergence=js"], "dpo", True, []),
     (["loss=dpo", "loss.divergence=alpha", "loss.divergence_alpha=0.3"], "dpo", True, []),
     (["loss=mpo"], "mpo", True, ["dpo/loss", "bco_pair/loss", "sft/loss", "sft/nll"]),
-    (["loss=mix", "loss.components=[{key: ld_dpo, weight: 0.5}, {key: wpo, weight: 0.5}, {key: cpo, weight: 0.1}]"],
-     "mix", True, ["ld_dpo/loss", "wpo/loss", "cpo/loss", "wpo/weight", "cpo/nll"]),
+    (
+        ["loss=mix", "loss.components=[{key: ld_dpo, weight: 0.5}, {key: wpo, weight: 0.5}, {key: cpo, weight: 0.1}]"],
+        "mix",
+        True,
+        ["ld_dpo/loss", "wpo/loss", "cpo/loss", "wpo/weight", "cpo/nll"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("overrides, key, reference, own_metrics", RUNS, ids=[" ".join(r[0])[5:40] for r in RUNS])
-def test_every_new_loss_trains_on_the_tiny_model(tiny_run, monkeypatch, tmp_path, overrides, key, reference, own_metrics):
+def test_every_new_loss_trains_on_the_tiny_model(
+    tiny_run, monkeypatch, tmp_path, overrides, key, reference, own_metrics
+):
     import prefopt.logprobs
 
     calls = []
     real = prefopt.logprobs.pair_logps
-    monkeypatch.setattr(prefopt.logprobs, "pair_logps",
-                        lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real(m, *a, **k))
+    monkeypatch.setattr(
+        prefopt.logprobs,
+        "pair_logps",
+        lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real(m, *a, **k),
+    )
     summary, run_dir = tiny_run(*overrides, "steps=2", "eval_every=0", run_dir=tmp_path / "run")
     assert summary["status"] == "complete" and summary["step"] == 2 and summary["loss"] == key
     assert (False in calls) is reference  # a reference-free loss runs no reference forward at all

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.config import compose_cfg
-from prefopt.errors import ConfigError, DataError
 from prefopt.compose import build
-from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
-from prefopt.mathloop.loop import MathLoop
-from prefopt.mathloop.benchmarks import BenchmarkSpec
+from prefopt.errors import ConfigError, DataError
 from prefopt.generate import Completions, GenerationConfig, HFGenerator
+from prefopt.mathloop.benchmarks import BenchmarkSpec
+from prefopt.mathloop.loop import MathLoop
+from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import AnswerChecker
+from tests.helpers.config import compose_cfg
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 
@@ -62,20 +62,32 @@ def checker():
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 
+
 def test_evaluation_scores_known_outputs_and_writes_per_sample_rows(tmp_path, checker):
-    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b), "index": i}
-            for i, (a, b) in enumerate([(1, 1), (2, 3), (4, 4), (5, 0), (6, 1)])]
-    outputs = {"What is 1 + 1?": "1 + 1 = 2. The answer is \\boxed{2}.",  # right
-               "What is 2 + 3?": "The answer is \\boxed{6}.",  # wrong
-               "What is 4 + 4?": "I do not know",  # nothing to extract: no_answer
-               "What is 5 + 0?": "so x = 5",  # right, without a box
-               "What is 6 + 1?": "\\boxed{\\frac{14}{2}}"}  # right, another form
+    rows = [
+        {"problem": f"What is {a} + {b}?", "answer": str(a + b), "index": i}
+        for i, (a, b) in enumerate([(1, 1), (2, 3), (4, 4), (5, 0), (6, 1)])
+    ]
+    outputs = {
+        "What is 1 + 1?": "1 + 1 = 2. The answer is \\boxed{2}.",  # right
+        "What is 2 + 3?": "The answer is \\boxed{6}.",  # wrong
+        "What is 4 + 4?": "I do not know",  # nothing to extract: no_answer
+        "What is 5 + 0?": "so x = 5",  # right, without a box
+        "What is 6 + 1?": "\\boxed{\\frac{14}{2}}",
+    }  # right, another form
     stub = StubGenerator(lambda prompt, j: outputs[QUESTION.search(prompt).group(0)])
     from prefopt.mathloop.benchmarks import BenchmarkSpec
 
     config = EvalConfig(benchmarks=[])
-    metrics, details = evaluate_policy(stub, char_tokenizer("qwen"), [(BenchmarkSpec(name="arith"), rows)], checker,
-                                       config, tmp_path, prefix="eval/verified")
+    metrics, details = evaluate_policy(
+        stub,
+        char_tokenizer("qwen"),
+        [(BenchmarkSpec(name="arith"), rows)],
+        checker,
+        config,
+        tmp_path,
+        prefix="eval/verified",
+    )
     assert metrics == {"eval/verified/arith": pytest.approx(0.6), "eval/verified/mean": pytest.approx(0.6)}
     assert (details["arith"]["correct"], details["arith"]["wrong"], details["arith"]["no_answer"]) == (3, 1, 1)
     assert stub.calls == [{"prompts": 5, "n": 1, "temperature": 0.0}]  # greedy, one batch
@@ -90,12 +102,22 @@ def test_evaluation_scores_known_outputs_and_writes_per_sample_rows(tmp_path, ch
 def test_evaluation_avg_at_k_and_a_timeout_count_wrong(tmp_path):
     from prefopt.mathloop.benchmarks import BenchmarkSpec
 
-    rows = [{"problem": "What is 2 + 2?", "answer": "4", "index": 0}, {"problem": "What is 3 + 3?", "answer": "6", "index": 1}]
+    rows = [
+        {"problem": "What is 2 + 2?", "answer": "4", "index": 0},
+        {"problem": "What is 3 + 3?", "answer": "6", "index": 1},
+    ]
     stub = StubGenerator(lambda p, j: "SLEEP" if "3 + 3" in p and j == 0 else f"\\boxed{{{arith_answer(p)}}}")
     # a light check function module: a worker replacing a timed-out one starts in a second
     with AnswerChecker(timeout_s=1.0, workers=1, check_fn="tests.unit.test_answer_checker:_check_with_faults") as slow:
-        metrics, details = evaluate_policy(stub, char_tokenizer("qwen"), [(BenchmarkSpec(name="arith"), rows)], slow,
-                                           EvalConfig(benchmarks=[], samples=4, temperature=0.7), tmp_path, prefix="eval/verified")
+        metrics, details = evaluate_policy(
+            stub,
+            char_tokenizer("qwen"),
+            [(BenchmarkSpec(name="arith"), rows)],
+            slow,
+            EvalConfig(benchmarks=[], samples=4, temperature=0.7),
+            tmp_path,
+            prefix="eval/verified",
+        )
     assert metrics["eval/verified/arith"] == 0.5 and details["arith"]["timeout"] == 1  # greedy = sample 0
     assert metrics["eval/verified_avg@4/arith"] == pytest.approx(7 / 8)
     assert stub.calls[1] == {"prompts": 2, "n": 4, "temperature": 0.7}
@@ -104,8 +126,9 @@ def test_evaluation_avg_at_k_and_a_timeout_count_wrong(tmp_path):
 
 
 def test_no_benchmarks_no_metrics(tmp_path, checker):
-    assert evaluate_policy(StubGenerator(half_right), char_tokenizer("qwen"), [], checker, EvalConfig(benchmarks=[]),
-                           tmp_path) == ({}, {})
+    assert evaluate_policy(
+        StubGenerator(half_right), char_tokenizer("qwen"), [], checker, EvalConfig(benchmarks=[]), tmp_path
+    ) == ({}, {})
 
 
 def test_benchmark_paths_and_bad_rows_name_file_row_and_field(tmp_path):
@@ -125,8 +148,13 @@ def test_benchmark_paths_and_bad_rows_name_file_row_and_field(tmp_path):
 def test_hf_generator_on_the_tiny_model_left_pads_and_is_reproducible():
     from prefopt.models import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec(arch="qwen2", config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1), tokenizer="char")
+    spec = ModelSpec(
+        arch="qwen2",
+        config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        ),
+        tokenizer="char",
+    )
     tok = load_tokenizer(spec)
     model = load_model(spec, vocab_size=len(tok))
     gen = HFGenerator(model, tok, GenerationConfig(batch_size=2, max_new_tokens=6), spec.completion_eos)
@@ -146,11 +174,20 @@ def test_hf_generator_on_the_tiny_model_left_pads_and_is_reproducible():
 
 # -- warm-up (SFT) ------------------------------------------------------------------------------------------
 
+
 def test_sft_lowers_the_nll_through_the_engine(tmp_path):
     from prefopt.mathloop.stages.warmup import SFTObjective, nll
 
-    cfg = compose_cfg(["warmup.steps=8", "warmup.batch_size=8", "warmup.micro_batch_size=4", "warmup.lr=3e-3",
-                       "warmup.warmup_steps=1", "warmup.progress=false"])
+    cfg = compose_cfg(
+        [
+            "warmup.steps=8",
+            "warmup.batch_size=8",
+            "warmup.micro_batch_size=4",
+            "warmup.lr=3e-3",
+            "warmup.warmup_steps=1",
+            "warmup.progress=false",
+        ]
+    )
     p = build(cfg)
     loop = p.loop
     model, tok, result = loop.run_warmup(p.model, p.data, p.hardware.setup(), tmp_path / "sft")
@@ -165,7 +202,6 @@ def test_sft_lowers_the_nll_through_the_engine(tmp_path):
 
     out = nll(PairLogps(torch.tensor([-6.0]), torch.tensor([-1.0]), torch.tensor([3.0]), torch.tensor([1.0])))
     assert out.loss.item() == pytest.approx(2.0) and SFTObjective().reference is False
-
 
 
 def test_the_warmup_trains_on_the_noisy_sft_targets_and_the_preference_data_stays_clean(tmp_path, monkeypatch):
@@ -188,11 +224,21 @@ def test_the_warmup_trains_on_the_noisy_sft_targets_and_the_preference_data_stay
     assert len(boxed) == len(train) > 0 and all(b == [a] for b, a in zip(boxed, firsts))  # every target miscopied
     assert all(pair.chosen.endswith(f"\\boxed{{{eval(pair.prompt[8:-1])}}}.") for pair in train)  # pairs: clean
 
+
 # -- the loop and its cache ---------------------------------------------------------------------------------
 
-LOOP = ["mathloop.warmup=true", "mathloop.pairs=true", "mathloop.evaluate=true", "warmup.steps=2",
-        "warmup.batch_size=8", "warmup.micro_batch_size=8", "warmup.progress=false", "pairs.k=2",
-        "pairs.eval_size=4", "verify.workers=1"]
+LOOP = [
+    "mathloop.warmup=true",
+    "mathloop.pairs=true",
+    "mathloop.evaluate=true",
+    "warmup.steps=2",
+    "warmup.batch_size=8",
+    "warmup.micro_batch_size=8",
+    "warmup.progress=false",
+    "pairs.k=2",
+    "pairs.eval_size=4",
+    "verify.workers=1",
+]
 
 
 @pytest.fixture
@@ -262,8 +308,9 @@ def test_each_seed_has_its_own_warmup_and_pairs_shared_by_its_losses(tiny_run, t
 
 
 def test_without_the_cache_the_stages_write_into_the_run_directory_only(tiny_run, tmp_path, counted):
-    summary, run = tiny_run(*LOOP, "mathloop.cache=false", f"mathloop.cache_dir={tmp_path / 'cache'}",
-                            run_dir=tmp_path / "r")
+    summary, run = tiny_run(
+        *LOOP, "mathloop.cache=false", f"mathloop.cache_dir={tmp_path / 'cache'}", run_dir=tmp_path / "r"
+    )
     assert not (tmp_path / "cache").exists()
     assert (run / "warmup" / "policy" / "model.safetensors").is_file() and (run / "pairs.jsonl").is_file()
     assert summary["mathloop"]["warmup"]["cached"] is False and counted == {"warmup": 1, "pairs": 1, "eval": 2}
@@ -285,6 +332,7 @@ def test_too_few_pairs_stop_with_the_counts(tiny_run, tmp_path, monkeypatch):
 
 
 # -- the entry points ---------------------------------------------------------------------------------------
+
 
 def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     """What `python -m prefopt.{sft,pairs,evaluate}` run, on tiny settings (the CLI itself: test below)."""
@@ -327,27 +375,48 @@ def _cli(module, *args, cwd):
     import subprocess
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_entry_points_chain(tmp_path):  # ~30 s on 2 cores: four Python processes start and import torch
     """sft → pairs → evaluate as a user types them (a random tiny model: the pairs step may find no pairs)."""
     tiny = ["data.source.n_train=16", "data.source.n_eval=4", "train.progress=false", "verify.workers=1"]
-    out = _cli("prefopt.sft", *tiny, "warmup.steps=2", "warmup.batch_size=4", "warmup.micro_batch_size=4",
-               f"hydra.run.dir={tmp_path}/sft", cwd=tmp_path)
+    out = _cli(
+        "prefopt.sft",
+        *tiny,
+        "warmup.steps=2",
+        "warmup.batch_size=4",
+        "warmup.micro_batch_size=4",
+        f"hydra.run.dir={tmp_path}/sft",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert "eval/verified/arith" in summary["metrics"]
-    out = _cli("prefopt.pairs", *tiny, f"policy={tmp_path}/sft/final", "pairs.k=2", "generation.max_new_tokens=8",
-               f"hydra.run.dir={tmp_path}/pairs", cwd=tmp_path)
+    out = _cli(
+        "prefopt.pairs",
+        *tiny,
+        f"policy={tmp_path}/sft/final",
+        "pairs.k=2",
+        "generation.max_new_tokens=8",
+        f"hydra.run.dir={tmp_path}/pairs",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     meta = json.loads((tmp_path / "pairs" / "pairs.jsonl.provenance.json").read_text())
     assert meta["k"] == 2 and meta["counts"]["samples"] == 32 and meta["temperature"] == 0.7
     out = _cli("prefopt.pairs", *tiny, "pairs.k=1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
     assert out.returncode == 2 and "pairs.k must be an integer >= 2" in out.stderr
-    out = _cli("prefopt.evaluate", *tiny, f"policy={tmp_path}/sft/final", "generation.max_new_tokens=8",
-               f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    out = _cli(
+        "prefopt.evaluate",
+        *tiny,
+        f"policy={tmp_path}/sft/final",
+        "generation.max_new_tokens=8",
+        f"hydra.run.dir={tmp_path}/eval",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "verified" / "arith.jsonl").read_text().splitlines()]
     accuracy = sum(r["correct"] for r in rows) / len(rows)
@@ -368,15 +437,21 @@ def test_the_default_warmup_makes_a_policy_that_is_sometimes_right(tmp_path):
 
 # -- the DCR table ------------------------------------------------------------------------------------------
 
+
 def test_dcr_table_from_run_directories(tmp_path):
     from prefopt.reporting.dcr_table import write_dcr_table
 
     for i, (loss, after, chosen) in enumerate([("dpo", 0.4, -1.5), ("bpo", 0.5, 0.2)]):
         run = tmp_path / str(i)
         run.mkdir()
-        metrics = {"eval/verified_before/mean": 0.35, "eval/verified/mean": after, "eval/rewards/chosen": chosen,
-                   "eval/rewards/rejected": -3.0, "eval/dcr/chosen_reward_below_zero": 0.9 if chosen < 0 else 0.1,
-                   "eval/dcr/chosen_logp_delta_per_token": chosen / 10}
+        metrics = {
+            "eval/verified_before/mean": 0.35,
+            "eval/verified/mean": after,
+            "eval/rewards/chosen": chosen,
+            "eval/rewards/rejected": -3.0,
+            "eval/dcr/chosen_reward_below_zero": 0.9 if chosen < 0 else 0.1,
+            "eval/dcr/chosen_logp_delta_per_token": chosen / 10,
+        }
         (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss, "metrics": metrics}))
     out = write_dcr_table([tmp_path], echo=False)
     md = (tmp_path / "dcr_table.md").read_text()
@@ -389,16 +464,21 @@ def test_dcr_table_from_run_directories(tmp_path):
 def test_dcr_table_with_seeds_shows_them_and_the_means(tmp_path):
     from prefopt.reporting.dcr_table import write_dcr_table
 
-    for i, (loss, seed, after) in enumerate([("dpo", "0", 0.2), ("dpo", "1", 0.4), ("bpo", "0", 0.5), ("bpo", "1", 0.7)]):
+    for i, (loss, seed, after) in enumerate(
+        [("dpo", "0", 0.2), ("dpo", "1", 0.4), ("bpo", "0", 0.5), ("bpo", "1", 0.7)]
+    ):
         run = tmp_path / str(i)
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
-        (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss,
-                                                      "metrics": {"eval/verified/mean": after}}))
+        (run / "summary.json").write_text(
+            json.dumps({"status": "complete", "loss": loss, "metrics": {"eval/verified/mean": after}})
+        )
     out = write_dcr_table([tmp_path], echo=False)
     assert out["table"].splitlines()[0].startswith("| loss | seed |")
-    assert [(m["loss"], m["runs"], m["eval/verified/mean"]) for m in out["means"]] == [("dpo", 2, pytest.approx(0.3)),
-                                                                                       ("bpo", 2, pytest.approx(0.6))]
+    assert [(m["loss"], m["runs"], m["eval/verified/mean"]) for m in out["means"]] == [
+        ("dpo", 2, pytest.approx(0.3)),
+        ("bpo", 2, pytest.approx(0.6)),
+    ]
     assert "Mean over the runs of each loss (dpo: 2, bpo: 2)" in (tmp_path / "dcr_table.md").read_text()
 
 

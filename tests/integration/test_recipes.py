@@ -13,15 +13,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from prefopt.compose import collect
 from prefopt.engine import TrainConfig, resolve_steps, resolve_warmup
 from prefopt.errors import ConfigError
-from prefopt.compose import collect
 from tests.helpers.config import compose_cfg
 
 
 def problems(cfg, read_data: bool = False) -> list[str]:
     """Every problem the composition root finds in `cfg` (what validate=true reports)."""
     return collect(cfg, read_data)[1]
+
 
 COT = "Please reason step by step, and put your final answer within \\boxed{}."
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
@@ -34,32 +35,52 @@ BENCHMARKS = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench"]
 COMMON = {
     "seed": 42,  # [C:43]
     "model.dtype": "bfloat16",  # [C:5]
-    "model.lora.r": 16, "model.lora.alpha": 16, "model.lora.target_modules": LORA_TARGETS,  # [C:17-19]
+    "model.lora.r": 16,
+    "model.lora.alpha": 16,
+    "model.lora.target_modules": LORA_TARGETS,  # [C:17-19]
     "model.lora.load_in_4bit": True,  # [C:16] NF4 + double quant [T:423-430]: prefopt.models.load_model
     "model.lora.dropout": 0.0,  # [D]
     "model.completion_eos": None,  # [T] TRL's DPOTrainer appends the tokenizer's EOS
     "model.gradient_checkpointing": True,  # [C:29]
     "model.attn_implementation": "auto",  # [D] flash-attention 2 when installed and on a GPU ([C:6])
-    "beta": 0.1, "loss.beta": 0.1,  # [C:22]
-    "lr": 5.0e-6, "optimizer.factory.lr": 5.0e-6,  # [C:32]
+    "beta": 0.1,
+    "loss.beta": 0.1,  # [C:22]
+    "lr": 5.0e-6,
+    "optimizer.factory.lr": 5.0e-6,  # [C:32]
     # [C:33-34] constant; its warmup_ratio 0.03 is ignored by transformers' constant schedule: no warm-up in effect
-    "optimizer.scheduler": "constant", "optimizer.warmup_ratio": None, "optimizer.warmup_steps": 0,
-    "epochs": 2, "steps": None, "train.epochs": 2, "train.steps": None,  # [C:26]
+    "optimizer.scheduler": "constant",
+    "optimizer.warmup_ratio": None,
+    "optimizer.warmup_steps": 0,
+    "epochs": 2,
+    "steps": None,
+    "train.epochs": 2,
+    "train.steps": None,  # [C:26]
     "batch_size": 8,  # [C:27-28]
     "train.packing": False,  # [D] shared-prefix packing + gradient checkpointing raises CheckpointError (notes)
     "micro_batch_size": 1,  # [D]
-    "data.max_length": 2048, "data.max_prompt_length": 256, "data.chat_template": True,  # [C:23-24] [T:17-22]
-    "data.system_prompt": COT, "data.user_suffix": SUFFIX,  # [T:17-22, T:385] [Q] qwen25-math-cot-extra
-    "mathloop.warmup": False, "mathloop.evaluate": True,  # [C:2] training starts from the base
+    "data.max_length": 2048,
+    "data.max_prompt_length": 256,
+    "data.chat_template": True,  # [C:23-24] [T:17-22]
+    "data.system_prompt": COT,
+    "data.user_suffix": SUFFIX,  # [T:17-22, T:385] [Q] qwen25-math-cot-extra
+    "mathloop.warmup": False,
+    "mathloop.evaluate": True,  # [C:2] training starts from the base
     "mathloop.pairs": True,  # [D] on-policy pairs; the paper's own pair file: mathloop.pairs=false (data=bpo_pairs)
-    "pairs.k": 8, "pairs.temperature": 0.7, "pairs.max_pairs_per_prompt": 1,  # [D]
-    "pairs.problem_field": None, "pairs.answer_field": None,  # detected
-    "evaluation.benchmarks": BENCHMARKS, "evaluation.samples": 0,  # [E:19-25] greedy pass@1
-    "evaluation.prompt_family": "data", "evaluation.system_prompt": COT, "evaluation.user_suffix": SUFFIX,  # [E:7]
+    "pairs.k": 8,
+    "pairs.temperature": 0.7,
+    "pairs.max_pairs_per_prompt": 1,  # [D]
+    "pairs.problem_field": None,
+    "pairs.answer_field": None,  # detected
+    "evaluation.benchmarks": BENCHMARKS,
+    "evaluation.samples": 0,  # [E:19-25] greedy pass@1
+    "evaluation.prompt_family": "data",
+    "evaluation.system_prompt": COT,
+    "evaluation.user_suffix": SUFFIX,  # [E:7]
     "generation.max_new_tokens": 2048,  # [E:28]
     "generation.stop_tokens": ["</s>", "<|im_end|>", "<|endoftext|>"],  # [Q] stop words
     "generation.backend": "auto",  # [D] vLLM when installed and a GPU is visible
-    "hardware.device": "cuda", "hardware.strategy": "none",  # [D] one GPU
+    "hardware.device": "cuda",
+    "hardware.strategy": "none",  # [D] one GPU
     # the paper's pair file layout [T:384-387], read when mathloop.pairs=false
     "data.source._target_": "prefopt.data.sources.FileData",
     "data.source.fields": {"prompt": "question", "chosen": "chosen.solution", "rejected": "rejected.solution"},
@@ -111,13 +132,24 @@ def test_a_real_model_without_a_recipe_is_refused_in_one_line():
     # with the paper's protocol asked for by name, it composes that protocol on a GPU, not the tiny CPU defaults
     cfg = compose_cfg([*MISSION, "model=llama3_8b_base", "recipe=bpo_paper"], tiny=False)
     assert not [p for p in problems(cfg) if "has no recipe" in p]
-    assert (cfg.lr, cfg.seed, cfg.hardware.device, cfg.model.name_or_path) == (5e-6, 42, "cuda", "meta-llama/Llama-3.1-8B")
+    assert (cfg.lr, cfg.seed, cfg.hardware.device, cfg.model.name_or_path) == (
+        5e-6,
+        42,
+        "cuda",
+        "meta-llama/Llama-3.1-8B",
+    )
 
 
 def test_the_papers_pair_file_is_read_by_its_preset(tmp_path):
     """The official run's pre-built file: {question, chosen: {solution}, rejected: {solution}} rows."""
-    rows = [{"question": f"What is {i} + 1?", "chosen": {"solution": f"\\boxed{{{i + 1}}}", "score": 1},
-             "rejected": {"solution": f"\\boxed{{{i}}}", "score": 0}} for i in range(20)]
+    rows = [
+        {
+            "question": f"What is {i} + 1?",
+            "chosen": {"solution": f"\\boxed{{{i + 1}}}", "score": 1},
+            "rejected": {"solution": f"\\boxed{{{i}}}", "score": 0},
+        }
+        for i in range(20)
+    ]
     path = tmp_path / "orz_pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose_cfg([*MISSION, "model=qwen_math", "mathloop.pairs=false", f"data.source.path={path}"], tiny=False)
@@ -134,9 +166,23 @@ def test_the_papers_pair_file_is_read_by_its_preset(tmp_path):
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
 def test_every_recipe_value_stays_overridable(model):
-    cfg = compose_cfg([*MISSION, f"model={model}", "lr=1e-6", "epochs=1", "data.max_length=4096", "hardware=cpu",
-                       "model.lora.r=8", "evaluation.benchmarks=[math500]", "generation.max_new_tokens=4096",
-                       "data.user_suffix=null", "mathloop.warmup=true", "beta=0.05"], tiny=False)
+    cfg = compose_cfg(
+        [
+            *MISSION,
+            f"model={model}",
+            "lr=1e-6",
+            "epochs=1",
+            "data.max_length=4096",
+            "hardware=cpu",
+            "model.lora.r=8",
+            "evaluation.benchmarks=[math500]",
+            "generation.max_new_tokens=4096",
+            "data.user_suffix=null",
+            "mathloop.warmup=true",
+            "beta=0.05",
+        ],
+        tiny=False,
+    )
     assert (cfg.lr, cfg.epochs, cfg.data.max_length, cfg.hardware.device, cfg.model.lora.r) == (1e-6, 1, 4096, "cpu", 8)
     assert list(cfg.evaluation.benchmarks) == ["math500"] and cfg.generation.max_new_tokens == 4096
     assert cfg.evaluation.user_suffix is None and cfg.mathloop.warmup and cfg.loss.beta == 0.05
@@ -145,18 +191,37 @@ def test_every_recipe_value_stays_overridable(model):
 @pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
 def test_the_tiny_models_keep_the_cpu_loop(model):
     cfg = compose_cfg([f"model={model}"], tiny=False)
-    expected = {"lr": 5.0e-4, "steps": 60, "epochs": None, "batch_size": 16, "micro_batch_size": 8,
-                "optimizer.scheduler": "cosine", "optimizer.warmup_steps": 5, "optimizer.warmup_ratio": None,
-                "data.max_length": 128, "data.max_prompt_length": 64, "data.system_prompt": None,
-                "data.user_suffix": None, "mathloop.warmup": True, "warmup.lr": 3.0e-3, "warmup.steps": 350,
-                "evaluation.benchmarks": ["arith"], "evaluation.prompt_family": "plain", "pairs.path": None,
-                "generation.max_new_tokens": 48, "hardware.device": "cpu", "hardware.threads": 1, "model.lora.r": 0,
-                "model.dtype": "float32"}
+    expected = {
+        "lr": 5.0e-4,
+        "steps": 60,
+        "epochs": None,
+        "batch_size": 16,
+        "micro_batch_size": 8,
+        "optimizer.scheduler": "cosine",
+        "optimizer.warmup_steps": 5,
+        "optimizer.warmup_ratio": None,
+        "data.max_length": 128,
+        "data.max_prompt_length": 64,
+        "data.system_prompt": None,
+        "data.user_suffix": None,
+        "mathloop.warmup": True,
+        "warmup.lr": 3.0e-3,
+        "warmup.steps": 350,
+        "evaluation.benchmarks": ["arith"],
+        "evaluation.prompt_family": "plain",
+        "pairs.path": None,
+        "generation.max_new_tokens": 48,
+        "hardware.device": "cpu",
+        "hardware.threads": 1,
+        "model.lora.r": 0,
+        "model.dtype": "float32",
+    }
     assert {key: _value(cfg, key) for key in expected} == expected
     assert problems(cfg) == []
 
 
 # -- epochs and warm-up ratio -------------------------------------------------------------------------------
+
 
 def test_epochs_give_steps_from_the_number_of_pairs():
     cfg = TrainConfig(steps=None, epochs=2, batch_size=8, micro_batch_size=1)
@@ -166,7 +231,11 @@ def test_epochs_give_steps_from_the_number_of_pairs():
     assert resolve_steps(TrainConfig(steps=7), 1000).steps == 7
     with pytest.raises(ConfigError, match="no training pairs"):
         resolve_steps(cfg, 0)
-    assert resolve_warmup(None, 0.03, 1000) == 30 and resolve_warmup(None, 0.03, 25) == 1 and resolve_warmup(5, None, 9) == 5
+    assert (
+        resolve_warmup(None, 0.03, 1000) == 30
+        and resolve_warmup(None, 0.03, 25) == 1
+        and resolve_warmup(5, None, 9) == 5
+    )
 
 
 def test_steps_and_epochs_together_are_refused_naming_both():
@@ -179,19 +248,30 @@ def test_steps_and_epochs_together_are_refused_naming_both():
 
 
 def test_epochs_run_the_derived_number_of_steps(tiny_run):
-    summary, _ = tiny_run("steps=null", "epochs=1.5", "batch_size=8", "micro_batch_size=8",
-                          "optimizer.warmup_steps=null", "optimizer.warmup_ratio=0.5")
+    summary, _ = tiny_run(
+        "steps=null",
+        "epochs=1.5",
+        "batch_size=8",
+        "micro_batch_size=8",
+        "optimizer.warmup_steps=null",
+        "optimizer.warmup_ratio=0.5",
+    )
     assert summary["step"] == math.ceil(1.5 * 32 / 8)  # 32 arithmetic training pairs (tests/conftest.py TINY)
 
 
 # -- validate=true -----------------------------------------------------------------------------------------
 
+
 def test_validate_reports_what_the_real_run_would_refuse(tmp_path):
-    cfg = compose_cfg([*MISSION, "model=qwen_math", "pairs.k=1", f"benchmark.aime24.path={tmp_path}/aime24.jsonl"],
-                      tiny=False)
+    cfg = compose_cfg(
+        [*MISSION, "model=qwen_math", "pairs.k=1", f"benchmark.aime24.path={tmp_path}/aime24.jsonl"], tiny=False
+    )
     found = problems(cfg)
-    expect = ["pairs.path is required", "pairs.k must be an integer >= 2",
-              f"benchmark.aime24.path={tmp_path}/aime24.jsonl: no such file"]
+    expect = [
+        "pairs.path is required",
+        "pairs.k must be an integer >= 2",
+        f"benchmark.aime24.path={tmp_path}/aime24.jsonl: no such file",
+    ]
     if not torch.cuda.is_available():
         expect += ["model.lora.load_in_4bit=true needs a CUDA GPU", "hardware.device=cuda but no CUDA device"]
     for text in expect:
@@ -203,9 +283,24 @@ def test_validate_true_from_the_command_line_exits_2_with_the_report(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "prefopt.run", *MISSION, "model=llama3_8b", "validate=true",
-                          "pairs.k=1", "epochs=0", f"hydra.run.dir={tmp_path}/run", "hydra.callbacks={}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            *MISSION,
+            "model=llama3_8b",
+            "validate=true",
+            "pairs.k=1",
+            "epochs=0",
+            f"hydra.run.dir={tmp_path}/run",
+            "hydra.callbacks={}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     # a recipe value out of range names the key, and the report the recipe it came through
     assert "(recipe llama3_8b: conf/recipe/llama3_8b.yaml):" in out.stdout.splitlines()[0]
@@ -238,7 +333,9 @@ def _llama31_tokenizer_files(src: Path, out: Path) -> None:
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < 128256]
     (out / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((out / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"] = {k: v for k, v in config.get("added_tokens_decoder", {}).items() if int(k) < 128256}
+    config["added_tokens_decoder"] = {
+        k: v for k, v in config.get("added_tokens_decoder", {}).items() if int(k) < 128256
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     tok = AutoTokenizer.from_pretrained(out)
     tok.chat_template = LLAMA3_TEMPLATE
@@ -261,7 +358,7 @@ def _steer(model, tokenizer, eos: str) -> None:
         emb = model.get_input_embeddings().weight
         hidden = emb.shape[1]
         e0, e1 = torch.zeros(hidden, dtype=emb.dtype), torch.zeros(hidden, dtype=emb.dtype)
-        e0[: hidden // 2], e1[hidden // 2:] = 1.0, 1.0
+        e0[: hidden // 2], e1[hidden // 2 :] = 1.0, 1.0
         emb[:] = e0
         emb[digits] = e1
         model.model.norm.weight.fill_(1.0)
@@ -271,7 +368,7 @@ def _steer(model, tokenizer, eos: str) -> None:
         for d in digits:
             head[d, : hidden // 2] = 14.0 * unit
         for t in {eos, tokenizer.eos_token}:
-            head[tokenizer.convert_tokens_to_ids(t), hidden // 2:] = 30.0 * unit
+            head[tokenizer.convert_tokens_to_ids(t), hidden // 2 :] = 30.0 * unit
 
 
 @pytest.fixture(scope="session")
@@ -289,10 +386,19 @@ def stand_ins(tmp_path_factory):
             for f in tokenizer_dir.iterdir():
                 shutil.copy(f, path / f.name)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.for_model(arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                                      tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.convert_tokens_to_ids(eos))
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids(eos),
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         _steer(model, tokenizer, eos)
@@ -308,14 +414,22 @@ def _benchmark_files(root: Path) -> list[str]:
     """The five benchmarks as local files, math500/aime24/minerva in the Qwen2.5-Math harness layout, amc23 and
     olympiadbench in the hub layout; the overrides that point the recipe at them."""
     rows = {
-        "math500": [{"problem": f"Compute ${i}-{i - 1}$.", "solution": "$\\boxed{1}$", "answer": "1", "unique_id": str(i)}
-                    for i in range(2, 6)],
-        "aime24": [{"id": i, "problem": f"Find {i} - {i - 1}.", "solution": "...", "answer": "1", "url": "u"}
-                   for i in range(2, 6)],
+        "math500": [
+            {"problem": f"Compute ${i}-{i - 1}$.", "solution": "$\\boxed{1}$", "answer": "1", "unique_id": str(i)}
+            for i in range(2, 6)
+        ],
+        "aime24": [
+            {"id": i, "problem": f"Find {i} - {i - 1}.", "solution": "...", "answer": "1", "url": "u"}
+            for i in range(2, 6)
+        ],
         "amc23": [{"question": f"How many is {i} - {i - 1}?", "answer": 1.0} for i in range(2, 6)],
-        "minerva_math": [{"problem": f"Evaluate {i}-{i - 1}.", "solution": f"{i}-{i - 1} = \\boxed{{1}}.", "idx": i}
-                         for i in range(2, 6)],
-        "olympiadbench": [{"question": f"Let x = {i} - {i - 1}. Find x.", "final_answer": ["$1$"]} for i in range(2, 6)],
+        "minerva_math": [
+            {"problem": f"Evaluate {i}-{i - 1}.", "solution": f"{i}-{i - 1} = \\boxed{{1}}.", "idx": i}
+            for i in range(2, 6)
+        ],
+        "olympiadbench": [
+            {"question": f"Let x = {i} - {i - 1}. Find x.", "final_answer": ["$1$"]} for i in range(2, 6)
+        ],
     }
     overrides = []
     for name, items in rows.items():
@@ -328,11 +442,15 @@ def _benchmark_files(root: Path) -> list[str]:
 
 def _expected_prompt(model: str, problem: str) -> str:
     if model == "qwen_math":
-        return (f"<|im_start|>system\n{COT}<|im_end|>\n<|im_start|>user\n{problem}{SUFFIX}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-    return (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{COT}<|eot_id|>"
-            f"<|start_header_id|>user<|end_header_id|>\n\n{problem}{SUFFIX}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return (
+            f"<|im_start|>system\n{COT}<|im_end|>\n<|im_start|>user\n{problem}{SUFFIX}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+    return (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{COT}<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\n{problem}{SUFFIX}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 @pytest.mark.parametrize("model", sorted(STAND_INS))
@@ -345,13 +463,31 @@ def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monke
 
     problems_file = tmp_path / "train.jsonl"
     problems_file.write_text("".join(json.dumps(r) + "\n" for r in PROBLEMS))
-    changed = [f"model.name_or_path={stand_ins[model]}", "model.lora.load_in_4bit=false", "hardware=cpu",
-               f"pairs.path={problems_file}", "pairs.k=4", "pairs.eval_size=2", "generation.max_new_tokens=4",
-               f"mathloop.cache_dir={tmp_path}/cache", "train.progress=false", *_benchmark_files(tmp_path)]
+    changed = [
+        f"model.name_or_path={stand_ins[model]}",
+        "model.lora.load_in_4bit=false",
+        "hardware=cpu",
+        f"pairs.path={problems_file}",
+        "pairs.k=4",
+        "pairs.eval_size=2",
+        "generation.max_new_tokens=4",
+        f"mathloop.cache_dir={tmp_path}/cache",
+        "train.progress=false",
+        *_benchmark_files(tmp_path),
+    ]
     cfg = compose_cfg([*MISSION, f"model={model}", *changed], tiny=False)
-    untouched = {k: v for k, v in RECIPES[model].items()
-                 if k not in ("model.name_or_path", "model.lora.load_in_4bit", "hardware.device", "generation.max_new_tokens",
-                              "pairs.k")}
+    untouched = {
+        k: v
+        for k, v in RECIPES[model].items()
+        if k
+        not in (
+            "model.name_or_path",
+            "model.lora.load_in_4bit",
+            "hardware.device",
+            "generation.max_new_tokens",
+            "pairs.k",
+        )
+    }
     assert {key: _value(cfg, key) for key in untouched} == untouched
 
     seen: dict[str, list[str]] = {"generate": [], "train": []}
@@ -386,7 +522,8 @@ def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monke
         assert {f"{prefix}/{b}" for b in BENCHMARKS} | {f"{prefix}/mean"} <= set(metrics)
         assert metrics[f"{prefix}/mean"] == pytest.approx(sum(metrics[f"{prefix}/{b}"] for b in BENCHMARKS) / 5)
     assert all(summary["verified"]["after"][b]["total"] == 3 for b in BENCHMARKS)
-    # the report the run's Hydra callback writes at its end (prefopt.reporting.sweep.ReportCallback), here called directly
+    # the report the run's Hydra callback writes at its end (prefopt.reporting.sweep.ReportCallback), here called
+    # directly
     from prefopt.reporting.sweep import write_report
 
     report = write_report([tmp_path / "run"], out_dir=tmp_path / "report")
@@ -397,7 +534,9 @@ def test_dry_run_of_the_composed_recipe_on_cpu(model, stand_ins, tmp_path, monke
     samples = [p for p in seen["generate"] if any(_expected_prompt(model, r["problem"]) == p for r in PROBLEMS)]
     assert len(samples) == len(PROBLEMS)
     assert seen["train"] and all(t in {_expected_prompt(model, r["problem"]) for r in PROBLEMS} for t in seen["train"])
-    bench_rows = [json.loads(line) for b in BENCHMARKS for line in (tmp_path / "run" / "verified" / f"{b}.jsonl").open()]
+    bench_rows = [
+        json.loads(line) for b in BENCHMARKS for line in (tmp_path / "run" / "verified" / f"{b}.jsonl").open()
+    ]
     assert len(bench_rows) == 15 and all(r["prompt"] == _expected_prompt(model, r["problem"]) for r in bench_rows)
     tok = seen["tokenizer"]
     if model == "llama3_8b":

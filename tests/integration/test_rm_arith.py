@@ -16,9 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_rm_arith_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "prefopt.run", "experiment=rm_arith", "train.progress=false",
-                          f"mathloop.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            "experiment=rm_arith",
+            "train.progress=false",
+            f"mathloop.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     m = summary["metrics"]

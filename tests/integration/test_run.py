@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli(*args, cwd, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "prefopt.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prefopt.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_metrics(run_dir):
@@ -38,10 +39,21 @@ def test_run_writes_config_metrics_summary_and_checkpoint(tiny_run):
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
-    expected = {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
-                "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected",
-                "train/dcr/chosen_reward_below_zero", "train/dcr/chosen_logp_delta_per_token",
-                "train/dcr/rejected_logp_delta_per_token", "train/grad_norm", "train/lr", "train/tokens_per_s"}
+    expected = {
+        "train/loss",
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/dcr/chosen_reward_below_zero",
+        "train/dcr/chosen_logp_delta_per_token",
+        "train/dcr/rejected_logp_delta_per_token",
+        "train/grad_norm",
+        "train/lr",
+        "train/tokens_per_s",
+    }
     assert expected <= set(train_rows[0])
     assert any("eval/loss" in r for r in rows) and any("eval/rewards/accuracies" in r for r in rows)
     # step 1: policy == reference, so DPO's loss is ln 2 and both rewards are 0
@@ -57,7 +69,10 @@ def test_run_writes_config_metrics_summary_and_checkpoint(tiny_run):
 def test_two_identical_runs_give_identical_metrics(tiny_run, tmp_path):
     _, a = tiny_run("seed=7", run_dir=tmp_path / "a")
     _, b = tiny_run("seed=7", run_dir=tmp_path / "b")
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
     assert strip(read_metrics(a)) == strip(read_metrics(b))
     _, c = tiny_run("seed=8", run_dir=tmp_path / "c")
     assert strip(read_metrics(a)) != strip(read_metrics(c))
@@ -79,7 +94,11 @@ def test_reference_free_loss_loads_and_runs_no_reference(tiny_run, monkeypatch, 
     real_load, real_freeze, real_pair = prefopt.models.load_model, prefopt.models.freeze, prefopt.logprobs.pair_logps
     monkeypatch.setattr(prefopt.training, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(prefopt.training, "freeze", lambda m: frozen.append(1) or real_freeze(m))
-    monkeypatch.setattr(prefopt.logprobs, "pair_logps", lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real_pair(m, *a, **k))
+    monkeypatch.setattr(
+        prefopt.logprobs,
+        "pair_logps",
+        lambda m, *a, **k: calls.append(next(m.parameters()).requires_grad) or real_pair(m, *a, **k),
+    )
     tiny_run("loss=simpo", "steps=2", "eval_every=0", run_dir=tmp_path / "simpo")
     assert loads == [1] and frozen == []
     assert calls and all(calls)  # every forward was the trainable policy: no reference forward at all
@@ -94,11 +113,14 @@ def test_logger_wandb_offline_writes_a_local_run(tiny_run):
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory missing"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("beta=-0.1", r"beta=-0.1: must be a number > 0"),
-    ("batch_size=5", "divisible by micro_batch_size"),
-    ("loss=bpo loss.alpha=1.5", "alpha"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("beta=-0.1", r"beta=-0.1: must be a number > 0"),
+        ("batch_size=5", "divisible by micro_batch_size"),
+        ("loss=bpo loss.alpha=1.5", "alpha"),
+    ],
+)
 def test_bad_config_values_stop_with_a_message_naming_the_key(tiny_run, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_run(*override.split())
@@ -158,6 +180,7 @@ def test_resume_after_a_stop_continues_to_the_same_result(tiny_run, tmp_path):
 
 # -- the command line, as a user types it -------------------------------------------------------------
 
+
 def test_cli_default_like_run_and_cfg_job(tmp_path):
     out = cli("--cfg", "job", "loss=bpo", "model=qwen_math", "beta=0.1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -184,12 +207,28 @@ def test_cli_real_model_without_hub_fails_fast_with_one_clear_line(tmp_path):
 
 
 def test_cli_multirun_makes_one_directory_per_run(tmp_path):
-    out = cli("-m", "loss=dpo,bpo", "beta=0.05,0.1", "steps=2", "batch_size=4", "micro_batch_size=4",
-              "data.source.n_train=16", "data.source.n_eval=4", "train.progress=false", *MATHLOOP_OFF,
-              f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    out = cli(
+        "-m",
+        "loss=dpo,bpo",
+        "beta=0.05,0.1",
+        "steps=2",
+        "batch_size=4",
+        "micro_batch_size=4",
+        "data.source.n_train=16",
+        "data.source.n_eval=4",
+        "train.progress=false",
+        *MATHLOOP_OFF,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert len(runs) == 4
-    seen = {(json.loads((r / "summary.json").read_text())["loss"],
-             json.loads((r / "summary.json").read_text())["hparams"]["beta"]) for r in runs}
+    seen = {
+        (
+            json.loads((r / "summary.json").read_text())["loss"],
+            json.loads((r / "summary.json").read_text())["hparams"]["beta"],
+        )
+        for r in runs
+    }
     assert seen == {("dpo", 0.05), ("dpo", 0.1), ("bpo", 0.05), ("bpo", 0.1)}

@@ -31,8 +31,9 @@ CHOSEN = {("dpo", "0"): -1.0, ("dpo", "1"): -2.0, ("bpo", "0"): 0.5, ("bpo", "1"
 
 def _jsonl(path: Path, bits: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"benchmark": "arith", "index": i, "correct": b == "1"}) + "\n"
-                            for i, b in enumerate(bits)))
+    path.write_text(
+        "".join(json.dumps({"benchmark": "arith", "index": i, "correct": b == "1"}) + "\n" for i, b in enumerate(bits))
+    )
 
 
 @pytest.fixture
@@ -44,8 +45,12 @@ def runs(tmp_path) -> Path:
         (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
         _jsonl(run / "verified" / "arith.jsonl", bits)
         _jsonl(run / "verified_before" / "arith.jsonl", BEFORE[seed])
-        metrics = {"eval/verified/arith": bits.count("1") / 4, "eval/verified_before/arith": BEFORE[seed].count("1") / 4,
-                   "eval/rewards/chosen": CHOSEN[(loss, seed)], "eval/rewards/accuracies": 0.75}
+        metrics = {
+            "eval/verified/arith": bits.count("1") / 4,
+            "eval/verified_before/arith": BEFORE[seed].count("1") / 4,
+            "eval/rewards/chosen": CHOSEN[(loss, seed)],
+            "eval/rewards/accuracies": 0.75,
+        }
         (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss, "metrics": metrics}))
     return sweep
 
@@ -87,8 +92,11 @@ def test_seed_report_groups_runs_and_compares_with_dpo(runs):
     assert float(rows[("loss=bpo", "arith", "improved")]["estimate"]) == 0.5
     assert rows[("loss=bpo", "arith", "versus")]["baseline"] == "dpo"
     # report.csv (one row per run) has each run's own preservation/improvement from its summary
-    (runs / "3" / "summary.json").write_text(json.dumps({"status": "complete", "loss": "bpo", "metrics": {
-        "eval/preserved/arith": 1.0, "eval/improved/arith": 0.5}}))
+    (runs / "3" / "summary.json").write_text(
+        json.dumps(
+            {"status": "complete", "loss": "bpo", "metrics": {"eval/preserved/arith": 1.0, "eval/improved/arith": 0.5}}
+        )
+    )
     with (write_report([runs])["files"]["csv"]).open() as fh:
         last = list(csv.DictReader(fh))[-1]
     assert (last["eval/preserved/arith"], last["eval/improved/arith"]) == ("1.0", "0.5")
@@ -107,8 +115,9 @@ def test_baseline_is_settable_and_can_be_off(runs, tmp_path, capsys):
     # the Hydra callback: its own `baseline`, and the run config's `report.baseline` over it
     ReportCallback(baseline="bpo").on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(runs)}}}))
     assert ("loss=dpo", "arith", "versus") in _rows(runs / "comparison.csv")
-    ReportCallback(baseline="bpo").on_multirun_end(OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(runs)}}, "report": {"baseline": "dpo"}}))
+    ReportCallback(baseline="bpo").on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(runs)}}, "report": {"baseline": "dpo"}})
+    )
     assert ("loss=bpo", "arith", "versus") in _rows(runs / "comparison.csv")
 
 
@@ -125,7 +134,10 @@ def test_single_seed_and_mismatched_problems(runs, tmp_path):
 
 
 def test_wandb_groups_the_seeds_of_one_setting():
-    assert sweep_group("07-00-00", ["experiment=dcr_arith", "loss=dpo", "seed=1"]) == "07-00-00 experiment=dcr_arith loss=dpo"
+    assert (
+        sweep_group("07-00-00", ["experiment=dcr_arith", "loss=dpo", "seed=1"])
+        == "07-00-00 experiment=dcr_arith loss=dpo"
+    )
     assert sweep_group("07-00-00", ["loss=dpo", "seed=0"]) == sweep_group("07-00-00", ["seed=2", "loss=dpo"])
     assert sweep_group("07-00-00", ["loss=dpo", "beta=0.1"]) == "07-00-00"  # no seed axis: the sweep is the group
 
@@ -134,8 +146,16 @@ def test_dcr_table_over_seeds(runs, tmp_path, capsys):
     assert dcr.main([str(runs), "--out", str(tmp_path / "dcr")]) == 0
     md = (tmp_path / "dcr" / "dcr_table.md").read_text()
     header, _, dpo, bpo = md.split("\n\n")[1].splitlines()
-    assert [c.strip() for c in header.split("|")[2:10]] == ["seeds", "acc before", "acc after", "Δ acc vs dpo", "preserved",
-                                                          "improved", "held-out reward acc", "rewards/chosen"]
+    assert [c.strip() for c in header.split("|")[2:10]] == [
+        "seeds",
+        "acc before",
+        "acc after",
+        "Δ acc vs dpo",
+        "preserved",
+        "improved",
+        "held-out reward acc",
+        "rewards/chosen",
+    ]
     cells = [c.strip() for c in bpo.split("|")[1:-1]]
     assert cells[:2] == ["loss=bpo", "0 1"] and cells[3].startswith("75.0 [")
     assert cells[4].startswith("+50.0 [") and cells[4].endswith("p=0.125")
@@ -152,12 +172,33 @@ def test_real_seed_sweep_end_to_end(tmp_path):
     runs, preservation/improvement in each summary, and the sweep report grouping the seeds (~1 min on 2 cores)."""
     out = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    args = ["loss=dpo,bpo", "seed=0,1", "steps=2", "batch_size=4", "micro_batch_size=4", "eval_every=0",
-            "data.source.n_train=16", "data.source.n_eval=8", "train.progress=false", "mathloop.warmup=false",
-            "mathloop.pairs=false", "mathloop.evaluate=true", "evaluation.limit=8", "generation.max_new_tokens=8",
-            "verify.workers=1", f"mathloop.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={out}"]
-    proc = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", *args], cwd=Path(__file__).resolve().parents[2],
-                          env=env, capture_output=True, text=True, timeout=600)
+    args = [
+        "loss=dpo,bpo",
+        "seed=0,1",
+        "steps=2",
+        "batch_size=4",
+        "micro_batch_size=4",
+        "eval_every=0",
+        "data.source.n_train=16",
+        "data.source.n_eval=8",
+        "train.progress=false",
+        "mathloop.warmup=false",
+        "mathloop.pairs=false",
+        "mathloop.evaluate=true",
+        "evaluation.limit=8",
+        "generation.max_new_tokens=8",
+        "verify.workers=1",
+        f"mathloop.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={out}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefopt.run", "-m", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for n in range(4):
         metrics = json.loads((out / str(n) / "summary.json").read_text())["metrics"]
@@ -174,10 +215,17 @@ def test_real_seed_sweep_end_to_end(tmp_path):
 def test_runs_without_per_problem_files_as_from_wandb():
     """A W&B run's overrides are its whole flat config (stage seeds included) and it has no per-problem files:
     the seeds still form one group, and accuracy is the t interval over the runs' final accuracies."""
+
     def rec(loss, seed, acc):
-        return RunRecord(name=f"{loss}{seed}", source="wandb:x", status="finished", step=2, loss=loss,
-                         overrides={"loss.key": loss, "seed": seed, "warmup.seed": seed, "lr": "0.0005"},
-                         final={"eval/verified/arith": acc})
+        return RunRecord(
+            name=f"{loss}{seed}",
+            source="wandb:x",
+            status="finished",
+            step=2,
+            loss=loss,
+            overrides={"loss.key": loss, "seed": seed, "warmup.seed": seed, "lr": "0.0005"},
+            final={"eval/verified/arith": acc},
+        )
 
     result = compare([rec("dpo", "0", 0.2), rec("dpo", "1", 0.4), rec("bpo", "0", 0.5), rec("bpo", "1", 0.9)])
     dpo, bpo = result["groups"]
@@ -199,14 +247,21 @@ def test_dcr_study_script_retabulates_a_finished_sweep(runs, capsys):
 
 def test_validation_split_is_disjoint_and_leaves_old_cache_keys_alone():
     plain = ArithmeticData()
-    assert json.loads(plain.fingerprint()) == {"n_train": 150, "n_eval": 50, "max_operand": 9, "ops": "+-",
-                                               "seed": 1234, "n_pairs": 0}  # as before n_val existed
+    assert json.loads(plain.fingerprint()) == {
+        "n_train": 150,
+        "n_eval": 50,
+        "max_operand": 9,
+        "ops": "+-",
+        "seed": 1234,
+        "n_pairs": 0,
+    }  # as before n_val existed
     data = ArithmeticData(n_train=100, n_eval=40, n_pairs=20, n_val=30)
     rows = {split: {r["problem"] for r in data.problem_rows(split)} for split in ("train", "eval", "pairs", "val")}
     assert len(rows["val"]) == 30 and "n_val" in data.fingerprint()
     assert not rows["val"] & (rows["train"] | rows["eval"] | rows["pairs"])
-    assert {r["problem"] for r in plain.problem_rows("eval")} == {r["problem"] for r in ArithmeticData(n_val=30)
-                                                                   .problem_rows("eval")}  # held-out unchanged
+    assert {r["problem"] for r in plain.problem_rows("eval")} == {
+        r["problem"] for r in ArithmeticData(n_val=30).problem_rows("eval")
+    }  # held-out unchanged
 
 
 def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
@@ -214,12 +269,22 @@ def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n")
-    metrics = {"eval/verified_before/arith_val": 0.5, "eval/verified/arith_val": 0.52, "eval/preserved/arith_val": 0.9,
-               "eval/preserved_low/arith_val": 0.84, "eval/preserved_high/arith_val": 0.94,
-               "eval/improved/arith_val": 0.12, "eval/rewards/chosen": -0.004}
+    metrics = {
+        "eval/verified_before/arith_val": 0.5,
+        "eval/verified/arith_val": 0.52,
+        "eval/preserved/arith_val": 0.9,
+        "eval/preserved_low/arith_val": 0.84,
+        "eval/preserved_high/arith_val": 0.94,
+        "eval/improved/arith_val": 0.12,
+        "eval/rewards/chosen": -0.004,
+    }
     (run / "summary.json").write_text(json.dumps({"metrics": metrics}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 20, "eval/rewards/accuracies": 0.56}, {"step": 161, "eval/rewards/accuracies": 0.6}]))
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"step": 20, "eval/rewards/accuracies": 0.56}, {"step": 161, "eval/rewards/accuracies": 0.6}]
+        )
+    )
     (tmp_path / "sweep" / "study_header.md").write_text("## DCR miniature validation sweep, 2026-12-01 00:15 UTC\n")
     assert script.main(["--sweep-dir", str(tmp_path / "sweep")]) == 0
     out = capsys.readouterr().out
@@ -277,12 +342,20 @@ def test_pair_kinds_script_tells_miscopies_from_arithmetic_mistakes():
     assert script.kind(q, right, "26 - 30 = -4. The answer is \\boxed{26}.") == "miscopy"
     assert script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"
     assert script.kind(q, right, "26 - 31 = -5. The answer is \\boxed{-5}.") == "other"  # restated a wrong operand
-    assert script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-4}.") == "other"  # boxes a result it did not state
+    assert (
+        script.kind(q, right, "26 - 30 = -3. The answer is \\boxed{-4}.") == "other"
+    )  # boxes a result it did not state
     assert script.kind(q, right, "The answer is 26.") == "other"
-    assert script.kind("What is 5 + 0?", "5 + 0 = 5. The answer is \\boxed{5}.",
-                       "5 + 0 = 6. The answer is \\boxed{6}.") == "arithmetic"
-    out = script.table([("loss=dpo", {"miscopy": [True, True], "arithmetic": [True, False], "all": [True] * 3 + [False]}),
-                        ("loss=dpo", {"arithmetic": [False, False], "other": [True, True], "all": [False, False, True, True]})])
+    assert (
+        script.kind("What is 5 + 0?", "5 + 0 = 5. The answer is \\boxed{5}.", "5 + 0 = 6. The answer is \\boxed{6}.")
+        == "arithmetic"
+    )
+    out = script.table(
+        [
+            ("loss=dpo", {"miscopy": [True, True], "arithmetic": [True, False], "all": [True] * 3 + [False]}),
+            ("loss=dpo", {"arithmetic": [False, False], "other": [True, True], "all": [False, False, True, True]}),
+        ]
+    )
     row = [line for line in out.splitlines() if line.startswith("| loss=dpo")][0]
     # pooled shares over 8 pairs; accuracies: the mean over the seeds that have the kind
     assert row == "| loss=dpo | 2 | 8 | 25%, 1.00 | 50%, 0.25 | 25%, 1.00 | 0.62 |"
@@ -295,13 +368,21 @@ def test_pair_kinds_script_sorts_the_starting_policys_mistakes_and_what_was_solv
     assert script.answer_kind(q, "26 - 30 = -3. The answer is \\boxed{-3}.") == "arithmetic"
     assert script.answer_kind(q, "26 - 30 = -3. The answer is \\boxed{-4}.") == "other"
     run = tmp_path / "run"
-    for name, rows in (("verified_before", [(q, "26 - 30 = -4. The answer is \\boxed{26}.", False),
-                                            (q, "26 - 30 = -3. The answer is \\boxed{-3}.", False),
-                                            (q, "26 - 30 = -4. The answer is \\boxed{-4}.", True)]),
-                       ("verified", [(q, "", True), (q, "", False), (q, "", False)])):
+    for name, rows in (
+        (
+            "verified_before",
+            [
+                (q, "26 - 30 = -4. The answer is \\boxed{26}.", False),
+                (q, "26 - 30 = -3. The answer is \\boxed{-3}.", False),
+                (q, "26 - 30 = -4. The answer is \\boxed{-4}.", True),
+            ],
+        ),
+        ("verified", [(q, "", True), (q, "", False), (q, "", False)]),
+    ):
         (run / name).mkdir(parents=True)
-        (run / name / "arith.jsonl").write_text("".join(
-            json.dumps({"problem": p, "output": o, "correct": c}) + "\n" for p, o, c in rows))
+        (run / name / "arith.jsonl").write_text(
+            "".join(json.dumps({"problem": p, "output": o, "correct": c}) + "\n" for p, o, c in rows)
+        )
     fixed = script.fixed_kinds(run)
     assert dict(fixed) == {"miscopy": [True], "arithmetic": [False]}  # a problem solved before is not counted
     out = script.fixed_table([("loss=dpo", fixed), ("loss=dpo", {"miscopy": [False], "arithmetic": [True, True]})])

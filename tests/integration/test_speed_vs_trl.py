@@ -25,8 +25,12 @@ def _bench():
 def test_table_has_ratios_against_trl_of_the_same_vocab_and_reference(capsys):
     bench = _bench()
     row = dict(vocab=128, precision="bf16", mfu=0.5)
-    bench.print_table([dict(row, tool="prefopt", reference="live", steps_per_s=2.0, tokens_per_s=6000.0, peak_rss_mb=800.0),
-                       dict(row, tool="trl", reference="live", steps_per_s=0.5, tokens_per_s=1500.0, peak_rss_mb=1000.0)])
+    bench.print_table(
+        [
+            dict(row, tool="prefopt", reference="live", steps_per_s=2.0, tokens_per_s=6000.0, peak_rss_mb=800.0),
+            dict(row, tool="trl", reference="live", steps_per_s=0.5, tokens_per_s=1500.0, peak_rss_mb=1000.0),
+        ]
+    )
     out = capsys.readouterr().out
     prefopt_line = next(line for line in out.splitlines() if "prefopt" in line)
     assert "4.00" in prefopt_line and "0.80" in prefopt_line  # tokens/s ×TRL, RSS ×TRL
@@ -45,9 +49,29 @@ def test_the_same_pairs_and_tokens_for_both_tools():
 def test_a_short_benchmark_run_writes_the_json_rows(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "scripts/speed_vs_trl.py", "--steps", "3", "--large-steps", "3", "--warmup",
-                          "1", "--vocab", "small", "--reference", "cached", "--json", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "scripts/speed_vs_trl.py",
+            "--steps",
+            "3",
+            "--large-steps",
+            "3",
+            "--warmup",
+            "1",
+            "--vocab",
+            "small",
+            "--reference",
+            "cached",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert {r["tool"] for r in rows} == {"prefopt", "trl"}

@@ -22,8 +22,18 @@ from prefopt.reporting.sweep import ReportCallback, ReportError, fmt, write_repo
 from tests.helpers.config import MATHLOOP_OFF
 
 ROOT = Path(__file__).resolve().parents[2]
-SWEEP = ["loss=dpo,bpo", "beta=0.05,0.1", "steps=2", "batch_size=4", "micro_batch_size=4", "eval_every=1",
-         "data.source.n_train=8", "data.source.n_eval=8", "train.progress=false", *MATHLOOP_OFF]
+SWEEP = [
+    "loss=dpo,bpo",
+    "beta=0.05,0.1",
+    "steps=2",
+    "batch_size=4",
+    "micro_batch_size=4",
+    "eval_every=1",
+    "data.source.n_train=8",
+    "data.source.n_eval=8",
+    "train.progress=false",
+    *MATHLOOP_OFF,
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,22 @@ def sweep(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "sweep"
     # One thread: the tiny model gains nothing from more, and spinning threads crawl on a busy machine.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", *SWEEP, f"hydra.sweep.dir={out}",
-                           "++hydra.callbacks.report._target_=prefopt.reporting.sweep.ReportCallback"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            "-m",
+            *SWEEP,
+            f"hydra.sweep.dir={out}",
+            "++hydra.callbacks.report._target_=prefopt.reporting.sweep.ReportCallback",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report.md" in proc.stdout  # the callback printed the table and where it wrote
     return out
@@ -76,9 +99,16 @@ def test_table_numbers_equal_the_summaries(sweep, tmp_path, capsys):
     rows = _csv(tmp_path / "report.csv")
     assert [r["run"] for r in rows] == ["0", "1", "2", "3"]
     metric_cols = [c for c in rows[0] if c.startswith(("train/", "eval/"))]
-    assert {"train/loss", "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-            "eval/rewards/accuracies", "train/dcr/chosen_reward_below_zero",
-            "eval/dcr/chosen_logp_delta_per_token"} <= set(metric_cols)
+    assert {
+        "train/loss",
+        "eval/loss",
+        "eval/rewards/chosen",
+        "eval/rewards/rejected",
+        "eval/rewards/margins",
+        "eval/rewards/accuracies",
+        "train/dcr/chosen_reward_below_zero",
+        "eval/dcr/chosen_logp_delta_per_token",
+    } <= set(metric_cols)
     printed = capsys.readouterr().out
     for row, raw in zip(rows, result["rows"]):
         summary = json.loads((sweep / row["run"] / "summary.json").read_text())
@@ -136,9 +166,16 @@ def test_verified_accuracy_table_and_chart(sweep, tmp_path):
     for name, (gsm, math) in accs.items():
         run = _copy_run(sweep / name, tmp_path / "runs" / name)
         summary = json.loads((run / "summary.json").read_text())
-        summary["metrics"].update({"eval/verified/gsm8k": gsm, "eval/verified/math500": math,
-                                   "eval/verified/mean": (gsm + math) / 2, "eval/verified_before/gsm8k": 0.35,
-                                   "eval/verified_before/math500": 0.25, "eval/verified_before/mean": 0.30})
+        summary["metrics"].update(
+            {
+                "eval/verified/gsm8k": gsm,
+                "eval/verified/math500": math,
+                "eval/verified/mean": (gsm + math) / 2,
+                "eval/verified_before/gsm8k": 0.35,
+                "eval/verified_before/math500": 0.25,
+                "eval/verified_before/mean": 0.30,
+            }
+        )
         (run / "summary.json").write_text(json.dumps(summary))
     result = write_report([tmp_path / "runs"])
     rows = _csv(tmp_path / "runs" / "report.csv")
@@ -175,8 +212,12 @@ class _FakeRun:
     def __init__(self, name, loss, beta, history, state="finished"):
         self.name, self.id, self.state = name, name, state
         self.config = {"loss": {"_target_": "prefopt.losses.Loss", "key": loss, "beta": beta}, "steps": 2}
-        self.summary = {"eval/loss": history[-1]["eval/loss"], "eval/rewards/accuracies": {"max": 0.9, "last": 0.5},
-                        "_runtime": 12.5, "step": history[-1]["step"]}
+        self.summary = {
+            "eval/loss": history[-1]["eval/loss"],
+            "eval/rewards/accuracies": {"max": 0.9, "last": 0.5},
+            "_runtime": 12.5,
+            "step": history[-1]["step"],
+        }
         self._history = history
 
     def history(self, samples=500, pandas=True):
@@ -185,9 +226,18 @@ class _FakeRun:
 
 
 def test_wandb_group_through_the_api(tmp_path, monkeypatch, capsys):
-    runs = [_FakeRun("dpo-run", "dpo", 0.1, [{"step": 1, "train/rewards/chosen": 0.0, "eval/loss": 0.7},
-                                             {"step": 2, "train/rewards/chosen": -0.2, "eval/loss": 0.6}]),
-            _FakeRun("bpo-run", "bpo", 0.1, [{"step": 1, "train/rewards/chosen": 0.1, "eval/loss": 1.0}], "crashed")]
+    runs = [
+        _FakeRun(
+            "dpo-run",
+            "dpo",
+            0.1,
+            [
+                {"step": 1, "train/rewards/chosen": 0.0, "eval/loss": 0.7},
+                {"step": 2, "train/rewards/chosen": -0.2, "eval/loss": 0.6},
+            ],
+        ),
+        _FakeRun("bpo-run", "bpo", 0.1, [{"step": 1, "train/rewards/chosen": 0.1, "eval/loss": 1.0}], "crashed"),
+    ]
     calls = []
 
     class Api:
@@ -202,8 +252,10 @@ def test_wandb_group_through_the_api(tmp_path, monkeypatch, capsys):
     result = write_report(["wandb:me/prefopt/sweep-1"], tmp_path)
     assert calls == [("me/prefopt", {"group": "sweep-1"})]
     rows = _csv(tmp_path / "report.csv")
-    assert [(r["run"], r["loss.key"], r["status"]) for r in rows] == [("dpo-run", "dpo", "complete"),
-                                                                      ("bpo-run", "bpo", "crashed")]
+    assert [(r["run"], r["loss.key"], r["status"]) for r in rows] == [
+        ("dpo-run", "dpo", "complete"),
+        ("bpo-run", "bpo", "crashed"),
+    ]
     assert "loss.beta" not in rows[0] and "steps" not in rows[0]
     assert float(rows[0]["eval/loss"]) == 0.6 and float(rows[0]["eval/rewards/accuracies"]) == 0.5
     assert result["runs"][0].history["train/rewards/chosen"] == [(1, 0.0), (2, -0.2)]
@@ -223,8 +275,9 @@ def test_wandb_group_through_the_api(tmp_path, monkeypatch, capsys):
 
 def test_dashboard_charts_plot_logged_metrics(sweep, monkeypatch, capsys):
     record = lambda kind: lambda **kw: (kind, kw)  # noqa: E731
-    wr = types.SimpleNamespace(**{k: record(k) for k in ("Runset", "LinePlot", "BarPlot", "RunComparer", "PanelGrid",
-                                                         "P", "H2", "Report")})
+    wr = types.SimpleNamespace(
+        **{k: record(k) for k in ("Runset", "LinePlot", "BarPlot", "RunComparer", "PanelGrid", "P", "H2", "Report")}
+    )
     wr.P = lambda text: ("P", text)
     wr.H2 = lambda text: ("H2", text)
     kind, kw = dashboard.build_report(wr, "me", "prefopt", "sweep-1")

@@ -22,8 +22,9 @@ def smol_dir(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol_spec(smol_dir):
     """The preset's settings on the converted directory, in float32, full fine-tuning (tests set LoRA themselves)."""
-    return ModelSpec(name_or_path=smol_dir, completion_eos=PRESET.completion_eos, dtype="float32",
-                     attn_implementation="sdpa")
+    return ModelSpec(
+        name_or_path=smol_dir, completion_eos=PRESET.completion_eos, dtype="float32", attn_implementation="sdpa"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,18 @@ from prefopt.logprobs import sequence_logps
 pytestmark = pytest.mark.slow
 
 PAIRS = [
-    PreferencePair("What is 7 + 5?", "7 + 5 = 12. The answer is \\boxed{12}.", "7 + 5 = 13. The answer is \\boxed{13}.", "arith"),
-    PreferencePair("Name a colour.", "Blue.", "Blue is a colour of the sky on a clear day.", "prefix"),  # chosen: a prefix
-    PreferencePair(({"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}),
-                   "Paris", "London", "system"),
+    PreferencePair(
+        "What is 7 + 5?", "7 + 5 = 12. The answer is \\boxed{12}.", "7 + 5 = 13. The answer is \\boxed{13}.", "arith"
+    ),
+    PreferencePair(
+        "Name a colour.", "Blue.", "Blue is a colour of the sky on a clear day.", "prefix"
+    ),  # chosen: a prefix
+    PreferencePair(
+        ({"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}),
+        "Paris",
+        "London",
+        "system",
+    ),
     PreferencePair("Say hello.", "Hello!", "Hello!", "same"),  # identical answers
 ]
 
@@ -48,4 +56,6 @@ def test_sequence_logps_equal_a_plain_forward(smol, layout):
     want_counts = torch.tensor([e[1][0] for e in expected] + [e[1][1] for e in expected], dtype=counts.dtype)
     torch.testing.assert_close(counts, want_counts)
     torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-5)
-    assert sums[b - 1].item() == pytest.approx(sums[2 * b - 1].item(), abs=1e-5)  # identical answers, identical log-probs
+    assert sums[b - 1].item() == pytest.approx(
+        sums[2 * b - 1].item(), abs=1e-5
+    )  # identical answers, identical log-probs

@@ -27,7 +27,7 @@ def greedy(model, tok) -> list[list[int]]:
         ids = tok(render_prompt(tok, problem, True, None), return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(gen[0, ids.shape[1]:].tolist())
+        out.append(gen[0, ids.shape[1] :].tolist())
     return out
 
 
@@ -48,16 +48,38 @@ def test_lora_run_exports_adapters_and_merged_weights_that_reload(smol_dir, monk
     tok = AutoTokenizer.from_pretrained(smol_dir)
     monkeypatch.setattr(Trainer, "fit", fit_and_remember)
     cache = str(Path(smol_dir).parent)
-    cfg = compose_cfg(["model=smollm2_135m", f"model.gguf_cache={cache}", "model.dtype=float32", "hardware=cpu",
-                       "hardware.threads=auto", "model.lora.merge_on_export=true", "steps=2", "batch_size=2",
-                       "micro_batch_size=2", "eval_every=0", "lr=2e-3", "data.source.n_train=4", "data.source.n_eval=2"])
+    cfg = compose_cfg(
+        [
+            "model=smollm2_135m",
+            f"model.gguf_cache={cache}",
+            "model.dtype=float32",
+            "hardware=cpu",
+            "hardware.threads=auto",
+            "model.lora.merge_on_export=true",
+            "steps=2",
+            "batch_size=2",
+            "micro_batch_size=2",
+            "eval_every=0",
+            "lr=2e-3",
+            "data.source.n_train=4",
+            "data.source.n_eval=2",
+        ]
+    )
     run_dir = tmp_path / "run"
     summary = train(cfg, run_dir=run_dir)
     assert summary["status"] == "complete"
     final, merged_dir = run_dir / "final", run_dir / "final_merged"
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and adapter["lora_alpha"] == 16
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
     assert AutoTokenizer.from_pretrained(final).chat_template == tok.chat_template
     base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from prefopt.mathloop.benchmarks import score
 from prefopt.errors import ConfigError
+from prefopt.mathloop.benchmarks import score
 from prefopt.verify import AnswerChecker, Verdict, check_answer, extract_answer, last_boxed
 
 TIMEOUT_S = 1.5

@@ -110,8 +110,21 @@ def test_the_gold_written_back_verifies_and_a_different_gold_does_not(gold, othe
 def test_there_are_at_least_40_golds_of_every_kind_asked_for():
     kinds = " ".join(k for _, _, k in GOLDS)
     assert len(GOLDS) >= 40
-    for kind in ("money", "unit", "degrees", "interval", "matrix", "multiple answers", "text", "fraction", "sqrt",
-                 "pi", "percentage", "scientific", "set"):
+    for kind in (
+        "money",
+        "unit",
+        "degrees",
+        "interval",
+        "matrix",
+        "multiple answers",
+        "text",
+        "fraction",
+        "sqrt",
+        "pi",
+        "percentage",
+        "scientific",
+        "set",
+    ):
         assert kind in kinds, kind
 
 
@@ -129,28 +142,31 @@ def test_the_reported_golds_through_the_checker_pool():
     assert [v.status for v in verdicts] == ["correct", "correct", "correct", "wrong"]
 
 
-@pytest.mark.parametrize("answer,normal", [
-    (r"\$32,\!348", "32348"),
-    (r"$221,$8$", "221,8"),
-    (r"10{,}080", "10080"),
-    (r"1,000", "1000"),
-    (r"1,5", "1,5"),  # not a thousands group: two answers (or a decimal comma) stay as written
-    (r"90^{\circ}", "90"),
-    (r"25^\circ\text{C}", "25"),
-    (r"12.5\%", "12.5"),
-    (r"5\text{ cm}", "5"),
-    (r"\text{Evelyn}", "Evelyn"),
-    (r"\left( 3, \dfrac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
-    (r"\begin{bmatrix} 1 \\ 2 \end{bmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),  # `\\` is a row break, kept
-    (r"x = 5.", "5"),
-    (r"2.00", "2"),
-    (r"18.90", "18.90"),
-    (r".5", "0.5"),
-    (r"\frac12", r"\frac{1}{2}"),
-    (r"\sqrt3", r"\sqrt{3}"),
-    (r"2\pi r", r"2\pi r"),  # the space that ends a command name stays
-    (r"a \leq b", r"a\le b"),
-])
+@pytest.mark.parametrize(
+    "answer,normal",
+    [
+        (r"\$32,\!348", "32348"),
+        (r"$221,$8$", "221,8"),
+        (r"10{,}080", "10080"),
+        (r"1,000", "1000"),
+        (r"1,5", "1,5"),  # not a thousands group: two answers (or a decimal comma) stay as written
+        (r"90^{\circ}", "90"),
+        (r"25^\circ\text{C}", "25"),
+        (r"12.5\%", "12.5"),
+        (r"5\text{ cm}", "5"),
+        (r"\text{Evelyn}", "Evelyn"),
+        (r"\left( 3, \dfrac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+        (r"\begin{bmatrix} 1 \\ 2 \end{bmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),  # `\\` is a row break, kept
+        (r"x = 5.", "5"),
+        (r"2.00", "2"),
+        (r"18.90", "18.90"),
+        (r".5", "0.5"),
+        (r"\frac12", r"\frac{1}{2}"),
+        (r"\sqrt3", r"\sqrt{3}"),
+        (r"2\pi r", r"2\pi r"),  # the space that ends a command name stays
+        (r"a \leq b", r"a\le b"),
+    ],
+)
 def test_normalize_answer(answer, normal):
     assert normalize_answer(answer) == normal
 

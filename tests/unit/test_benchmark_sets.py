@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from prefopt.config import conf_dir  # noqa: E402
+from prefopt.errors import ConfigError, DataError  # noqa: E402
 from prefopt.mathloop.benchmarks import (  # noqa: E402
     COT_INSTRUCTION,
     BenchmarkSpec,
@@ -21,8 +23,6 @@ from prefopt.mathloop.benchmarks import (  # noqa: E402
     mean_accuracy,
     score,
 )
-from prefopt.config import conf_dir  # noqa: E402
-from prefopt.errors import ConfigError, DataError  # noqa: E402
 from prefopt.verify import Verdict  # noqa: E402
 
 ROWS = [
@@ -136,7 +136,13 @@ def test_score_counts_each_status():
         Verdict(False, "no_answer"),
     ]
     assert score(verdicts) == {
-        "accuracy": 3 / 8, "correct": 3, "total": 8, "wrong": 1, "no_answer": 2, "timeout": 1, "error": 1,
+        "accuracy": 3 / 8,
+        "correct": 3,
+        "total": 8,
+        "wrong": 1,
+        "no_answer": 2,
+        "timeout": 1,
+        "error": 1,
     }
     assert score([])["accuracy"] == 0.0
     assert mean_accuracy([{"accuracy": 0.5}, {"accuracy": 0.25}]) == pytest.approx(0.375)
@@ -188,16 +194,28 @@ HARNESS_ROWS = {
     "aime24": {"id": 60, "problem": "Find $n$.", "solution": "so $\\boxed{204}$", "answer": "204", "url": "u"},
     "amc23": {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"},
     "minerva_math": {"problem": "Find the mass.", "solution": "m = 7.5 kg, so $\\boxed{7.5}$.", "type": "p", "idx": 0},
-    "olympiadbench": {"id": 1606, "question": "Find x and y.", "final_answer": ["$3$", "$4$"], "solution": ["..."],
-                      "is_multiple_answer": True, "unit": None, "answer_type": "Numerical"},
+    "olympiadbench": {
+        "id": 1606,
+        "question": "Find x and y.",
+        "final_answer": ["$3$", "$4$"],
+        "solution": ["..."],
+        "is_multiple_answer": True,
+        "unit": None,
+        "answer_type": "Numerical",
+    },
     "gsm8k": {"question": "Tom has 3 apples ...", "answer": "3 + 4 = 7\n#### 1,007"},
 }
 EXPECTED = {  # (benchmark, layout): (problem, answer)
-    ("math500", "hf"): ("Compute $1+1$.", "2"), ("math500", "harness"): ("Compute $1+1$.", "2"),
-    ("aime24", "hf"): ("Find $n$.", "204"), ("aime24", "harness"): ("Find $n$.", "204"),
-    ("amc23", "hf"): ("How many?", "27"), ("amc23", "harness"): ("How many?", "27"),
-    ("minerva_math", "hf"): ("Find the mass.", "7.5"), ("minerva_math", "harness"): ("Find the mass.", "7.5"),
-    ("olympiadbench", "hf"): ("Find x.", "$3$"), ("olympiadbench", "harness"): ("Find x and y.", "$3$, $4$"),
+    ("math500", "hf"): ("Compute $1+1$.", "2"),
+    ("math500", "harness"): ("Compute $1+1$.", "2"),
+    ("aime24", "hf"): ("Find $n$.", "204"),
+    ("aime24", "harness"): ("Find $n$.", "204"),
+    ("amc23", "hf"): ("How many?", "27"),
+    ("amc23", "harness"): ("How many?", "27"),
+    ("minerva_math", "hf"): ("Find the mass.", "7.5"),
+    ("minerva_math", "harness"): ("Find the mass.", "7.5"),
+    ("olympiadbench", "hf"): ("Find x.", "$3$"),
+    ("olympiadbench", "harness"): ("Find x and y.", "$3$, $4$"),
     ("gsm8k", "harness"): ("Tom has 3 apples ...", "1007"),
 }
 
@@ -237,10 +255,21 @@ def test_every_benchmark_field_is_overridable_from_the_command_line(tmp_path):
     from tests.helpers.config import compose_cfg
 
     data = _jsonl(tmp_path / "b.jsonl", [{"q": "What?", "gold": "x\n#### 5"}] * 3)
-    cfg = compose_cfg([f"benchmark.gsm8k.path={data}", "benchmark.gsm8k.split=train", "benchmark.gsm8k.subset=null",
-                       "benchmark.gsm8k.problem_field=q", "benchmark.gsm8k.answer_field=gold",
-                       "benchmark.gsm8k.answer_transform=gsm8k", "benchmark.gsm8k.limit=2",
-                       "evaluation.benchmarks=[gsm8k]"])
+    cfg = compose_cfg(
+        [
+            f"benchmark.gsm8k.path={data}",
+            "benchmark.gsm8k.split=train",
+            "benchmark.gsm8k.subset=null",
+            "benchmark.gsm8k.problem_field=q",
+            "benchmark.gsm8k.answer_field=gold",
+            "benchmark.gsm8k.answer_transform=gsm8k",
+            "benchmark.gsm8k.limit=2",
+            "evaluation.benchmarks=[gsm8k]",
+        ]
+    )
     (spec,) = instantiate(cfg.evaluation).specs()
     assert (spec.path, spec.split, spec.subset, spec.limit) == (str(data), "train", None, 2)
-    assert spec.load() == [{"problem": "What?", "answer": "5", "index": 0}, {"problem": "What?", "answer": "5", "index": 1}]
+    assert spec.load() == [
+        {"problem": "What?", "answer": "5", "index": 0},
+        {"problem": "What?", "answer": "5", "index": 1},
+    ]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from prefopt.compose import build
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
-from prefopt.compose import build
 from tests.helpers.config import compose_cfg
 
 CONF = conf_dir()
@@ -21,15 +21,20 @@ CONF = conf_dir()
 def plan(cfg):
     """The composed plan, without checking that the (7-8B) weights or data files are on this machine."""
     return build(cfg, check_inputs=False)
+
+
 MAIN_GROUPS = {"model", "loss", "data", "optimizer", "hardware", "logger", "experiment"}  # in config.yaml's defaults
 # data=jsonl reads a file: the composition root refuses a missing one, so point it at a real one
 PAIRS = Path(__file__).resolve().parents[1] / "data" / "pairs.jsonl"
-REQUIRED = {"data/jsonl": [f"data.source.path={PAIRS}"], "data/hub": ["data.source.path=org/name"],
-            "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"],
-            "evaluation/judge/reward_model": ["evaluation.judge.name_or_path=org/reward-model"],
-            "evaluation/judge/openai": ["evaluation.judge.base_url=http://localhost:8000/v1",
-                                        "evaluation.judge.model=judge"]}
-# The paper recipes run on a CUDA GPU with a 4-bit base; planned here on CPU (tests/integration/test_recipes.py tests them as they are).
+REQUIRED = {
+    "data/jsonl": [f"data.source.path={PAIRS}"],
+    "data/hub": ["data.source.path=org/name"],
+    "pairs/labeler/reward_model": ["pairs.labeler.name_or_path=org/reward-model"],
+    "evaluation/judge/reward_model": ["evaluation.judge.name_or_path=org/reward-model"],
+    "evaluation/judge/openai": ["evaluation.judge.base_url=http://localhost:8000/v1", "evaluation.judge.model=judge"],
+}
+# The paper recipes run on a CUDA GPU with a 4-bit base; planned here on CPU (tests/integration/test_recipes.py tests
+# them as they are).
 ON_CPU = ["hardware=cpu", "model.lora.load_in_4bit=false"]
 for _name in ("qwen_math", "llama3_8b", "qwen_math_1_5b", "qwen_math_instruct"):
     REQUIRED[f"model/{_name}"] = REQUIRED[f"recipe/{_name}"] = ON_CPU
@@ -42,7 +47,8 @@ def options():
     for path in sorted(CONF.rglob("*.yaml")):
         rel = path.relative_to(CONF).with_suffix("")
         if rel.parts[0] in ("hydra",) or rel.parent == Path("."):
-            continue  # hydra/launcher presets: tests/cluster/test_launchers.py; config.yaml and the root files it includes: below
+            # hydra/launcher presets: tests/cluster/test_launchers.py; config.yaml and the root files it includes: below
+            continue
         yield str(rel.parent), rel.name
 
 
@@ -54,7 +60,11 @@ def test_every_yaml_composes_and_instantiates(group, option):
         override = f"evaluation.benchmarks=[{option}]"
     elif group in MAIN_GROUPS:
         override = f"{group}={option}"
-    elif group in ("model/lora", "pairs/labeler", "evaluation/judge"):  # groups with a default of their own: replaced, not appended
+    elif group in (
+        "model/lora",
+        "pairs/labeler",
+        "evaluation/judge",
+    ):  # groups with a default of their own: replaced, not appended
         override = f"{group}={option}"
     else:
         override = f"+{group}={option}"
@@ -66,7 +76,7 @@ def test_every_yaml_composes_and_instantiates(group, option):
     run = plan(cfg)  # hardware, loss, train, model, data source, logger: all built, nothing loaded
     assert run.loss.key == cfg.loss.key and run.train.steps == cfg.steps
     node = cfg
-    for part in (["benchmark", option] if group == "benchmark" else [] if group == "recipe" else group.split("/")):
+    for part in ["benchmark", option] if group == "benchmark" else [] if group == "recipe" else group.split("/"):
         node = node.get(part) if node is not None else None  # an experiment overlay has no node of its own
     if node is not None and "_target_" in node:
         assert instantiate(node) is not None
@@ -78,11 +88,16 @@ def test_defaults_compose_to_the_embedded_run():
     assert run.hardware.strategy == "none" and run.wandb is None
 
 
-@pytest.mark.parametrize("model,hub_id", [("qwen_math", "Qwen/Qwen2.5-Math-7B"),
-                                          ("qwen_math_instruct", "Qwen/Qwen2.5-Math-7B-Instruct"),
-                                          ("qwen_math_1_5b", "Qwen/Qwen2.5-Math-1.5B"),
-                                          ("llama3_8b", "meta-llama/Llama-3.1-8B-Instruct"),
-                                          ("llama3_8b_base", "meta-llama/Llama-3.1-8B")])
+@pytest.mark.parametrize(
+    "model,hub_id",
+    [
+        ("qwen_math", "Qwen/Qwen2.5-Math-7B"),
+        ("qwen_math_instruct", "Qwen/Qwen2.5-Math-7B-Instruct"),
+        ("qwen_math_1_5b", "Qwen/Qwen2.5-Math-1.5B"),
+        ("llama3_8b", "meta-llama/Llama-3.1-8B-Instruct"),
+        ("llama3_8b_base", "meta-llama/Llama-3.1-8B"),
+    ],
+)
 def test_real_model_presets(model, hub_id):
     run = plan(compose_cfg([f"model={model}", "beta=0.1", "loss=bpo", *REQUIRED.get(f"model/{model}", [])], tiny=False))
     assert run.model.name_or_path == hub_id and run.model.dtype == "bfloat16"
@@ -91,8 +106,13 @@ def test_real_model_presets(model, hub_id):
 
 
 def test_cfg_job_shows_hub_id_dtype_and_attention(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "prefopt.run", "model=qwen_math", "--cfg", "job"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "prefopt.run", "model=qwen_math", "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "name_or_path: Qwen/Qwen2.5-Math-7B" in out.stdout
     assert "dtype: bfloat16" in out.stdout and "attn_implementation: auto" in out.stdout
@@ -105,8 +125,10 @@ def test_stop_words_enter_the_sampling_and_evaluation_keys_only_when_set():
 
     def keys(*overrides):
         plan = compose.build(compose_cfg(list(overrides)))
-        return (EvalStage(plan.loop).key(plan.model, plan.data, "eval/verified_before"),
-                PairsStage(plan.loop).key(plan.model, "problems"))
+        return (
+            EvalStage(plan.loop).key(plan.model, plan.data, "eval/verified_before"),
+            PairsStage(plan.loop).key(plan.model, "problems"),
+        )
 
     plain, empty, stops = keys(), keys("generation.stop_tokens=[]"), keys("generation.stop_tokens=['<|im_end|>']")
     assert plain == empty

@@ -14,17 +14,26 @@ from prefopt.errors import ConfigError, DataError
 from tests.helpers.config import compose_cfg
 
 SYSTEM = {"role": "system", "content": "You are a careful math tutor."}
-TURNS = [SYSTEM, {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
-         {"role": "user", "content": "And 3 + 5?"}]
+TURNS = [
+    SYSTEM,
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3 + 5?"},
+]
 
 # One row of each format (TRL's dataset-formats guide), as docs/data.md shows them.
 FORMATS = {
     "standard": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
     "standard_implicit": {"chosen": "The sky is blue.", "rejected": "The sky is green."},
-    "conversational": {"prompt": TURNS, "chosen": [{"role": "assistant", "content": "8."}],
-                       "rejected": [{"role": "assistant", "content": "9."}]},
-    "conversational_implicit": {"chosen": TURNS + [{"role": "assistant", "content": "8."}],
-                                "rejected": TURNS + [{"role": "assistant", "content": "9."}]},
+    "conversational": {
+        "prompt": TURNS,
+        "chosen": [{"role": "assistant", "content": "8."}],
+        "rejected": [{"role": "assistant", "content": "9."}],
+    },
+    "conversational_implicit": {
+        "chosen": TURNS + [{"role": "assistant", "content": "8."}],
+        "rejected": TURNS + [{"role": "assistant", "content": "9."}],
+    },
 }
 EXPECTED = {
     "standard": ("The sky is", " blue.", " green."),
@@ -69,8 +78,14 @@ def test_multi_turn_prompts_reach_the_model_whole_through_the_chat_template(real
     eos = "<|im_end|>" if name == "qwen2.5" else "<|eot_id|>"
     for fmt in ("conversational", "conversational_implicit"):
         pairs, _ = load_rows(str(write_jsonl(tmp_path / f"{fmt}.jsonl", [FORMATS[fmt]])))
-        (tp,), _ = tokenize_pairs(pairs, tok, max_length=256, max_prompt_length=128, completion_eos=eos,
-                                  system_prompt="IGNORED: the row brings its own system message")
+        (tp,), _ = tokenize_pairs(
+            pairs,
+            tok,
+            max_length=256,
+            max_prompt_length=128,
+            completion_eos=eos,
+            system_prompt="IGNORED: the row brings its own system message",
+        )
         rendered = tok.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True)
         assert tp.prompt_ids == tuple(tok(rendered, add_special_tokens=False).input_ids)
         text = tok.decode(tp.prompt_ids)
@@ -82,8 +97,15 @@ def test_multi_turn_prompts_reach_the_model_whole_through_the_chat_template(real
 
 
 def test_nested_fields_are_reached_by_dotted_paths_and_a_missing_one_is_named(tmp_path):
-    rows = [{"question": f"What is {i} + 1?", "chosen": {"solution": f"{i + 1}", "correct": True},
-             "rejected": {"solution": f"{i + 2}", "correct": False}, "idx": i} for i in range(3)]
+    rows = [
+        {
+            "question": f"What is {i} + 1?",
+            "chosen": {"solution": f"{i + 1}", "correct": True},
+            "rejected": {"solution": f"{i + 2}", "correct": False},
+            "idx": i,
+        }
+        for i in range(3)
+    ]
     fields = {"prompt": "question", "chosen": "chosen.solution", "rejected": "rejected.solution"}
     pairs, _ = load_rows(str(write_jsonl(tmp_path / "bpo.jsonl", rows)), fields=fields)
     assert (pairs[2].prompt, pairs[2].chosen, pairs[2].rejected) == ("What is 2 + 1?", "3", "4")
@@ -91,8 +113,11 @@ def test_nested_fields_are_reached_by_dotted_paths_and_a_missing_one_is_named(tm
     del rows[1]["rejected"]["solution"]
     with pytest.raises(DataError, match=r"bpo\.jsonl: row 2: missing field 'rejected\.solution'"):
         load_rows(str(write_jsonl(tmp_path / "bpo.jsonl", rows)), fields=fields)
-    with pytest.raises(DataError, match=r"row 1: field 'chosen' must be a string or a list of messages \(got dict "
-                                        r"with fields \['correct', 'solution'\].*chosen\.solution"):
+    with pytest.raises(
+        DataError,
+        match=r"row 1: field 'chosen' must be a string or a list of messages \(got dict "
+        r"with fields \['correct', 'solution'\].*chosen\.solution",
+    ):
         load_rows(str(tmp_path / "bpo.jsonl"), fields={"prompt": "question"})
 
 
@@ -121,8 +146,9 @@ def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path):
     offset = 2 * len(good) + bad.index(b"\xe9")
     with pytest.raises(DataError) as err:
         read_rows(str(tmp_path / "latin1.jsonl"))
-    assert str(err.value) == (f"{tmp_path / 'latin1.jsonl'}: line 3: byte 0xe9 at byte offset {offset} is not UTF-8; "
-                              f"save the file as UTF-8")
+    assert str(err.value) == (
+        f"{tmp_path / 'latin1.jsonl'}: line 3: byte 0xe9 at byte offset {offset} is not UTF-8; save the file as UTF-8"
+    )
     (tmp_path / "latin1.json").write_bytes(b"[\n" + good + b",\n" + bad + b"]")
     with pytest.raises(DataError, match=r"latin1\.json: line 4: byte 0xe9 at byte offset \d+ is not UTF-8"):
         read_rows(str(tmp_path / "latin1.json"))
@@ -138,12 +164,17 @@ def test_implicit_prompt_rows_that_share_nothing_or_mix_formats_are_named(tmp_pa
         load_rows(str(write_jsonl(tmp_path / "x.jsonl", [{**FORMATS["standard"], "prompt": None}])))
     turns = FORMATS["conversational_implicit"]
     two = {"chosen": turns["chosen"] + [{"role": "user", "content": "ok"}], "rejected": turns["rejected"]}
-    with pytest.raises(DataError, match=r"row 1: field 'chosen': the completion must be one assistant message "
-                                        r"\(got roles \['assistant', 'user'\]\)"):
+    with pytest.raises(
+        DataError,
+        match=r"row 1: field 'chosen': the completion must be one assistant message "
+        r"\(got roles \['assistant', 'user'\]\)",
+    ):
         load_rows(str(write_jsonl(tmp_path / "y.jsonl", [two])))
 
 
-@pytest.mark.parametrize("eval_size,total,held", [(0.05, 100, 5), (0.05, 10, 1), (0.5, 7, 3), (10, 100, 10), (3.0, 8, 3)])
+@pytest.mark.parametrize(
+    "eval_size,total,held", [(0.05, 100, 5), (0.05, 10, 1), (0.5, 7, 3), (10, 100, 10), (3.0, 8, 3)]
+)
 def test_eval_size_is_a_fraction_or_a_count(tmp_path, eval_size, total, held):
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(total)]
     train, evals, _ = FileData(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_size=eval_size).load()
@@ -152,7 +183,9 @@ def test_eval_size_is_a_fraction_or_a_count(tmp_path, eval_size, total, held):
 
 
 def test_eval_size_larger_than_half_names_both_numbers(tmp_path):
-    path = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(100)]))
+    path = str(
+        write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(100)])
+    )
     with pytest.raises(DataError, match=r"data\.source\.eval_size=64 is more than half of the 100 pairs"):
         FileData(path=path, eval_size=64).load()
     with pytest.raises(ConfigError, match=r"data\.source\.eval_size=0\.6: at most half"):
@@ -162,21 +195,45 @@ def test_eval_size_larger_than_half_names_both_numbers(tmp_path):
 
 
 def test_the_jsonl_preset_trains_on_an_implicit_prompt_conversation_file_and_warms_up_on_it(tiny_run, tmp_path):
-    rows = [{"chosen": TURNS + [{"role": "assistant", "content": f"{i + 8}."}],
-             "rejected": TURNS + [{"role": "assistant", "content": f"{i + 9}."}], "score_chosen": i} for i in range(20)]
+    rows = [
+        {
+            "chosen": TURNS + [{"role": "assistant", "content": f"{i + 8}."}],
+            "rejected": TURNS + [{"role": "assistant", "content": f"{i + 9}."}],
+            "score_chosen": i,
+        }
+        for i in range(20)
+    ]
     path = write_jsonl(tmp_path / "hh.jsonl", rows, newline="\r\n", bom=True)
-    summary, run_dir = tiny_run("data=jsonl", f"data.source.path={path}", "steps=2", "mathloop.warmup=true",
-                                "warmup.steps=2", "warmup.batch_size=4", "warmup.micro_batch_size=4",
-                                "mathloop.cache=false", "data.max_length=256", "data.max_prompt_length=192")
+    summary, run_dir = tiny_run(
+        "data=jsonl",
+        f"data.source.path={path}",
+        "steps=2",
+        "mathloop.warmup=true",
+        "warmup.steps=2",
+        "warmup.batch_size=4",
+        "warmup.micro_batch_size=4",
+        "mathloop.cache=false",
+        "data.max_length=256",
+        "data.max_prompt_length=192",
+    )
     assert summary["status"] == "complete"
     assert summary["data"]["tokenize"]["train"]["pairs"] == 19 and summary["data"]["tokenize"]["eval"]["pairs"] == 1
-    assert summary["mathloop"]["warmup"]["cached"] is False and (run_dir / "warmup" / "policy" / "config.json").is_file()
+    assert (
+        summary["mathloop"]["warmup"]["cached"] is False and (run_dir / "warmup" / "policy" / "config.json").is_file()
+    )
 
 
 def test_the_readme_field_mapping_override_composes_into_the_source(tmp_path):
-    rows = [{"question": "What is 3 + 5?", "chosen": {"solution": "\\boxed{8}"}, "rejected": {"solution": "\\boxed{9}"}}] * 4
+    rows = [
+        {"question": "What is 3 + 5?", "chosen": {"solution": "\\boxed{8}"}, "rejected": {"solution": "\\boxed{9}"}}
+    ] * 4
     path = write_jsonl(tmp_path / "bpo.jsonl", rows)
-    cfg = compose_cfg(["data=jsonl", f"data.source.path={path}",
-                       "data.source.fields={prompt: question, chosen: chosen.solution, rejected: rejected.solution}"])
+    cfg = compose_cfg(
+        [
+            "data=jsonl",
+            f"data.source.path={path}",
+            "data.source.fields={prompt: question, chosen: chosen.solution, rejected: rejected.solution}",
+        ]
+    )
     train, held, _ = instantiate(cfg.data.source).load()
     assert (len(train), len(held)) == (3, 1) and train[0].chosen == "\\boxed{8}" and cfg.data.truncation == "keep_end"

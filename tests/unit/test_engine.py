@@ -13,9 +13,19 @@ from prefopt.logprobs import pair_logps, plain_sequence_logps, sequence_logps
 from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 
-SPEC = dict(arch="qwen2", config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-            tokenizer="char")
+SPEC = dict(
+    arch="qwen2",
+    config=dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    tokenizer="char",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +69,7 @@ def test_prompt_and_padding_never_count(setup):
         completion = p.chosen_ids if r < 3 else p.rejected_ids
         assert not row[:n_prompt].any()
         assert row.sum() == len(completion)
-        assert not row[n_prompt + len(completion):].any()  # padding
+        assert not row[n_prompt + len(completion) :].any()  # padding
     # Changing the padding token changes nothing.
     other = collate(pairs[:3], pad_id=7)
     with torch.no_grad():
@@ -104,10 +114,18 @@ def _grads_after(model, micro, pairs, tok, cfg_overrides=None):
     policy = copy.deepcopy(model)
     reference = copy.deepcopy(model).eval()
     cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=micro, progress=False)
-    parts = TrainerParts(policy=policy, reference=FrozenReference(reference), loss=get_loss("dpo", beta=0.5),
-                         optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                         scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                         train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, seed=0, max_grad_norm=None)
+    parts = TrainerParts(
+        policy=policy,
+        reference=FrozenReference(reference),
+        loss=get_loss("dpo", beta=0.5),
+        optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0),
+        scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        train_pairs=pairs,
+        eval_pairs=[],
+        pad_id=tok.pad_token_id,
+        seed=0,
+        max_grad_norm=None,
+    )
     t = Trainer(parts, cfg, Hardware(device="cpu"), "/nonexistent").setup()
     # one pass of step 0 without the optimizer: make the reference differ so gradients are not trivial
     with torch.no_grad():

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.mathloop.judging.pairwise import judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.judging.judges import OpenAIJudge, parse_verdict
+from prefopt.mathloop.judging.pairwise import judge_prompts, judged_evaluation, reference_answers
 
 
 class Stub:
@@ -111,8 +111,11 @@ def test_retries_after_server_errors(stub):
 
 def test_timeout_then_one_error_naming_the_url(stub):
     server = stub(lambda content, n: (200, "[[A]]", 1.0))
-    with pytest.raises(ConfigError, match=rf"judge endpoint {server.url}/chat/completions did not answer after 2 "
-                                          rf"attempts \(no answer within evaluation.judge.timeout_s=0.2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"judge endpoint {server.url}/chat/completions did not answer after 2 "
+        rf"attempts \(no answer within evaluation.judge.timeout_s=0.2\)",
+    ):
         judge_at(server.url, timeout_s=0.2, retries=1).judge(["q"], ["a"], ["b"])
 
 
@@ -148,20 +151,35 @@ class FixedJudge:
 
 
 def test_judged_evaluation_writes_rows_and_metrics(tmp_path):
-    metrics, details = judged_evaluation(FixedJudge(), ["a", "b", "c", "d"], ["xx", "y", "zzz", "w"],
-                                         ["x", "y", "z", "w"], "cpu", tmp_path / "judged.jsonl")
+    metrics, details = judged_evaluation(
+        FixedJudge(),
+        ["a", "b", "c", "d"],
+        ["xx", "y", "zzz", "w"],
+        ["x", "y", "z", "w"],
+        "cpu",
+        tmp_path / "judged.jsonl",
+    )
     assert metrics["eval/judge/win_rate"] == 0.625 and metrics["eval/judge/policy_length"] == 1.75
     assert details["judge"] == "fixed" and details["ties"] == 1
     rows = [json.loads(line) for line in (tmp_path / "judged.jsonl").read_text().splitlines()]
-    assert rows[2] == {"index": 2, "prompt": "c", "policy": "zzz", "baseline": "z", "policy_length": 3,
-                       "baseline_length": 1, "preference": 0.0}
+    assert rows[2] == {
+        "index": 2,
+        "prompt": "c",
+        "policy": "zzz",
+        "baseline": "z",
+        "policy_length": 3,
+        "baseline_length": 1,
+        "preference": 0.0,
+    }
 
 
 def test_prompt_set_without_its_field_is_named(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"instruction": "no prompt"}) + "\n")
     settings = judge_at("http://127.0.0.1:1/v1", prompts=str(path))
-    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: no text field 'prompt' \(evaluation.judge.prompt_field=prompt\)"):
+    with pytest.raises(
+        DataError, match=r"prompts.jsonl: row 2: no text field 'prompt' \(evaluation.judge.prompt_field=prompt\)"
+    ):
         judge_prompts(settings, [])
     settings.limit = 1
     assert judge_prompts(settings, []) == ["hi"]

@@ -10,9 +10,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
 from prefopt.errors import ConfigError, DataError
-from prefopt.mathloop.labelers import (LabelContext, RewardModelLabeler, ScoredStats, VerifierLabeler,
-                                       build_scored_pairs)
 from prefopt.mathloop.judging.judges import RewardModelJudge
+from prefopt.mathloop.labelers import LabelContext, RewardModelLabeler, ScoredStats, VerifierLabeler, build_scored_pairs
 from prefopt.mathloop.stages.sampling import PairsConfig, sample_pairs, write_pairs
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import Verdict
@@ -21,14 +20,27 @@ from prefopt.verify import Verdict
 def test_best_and_worst_with_ties_and_min_gap():
     prompts = ["p0", "p1", "p2", "p3"]
     samples = [["a", "b", "c"], ["d", "e"], ["f", "g", "h"], ["i", "i"]]
-    scores = [[0.5, 2.0, -1.0],  # chosen b (2.0), rejected c (-1.0): gap 3.0
-              [1.0, 1.0],  # tie: dropped
-              [0.2, 0.3, 0.1],  # gap 0.2 < min_gap 0.5: dropped
-              [4.0, 1.0]]  # same text twice: a tie whatever the scores
+    scores = [
+        [0.5, 2.0, -1.0],  # chosen b (2.0), rejected c (-1.0): gap 3.0
+        [1.0, 1.0],  # tie: dropped
+        [0.2, 0.3, 0.1],  # gap 0.2 < min_gap 0.5: dropped
+        [4.0, 1.0],
+    ]  # same text twice: a tie whatever the scores
     pairs, stats = build_scored_pairs(prompts, samples, scores, min_gap=0.5)
     assert stats == ScoredStats(prompts=4, samples=10, dropped_tie=2, dropped_gap=1, pairs=1)
-    assert pairs == [{"prompt": "p0", "chosen": "b", "rejected": "c", "pair_id": "0-1-2", "prompt_index": 0,
-                      "chosen_index": 1, "rejected_index": 2, "chosen_score": 2.0, "rejected_score": -1.0}]
+    assert pairs == [
+        {
+            "prompt": "p0",
+            "chosen": "b",
+            "rejected": "c",
+            "pair_id": "0-1-2",
+            "prompt_index": 0,
+            "chosen_index": 1,
+            "rejected_index": 2,
+            "chosen_score": 2.0,
+            "rejected_score": -1.0,
+        }
+    ]
     kept, stats = build_scored_pairs(prompts, samples, scores, min_gap=0.0)
     assert [p["pair_id"] for p in kept] == ["0-1-2", "2-1-2"] and stats.dropped_gap == 0 and stats.dropped_tie == 2
 
@@ -49,8 +61,14 @@ def test_scores_reach_the_pair_file(tmp_path):
     pairs, stats = build_scored_pairs(["q"], [["good", "bad"]], [[1.5, -0.5]])
     write_pairs(tmp_path / "p.jsonl", pairs, {"labeler": {"labeler": "reward_model"}}, stats)
     row = json.loads((tmp_path / "p.jsonl").read_text())
-    assert row == {"prompt": "q", "chosen": "good", "rejected": "bad", "pair_id": "0-0-1", "chosen_score": 1.5,
-                   "rejected_score": -0.5}
+    assert row == {
+        "prompt": "q",
+        "chosen": "good",
+        "rejected": "bad",
+        "pair_id": "0-0-1",
+        "chosen_score": 1.5,
+        "rejected_score": -0.5,
+    }
     meta = json.loads((tmp_path / "p.jsonl.provenance.json").read_text())
     assert meta["counts"] == {"prompts": 1, "samples": 2, "dropped_tie": 0, "dropped_gap": 0, "pairs": 1}
 
@@ -78,8 +96,16 @@ def test_verifier_labeler_through_sample_pairs():
 
 
 def _tiny_config(**kw):
-    return Qwen2Config(vocab_size=kw.pop("vocab_size", 128), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, **kw)
+    return Qwen2Config(
+        vocab_size=kw.pop("vocab_size", 128),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +114,9 @@ def tiny_rm(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm")
     tok = char_tokenizer("qwen")
     torch.manual_seed(0)
-    model = Qwen2ForSequenceClassification(_tiny_config(vocab_size=len(tok), num_labels=1,
-                                                        pad_token_id=tok.pad_token_id))
+    model = Qwen2ForSequenceClassification(
+        _tiny_config(vocab_size=len(tok), num_labels=1, pad_token_id=tok.pad_token_id)
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path, model, tok
@@ -106,8 +133,8 @@ def test_reward_model_labeler_scores_and_picks(tiny_rm):
     # one at a time, no padding: the batched scores must not depend on padding or batch size
     single = [scorer.score([p], [a])[0] for p, a in zip(["1+1="] * 3 + ["3+4="] * 3, [s for ss in samples for s in ss])]
     assert direct == pytest.approx(single, abs=1e-5)
-    for i, p in enumerate(pairs):
-        row = direct[3 * p["prompt_index"]:3 * p["prompt_index"] + 3]
+    for p in pairs:
+        row = direct[3 * p["prompt_index"] : 3 * p["prompt_index"] + 3]
         assert p["chosen_score"] == pytest.approx(max(row)) and p["rejected_score"] == pytest.approx(min(row))
     assert stats.pairs + stats.dropped_tie + stats.dropped_gap == 2 and extra["reward_model"] == str(path)
 
@@ -157,6 +184,7 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_rm):
 
 def test_sample_agreement_with_the_checker_hand_worked():
     from prefopt.mathloop.labelers import sample_agreement
+
     rows = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
     samples = [["2", "3", "5"], ["4", "4"]]
     # prompt 0: correct "2" (score 1.0) vs wrong "3" (2.0): disagree; vs wrong "5" (1.0): tie, ½. prompt 1: all correct

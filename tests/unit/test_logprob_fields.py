@@ -16,8 +16,15 @@ from prefopt.logprobs import PairLogpsModel, pair_logps
 from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 
-CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=True)
+CONFIG = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 ALL = ("head_logps", "prefix_logps")
 
 
@@ -34,7 +41,9 @@ def setup():
     for _ in range(8):
         opt.zero_grad()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1)
+        ).backward()
         opt.step()
     odd = [  # chosen a prefix of rejected, no common answer start, identical answers, an empty prompt
         TokenizedPair("prefix", pairs[0].prompt_ids, (40, 41), (40, 41, 42, 43)),
@@ -59,11 +68,23 @@ def naive(model, batch):
     log_sum_sq = torch.logsumexp(2 * logp, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     top1 = (logits.argmax(-1) == targets).float()
-    seq = lambda x: (x * mask).sum(1)
-    return {"chosen": seq(tok)[:b], "rejected": seq(tok)[b:], "chosen_tokens": counts[:b], "rejected_tokens": counts[b:],
-            "chosen_prefix": seq(tok * (pos <= m[:, None]))[:b], "rejected_prefix": seq(tok * (pos <= m[:, None]))[b:],
-            "chosen_head": seq(tok - log_sum_sq)[:b], "rejected_head": seq(tok - log_sum_sq)[b:],
-            "chosen_entropy": seq(entropy)[:b], "rejected_entropy": seq(entropy)[b:], "chosen_top1": seq(top1)[:b]}
+
+    def seq(x):
+        return (x * mask).sum(1)
+
+    return {
+        "chosen": seq(tok)[:b],
+        "rejected": seq(tok)[b:],
+        "chosen_tokens": counts[:b],
+        "rejected_tokens": counts[b:],
+        "chosen_prefix": seq(tok * (pos <= m[:, None]))[:b],
+        "rejected_prefix": seq(tok * (pos <= m[:, None]))[b:],
+        "chosen_head": seq(tok - log_sum_sq)[:b],
+        "rejected_head": seq(tok - log_sum_sq)[b:],
+        "chosen_entropy": seq(entropy)[:b],
+        "rejected_entropy": seq(entropy)[b:],
+        "chosen_top1": seq(top1)[:b],
+    }
 
 
 @pytest.mark.parametrize("packing", [False, True, "flat"])
@@ -71,11 +92,11 @@ def naive(model, batch):
 def test_fields_equal_a_full_softmax(setup, packing, chunk_elements):
     model, tok, pairs = setup
     want = naive(model, collate(pairs, tok.pad_token_id))
-    got = pair_logps(model, collate(pairs, tok.pad_token_id, packing=packing), chunk_elements, fields=ALL,
-                     diagnostics=True)
+    got = pair_logps(
+        model, collate(pairs, tok.pad_token_id, packing=packing), chunk_elements, fields=ALL, diagnostics=True
+    )
     for name, value in want.items():
-        torch.testing.assert_close(getattr(got, name).detach().float(), value.detach(), rtol=1e-5, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(getattr(got, name).detach().float(), value.detach(), rtol=1e-5, atol=1e-5, msg=name)
     assert 0 < float(got.chosen_top1.sum()) < float(got.chosen_tokens.sum())  # the comparison is not vacuous
     assert not got.chosen_head.requires_grad and got.chosen_prefix.requires_grad
 
@@ -131,8 +152,16 @@ def test_ld_dpo_with_alpha_one_equals_dpo_on_model_log_probs(setup):
 
 def _header(model, tok, pairs, fields=()):
     spec = ModelSpec(arch="qwen2", config=CONFIG, tokenizer="char")
-    return refcache.cache_header(spec=spec, model=model, tokenizer=tok, data_fingerprint="arith-test", tokenize={},
-                                 train_pairs=pairs[:6], eval_pairs=pairs[6:], fields=fields)
+    return refcache.cache_header(
+        spec=spec,
+        model=model,
+        tokenizer=tok,
+        data_fingerprint="arith-test",
+        tokenize={},
+        train_pairs=pairs[:6],
+        eval_pairs=pairs[6:],
+        fields=fields,
+    )
 
 
 def test_cache_key_changes_with_the_needed_fields_only(setup):
@@ -148,9 +177,18 @@ def test_cached_fields_equal_the_live_reference(setup, tmp_path, fields):
     model, tok, pairs = setup
     live_model = PairLogpsModel(model, fields=fields)
     header = _header(model, tok, pairs, fields)
-    kwargs = dict(directory=tmp_path, header=header, logps=live_model, model=model, train_pairs=pairs[:6],
-                  eval_pairs=pairs[6:], pad_id=tok.pad_token_id, micro_batch_size=2, packing=True,
-                  device=torch.device("cpu"))
+    kwargs = dict(
+        directory=tmp_path,
+        header=header,
+        logps=live_model,
+        model=model,
+        train_pairs=pairs[:6],
+        eval_pairs=pairs[6:],
+        pad_id=tok.pad_token_id,
+        micro_batch_size=2,
+        packing=True,
+        device=torch.device("cpu"),
+    )
     cache = refcache.build(**kwargs)
     reloaded = refcache.build(**kwargs)  # from the file this time
     assert torch.equal(reloaded.values, cache.values) and cache.values.shape == (8, 4 + 2 * len(fields))

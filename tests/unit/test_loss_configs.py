@@ -26,10 +26,12 @@ def _split(cell):
         depth += ch == "("
         depth -= ch == ")"
         if ch == "," and depth == 0:
-            items.append(cur.strip()); cur = ""
+            items.append(cur.strip())
+            cur = ""
         else:
             cur += ch
     return items + ([cur.strip()] if cur.strip() else [])
+
 
 def _value(text):
     text = text.split(";")[0].strip()
@@ -41,6 +43,7 @@ def _value(text):
         return float(text) if any(c in text for c in ".e") else int(text)
     except ValueError:
         return None  # not a default (e.g. mix's "list of {key, weight, ...}")
+
 
 def documented_defaults(path: Path) -> dict[str, dict]:
     """{key: {hyper-parameter: default}} from the tables' `key` and `hyper-parameters (default)` columns."""
@@ -54,7 +57,7 @@ def documented_defaults(path: Path) -> dict[str, dict]:
         for item in _split(cells[2]):
             name = re.match(r"[a-z_]+", item)
             if name and "(" in item:
-                value = _value(item[item.index("(") + 1:item.rindex(")")])
+                value = _value(item[item.index("(") + 1 : item.rindex(")")])
                 if value is not None:
                     hparams[name.group(0)] = value
         out.setdefault(keys[0], {}).update(hparams)
@@ -62,13 +65,39 @@ def documented_defaults(path: Path) -> dict[str, dict]:
 
 
 DOCUMENTED = documented_defaults(DOCS)
-FIRST_BATCH_KEYS = {"dpo", "cdpo", "robust", "ipo", "slic", "caldpo", "simpo", "alpha_dpo", "bpo", "dpop", "rdpo", "orpo",
-                    "nca", "apo_zero", "apo_down", "rpo", "typo"}
+FIRST_BATCH_KEYS = {
+    "dpo",
+    "cdpo",
+    "robust",
+    "ipo",
+    "slic",
+    "caldpo",
+    "simpo",
+    "alpha_dpo",
+    "bpo",
+    "dpop",
+    "rdpo",
+    "orpo",
+    "nca",
+    "apo_zero",
+    "apo_down",
+    "rpo",
+    "typo",
+}
 # Not in the tables: `sft` (a mixture's component, no hyper-parameters) and the mixtures' component lists.
-SPEC_DEFAULTS = {**DOCUMENTED, "sft": {},
-                 "mix": {"beta": None, "components": [{"key": "dpo", "weight": 1.0}]},
-                 "mpo": {"beta": None, "components": [{"key": "dpo", "weight": 0.8}, {"key": "bco_pair", "weight": 0.2},
-                                                      {"key": "sft", "weight": 1.0}]}}
+SPEC_DEFAULTS = {
+    **DOCUMENTED,
+    "sft": {},
+    "mix": {"beta": None, "components": [{"key": "dpo", "weight": 1.0}]},
+    "mpo": {
+        "beta": None,
+        "components": [
+            {"key": "dpo", "weight": 0.8},
+            {"key": "bco_pair", "weight": 0.2},
+            {"key": "sft", "weight": 1.0},
+        ],
+    },
+}
 REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
 NEEDS = {"ld_dpo": ("prefix_logps",), "wpo": ("head_logps",)}
 COMPOSITE = {"mix", "mpo"}  # reference and needs come from their components
@@ -137,10 +166,19 @@ def test_every_yaml_instantiates_under_a_root_config(key, top_beta):
     assert loss.hparams == expected
     # and it runs on a batch (with the optional fields, m = min(n_w, n_l) = 2 and 4)
     t = lambda *v: torch.tensor(v)  # noqa: E731
-    policy = PairLogps(t(-5.0, -7.0), t(-6.0, -6.5), t(3, 4), t(2, 5), chosen_prefix=t(-4.0, -7.0),
-                       rejected_prefix=t(-6.0, -6.0), chosen_head=t(-1.0, -0.5), rejected_head=t(-2.0, -1.0))
-    reference = PairLogps(t(-5.5, -6.0), t(-5.0, -7.0), t(3, 4), t(2, 5), chosen_prefix=t(-4.5, -6.0),
-                          rejected_prefix=t(-5.0, -6.5))
+    policy = PairLogps(
+        t(-5.0, -7.0),
+        t(-6.0, -6.5),
+        t(3, 4),
+        t(2, 5),
+        chosen_prefix=t(-4.0, -7.0),
+        rejected_prefix=t(-6.0, -6.0),
+        chosen_head=t(-1.0, -0.5),
+        rejected_head=t(-2.0, -1.0),
+    )
+    reference = PairLogps(
+        t(-5.5, -6.0), t(-5.0, -7.0), t(3, 4), t(2, 5), chosen_prefix=t(-4.5, -6.0), rejected_prefix=t(-5.0, -6.5)
+    )
     out = loss(policy, reference if loss.reference else None)
     assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
 
@@ -175,8 +213,11 @@ def test_bad_beta_for_every_key(key, name, value, message):
         ("bpo", {"alpha": 0}, "loss.alpha must be in (0, 1] (got 0)"),
         ("bpo", {"alpha": 1.5}, "loss.alpha must be in (0, 1] (got 1.5)"),
         ("bpo", {"alpha": -0.3}, "loss.alpha must be in (0, 1]"),
-        ("bpo", {"form": "relu"},
-         "loss.form must be one of logistic, hinge, square, exponential, truncated_quadratic, savage (got 'relu')"),
+        (
+            "bpo",
+            {"form": "relu"},
+            "loss.form must be one of logistic, hinge, square, exponential, truncated_quadratic, savage (got 'relu')",
+        ),
         ("cdpo", {"label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5) (got 0.5)"),
         ("cdpo", {"label_smoothing": -0.1}, "loss.label_smoothing must be in [0, 0.5)"),
         ("robust", {"label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5) (got 0.5)"),
@@ -209,7 +250,9 @@ def test_unknown_hyperparameter_lists_the_valid_ones():
 
 
 def test_unknown_key_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"unknown loss 'kto'; available: alpha_dpo, aot, aot_unpaired, apo_down, .*typo, wpo$"):
+    with pytest.raises(
+        ConfigError, match=r"unknown loss 'kto'; available: alpha_dpo, aot, aot_unpaired, apo_down, .*typo, wpo$"
+    ):
         get_loss("kto")
 
 
@@ -245,8 +288,10 @@ def test_stateless_losses_have_empty_state():
 
 
 @pytest.mark.skipif(not (conf_dir() / "config.yaml").is_file(), reason="no root config yet")
-@pytest.mark.parametrize("overrides, beta", [(["loss=simpo"], 2.0), (["loss=simpo", "beta=0.3"], 0.3),
-                                             (["loss=bpo", "beta=0.05", "loss.form=savage"], 0.05)])
+@pytest.mark.parametrize(
+    "overrides, beta",
+    [(["loss=simpo"], 2.0), (["loss=simpo", "beta=0.3"], 0.3), (["loss=bpo", "beta=0.05", "loss.form=savage"], 0.05)],
+)
 def test_composed_run_config_reads_top_level_beta(overrides, beta):
     from hydra import compose, initialize_config_dir
 
@@ -258,13 +303,18 @@ def test_composed_run_config_reads_top_level_beta(overrides, beta):
         assert loss.hparams["form"] == "savage"
 
 
-@pytest.mark.parametrize("overrides, betas", [
-    (["loss=mpo"], {"dpo": 0.1, "bco_pair": 0.1}),  # no top-level beta: each component's own default
-    (["loss=mpo", "beta=0.05"], {"dpo": 0.05, "bco_pair": 0.05}),  # the top-level beta reaches the components
-    (["loss=mix", "beta=0.3"], {"dpo": 0.3}),
-    (["loss=mix", "beta=0.3", "loss.components=[{key: dpo, weight: 1.0, beta: 0.2}, {key: simpo, weight: 0.5}]"],
-     {"dpo": 0.2, "simpo": 0.3}),  # a component's own beta wins
-])
+@pytest.mark.parametrize(
+    "overrides, betas",
+    [
+        (["loss=mpo"], {"dpo": 0.1, "bco_pair": 0.1}),  # no top-level beta: each component's own default
+        (["loss=mpo", "beta=0.05"], {"dpo": 0.05, "bco_pair": 0.05}),  # the top-level beta reaches the components
+        (["loss=mix", "beta=0.3"], {"dpo": 0.3}),
+        (
+            ["loss=mix", "beta=0.3", "loss.components=[{key: dpo, weight: 1.0, beta: 0.2}, {key: simpo, weight: 0.5}]"],
+            {"dpo": 0.2, "simpo": 0.3},
+        ),  # a component's own beta wins
+    ],
+)
 def test_top_level_beta_reaches_mixture_components(overrides, betas):
     from hydra import compose, initialize_config_dir
 

@@ -30,8 +30,25 @@ EXTRA = [
 ]
 REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
 # The keys of the spec's first table; the second batch has its own file (test_losses_second.py).
-FIRST_BATCH = ["dpo", "cdpo", "robust", "ipo", "slic", "caldpo", "simpo", "alpha_dpo", "bpo", "dpop", "rdpo", "orpo",
-               "nca", "apo_zero", "apo_down", "rpo", "typo"]
+FIRST_BATCH = [
+    "dpo",
+    "cdpo",
+    "robust",
+    "ipo",
+    "slic",
+    "caldpo",
+    "simpo",
+    "alpha_dpo",
+    "bpo",
+    "dpop",
+    "rdpo",
+    "orpo",
+    "nca",
+    "apo_zero",
+    "apo_down",
+    "rpo",
+    "typo",
+]
 
 
 def batch(pairs=PAIRS, grad=False, dtype=torch.float64, extra=None):
@@ -39,9 +56,19 @@ def batch(pairs=PAIRS, grad=False, dtype=torch.float64, extra=None):
     t = lambda i: torch.tensor(col[i], dtype=dtype)  # noqa: E731
     ext = list(zip(*(extra if extra is not None else EXTRA[: len(pairs)])))
     e = lambda i: torch.tensor(ext[i], dtype=dtype) if ext else None  # noqa: E731
-    policy = PairLogps(t(0).requires_grad_(grad), t(1).requires_grad_(grad), torch.tensor(col[4]), torch.tensor(col[5]),
-                       chosen_prefix=e(0), rejected_prefix=e(1), chosen_head=e(4), rejected_head=e(5))
-    reference = PairLogps(t(2), t(3), torch.tensor(col[4]), torch.tensor(col[5]), chosen_prefix=e(2), rejected_prefix=e(3))
+    policy = PairLogps(
+        t(0).requires_grad_(grad),
+        t(1).requires_grad_(grad),
+        torch.tensor(col[4]),
+        torch.tensor(col[5]),
+        chosen_prefix=e(0),
+        rejected_prefix=e(1),
+        chosen_head=e(4),
+        rejected_head=e(5),
+    )
+    reference = PairLogps(
+        t(2), t(3), torch.tensor(col[4]), torch.tensor(col[5]), chosen_prefix=e(2), rejected_prefix=e(3)
+    )
     return policy, reference
 
 
@@ -348,7 +375,7 @@ def test_loss_specific_metrics_by_hand():
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out, _ = run("orpo")
     aw, al = [p[0] / p[4] for p in PAIRS], [p[1] / p[5] for p in PAIRS]
-    zs = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(aw, al)]
+    zs = [(w - r) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(r))) for w, r in zip(aw, al)]
     assert out.metrics["orpo/log_odds"].item() == pytest.approx(mean(zs), rel=1e-6)
     assert out.metrics["orpo/nll"].item() == pytest.approx(mean([-p[0] / p[4] for p in PAIRS]), rel=1e-6)
     out, _ = run("rpo")

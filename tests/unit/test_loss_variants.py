@@ -31,8 +31,9 @@ def test_divergence_worked_numbers():
         assert out.loss.item() == pytest.approx(value, rel=1e-12), divergence
 
 
-@pytest.mark.parametrize("divergence, a", [("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.5), ("alpha", 2.0),
-                                           ("alpha", -1.0)])
+@pytest.mark.parametrize(
+    "divergence, a", [("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.5), ("alpha", 2.0), ("alpha", -1.0)]
+)
 def test_divergence_values_on_all_pairs(divergence, a):
     hp = {"beta": 0.3, "divergence": divergence, "divergence_alpha": a}
     out, _ = run("dpo", **hp)
@@ -53,8 +54,11 @@ def test_alpha_divergence_tends_to_reverse_kl():
 
 
 def test_bad_divergence_names_the_key():
-    with pytest.raises(ConfigError, match=r"loss.divergence must be one of reverse_kl, forward_kl, js, alpha "
-                                          r"\(got 'kl'\) in loss 'dpo'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss.divergence must be one of reverse_kl, forward_kl, js, alpha "
+        r"\(got 'kl'\) in loss 'dpo'",
+    ):
         get_loss("dpo", divergence="kl")
     with pytest.raises(ConfigError, match=r"loss.divergence_alpha='x': must be a number"):
         get_loss("dpo", divergence="alpha", divergence_alpha="x")
@@ -63,18 +67,21 @@ def test_bad_divergence_names_the_key():
 # ------------------------------------------------------------------ other hyper-parameters, limits
 
 
-@pytest.mark.parametrize("key, hp", [
-    ("exo", {"beta": 0.5, "label_smoothing": 0.1}),
-    ("discopop", {"beta": 0.5, "tau": 0.5}),
-    ("discopop", {"beta": 0.2, "tau": 2.0}),
-    ("cpo", {"beta": 0.5, "nll_weight": 0.3}),
-    ("ld_dpo", {"beta": 0.3, "ld_alpha": 0.2}),
-    ("ld_dpo", {"beta": 0.3, "ld_alpha": 0.0}),
-    ("wpo", {"beta": 0.7}),
-    ("sppo", {"beta": 0.25}),
-    ("bco_pair", {"beta": 0.7}),
-    ("dpo_norm", {"beta": 0.7}),
-])
+@pytest.mark.parametrize(
+    "key, hp",
+    [
+        ("exo", {"beta": 0.5, "label_smoothing": 0.1}),
+        ("discopop", {"beta": 0.5, "tau": 0.5}),
+        ("discopop", {"beta": 0.2, "tau": 2.0}),
+        ("cpo", {"beta": 0.5, "nll_weight": 0.3}),
+        ("ld_dpo", {"beta": 0.3, "ld_alpha": 0.2}),
+        ("ld_dpo", {"beta": 0.3, "ld_alpha": 0.0}),
+        ("wpo", {"beta": 0.7}),
+        ("sppo", {"beta": 0.25}),
+        ("bco_pair", {"beta": 0.7}),
+        ("dpo_norm", {"beta": 0.7}),
+    ],
+)
 def test_values_with_other_hyperparameters(key, hp):
     out, _ = run(key, **hp)
     assert out.loss.tolist() == pytest.approx([hand(key, p, **hp) for p in PAIRS], rel=1e-10, abs=1e-12)
@@ -152,10 +159,20 @@ def test_wpo_weights_are_detached():
 
 # Expected sign of ∂loss/∂ℓ_w and ∂loss/∂ℓ_l on every pair of PAIRS.
 GRAD_SIGNS = {
-    ("dpo", "forward_kl"): (-1, 1), ("dpo", "js"): (-1, 1), ("dpo", "alpha"): (-1, 1),
-    "exo": (-1, 1), "bco_pair": (-1, 1), "sppo": (-1, 1),  # r̂_w < 1/(2β) = 5 and r̂_l > −5 everywhere
-    "aot": (-1, 1), "aot_unpaired": (-1, 1), "discopop": (-1, 1), "dpo_norm": (-1, 1), "cpo": (-1, 1),
-    "ld_dpo": (-1, 1), "wpo": (-1, 1), "mpo": (-1, 1),
+    ("dpo", "forward_kl"): (-1, 1),
+    ("dpo", "js"): (-1, 1),
+    ("dpo", "alpha"): (-1, 1),
+    "exo": (-1, 1),
+    "bco_pair": (-1, 1),
+    "sppo": (-1, 1),  # r̂_w < 1/(2β) = 5 and r̂_l > −5 everywhere
+    "aot": (-1, 1),
+    "aot_unpaired": (-1, 1),
+    "discopop": (-1, 1),
+    "dpo_norm": (-1, 1),
+    "cpo": (-1, 1),
+    "ld_dpo": (-1, 1),
+    "wpo": (-1, 1),
+    "mpo": (-1, 1),
 }
 
 
@@ -239,9 +256,14 @@ def test_mpo_by_hand_and_its_metrics():
 
 
 def test_mix_same_key_twice_and_stateful_component():
-    loss = get_loss("mix", components=[{"key": "dpo", "weight": 0.5, "beta": 0.1},
-                                       {"key": "dpo", "weight": 0.5, "beta": 0.3},
-                                       {"key": "alpha_dpo", "weight": 1.0}])
+    loss = get_loss(
+        "mix",
+        components=[
+            {"key": "dpo", "weight": 0.5, "beta": 0.1},
+            {"key": "dpo", "weight": 0.5, "beta": 0.3},
+            {"key": "alpha_dpo", "weight": 1.0},
+        ],
+    )
     policy, reference = batch()
     out = loss(policy, reference)
     assert {"dpo/loss", "dpo_1/loss", "alpha_dpo/loss", "alpha_dpo/mu"} <= set(out.metrics)
@@ -251,8 +273,10 @@ def test_mix_same_key_twice_and_stateful_component():
     torch.testing.assert_close(out.loss, torch.tensor(want, dtype=torch.float64) + alpha_out.loss)
     state = loss.state_dict()
     assert set(state) == {"alpha_dpo"} and state["alpha_dpo"] == alpha.state_dict()
-    fresh = get_loss("mix", components=[{"key": "dpo", "weight": 0.5}, {"key": "dpo", "weight": 0.5},
-                                        {"key": "alpha_dpo", "weight": 1.0}])
+    fresh = get_loss(
+        "mix",
+        components=[{"key": "dpo", "weight": 0.5}, {"key": "dpo", "weight": 0.5}, {"key": "alpha_dpo", "weight": 1.0}],
+    )
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
     loss.eval()
@@ -261,14 +285,17 @@ def test_mix_same_key_twice_and_stateful_component():
     assert loss.state_dict() == before  # eval mode reaches the components
 
 
-@pytest.mark.parametrize("components, message", [
-    ([], "loss.components must be a non-empty list"),
-    ([{"key": "dpo"}], "loss.components.0 must have a key and a weight"),
-    ([{"key": "dpo", "weight": 1.0}, {"key": "kto", "weight": 1.0}], "loss.components.1: unknown loss 'kto'"),
-    ([{"key": "dpo", "weight": 1.0, "gamma": 2.0}], "loss.components.0: loss 'dpo' has no hyper-parameter gamma"),
-    ([{"key": "dpo", "weight": "heavy"}], "loss.components.0.weight must be a finite number"),
-    ([{"key": "mix", "weight": 1.0}], "a mixture cannot contain a mixture"),
-])
+@pytest.mark.parametrize(
+    "components, message",
+    [
+        ([], "loss.components must be a non-empty list"),
+        ([{"key": "dpo"}], "loss.components.0 must have a key and a weight"),
+        ([{"key": "dpo", "weight": 1.0}, {"key": "kto", "weight": 1.0}], "loss.components.1: unknown loss 'kto'"),
+        ([{"key": "dpo", "weight": 1.0, "gamma": 2.0}], "loss.components.0: loss 'dpo' has no hyper-parameter gamma"),
+        ([{"key": "dpo", "weight": "heavy"}], "loss.components.0.weight must be a finite number"),
+        ([{"key": "mix", "weight": 1.0}], "a mixture cannot contain a mixture"),
+    ],
+)
 def test_bad_components_are_one_clear_line(components, message):
     with pytest.raises(ConfigError) as err:
         get_loss("mix", components=components)
@@ -276,7 +303,9 @@ def test_bad_components_are_one_clear_line(components, message):
 
 
 def test_mix_from_the_command_line_and_a_weight_sweep():
-    cfg = compose_cfg(["loss=mix", "loss.components=[{key: dpo, weight: 0.8, beta: 0.2}, {key: bco_pair, weight: 0.2}]"])
+    cfg = compose_cfg(
+        ["loss=mix", "loss.components=[{key: dpo, weight: 0.8, beta: 0.2}, {key: bco_pair, weight: 0.2}]"]
+    )
     assert hydra.utils.instantiate(cfg.loss).hparams["components"][0] == {"key": "dpo", "weight": 0.8, "beta": 0.2}
     # A sweep over one component's weight, as `python -m prefopt.run -m loss=mpo loss.components.0.weight=0.5,0.8`
     # expands it: Hydra's own parser, then one composed config per value.
@@ -295,7 +324,9 @@ def test_mix_from_the_command_line_and_a_weight_sweep():
 
 def test_mix_with_field_losses_passes_the_fields():
     policy, reference = batch()
-    mixed = get_loss("mix", components=[{"key": "ld_dpo", "weight": 0.5, "ld_alpha": 0.3}, {"key": "wpo", "weight": 2.0}])
+    mixed = get_loss(
+        "mix", components=[{"key": "ld_dpo", "weight": 0.5, "ld_alpha": 0.3}, {"key": "wpo", "weight": 2.0}]
+    )
     want = [0.5 * hand("ld_dpo", p, ld_alpha=0.3) + 2.0 * hand("wpo", p) for p in PAIRS]
     assert mixed(policy, reference).loss.tolist() == pytest.approx(want, rel=1e-12)
     assert isinstance(policy, PairLogps)

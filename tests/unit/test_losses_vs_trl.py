@@ -30,9 +30,14 @@ class _Head(torch.nn.Module):
 
     def __init__(self, log_probs, log_sum_sq):
         super().__init__()
-        self.out = types.SimpleNamespace(log_probs=log_probs, log_sum_sq_probs=log_sum_sq,
-                                         entropy=torch.zeros_like(log_probs), mean_logits=torch.zeros_like(log_probs),
-                                         is_top1=torch.zeros_like(log_probs, dtype=torch.bool), aux_loss=None)
+        self.out = types.SimpleNamespace(
+            log_probs=log_probs,
+            log_sum_sq_probs=log_sum_sq,
+            entropy=torch.zeros_like(log_probs),
+            mean_logits=torch.zeros_like(log_probs),
+            is_top1=torch.zeros_like(log_probs, dtype=torch.bool),
+            aux_loss=None,
+        )
 
     def forward(self, **kwargs):
         return self.out
@@ -45,7 +50,7 @@ def make_batch(n_pairs, seed, max_len=7, dtype=torch.float64):
     total = PROMPT + max_len
     mask = torch.zeros(2 * n_pairs, total, dtype=torch.long)
     for i, n in enumerate(lengths.tolist()):
-        mask[i, PROMPT: PROMPT + n] = 1
+        mask[i, PROMPT : PROMPT + n] = 1
     shift = mask[:, 1:].double()
     policy = -torch.rand(2 * n_pairs, total - 1, generator=g, dtype=torch.float64) * 3 * shift
     reference = -torch.rand(2 * n_pairs, total - 1, generator=g, dtype=torch.float64) * 3 * shift
@@ -63,27 +68,60 @@ def prefopt_logps(mask, per_token, log_sum_sq=None) -> PairLogps:
     prefix = (per_token * ((position > 0) & (position <= m[:, None]))).sum(1)
     head = ((per_token - log_sum_sq) * shift).sum(1) if log_sum_sq is not None else None
     sums = (per_token * shift).sum(1)
-    return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:], chosen_prefix=prefix[:b], rejected_prefix=prefix[b:],
-                     chosen_head=None if head is None else head[:b], rejected_head=None if head is None else head[b:])
+    return PairLogps(
+        sums[:b],
+        sums[b:],
+        counts[:b],
+        counts[b:],
+        chosen_prefix=prefix[:b],
+        rejected_prefix=prefix[b:],
+        chosen_head=None if head is None else head[:b],
+        rejected_head=None if head is None else head[b:],
+    )
 
 
-def trl_loss(mask, policy, reference, log_sum_sq, *, loss_type="sigmoid", loss_weights=None, beta=0.1,
-             label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, discopop_tau=0.05,
-             ld_alpha=None, use_weighting=False):
+def trl_loss(
+    mask,
+    policy,
+    reference,
+    log_sum_sq,
+    *,
+    loss_type="sigmoid",
+    loss_weights=None,
+    beta=0.1,
+    label_smoothing=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=1.0,
+    discopop_tau=0.05,
+    ld_alpha=None,
+    use_weighting=False,
+):
     """TRL 1.16's `_compute_loss` on these log-probs: (batch-mean loss, its metrics)."""
     loss_types = loss_type if isinstance(loss_type, list) else [loss_type]
     trainer = object.__new__(DPOTrainer)
     policy_model, ref_model = _Head(policy, log_sum_sq), _Head(reference, log_sum_sq)
     policy_model.train()
     trainer.__dict__.update(
-        model=policy_model, ref_model=ref_model, accelerator=types.SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
+        model=policy_model,
+        ref_model=ref_model,
+        accelerator=types.SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x
+        ),
         args=types.SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
-        aux_loss_enabled=False, ld_alpha=ld_alpha, precompute_ref_logps=False, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
-        loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=use_weighting, _metrics={"train": __import__("collections").defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1)
+        aux_loss_enabled=False,
+        ld_alpha=ld_alpha,
+        precompute_ref_logps=False,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=use_weighting,
+        _metrics={"train": __import__("collections").defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask}
     loss = DPOTrainer._compute_loss(trainer, policy_model, inputs, return_outputs=False)
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -120,24 +158,44 @@ CASES = [
     ({"loss_type": "sigmoid_norm", "beta": 0.3}, "dpo_norm", {"beta": 0.3}),
     ({"loss_type": "sigmoid", "f_divergence_type": "forward_kl"}, "dpo", {"divergence": "forward_kl"}),
     ({"loss_type": "sigmoid", "f_divergence_type": "js_divergence"}, "dpo", {"divergence": "js"}),
-    ({"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
-     "dpo", {"divergence": "alpha", "divergence_alpha": 0.5}),
-    ({"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.5},
-     "dpo", {"divergence": "alpha", "divergence_alpha": 1.5}),
-    ({"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0},
-     "dpo", {"divergence": "alpha", "divergence_alpha": 1.0}),
+    (
+        {"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
+        "dpo",
+        {"divergence": "alpha", "divergence_alpha": 0.5},
+    ),
+    (
+        {"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.5},
+        "dpo",
+        {"divergence": "alpha", "divergence_alpha": 1.5},
+    ),
+    (
+        {"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0},
+        "dpo",
+        {"divergence": "alpha", "divergence_alpha": 1.0},
+    ),
     ({"loss_type": "sigmoid", "beta": 0.3, "ld_alpha": 0.4}, "ld_dpo", {"beta": 0.3, "ld_alpha": 0.4}),
     ({"loss_type": "sigmoid", "beta": 0.3, "ld_alpha": 1.0}, "ld_dpo", {"beta": 0.3, "ld_alpha": 1.0}),
     ({"loss_type": "sigmoid", "beta": 0.3, "use_weighting": True}, "wpo", {"beta": 0.3}),
     ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}, "mpo", {}),
-    ({"loss_type": ["hinge", "ipo", "apo_zero"], "loss_weights": [0.5, 0.25, 2.0], "beta": 0.2}, "mix",
-     {"components": [{"key": "slic", "weight": 0.5, "beta": 0.2}, {"key": "ipo", "weight": 0.25, "beta": 0.2},
-                     {"key": "apo_zero", "weight": 2.0, "beta": 0.2}]}),
+    (
+        {"loss_type": ["hinge", "ipo", "apo_zero"], "loss_weights": [0.5, 0.25, 2.0], "beta": 0.2},
+        "mix",
+        {
+            "components": [
+                {"key": "slic", "weight": 0.5, "beta": 0.2},
+                {"key": "ipo", "weight": 0.25, "beta": 0.2},
+                {"key": "apo_zero", "weight": 2.0, "beta": 0.2},
+            ]
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize("trl_kwargs, key, hparams", CASES,
-                         ids=[f"{c[0]['loss_type']}-{c[1]}-{i}".replace("'", "") for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "trl_kwargs, key, hparams",
+    CASES,
+    ids=[f"{c[0]['loss_type']}-{c[1]}-{i}".replace("'", "") for i, c in enumerate(CASES)],
+)
 def test_per_pair_loss_equals_trl(trl_kwargs, key, hparams):
     # TRL's alpha divergence runs in float32 only (a float64 batch raises KeyError there): compare in float32
     alpha = trl_kwargs.get("f_divergence_type") == "alpha_divergence"
@@ -154,9 +212,12 @@ def test_aot_batch_loss_equals_trl(loss_type, key, label_smoothing):
     # AOT sorts over the batch: compare whole batches (TRL's batch mean against prefopt's per-quantile losses).
     for seed in range(3):
         mask, policy, reference, lss = make_batch(8, seed)
-        theirs, _ = trl_loss(mask, policy, reference, lss, loss_type=loss_type, beta=0.5, label_smoothing=label_smoothing)
-        out = get_loss(key, beta=0.5, label_smoothing=label_smoothing)(prefopt_logps(mask, policy),
-                                                                       prefopt_logps(mask, reference))
+        theirs, _ = trl_loss(
+            mask, policy, reference, lss, loss_type=loss_type, beta=0.5, label_smoothing=label_smoothing
+        )
+        out = get_loss(key, beta=0.5, label_smoothing=label_smoothing)(
+            prefopt_logps(mask, policy), prefopt_logps(mask, reference)
+        )
         assert float(out.loss.mean()) == pytest.approx(float(theirs), rel=1e-10)
 
 
@@ -166,7 +227,9 @@ def test_rewards_match_trl_and_ld_dpo_differs_on_purpose():
     out = get_loss("dpo", beta=0.3)(prefopt_logps(mask, policy), prefopt_logps(mask, reference))
     assert float(out.chosen_reward.mean()) == pytest.approx(metrics["rewards/chosen"], rel=1e-10)
     assert float(out.rejected_reward.mean()) == pytest.approx(metrics["rewards/rejected"], rel=1e-10)
-    assert float((out.chosen_reward > out.rejected_reward).double().mean()) == pytest.approx(metrics["rewards/accuracies"])
+    assert float((out.chosen_reward > out.rejected_reward).double().mean()) == pytest.approx(
+        metrics["rewards/accuracies"]
+    )
     # LD-DPO: TRL reports rewards on the desensitised sums, prefopt on the plain ones (one scale for all losses).
     _, ld_metrics = trl_loss(mask, policy, reference, lss, beta=0.3, ld_alpha=0.2)
     ld = get_loss("ld_dpo", beta=0.3, ld_alpha=0.2)(prefopt_logps(mask, policy), prefopt_logps(mask, reference))
@@ -197,9 +260,19 @@ def test_head_statistics_equal_trls_fused_lm_head():
     from prefopt.logprobs import pair_logps
     from prefopt.models import ModelSpec, load_model, load_tokenizer
 
-    spec = ModelSpec(arch="qwen2", config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
-                                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                           "tie_word_embeddings": True}, tokenizer="char")
+    spec = ModelSpec(
+        arch="qwen2",
+        config={
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+        tokenizer="char",
+    )
     tok = load_tokenizer(spec)
     model = load_model(spec, vocab_size=len(tok))
     rows, _, _ = ArithmeticData(n_train=6, n_eval=2).load()
@@ -209,7 +282,9 @@ def test_head_statistics_equal_trls_fused_lm_head():
     for _ in range(8):
         opt.zero_grad()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1)
+        ).backward()
         opt.step()
     ours = pair_logps(model, batch, chunk_elements=40, fields=("head_logps",), diagnostics=True)
 

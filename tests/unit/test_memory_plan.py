@@ -25,15 +25,57 @@ def _load():
 mp = _load()
 
 TINY = {
-    "qwen2_untied": ("qwen2", dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-    "qwen2_tied": ("qwen2", dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama": ("llama", dict(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)),
-    "llama_biases_head_dim": ("llama", dict(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                            attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "qwen2_untied": (
+        "qwen2",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2_tied": (
+        "qwen2",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama": (
+        "llama",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama_biases_head_dim": (
+        "llama",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -67,8 +109,11 @@ def test_lora_param_count_equals_peft(name):
 def test_published_counts_are_the_known_sizes():
     counts = {name: mp.param_counts(mp.make_config(t, v))["total"] for name, (t, v) in mp.PUBLISHED.items()}
     # Qwen2.5-7B/-Math-7B 7.62 B, Llama-3.1-8B 8.03 B, Qwen2.5-1.5B/-Math-1.5B 1.54 B (the model cards' sizes)
-    assert counts == {"Qwen2.5-Math-7B": 7_615_616_512, "Llama-3.1-8B(-Instruct)": 8_030_261_248,
-                      "Qwen2.5-Math-1.5B": 1_543_714_304}
+    assert counts == {
+        "Qwen2.5-Math-7B": 7_615_616_512,
+        "Llama-3.1-8B(-Instruct)": 8_030_261_248,
+        "Qwen2.5-Math-1.5B": 1_543_714_304,
+    }
     llama = mp.make_config(*mp.PUBLISHED["Llama-3.1-8B(-Instruct)"])
     assert mp.lora_param_count(llama, 16) == 41_943_040  # what peft prints for r=16 on all linear layers
 
@@ -171,8 +216,9 @@ def test_markdown_and_json(tmp_path, capsys):
     for name in mp.PUBLISHED:
         assert f"{name} FSDP ×8" in header and f"{name} LoRA ×1" in header
     labels = [row.split("|")[1].strip() for row in rows[2:]]
-    expected = (["parameters", "vocabulary"] + [label for _, label in mp.COMPONENTS]
-                + [label for _, label, _ in mp.TOTALS])
+    expected = (
+        ["parameters", "vocabulary"] + [label for _, label in mp.COMPONENTS] + [label for _, label, _ in mp.TOTALS]
+    )
     assert labels == expected
     assert all(row.count("|") == 8 for row in rows)  # label + 6 columns
     assert "152,064" in text and "128,256" in text and "151,936" in text

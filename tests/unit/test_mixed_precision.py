@@ -41,8 +41,9 @@ def test_mixed_precision_setting():
 
 
 def test_a_bf16_run_trains_and_its_cache_key_differs(tiny_run, tmp_path):
-    summary, _ = tiny_run("++hardware.mixed_precision=bf16", f"reference_cache={tmp_path / 'c'}", "steps=2",
-                          run_dir=tmp_path / "bf16")
+    summary, _ = tiny_run(
+        "++hardware.mixed_precision=bf16", f"reference_cache={tmp_path / 'c'}", "steps=2", run_dir=tmp_path / "bf16"
+    )
     assert summary["metrics"]["train/loss"] == pytest.approx(0.6931, abs=0.05)
     tiny_run(f"reference_cache={tmp_path / 'c'}", "steps=1", run_dir=tmp_path / "fp32")
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2  # float32 values are not bf16 values

@@ -81,7 +81,9 @@ def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
     t = n + next(i for i, (a, b) in enumerate(zip(q.chosen_ids, q.rejected_ids)) if a != b)
     tail_c, tail_r = len(q.chosen_ids) - (t - n), len(q.rejected_ids) - (t - n)
     pos = batch.packed.position_ids[0].tolist()
-    assert pos[:t + tail_c] == list(range(t + tail_c)) and pos[t + tail_c: t + tail_c + tail_r] == list(range(t, t + tail_r))
+    assert pos[: t + tail_c] == list(range(t + tail_c)) and pos[t + tail_c : t + tail_c + tail_r] == list(
+        range(t, t + tail_r)
+    )
     mask = batch.packed.mask[0, 0]
     chosen = slice(t, t + tail_c)
     rejected = slice(t + tail_c, t + tail_c + tail_r)
@@ -98,8 +100,12 @@ def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
 def test_a_run_with_packing_equals_one_without(tiny_run, tmp_path, layout):
     def losses(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], k, v) for r in rows for k, v in sorted(r.items()) if k.startswith(("train/loss", "eval/loss",
-                "train/logps", "train/rewards/margins"))]
+        return [
+            (r["step"], k, v)
+            for r in rows
+            for k, v in sorted(r.items())
+            if k.startswith(("train/loss", "eval/loss", "train/logps", "train/rewards/margins"))
+        ]
 
     _, packed = tiny_run(f"train.packing={layout}", run_dir=tmp_path / "packed")
     _, padded = tiny_run("train.packing=false", run_dir=tmp_path / "padded")
@@ -139,7 +145,9 @@ def test_flat_layout_equals_padded_values_and_gradients(setup, attn, which):
     model = load_model(ModelSpec(**{**SPEC, "attn_implementation": attn}), vocab_size=len(tok))
     micro = {"arith": pairs[:5], "odd": odd}[which]
     padded, flat = collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing="flat")
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in micro] + [len(p.prompt_ids) + len(p.rejected_ids) for p in micro]
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in micro] + [
+        len(p.prompt_ids) + len(p.rejected_ids) for p in micro
+    ]
     assert flat.input_ids.shape == (1, sum(lengths)) and flat.packed.mask is None  # no padding at all
     assert flat.num_tokens == padded.num_tokens
     starts = [sum(lengths[:i]) for i in range(len(lengths))]

@@ -29,14 +29,27 @@ CORRECT_TEXTS = {s for ss, vs in zip(SAMPLES, VERDICTS) for s, v in zip(ss, vs) 
 def test_counts_and_drops():
     pairs, stats = build_pairs(PROMPTS, SAMPLES, VERDICTS, seed=0)
     assert stats == PairStats(
-        prompts=4, samples=10, correct=5, wrong=3, no_answer=1, timeout=1, error=0,
-        dropped_all_correct=1, dropped_all_wrong=1, pairs=2,
+        prompts=4,
+        samples=10,
+        correct=5,
+        wrong=3,
+        no_answer=1,
+        timeout=1,
+        error=0,
+        dropped_all_correct=1,
+        dropped_all_wrong=1,
+        pairs=2,
     )
     assert stats.correct + stats.wrong + stats.no_answer + stats.timeout + stats.error == stats.samples
     assert [p["prompt_index"] for p in pairs] == [0, 3]
     assert pairs[1] == {
-        "prompt": "p3", "chosen": "right e", "rejected": "wrong c", "pair_id": "3-0-1",
-        "prompt_index": 3, "chosen_index": 0, "rejected_index": 1,
+        "prompt": "p3",
+        "chosen": "right e",
+        "rejected": "wrong c",
+        "pair_id": "3-0-1",
+        "prompt_index": 3,
+        "chosen_index": 0,
+        "rejected_index": 1,
     }
 
 
@@ -116,7 +129,10 @@ def test_write_pairs_round_trip_and_provenance(tmp_path):
     for row, pair in zip(rows, pairs):
         assert set(row) == {"prompt", "chosen", "rejected", "pair_id"}
         assert (row["prompt"], row["chosen"], row["rejected"], row["pair_id"]) == (
-            pair["prompt"], pair["chosen"], pair["rejected"], pair["pair_id"],
+            pair["prompt"],
+            pair["chosen"],
+            pair["rejected"],
+            pair["pair_id"],
         )
 
     meta = json.loads(meta_path.read_text())
@@ -129,8 +145,14 @@ def test_write_pairs_round_trip_and_provenance(tmp_path):
 
 
 def test_write_pairs_keeps_unicode_and_chat_prompts(tmp_path):
-    pairs = [{"prompt": [{"role": "user", "content": "½ + ½ = ?"}], "chosen": "\\boxed{1} ✓",
-              "rejected": "\\boxed{2}", "pair_id": "0-0-1"}]
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "½ + ½ = ?"}],
+            "chosen": "\\boxed{1} ✓",
+            "rejected": "\\boxed{2}",
+            "pair_id": "0-0-1",
+        }
+    ]
     write_pairs(tmp_path / "p.jsonl", pairs, {"k": 2})
     row = json.loads((tmp_path / "p.jsonl").read_text(encoding="utf-8"))
     assert row["prompt"][0]["content"] == "½ + ½ = ?" and row["chosen"].endswith("✓")

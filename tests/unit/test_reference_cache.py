@@ -19,8 +19,15 @@ from prefopt.errors import ConfigError
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=True)
+CONFIG = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 TOKENIZE = dict(max_length=128, max_prompt_length=64, completion_eos=None, chat_template=True, system_prompt=None)
 
 
@@ -29,8 +36,11 @@ def header(spec_kw=None, data_kw=None, tokenize_kw=None, edit_pairs=None, model_
     if model_dir is not None:
         spec = ModelSpec(name_or_path=str(model_dir), tokenizer="char")
     tok = load_tokenizer(spec)
-    model = load_model(ModelSpec(arch="qwen2", config=CONFIG | dict(spec.config), tokenizer="char"), len(tok)) \
-        if model_dir is not None else load_model(spec, len(tok))
+    model = (
+        load_model(ModelSpec(arch="qwen2", config=CONFIG | dict(spec.config), tokenizer="char"), len(tok))
+        if model_dir is not None
+        else load_model(spec, len(tok))
+    )
     data = ArithmeticData(n_train=6, n_eval=2, **(data_kw or {}))
     train_rows, eval_rows, _ = data.load()
     tok_args = TOKENIZE | (tokenize_kw or {})
@@ -38,14 +48,24 @@ def header(spec_kw=None, data_kw=None, tokenize_kw=None, edit_pairs=None, model_
     evals, _ = tokenize_pairs(eval_rows, tok, **tok_args)
     if edit_pairs:
         train = edit_pairs(train)
-    return refcache.reference_key(refcache.cache_header(spec=spec, model=model, tokenizer=tok,
-                                                    data_fingerprint=data.fingerprint(), tokenize=tok_args,
-                                                    train_pairs=train, eval_pairs=evals))
+    return refcache.reference_key(
+        refcache.cache_header(
+            spec=spec,
+            model=model,
+            tokenizer=tok,
+            data_fingerprint=data.fingerprint(),
+            tokenize=tok_args,
+            train_pairs=train,
+            eval_pairs=evals,
+        )
+    )
 
 
 def _one_token_changed(pairs):
     p = pairs[0]
-    return [TokenizedPair(p.pair_id, p.prompt_ids, p.chosen_ids[:-1] + (p.chosen_ids[-1] + 1,), p.rejected_ids)] + pairs[1:]
+    return [
+        TokenizedPair(p.pair_id, p.prompt_ids, p.chosen_ids[:-1] + (p.chosen_ids[-1] + 1,), p.rejected_ids)
+    ] + pairs[1:]
 
 
 CHANGES = {
@@ -130,8 +150,11 @@ def test_a_cached_run_constructs_no_reference_model(tiny_run, monkeypatch, tmp_p
         return real_deepcopy(obj, *a, **k)
 
     monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
-    monkeypatch.setattr(prefopt.logprobs, "pair_logps",
-                        lambda m, *a, **k: calls.append(torch.is_grad_enabled()) or real_pair(m, *a, **k))
+    monkeypatch.setattr(
+        prefopt.logprobs,
+        "pair_logps",
+        lambda m, *a, **k: calls.append(torch.is_grad_enabled()) or real_pair(m, *a, **k),
+    )
     cache = tmp_path / "cache"
     tiny_run(f"reference_cache={cache}", "eval_every=0", run_dir=tmp_path / "first")  # builds the cache
     assert loads == [1] and frozen == [] and copies == []
@@ -151,14 +174,28 @@ def test_damaged_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
         from prefopt.losses import PairLogps
 
         n = batch.num_pairs
-        return PairLogps(torch.arange(n, dtype=torch.float32), -torch.arange(n, dtype=torch.float32),
-                         torch.full((n,), 2.0), torch.ones(n))
+        return PairLogps(
+            torch.arange(n, dtype=torch.float32),
+            -torch.arange(n, dtype=torch.float32),
+            torch.full((n,), 2.0),
+            torch.ones(n),
+        )
 
     model = torch.nn.Linear(1, 1)
 
     def build():
-        return refcache.build(directory=tmp_path, header=hdr, logps=logps, model=model, train_pairs=pairs[:3],
-                              eval_pairs=pairs[3:], pad_id=0, micro_batch_size=2, packing=False, device="cpu")
+        return refcache.build(
+            directory=tmp_path,
+            header=hdr,
+            logps=logps,
+            model=model,
+            train_pairs=pairs[:3],
+            eval_pairs=pairs[3:],
+            pad_id=0,
+            micro_batch_size=2,
+            packing=False,
+            device="cpu",
+        )
 
     caplog.set_level(logging.INFO, logger="prefopt")
     first = build()
@@ -168,9 +205,12 @@ def test_damaged_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
     lp = first(pairs[3:])
     assert lp.chosen.tolist() == [0.0, 1.0] and lp.rejected_tokens.tolist() == [1.0, 1.0]
 
-    damages = {"truncated": good[: len(good) // 2], "empty": b"",
-               "flipped value": good[:-3] + bytes([good[-3] ^ 0x40]) + good[-2:],
-               "garbage": b"\x00" * len(good)}
+    damages = {
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "flipped value": good[:-3] + bytes([good[-3] ^ 0x40]) + good[-2:],
+        "garbage": b"\x00" * len(good),
+    }
     for name, data in damages.items():
         path.write_bytes(data)
         caplog.clear()
@@ -195,9 +235,21 @@ def test_cache_entry_point_builds_the_cache_a_run_then_loads(tiny_run, tmp_path,
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     from tests.helpers.config import TINY
 
-    res = subprocess.run([sys.executable, "-m", "prefopt.reference", *TINY, f"reference_cache={cache}",
-                          f"hydra.run.dir={tmp_path / 'job'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.reference",
+            *TINY,
+            f"reference_cache={cache}",
+            f"hydra.run.dir={tmp_path / 'job'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "reference log-probs: computed 40 pairs" in res.stdout + res.stderr
     assert len(list(cache.glob("*.safetensors"))) == 1
@@ -213,12 +265,30 @@ def test_a_five_loss_sweep_computes_reference_logps_once(tmp_path):
 
     cache, sweep = tmp_path / "cache", tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "prefopt.run", "-m", "loss=dpo,ipo,slic,caldpo,bpo", *TINY,
-                          "eval_every=0", f"reference_cache={cache}", f"hydra.sweep.dir={sweep}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            "-m",
+            "loss=dpo,ipo,slic,caldpo,bpo",
+            *TINY,
+            "eval_every=0",
+            f"reference_cache={cache}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    logs = {json.loads((d / "summary.json").read_text())["loss"]: (d / "run.log").read_text()
-            for d in sweep.iterdir() if (d / "summary.json").is_file()}
+    logs = {
+        json.loads((d / "summary.json").read_text())["loss"]: (d / "run.log").read_text()
+        for d in sweep.iterdir()
+        if (d / "summary.json").is_file()
+    }
     assert sorted(logs) == ["bpo", "caldpo", "dpo", "ipo", "slic"]
     computed = [k for k, text in logs.items() if "reference log-probs: computed 40 pairs" in text]
     loaded = [k for k, text in logs.items() if "reference log-probs: loaded 40 pairs from cache" in text]

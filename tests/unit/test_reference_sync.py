@@ -18,9 +18,19 @@ from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.reference_providers import MovingReference, choose_reference
 
-SPEC = ModelSpec(arch="qwen2", config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-                 tokenizer="char")
+SPEC = ModelSpec(
+    arch="qwen2",
+    config=dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    tokenizer="char",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +50,18 @@ def trainer(setup, loss="dpo", reference=True, **cfg):
     config = TrainConfig(steps=2, batch_size=4, micro_batch_size=4, progress=False, **cfg)
     loss = get_loss(loss)
     provider = choose_reference(loss, config, model=ref, context=None if reference else (lambda: None))
-    parts = TrainerParts(policy=policy, reference=provider, loss=loss,
-                         optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5),
-                         scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                         train_pairs=pairs, eval_pairs=[], pad_id=tok.pad_token_id, seed=0, max_grad_norm=None)
+    parts = TrainerParts(
+        policy=policy,
+        reference=provider,
+        loss=loss,
+        optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5),
+        scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        train_pairs=pairs,
+        eval_pairs=[],
+        pad_id=tok.pad_token_id,
+        seed=0,
+        max_grad_norm=None,
+    )
     return Trainer(parts, config, Hardware(device="cpu"), "/nonexistent").setup()
 
 
@@ -61,11 +79,14 @@ def test_sync_is_the_soft_update_of_the_spec(setup, alpha):
     assert all(not p.requires_grad for p in t.reference.model.parameters())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(reference_sync_every=-1), "reference_sync.every must be a number of steps >= 1, or null (got -1)"),
-    (dict(reference_sync_every=1, reference_sync_alpha=0.0), "reference_sync.alpha must be in (0, 1] (got 0.0)"),
-    (dict(reference_sync_every=1, reference_sync_alpha=1.5), "reference_sync.alpha must be in (0, 1] (got 1.5)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(reference_sync_every=-1), "reference_sync.every must be a number of steps >= 1, or null (got -1)"),
+        (dict(reference_sync_every=1, reference_sync_alpha=0.0), "reference_sync.alpha must be in (0, 1] (got 0.0)"),
+        (dict(reference_sync_every=1, reference_sync_alpha=1.5), "reference_sync.alpha must be in (0, 1] (got 1.5)"),
+    ],
+)
 def test_bad_values_name_the_key(setup, overrides, message):
     with pytest.raises(ConfigError) as err:
         trainer(setup, **overrides)
@@ -95,7 +116,9 @@ def test_hard_copy_schedule_is_visible_in_the_rewards(tiny_run, tmp_path):
     # steps 3 and 5 (computed before their update) and the evaluations after steps 2, 4, 6 are 0 (to float32
     # rounding: the policy's forward also computes the token metrics, the reference's does not); those of steps
     # 4 and 6 are not (step 1 has learning rate 0, the first of the warm-up, so step 2's are 0 too).
-    _, run = tiny_run("reference_sync.every=2", "reference_sync.alpha=1.0", "steps=6", "lr=1e-2", run_dir=tmp_path / "r")
+    _, run = tiny_run(
+        "reference_sync.every=2", "reference_sync.alpha=1.0", "steps=6", "lr=1e-2", run_dir=tmp_path / "r"
+    )
     train = {r["step"]: r for r in rows(run) if "train/loss" in r}
     evals = [r for r in rows(run) if "eval/loss" in r]
     zero = pytest.approx(0, abs=1e-5)

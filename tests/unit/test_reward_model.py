@@ -25,8 +25,9 @@ def test_bradley_terry_hand_worked():
 def test_checker_agreement_hand_worked():
     # pair 0: chosen right, scored higher: agrees; pair 1: checker says rejected is right, scored lower: disagrees;
     # pair 2: both right: not counted; pair 3: equal scores: half
-    out = checker_agreement([2.0, 3.0, 1.0, 0.0], [1.0, 1.0, 5.0, 0.0], [True, False, True, True],
-                            [False, True, True, False])
+    out = checker_agreement(
+        [2.0, 3.0, 1.0, 0.0], [1.0, 1.0, 5.0, 0.0], [True, False, True, True], [False, True, True, False]
+    )
     assert out == {"agreement": 0.5, "pairs": 3}
 
 
@@ -38,7 +39,9 @@ def test_reward_config_refuses_bad_values():
 
 
 def test_reward_config_refuses_bad_sources_and_sampling():
-    with pytest.raises(ConfigError, match=r"reward.source must be one of contrasts, data, samples, both \(got 'policy'\)"):
+    with pytest.raises(
+        ConfigError, match=r"reward.source must be one of contrasts, data, samples, both \(got 'policy'\)"
+    ):
         RewardConfig(source="policy")
     for bad in (0, 2.5, True):
         with pytest.raises(ConfigError, match=r"reward.contrasts_per_problem must be an integer >= 1"):
@@ -87,9 +90,13 @@ def test_checker_pairs_label_samples_by_the_answer_checker(monkeypatch):
     rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "What is 2 + 2?", "answer": "4"}]
     stub = _Stub([["\\boxed{2}", "\\boxed{3}", "\\boxed{5}"], ["\\boxed{4}", "\\boxed{4}", "\\boxed{4}"]])
     checker = AnswerChecker(workers=1)
-    loop = SimpleNamespace(reward=RewardConfig(k=3, temperature=0.9), load=lambda spec, hw: (None, None),
-                           render=lambda tok, problem: f"<{problem}>", generator=lambda m, t, s: stub,
-                           checker=lambda: checker)
+    loop = SimpleNamespace(
+        reward=RewardConfig(k=3, temperature=0.9),
+        load=lambda spec, hw: (None, None),
+        render=lambda tok, problem: f"<{problem}>",
+        generator=lambda m, t, s: stub,
+        checker=lambda: checker,
+    )
     try:
         pairs, counts = reward_stage.checker_pairs(loop, (None, None, None), rows, seed=7, limit="all")
         # the agreement is measured on answers drawn as the labeller draws its own: its k and temperature
@@ -99,7 +106,9 @@ def test_checker_pairs_label_samples_by_the_answer_checker(monkeypatch):
     assert stub.calls == [(2, 3, 0.9, 7), (2, 2, 0.5, 8)]
     # problem 0: one right, two wrong -> two pairs; problem 1: all right -> dropped
     assert [(p["chosen"], p["rejected"], p["prompt_index"]) for p in pairs] == [
-        ("\\boxed{2}", "\\boxed{3}", 0), ("\\boxed{2}", "\\boxed{5}", 0)]
+        ("\\boxed{2}", "\\boxed{3}", 0),
+        ("\\boxed{2}", "\\boxed{5}", 0),
+    ]
     assert counts["correct"] == 4 and counts["wrong"] == 2 and counts["dropped_all_correct"] == 1
 
 
@@ -108,9 +117,11 @@ def test_unseen_keeps_pairs_whose_answers_were_not_trained_on():
     from prefopt.mathloop.stages.reward_training import unseen
 
     trained = [PreferencePair(prompt="p", chosen="a", rejected="b", pair_id="0")]
-    pairs = [{"prompt": "p", "chosen": "a", "rejected": "c"},   # chosen trained on: out
-             {"prompt": "p", "chosen": "d", "rejected": "c"},   # both new: kept
-             {"prompt": "q", "chosen": "a", "rejected": "b"}]   # another prompt: kept
+    pairs = [
+        {"prompt": "p", "chosen": "a", "rejected": "c"},  # chosen trained on: out
+        {"prompt": "p", "chosen": "d", "rejected": "c"},  # both new: kept
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]  # another prompt: kept
     assert unseen(pairs, trained) == pairs[1:]
 
 
@@ -178,13 +189,18 @@ def test_contrast_pairs_box_the_right_answer_against_a_plausible_mistake():
         by_prompt.setdefault(c.prompt, []).append(c.rejected)
     assert all(len(set(v)) == 3 for v in by_prompt.values())
     # the noise is real: many noisy workings restate the question wrongly or state another result than the box
-    off = [n for n in noisy if not n.chosen.startswith(re.match(r"What is (.*)\?", n.prompt).group(1) + " = ")
-           or working.match(n.chosen).group(4) != working.match(n.chosen).group(5)]
+    off = [
+        n
+        for n in noisy
+        if not n.chosen.startswith(re.match(r"What is (.*)\?", n.prompt).group(1) + " = ")
+        or working.match(n.chosen).group(4) != working.match(n.chosen).group(5)
+    ]
     assert len(off) > len(noisy) // 2
     assert data.contrast_pairs(per_problem=3, seed=5) == pairs and data.contrast_pairs(per_problem=3, seed=6) != pairs
     # more than a problem has: all of its mistakes, no repeats
     assert len(ArithmeticData(n_train=1, n_eval=1).contrast_pairs(per_problem=50, seed=0)) == 2 * len(
-        plausible_mistakes(*ArithmeticData(n_train=1, n_eval=1).split_problems()[0][0]))
+        plausible_mistakes(*ArithmeticData(n_train=1, n_eval=1).split_problems()[0][0])
+    )
 
 
 def test_the_contrasts_source_needs_data_that_makes_contrast_pairs():
@@ -198,7 +214,9 @@ def test_the_contrasts_source_needs_data_that_makes_contrast_pairs():
             return [], [], {}
 
     loop = SimpleNamespace(reward=RewardConfig(source="contrasts", contrasts_per_problem=2, seed=3))
-    with pytest.raises(ConfigError, match=r"reward.source=contrasts needs data that makes contrastive pairs .* not Pairs"):
+    with pytest.raises(
+        ConfigError, match=r"reward.source=contrasts needs data that makes contrastive pairs .* not Pairs"
+    ):
         training_rows(loop, None, Pairs())
     rows, held, counts = training_rows(loop, None, ArithmeticData())
     assert rows == ArithmeticData().contrast_pairs(2, 3) and len(held) == 50
@@ -214,12 +232,25 @@ def test_rm_agreement_script_tabulates_each_seed_from_its_reward_record(tmp_path
 
     monkeypatch.chdir(tmp_path)
     script = script_module("rm_agreement")
-    script.main(["--seeds", "0,1", f"mathloop.cache_dir={tmp_path / 'cache'}", "warmup.steps=5", "reward.steps=3",
-                 "pairs.k=2", "data.source.n_train=12", "data.source.n_eval=6", "reward.contrasts_per_problem=2",
-                 "hardware.threads=1"])
+    script.main(
+        [
+            "--seeds",
+            "0,1",
+            f"mathloop.cache_dir={tmp_path / 'cache'}",
+            "warmup.steps=5",
+            "reward.steps=3",
+            "pairs.k=2",
+            "data.source.n_train=12",
+            "data.source.n_eval=6",
+            "reward.contrasts_per_problem=2",
+            "hardware.threads=1",
+        ]
+    )
     out = capsys.readouterr().out
-    records = {json.loads(p.read_text())["reward"]["seed"]: json.loads(p.read_text())
-               for p in (tmp_path / "cache" / "reward").glob("*/reward.json")}
+    records = {
+        json.loads(p.read_text())["reward"]["seed"]: json.loads(p.read_text())
+        for p in (tmp_path / "cache" / "reward").glob("*/reward.json")
+    }
     assert set(records) == {0, 1} and len(list((tmp_path / "cache" / "warmup").glob("*/warmup.json"))) == 1
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| reward.seed | source | train pairs | held-out data pairs")
@@ -337,6 +368,7 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
     from prefopt.data.batching import tokenize_pairs
     from prefopt.hardware import Hardware
     from prefopt.mathloop.reward.bradley_terry import reward_model_from, train_reward_model
+
     tok = saved_tiny_policy(tmp_path / "policy")
     train, _, _ = ArithmeticData(n_train=12, n_eval=2).load()
     pairs, _ = tokenize_pairs(train, tok, max_length=128, max_prompt_length=64)
@@ -345,6 +377,7 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
     def adamw(params, lr):
         params = list(params)
         opt = torch.optim.AdamW(params, lr=lr)
+
         def snapshot(*_):
             seen.append([p.detach().clone() for p in params])
 
@@ -354,10 +387,12 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
 
     def trained(run_dir, steps, ema):
         model = reward_model_from(tmp_path / "policy", tok.pad_token_id, seed=0)  # the same head every time
-        config = RewardConfig(steps=steps, batch_size=4, micro_batch_size=4, lr=1e-2, warmup_steps=0, ema=ema,
-                              progress=False)
-        result = train_reward_model(model, pairs, [], tok.pad_token_id, config, partial(adamw),
-                                    Hardware(device="cpu"), tmp_path / run_dir)
+        config = RewardConfig(
+            steps=steps, batch_size=4, micro_batch_size=4, lr=1e-2, warmup_steps=0, ema=ema, progress=False
+        )
+        result = train_reward_model(
+            model, pairs, [], tok.pad_token_id, config, partial(adamw), Hardware(device="cpu"), tmp_path / run_dir
+        )
         return [p.detach().clone() for p in model.parameters() if p.requires_grad], result["trainer"]
 
     last, _ = trained("plain", 4, None)
@@ -366,11 +401,12 @@ def test_the_reward_stage_exports_the_moving_average_of_its_weights(tmp_path):
     for weights in seen[1:]:
         expected = [decay * a + (1 - decay) * w for a, w in zip(expected, weights)]
     straight, trainer = trained("straight", 4, decay)
-    for got, want, final in zip(straight, expected, last):
+    for got, want, _final in zip(straight, expected, last):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(got, final) for got, final in zip(straight, last))  # not the last step's weights
     trainer.export(tmp_path / "exported")
     from transformers import AutoModelForSequenceClassification
+
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
     torch.testing.assert_close(reloaded.score.weight, straight[-1])
     trained("resumed", 2, decay)
@@ -385,6 +421,7 @@ def test_the_reward_head_is_drawn_from_the_reward_seed(tmp_path):
     process's random state (a warm-up trained in this process or read from the cache leaves different states), another
     seed another head, and the process's random state is not moved."""
     from prefopt.mathloop.reward.bradley_terry import reward_model_from
+
     tok = saved_tiny_policy(tmp_path)
     torch.manual_seed(1)
     first = reward_model_from(tmp_path, tok.pad_token_id, seed=3).score.weight

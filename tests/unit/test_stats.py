@@ -19,7 +19,7 @@ def test_known_paired_difference_and_exact_mcnemar():
     run, base = outcomes("1111111111"), outcomes("0000000011")
     d = stats.paired_difference([run], [base])
     assert d.estimate == pytest.approx(0.8)
-    assert d.p_value == pytest.approx(2 * 0.5 ** 8)
+    assert d.p_value == pytest.approx(2 * 0.5**8)
     assert 0 < d.low <= 0.8 <= d.high <= 1
     assert d.n == 10 and "McNemar" in d.method
     # one win and one loss cancel: difference 0, p = 1 (binomtest(1, 2))
@@ -103,8 +103,12 @@ def test_preservation_and_improvement_of_one_run():
 
 def _write(path, bits):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"benchmark": path.stem, "index": 10 + i, "correct": b == "1",
-                                        "output": "x"}) + "\n" for i, b in enumerate(bits)))
+    path.write_text(
+        "".join(
+            json.dumps({"benchmark": path.stem, "index": 10 + i, "correct": b == "1", "output": "x"}) + "\n"
+            for i, b in enumerate(bits)
+        )
+    )
 
 
 def test_preservation_metrics_from_per_problem_files(tmp_path):

@@ -18,15 +18,26 @@ def conversations() -> list[PreferencePair]:
     return [
         PreferencePair("START " + LONG + " What is 2 + 2? END", "4.", "5.", "plain-long"),
         PreferencePair("What is 2 + 2?", "4.", "5.", "plain-short"),
-        PreferencePair((system, {"role": "user", "content": "FIRST " + LONG}, {"role": "assistant", "content": LONG},
-                        {"role": "user", "content": "LAST question: what is 3 + 5? END"}), "8.", "9.", "multi-long"),
+        PreferencePair(
+            (
+                system,
+                {"role": "user", "content": "FIRST " + LONG},
+                {"role": "assistant", "content": LONG},
+                {"role": "user", "content": "LAST question: what is 3 + 5? END"},
+            ),
+            "8.",
+            "9.",
+            "multi-long",
+        ),
         PreferencePair((system, {"role": "user", "content": "hi"}), "hello", "bye", "multi-short"),
     ]
 
 
 def template_parts(tok, name: str) -> tuple[int | None, list[int]]:
     """The template's BOS id (None for Qwen) and the token ids of its assistant header."""
-    header = "<|im_start|>assistant\n" if name.startswith("qwen") else "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    header = (
+        "<|im_start|>assistant\n" if name.startswith("qwen") else "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     return tok.bos_token_id if name.startswith("llama") else None, tok(header, add_special_tokens=False).input_ids
 
 
@@ -34,8 +45,14 @@ def template_parts(tok, name: str) -> tuple[int | None, list[int]]:
 def test_every_truncated_prompt_keeps_the_templates_bos_and_assistant_header(real_tokenizer, mode):
     name, tok = real_tokenizer
     bos, header = template_parts(tok, name)
-    pairs, stats = tokenize_pairs(conversations(), tok, max_length=192, max_prompt_length=128, truncation=mode,
-                                  completion_eos="<|im_end|>" if name.startswith("qwen") else "<|eot_id|>")
+    pairs, stats = tokenize_pairs(
+        conversations(),
+        tok,
+        max_length=192,
+        max_prompt_length=128,
+        truncation=mode,
+        completion_eos="<|im_end|>" if name.startswith("qwen") else "<|eot_id|>",
+    )
     assert len(pairs) == 4 and stats.truncated_prompts == 2 and stats.prompt_tokens_cut > 1000
     for p in pairs:
         ids = list(p.prompt_ids)
@@ -44,7 +61,7 @@ def test_every_truncated_prompt_keeps_the_templates_bos_and_assistant_header(rea
             assert "<|endoftext|>" not in tok.decode(ids) and ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
         else:  # Llama-3: exactly one <|begin_of_text|>, first
             assert ids.count(bos) == 1 and ids[0] == bos
-        assert ids[-len(header):] == header, (p.pair_id, tok.decode(ids[-8:]))
+        assert ids[-len(header) :] == header, (p.pair_id, tok.decode(ids[-8:]))
     by_id = {p.pair_id: tok.decode(p.prompt_ids) for p in pairs}
     if mode == "keep_end":  # the question at the end survives; the start of the earliest turn is cut
         assert "what is 3 + 5? END" in by_id["multi-long"] and "FIRST" not in by_id["multi-long"]
@@ -80,13 +97,21 @@ def test_the_char_tokenizers_cut_text_not_template_either():
         pairs, stats = tokenize_pairs(conversations(), tok, max_length=256, max_prompt_length=200)
         assert stats.truncated_prompts == 2
         for p in pairs:
-            assert len(p.prompt_ids) <= 200 and list(p.prompt_ids[-len(header):]) == header
-            assert (bos is None and tok.bos_token_id is None) or (p.prompt_ids.count(bos) == 1 and p.prompt_ids[0] == bos)
+            assert len(p.prompt_ids) <= 200 and list(p.prompt_ids[-len(header) :]) == header
+            assert (bos is None and tok.bos_token_id is None) or (
+                p.prompt_ids.count(bos) == 1 and p.prompt_ids[0] == bos
+            )
 
 
 def test_a_template_longer_than_the_limit_drops_the_pair_instead_of_cutting_it(real_tokenizer):
     name, tok = real_tokenizer
-    many_turns = tuple({"role": r, "content": "x"} for r in ["user", "assistant"] * 20) + ({"role": "user", "content": "q"},)
-    pairs, stats = tokenize_pairs([PreferencePair(many_turns, "a", "b", "t"), PreferencePair("q", "a", "b", "ok")], tok,
-                                  max_length=96, max_prompt_length=64)
+    many_turns = tuple({"role": r, "content": "x"} for r in ["user", "assistant"] * 20) + (
+        {"role": "user", "content": "q"},
+    )
+    pairs, stats = tokenize_pairs(
+        [PreferencePair(many_turns, "a", "b", "t"), PreferencePair("q", "a", "b", "ok")],
+        tok,
+        max_length=96,
+        max_prompt_length=64,
+    )
     assert [p.pair_id for p in pairs] == ["ok"] and stats.dropped_long == 1

@@ -7,8 +7,13 @@ import math
 import pytest
 
 from prefopt.errors import DataError
-from prefopt.mathloop.judging.win_rates import (judged_stats, length_controlled_win_rate, length_feature,
-                                      preference_from_scores, win_rate)
+from prefopt.mathloop.judging.win_rates import (
+    judged_stats,
+    length_controlled_win_rate,
+    length_feature,
+    preference_from_scores,
+    win_rate,
+)
 
 
 def test_win_rate_counts_ties_half():

@@ -1,1 +1,2 @@
-"""Judged evaluation: the judges (`judges`), the run over a prompt set (`pairwise`), win rates with intervals (`win_rates`)."""
+"""Judged evaluation: the judges (`judges`), the run over a prompt set (`pairwise`), win rates with intervals
+(`win_rates`)."""

@@ -18,9 +18,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 
@@ -82,17 +82,20 @@ class RewardModelJudge(JudgeSettings):
     def describe(self) -> dict:
         return {"judge": "reward_model", "name_or_path": self.name_or_path}
 
-    def with_reward_model(self, path: str) -> "RewardModelJudge":
+    def with_reward_model(self, path: str) -> RewardModelJudge:
         """This judge scoring with the reward stage's model at `path` when it names none itself."""
         return self if self.name_or_path else replace(self, name_or_path=path)
 
     def judge(self, prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str], device) -> list[dict]:
-        scorer = named_scorer(self.name_or_path, "evaluation.judge", device, self.batch_size, self.max_length,
-                              self.trust_remote_code)
+        scorer = named_scorer(
+            self.name_or_path, "evaluation.judge", device, self.batch_size, self.max_length, self.trust_remote_code
+        )
         ours = scorer.score(list(prompts), list(policy))
         theirs = scorer.score(list(prompts), list(baseline))
-        return [{"preference": preference_from_scores(a, b), "policy_score": a, "baseline_score": b}
-                for a, b in zip(ours, theirs)]
+        return [
+            {"preference": preference_from_scores(a, b), "policy_score": a, "baseline_score": b}
+            for a, b in zip(ours, theirs)
+        ]
 
 
 @dataclass
@@ -114,8 +117,12 @@ class ChatClient:
 
     def complete(self, content: str) -> str:
         """The endpoint's reply to one user message (temperature 0)."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                "max_tokens": self.max_tokens}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         problem = "no attempt"
         for attempt in range(self.retries + 1):
@@ -138,8 +145,9 @@ class ChatClient:
             try:
                 return response.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
-                raise ConfigError(f"judge endpoint {self.url}: not an OpenAI chat completion: "
-                                  f"{response.text[:200]}") from None
+                raise ConfigError(
+                    f"judge endpoint {self.url}: not an OpenAI chat completion: {response.text[:200]}"
+                ) from None
         raise ConfigError(f"judge endpoint {self.url} did not answer after {self.retries + 1} attempts ({problem})")
 
 
@@ -166,8 +174,9 @@ class OpenAIJudge(JudgeSettings):
         if not self.base_url or not self.model:
             raise ConfigError("evaluation.judge.base_url and evaluation.judge.model are required for judge=openai")
         if self.timeout_s <= 0 or self.retries < 0:
-            raise ConfigError(f"evaluation.judge.timeout_s must be > 0 and retries >= 0, got {self.timeout_s}, "
-                              f"{self.retries}")
+            raise ConfigError(
+                f"evaluation.judge.timeout_s must be > 0 and retries >= 0, got {self.timeout_s}, {self.retries}"
+            )
         self.check()
         self.template = PAIRWISE_PROMPT
         if self.prompt_template:
@@ -182,14 +191,13 @@ class OpenAIJudge(JudgeSettings):
     def describe(self) -> dict:
         return {"judge": "openai", "base_url": self.base_url, "model": self.model}
 
-    def with_reward_model(self, path: str) -> "OpenAIJudge":
+    def with_reward_model(self, path: str) -> OpenAIJudge:
         return self  # judged by the endpoint, not a reward model
 
     def client(self) -> ChatClient:
         assert self.base_url is not None and self.model is not None  # required by __post_init__
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return ChatClient(self.base_url, self.model, key, self.timeout_s, self.retries, self.backoff_s,
-                          self.max_tokens)
+        return ChatClient(self.base_url, self.model, key, self.timeout_s, self.retries, self.backoff_s, self.max_tokens)
 
     def ask(self, client: ChatClient, prompt: str, a: str, b: str) -> str | None:
         return parse_verdict(client.complete(self.template.format(instruction=prompt, answer_a=a, answer_b=b)))
@@ -202,10 +210,19 @@ class OpenAIJudge(JudgeSettings):
         for prompt, ours, theirs in zip(prompts, policy, baseline):
             first = self.ask(client, prompt, ours, theirs)
             second = self.ask(client, prompt, theirs, ours)
-            rows.append({"preference": (as_first[first] + as_second[second]) / 2, "verdict_policy_first": first,
-                         "verdict_policy_second": second})
+            rows.append(
+                {
+                    "preference": (as_first[first] + as_second[second]) / 2,
+                    "verdict_policy_first": first,
+                    "verdict_policy_second": second,
+                }
+            )
         unread = sum((r["verdict_policy_first"] is None) + (r["verdict_policy_second"] is None) for r in rows)
         if unread:
-            log.warning("judge %s: %d of %d replies had no [[A]]/[[B]]/[[C]] (counted as ties)", self.model, unread,
-                        2 * len(rows))
+            log.warning(
+                "judge %s: %d of %d replies had no [[A]]/[[B]]/[[C]] (counted as ties)",
+                self.model,
+                unread,
+                2 * len(rows),
+            )
         return rows

@@ -3,7 +3,8 @@
 Prompts come from a local JSONL/Parquet file or a hub id (`evaluation.judge.prompts`, field
 `evaluation.judge.prompt_field`), else from the run's held-out generated problems. The baseline is a file of
 reference answers (row order = prompt order) or the starting policy's greedy answers. The judge
-(`prefopt.mathloop.judging.judges`) gives a preference per prompt; `prefopt.mathloop.judging.win_rates` the win rates with 95%
+(`prefopt.mathloop.judging.judges`) gives a preference per prompt; `prefopt.mathloop.judging.win_rates` the win rates
+with 95%
 intervals. Per-prompt rows (prompt, both answers, lengths, preference, the judge's scores or verdicts) go to
 `<run_dir>/judged.jsonl`; metrics are `<prefix>/win_rate`, `<prefix>/lc_win_rate`, ... (`eval/judge/...`).
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from prefopt.data.rows import read_rows
 from prefopt.errors import ConfigError, DataError
@@ -41,20 +42,22 @@ def _field_values(path: str, split: str, name: str, key: str, limit: int | None)
 def judge_prompts(settings, generated: Sequence[dict]) -> list[str]:
     """The prompt texts: `settings.prompts`' prompt field, else the generated problems; at most `limit`."""
     if settings.prompts is None:
-        rows = list(generated)[:settings.limit] if settings.limit is not None else list(generated)
+        rows = list(generated)[: settings.limit] if settings.limit is not None else list(generated)
         if not rows:
             raise ConfigError("evaluation.judge.prompts: this run generates no problems; set a prompt file")
         return [r["problem"] for r in rows]
-    return _field_values(settings.prompts, settings.split, settings.prompt_field, "evaluation.judge.prompt_field",
-                         settings.limit)
+    return _field_values(
+        settings.prompts, settings.split, settings.prompt_field, "evaluation.judge.prompt_field", settings.limit
+    )
 
 
 def reference_answers(settings, count: int) -> list[str] | None:
     """The baseline file's answers for the first `count` prompts (None: the baseline is the starting policy)."""
     if settings.baseline is None:
         return None
-    answers = _field_values(settings.baseline, "train", settings.baseline_field, "evaluation.judge.baseline_field",
-                            None)
+    answers = _field_values(
+        settings.baseline, "train", settings.baseline_field, "evaluation.judge.baseline_field", None
+    )
     if len(answers) < count:
         raise DataError(f"{settings.baseline}: {len(answers)} reference answers for {count} prompts")
     return answers[:count]
@@ -65,17 +68,44 @@ def greedy_answers(generator, rendered: Sequence[str], seed: int = 0) -> list[st
     return [texts[0] for texts in done.texts]
 
 
-def judged_evaluation(judge, prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str], device,
-                      out_path: Path | None, prefix: str = "eval/judge") -> tuple[dict, dict]:
+def judged_evaluation(
+    judge,
+    prompts: Sequence[str],
+    policy: Sequence[str],
+    baseline: Sequence[str],
+    device,
+    out_path: Path | None,
+    prefix: str = "eval/judge",
+) -> tuple[dict, dict]:
     """(metrics, details) of `judge` on the answers; per-prompt rows to `out_path` (JSONL)."""
     verdicts = judge.judge(prompts, policy, baseline, device)
     lengths = [len(a) for a in policy], [len(b) for b in baseline]
     stats = judged_stats([v["preference"] for v in verdicts], *lengths, resamples=judge.resamples, seed=judge.seed)
     if out_path is not None:
-        rows = [{"index": i, "prompt": p, "policy": a, "baseline": b, "policy_length": len(a),
-                 "baseline_length": len(b), **v} for i, (p, a, b, v) in enumerate(zip(prompts, policy, baseline, verdicts))]
+        rows = [
+            {
+                "index": i,
+                "prompt": p,
+                "policy": a,
+                "baseline": b,
+                "policy_length": len(a),
+                "baseline_length": len(b),
+                **v,
+            }
+            for i, (p, a, b, v) in enumerate(zip(prompts, policy, baseline, verdicts))
+        ]
         atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    log.info("%s: win rate %.3f [%.3f, %.3f], length-controlled %.3f [%.3f, %.3f] over %d prompts (lengths %.0f vs "
-             "%.0f)", prefix, stats.win_rate, stats.win_rate_low, stats.win_rate_high, stats.lc_win_rate,
-             stats.lc_win_rate_low, stats.lc_win_rate_high, stats.prompts, stats.policy_length, stats.baseline_length)
+    log.info(
+        "%s: win rate %.3f [%.3f, %.3f], length-controlled %.3f [%.3f, %.3f] over %d prompts (lengths %.0f vs %.0f)",
+        prefix,
+        stats.win_rate,
+        stats.win_rate_low,
+        stats.win_rate_high,
+        stats.lc_win_rate,
+        stats.lc_win_rate_low,
+        stats.lc_win_rate_high,
+        stats.prompts,
+        stats.policy_length,
+        stats.baseline_length,
+    )
     return stats.metrics(prefix), {**judge.describe(), **asdict(stats)}

@@ -17,8 +17,8 @@ loss; a judge asked in both orders gives the mean of the two) and the two answer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -73,8 +73,9 @@ def fit_length_model(prefs: npt.ArrayLike, feature: np.ndarray) -> tuple[float, 
     return float(theta[0]), float(theta[1])
 
 
-def length_controlled_win_rate(prefs: npt.ArrayLike, policy_lengths: npt.ArrayLike,
-                               baseline_lengths: npt.ArrayLike) -> float:
+def length_controlled_win_rate(
+    prefs: npt.ArrayLike, policy_lengths: npt.ArrayLike, baseline_lengths: npt.ArrayLike
+) -> float:
     """sigmoid(a) of the fitted length model: the preference at zero length difference."""
     a, _ = fit_length_model(prefs, length_feature(policy_lengths, baseline_lengths))
     return float(expit(a))
@@ -102,14 +103,21 @@ class JudgedStats:
         return {f"{prefix}/{k}": float(v) for k, v in asdict(self).items()}
 
 
-def judged_stats(prefs: Sequence[float], policy_lengths: Sequence[float], baseline_lengths: Sequence[float],
-                 resamples: int = 1000, seed: int = 0) -> JudgedStats:
+def judged_stats(
+    prefs: Sequence[float],
+    policy_lengths: Sequence[float],
+    baseline_lengths: Sequence[float],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> JudgedStats:
     """Win rate, length-controlled win rate, their percentile-bootstrap 95% intervals over prompts, and lengths."""
     p = np.asarray(prefs, dtype=float)
     lp, lb = np.asarray(policy_lengths, dtype=float), np.asarray(baseline_lengths, dtype=float)
     if not (p.size == lp.size == lb.size) or p.size == 0:
-        raise DataError(f"judged statistics need as many preferences, policy lengths and baseline lengths "
-                        f"(> 0), got {p.size}, {lp.size}, {lb.size}")
+        raise DataError(
+            f"judged statistics need as many preferences, policy lengths and baseline lengths "
+            f"(> 0), got {p.size}, {lp.size}, {lb.size}"
+        )
     if ((p < 0) | (p > 1)).any():
         raise DataError("judged statistics: preferences must lie in [0, 1]")
     a, b = fit_length_model(p, length_feature(lp, lb))
@@ -121,11 +129,21 @@ def judged_stats(prefs: Sequence[float], policy_lengths: Sequence[float], baseli
         lc.append(length_controlled_win_rate(p[idx], lp[idx], lb[idx]))
     wr_lo, wr_hi = np.percentile(wr, [2.5, 97.5]) if resamples else (np.nan, np.nan)
     lc_lo, lc_hi = np.percentile(lc, [2.5, 97.5]) if resamples else (np.nan, np.nan)
-    return JudgedStats(prompts=int(p.size), win_rate=float(p.mean()), win_rate_low=float(wr_lo),
-                       win_rate_high=float(wr_hi), lc_win_rate=float(expit(a)), lc_win_rate_low=float(lc_lo),
-                       lc_win_rate_high=float(lc_hi), wins=int((p > 0.5).sum()), ties=int((p == 0.5).sum()),
-                       losses=int((p < 0.5).sum()), policy_length=float(lp.mean()), baseline_length=float(lb.mean()),
-                       length_slope=b)
+    return JudgedStats(
+        prompts=int(p.size),
+        win_rate=float(p.mean()),
+        win_rate_low=float(wr_lo),
+        win_rate_high=float(wr_hi),
+        lc_win_rate=float(expit(a)),
+        lc_win_rate_low=float(lc_lo),
+        lc_win_rate_high=float(lc_hi),
+        wins=int((p > 0.5).sum()),
+        ties=int((p == 0.5).sum()),
+        losses=int((p < 0.5).sum()),
+        policy_length=float(lp.mean()),
+        baseline_length=float(lb.mean()),
+        length_slope=b,
+    )
 
 
 def preference_from_scores(policy_score: float, baseline_score: float) -> float:

@@ -11,9 +11,10 @@ the checker verifies and whose rejected answer it does not, does the model score
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, cast
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -21,11 +22,11 @@ from transformers import AutoModelForSequenceClassification
 
 from prefopt.engine import Trainer, TrainerParts
 from prefopt.errors import ConfigError
+from prefopt.logprobs import packed_hidden, supports_packing
+from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.mathloop.judging.win_rates import preference_from_scores
 from prefopt.mathloop.stages.sampling import validate_pair_limit, validate_sampling
 from prefopt.mathloop.stages.warmup import StageSchedule
-from prefopt.logprobs import packed_hidden, supports_packing
-from prefopt.losses import Loss, LossOutput, PairLogps
 from prefopt.tracking import RunLog
 
 log = logging.getLogger("prefopt")
@@ -34,8 +35,11 @@ log = logging.getLogger("prefopt")
 def bradley_terry(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
     """−log σ(r_w − r_l) per pair, the rewards carried in PairLogps' chosen/rejected (token counts 1)."""
     margin = policy.chosen - policy.rejected
-    return LossOutput(loss=-torch.nn.functional.logsigmoid(margin), chosen_reward=policy.chosen.detach(),
-                      rejected_reward=policy.rejected.detach())
+    return LossOutput(
+        loss=-torch.nn.functional.logsigmoid(margin),
+        chosen_reward=policy.chosen.detach(),
+        rejected_reward=policy.rejected.detach(),
+    )
 
 
 class BradleyTerry(Loss):
@@ -55,8 +59,15 @@ class PairRewardsModel(torch.nn.Module):
     the prompt and the answers' common start computed once.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_elements=None, autocast=None, compile: bool = False,
-                 fields=(), diagnostics: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_elements=None,
+        autocast=None,
+        compile: bool = False,
+        fields=(),
+        diagnostics: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.autocast = autocast  # hardware.mixed_precision=bf16: the forward under torch.autocast
@@ -70,8 +81,10 @@ class PairRewardsModel(torch.nn.Module):
     def _rewards(self, batch) -> PairLogps:
         if batch.packed is not None:
             if not packs(self.model):
-                raise ConfigError(f"the reward stage packs rows only for a classifier with a `score` head, not "
-                                  f"{type(self.model).__name__}: train it with packing=false")
+                raise ConfigError(
+                    f"the reward stage packs rows only for a classifier with a `score` head, not "
+                    f"{type(self.model).__name__}: train it with packing=false"
+                )
             model: Any = self.model  # a transformers sequence classifier
             hidden = packed_hidden(model, model.base_model, batch, lambda: model.score.weight.dtype)
             last = hidden.reshape(-1, hidden.shape[-1])[batch.packed.last_index]
@@ -120,15 +133,22 @@ class RewardConfig(StageSchedule):
         super().__post_init__()
         if self.source not in SOURCES:
             raise ConfigError(f"reward.source must be one of {', '.join(SOURCES)} (got {self.source!r})")
-        if isinstance(self.contrasts_per_problem, bool) or not isinstance(self.contrasts_per_problem, int) \
-                or self.contrasts_per_problem < 1:
-            raise ConfigError(f"reward.contrasts_per_problem must be an integer >= 1 (got {self.contrasts_per_problem!r})")
+        if (
+            isinstance(self.contrasts_per_problem, bool)
+            or not isinstance(self.contrasts_per_problem, int)
+            or self.contrasts_per_problem < 1
+        ):
+            raise ConfigError(
+                f"reward.contrasts_per_problem must be an integer >= 1 (got {self.contrasts_per_problem!r})"
+            )
         validate_sampling(self.k, self.temperature, key="reward")
         validate_pair_limit(self.pairs_per_prompt, "reward.pairs_per_prompt")
-        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
-                                     or not 0 < self.ema < 1):
-            raise ConfigError(f"reward.ema must be a decay between 0 and 1, or null for the last step's weights "
-                              f"(got {self.ema!r})")
+        if self.ema is not None and (
+            isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 < self.ema < 1
+        ):
+            raise ConfigError(
+                f"reward.ema must be a decay between 0 and 1, or null for the last step's weights (got {self.ema!r})"
+            )
 
     def optimizer(self, factory: Callable) -> Callable:
         """The run's optimizer at this stage's learning rate; with `ema`, it also keeps the weights' average."""
@@ -153,8 +173,10 @@ def keep_average(optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.
     start: dict = {}  # the weights before the first step that updates them
     low = sorted({str(p.dtype) for p in _params(optimizer) if p.is_floating_point() and p.dtype != torch.float32})
     if low:
-        raise ConfigError(f"reward.ema averages float32 weights; these are {', '.join(low)} (load the reward model in "
-                          f"float32 and compute in bf16 with hardware.mixed_precision=bf16, or set reward.ema=null)")
+        raise ConfigError(
+            f"reward.ema averages float32 weights; these are {', '.join(low)} (load the reward model in "
+            f"float32 and compute in bf16 with hardware.mixed_precision=bf16, or set reward.ema=null)"
+        )
 
     def before(opt, args, kwargs):
         for p in _params(opt):
@@ -204,19 +226,37 @@ def reward_model_from(policy_dir: Path, pad_id: int, seed: int) -> torch.nn.Modu
     return model
 
 
-def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence, pad_id: int,
-                       config: RewardConfig, optimizer_factory: Callable, hardware, run_dir: Path,
-                       max_grad_norm: float | None = 1.0) -> dict:
+def train_reward_model(
+    model: torch.nn.Module,
+    train_pairs: Sequence,
+    eval_pairs: Sequence,
+    pad_id: int,
+    config: RewardConfig,
+    optimizer_factory: Callable,
+    hardware,
+    run_dir: Path,
+    max_grad_norm: float | None = 1.0,
+) -> dict:
     """Train `model` in place by the Bradley–Terry loss through the engine's Trainer; returns its result."""
     # shared-prefix rows: a clean contrast pair shares all but its box, so a step computes about a quarter fewer
     # tokens (the reward stage takes most of experiment=rm_arith's time)
     train = config.train_config(packing="shared_prefix" if packs(model) else False)
-    parts = TrainerParts(policy=model, loss=BradleyTerry(), optimizer_factory=config.optimizer(optimizer_factory),
-                         scheduler_factory=config.scheduler_factory(), train_pairs=train_pairs, eval_pairs=eval_pairs,
-                         pad_id=pad_id, seed=config.seed, max_grad_norm=max_grad_norm, pair_model=PairRewardsModel)
+    parts = TrainerParts(
+        policy=model,
+        loss=BradleyTerry(),
+        optimizer_factory=config.optimizer(optimizer_factory),
+        scheduler_factory=config.scheduler_factory(),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        pad_id=pad_id,
+        seed=config.seed,
+        max_grad_norm=max_grad_norm,
+        pair_model=PairRewardsModel,
+    )
     trainer = Trainer(parts, train, hardware, run_dir).setup()
-    run_log = RunLog(run_dir, {"reward": vars(config)}, None, enabled=hardware.is_main,
-                     resume_step=trainer.resumed_from)
+    run_log = RunLog(
+        run_dir, {"reward": vars(config)}, None, enabled=hardware.is_main, resume_step=trainer.resumed_from
+    )
     log.info("reward model (Bradley-Terry): %d steps of %d pairs, lr %g", config.steps, config.batch_size, config.lr)
     result = trainer.fit(run_log)
     if config.ema is not None and use_average(trainer.optimizer):  # the exported model is the average
@@ -225,8 +265,12 @@ def train_reward_model(model: torch.nn.Module, train_pairs: Sequence, eval_pairs
     return result
 
 
-def checker_agreement(scores_chosen: Sequence[float], scores_rejected: Sequence[float], chosen_ok: Sequence[bool],
-                      rejected_ok: Sequence[bool]) -> dict:
+def checker_agreement(
+    scores_chosen: Sequence[float],
+    scores_rejected: Sequence[float],
+    chosen_ok: Sequence[bool],
+    rejected_ok: Sequence[bool],
+) -> dict:
     """How often the reward model orders a pair as the checker does, over pairs the checker tells apart.
 
     A pair counts when exactly one answer is verified correct; it agrees when the correct one scores higher

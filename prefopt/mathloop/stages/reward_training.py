@@ -6,7 +6,8 @@ workings; `ArithmeticData.contrast_pairs`), on the run's `data` pairs (synthetic
 worked answer, rejected a wrong one), on the policy's own samples of the training
 problems labelled by the answer checker (`reward.source=samples`: an outcome reward model, as the verifiers of
 Cobbe et al. 2021 are trained), or on both. Agreement with the checker is measured on held-out problems: the data's
-held-out pairs, and every (correct, wrong) pair of the policy's samples of them. Cached under `<mathloop.cache_dir>/reward/<key>` like
+held-out pairs, and every (correct, wrong) pair of the policy's samples of them. Cached under
+`<mathloop.cache_dir>/reward/<key>` like
 the warm-up. Its directory (`model/`, `from_pretrained`-loadable with its tokenizer) is then the reward model of
 every labeller and judge whose `name_or_path` is null (`with_reward_model`).
 """
@@ -26,8 +27,8 @@ from prefopt.errors import ConfigError
 from prefopt.io import atomic_write_text
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
 from prefopt.mathloop.judging.win_rates import preference_from_scores
-from prefopt.mathloop.reward.bradley_terry import checker_agreement, reward_model_from, train_reward_model
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
+from prefopt.mathloop.reward.bradley_terry import checker_agreement, reward_model_from, train_reward_model
 from prefopt.mathloop.reward.scorer import RewardScorer
 from prefopt.mathloop.stages.stage import Stage, stage_key
 from prefopt.stats import clustered_share, proportion
@@ -42,14 +43,23 @@ def measure_sampling(loop) -> dict:
 
 
 def reward_key(loop, spec, data) -> str:
-    return stage_key("reward", {"policy": spec_fingerprint(spec), "data": data_fingerprint(data),
-                                "tokenize": loop.tokenize, "reward": {**vars(loop.reward), "progress": None},
-                                "optimizer": optimizer_fingerprint(loop.optimizer_factory),
-                                "max_grad_norm": loop.max_grad_norm, "measure": measure_sampling(loop)})
+    return stage_key(
+        "reward",
+        {
+            "policy": spec_fingerprint(spec),
+            "data": data_fingerprint(data),
+            "tokenize": loop.tokenize,
+            "reward": {**vars(loop.reward), "progress": None},
+            "optimizer": optimizer_fingerprint(loop.optimizer_factory),
+            "max_grad_norm": loop.max_grad_norm,
+            "measure": measure_sampling(loop),
+        },
+    )
 
 
-def checker_pairs(loop, policy, rows: list[dict], seed: int, limit, k: int | None = None,
-                  temperature: float | None = None) -> tuple[list[dict], dict]:
+def checker_pairs(
+    loop, policy, rows: list[dict], seed: int, limit, k: int | None = None, temperature: float | None = None
+) -> tuple[list[dict], dict]:
     """`policy`'s (model, tokenizer, spec) `k` samples (default `reward.k`) of each problem row at `temperature`
     (default `reward.temperature`), labelled by the answer checker (the `verifier` pair labeller): (correct, wrong)
     pairs (at most `limit` per problem, or "all") and the counts."""
@@ -58,8 +68,9 @@ def checker_pairs(loop, policy, rows: list[dict], seed: int, limit, k: int | Non
     k = loop.reward.k if k is None else k
     temperature = loop.reward.temperature if temperature is None else temperature
     done = loop.generator(model, tokenizer, spec).generate(prompts, n=k, temperature=temperature, seed=seed)
-    pairs, stats, _ = VerifierLabeler().label(rows, done.texts, LabelContext(checker=loop.checker, seed=seed,
-                                                                              max_pairs_per_prompt=limit))
+    pairs, stats, _ = VerifierLabeler().label(
+        rows, done.texts, LabelContext(checker=loop.checker, seed=seed, max_pairs_per_prompt=limit)
+    )
     return pairs, stats.as_dict()
 
 
@@ -74,14 +85,18 @@ def unseen(pairs: list[dict], trained) -> list[dict]:
 def generated_rows(data, split: str) -> list[dict]:
     """The {problem, answer} rows of `split` of the run's generated problems; one line for data without them."""
     if not hasattr(data, "problem_rows"):
-        raise ConfigError(f"mathloop.reward=true needs problems with gold answers (to sample from and to measure the "
-                          f"reward model against the answer checker): the generated arithmetic data (data=arith), not "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"mathloop.reward=true needs problems with gold answers (to sample from and to measure the "
+            f"reward model against the answer checker): the generated arithmetic data (data=arith), not "
+            f"{type(data).__name__}"
+        )
     return data.problem_rows(split)
 
 
 def scorer_for(loop, model_dir: Path, hardware) -> RewardScorer:
-    return RewardScorer.load(str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"])
+    return RewardScorer.load(
+        str(model_dir), hardware.torch_device, batch_size=64, max_length=loop.tokenize["max_length"]
+    )
 
 
 def measure_agreement(loop, scorer: RewardScorer, eval_rows, golds: dict) -> dict:
@@ -109,8 +124,14 @@ def pair_agreement(scorer: RewardScorer, pairs: list[dict]) -> dict:
         hits.setdefault(p["prompt_index"], []).append(preference_from_scores(sc, sr))
     interval = clustered_share([sum(h) for h in hits.values()], [len(h) for h in hits.values()])
     assert interval is not None  # at least one pair was counted
-    return {"agreement": interval.estimate, "low": interval.low, "high": interval.high, "pairs": len(pairs),
-            "problems": len(hits), "method": interval.method}
+    return {
+        "agreement": interval.estimate,
+        "low": interval.low,
+        "high": interval.high,
+        "pairs": len(pairs),
+        "problems": len(hits),
+        "method": interval.method,
+    }
 
 
 def training_rows(loop, policy, data) -> tuple[list, list, dict]:
@@ -118,17 +139,24 @@ def training_rows(loop, policy, data) -> tuple[list, list, dict]:
     train_rows, eval_rows, _ = data.load()
     if loop.reward.source == "contrasts":
         if not hasattr(data, "contrast_pairs"):
-            raise ConfigError(f"reward.source=contrasts needs data that makes contrastive pairs (data=arith), not "
-                              f"{type(data).__name__}: use reward.source=data, samples or both")
+            raise ConfigError(
+                f"reward.source=contrasts needs data that makes contrastive pairs (data=arith), not "
+                f"{type(data).__name__}: use reward.source=data, samples or both"
+            )
         rows = data.contrast_pairs(loop.reward.contrasts_per_problem, loop.reward.seed)
         return rows, eval_rows, {"data_pairs": 0, "contrast_pairs": len(rows)}
     counts: dict[str, Any] = {"data_pairs": len(train_rows) if loop.reward.source != "samples" else 0}
     if loop.reward.source == "data":
         return train_rows, eval_rows, counts
-    pairs, stats = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed,
-                                 loop.reward.pairs_per_prompt)
-    sampled = [PreferencePair(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"],
-                              pair_id=f"reward-sample-{p['pair_id']}") for p in pairs]
+    pairs, stats = checker_pairs(
+        loop, policy, generated_rows(data, "train"), loop.reward.seed, loop.reward.pairs_per_prompt
+    )
+    sampled = [
+        PreferencePair(
+            prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"], pair_id=f"reward-sample-{p['pair_id']}"
+        )
+        for p in pairs
+    ]
     counts.update(sample_pairs=len(sampled), samples=stats)
     return (sampled if loop.reward.source == "samples" else list(train_rows) + sampled), eval_rows, counts
 
@@ -141,28 +169,52 @@ def run_reward(loop, spec, data, hardware, out: Path) -> dict:
     train_rows, eval_rows, counts = training_rows(loop, policy, data)
     # completions end as the reward model's chat template renders an assistant turn, so that training and
     # scoring (prefopt.mathloop.reward.scorer.RewardScorer) read the same last token
-    ending = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                                           tokenize=False).rsplit("y", 1)[1]
+    ending = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+    ).rsplit("y", 1)[1]
     args = dict(loop.tokenize, completion_eos=ending)
     train_pairs, _ = tokenize_pairs(train_rows, tokenizer, **args)
     eval_pairs, _ = tokenize_pairs(eval_rows, tokenizer, **args)
-    model = reward_model_from(Path(spec.name_or_path), tokenizer.pad_token_id,
-                              seed=loop.reward.seed).to(hardware.torch_device)
+    model = reward_model_from(Path(spec.name_or_path), tokenizer.pad_token_id, seed=loop.reward.seed).to(
+        hardware.torch_device
+    )
     t0 = time.perf_counter()
-    result = train_reward_model(model, train_pairs, eval_pairs, tokenizer.pad_token_id, loop.reward,
-                                loop.optimizer_factory, hardware, out, max_grad_norm=loop.max_grad_norm)
+    result = train_reward_model(
+        model,
+        train_pairs,
+        eval_pairs,
+        tokenizer.pad_token_id,
+        loop.reward,
+        loop.optimizer_factory,
+        hardware,
+        out,
+        max_grad_norm=loop.max_grad_norm,
+    )
     result.pop("trainer").export(out / "model")
     tokenizer.save_pretrained(out / "model")
     measured = measure(loop, policy, data, out / "model", train_rows, eval_rows, hardware)
-    log.info("reward model (%d steps on %d pairs, %.0f s): agreement with the answer checker %s",
-             loop.reward.steps, len(train_rows), time.perf_counter() - t0,
-             "; ".join(f"{name} {m['agreement']:.3f} [{m.get('low', float('nan')):.3f}, {m.get('high', float('nan')):.3f}]"
-                       f" over {m['pairs']} pairs" for name, m in measured.items()))
+    log.info(
+        "reward model (%d steps on %d pairs, %.0f s): agreement with the answer checker %s",
+        loop.reward.steps,
+        len(train_rows),
+        time.perf_counter() - t0,
+        "; ".join(
+            f"{name} {m['agreement']:.3f} [{m.get('low', float('nan')):.3f}, {m.get('high', float('nan')):.3f}]"
+            f" over {m['pairs']} pairs"
+            for name, m in measured.items()
+        ),
+    )
     # `metrics` are the trainer's own, of the last step's weights; the agreements are of the exported model
     exported = "last step" if loop.reward.ema is None else f"moving average, decay {loop.reward.ema}"
-    return {"seconds": time.perf_counter() - t0, "metrics": result["metrics"], "exported_weights": exported,
-            **measured, "training": counts,
-            "reward": vars(loop.reward), "measured_on": measure_sampling(loop)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "metrics": result["metrics"],
+        "exported_weights": exported,
+        **measured,
+        "training": counts,
+        "reward": vars(loop.reward),
+        "measured_on": measure_sampling(loop),
+    }
 
 
 def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware) -> dict:
@@ -176,9 +228,11 @@ def measure(loop, policy, data, model_dir: Path, train_rows, eval_rows, hardware
     held, _ = checker_pairs(loop, policy, held_rows, loop.reward.seed + 1, "all", **drawn)
     fresh, _ = checker_pairs(loop, policy, generated_rows(data, "train"), loop.reward.seed + 2, "all", **drawn)
     scorer = scorer_for(loop, model_dir, hardware)
-    return {"agreement": measure_agreement(loop, scorer, eval_rows, golds),
-            "on_policy_agreement": pair_agreement(scorer, held),
-            "fresh_answer_agreement": pair_agreement(scorer, unseen(fresh, train_rows))}
+    return {
+        "agreement": measure_agreement(loop, scorer, eval_rows, golds),
+        "on_policy_agreement": pair_agreement(scorer, held),
+        "fresh_answer_agreement": pair_agreement(scorer, unseen(fresh, train_rows)),
+    }
 
 
 class RewardStage(Stage):
@@ -203,5 +257,8 @@ def cached_reward(loop, spec, data, hardware, run_dir: Path) -> tuple[Path, dict
     key = stage.key(spec, data)
     got = stage.cached(key, lambda out: stage.run(key, spec, data, hardware, out), hardware, run_dir / "reward")
     record = json.loads(stage.done(got.path).read_text())
-    return got.path / "model", {"key": key, "path": str(got.path),
-                                **{name: value for name, value in record.items() if name.endswith("agreement")}}
+    return got.path / "model", {
+        "key": key,
+        "path": str(got.path),
+        **{name: value for name, value in record.items() if name.endswith("agreement")},
+    }

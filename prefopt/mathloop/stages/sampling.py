@@ -1,6 +1,7 @@
 """On-policy preference pairs from verified samples: chosen = verified correct, rejected = verified wrong.
 
-The pairs stage of the verified-math loop (`python -m prefopt.pairs policy=DIR`) samples k completions per prompt from a policy (`prefopt.generate`),
+The pairs stage of the verified-math loop (`python -m prefopt.pairs policy=DIR`) samples k completions per prompt from
+a policy (`prefopt.generate`),
 checks each final answer with `prefopt.verify.AnswerChecker`, and hands prompts, samples and verdicts to
 `build_pairs`; `write_pairs` writes a JSONL file that `data=jsonl data.source.path=...` reads, with its
 provenance beside it. A preference run does the same through `prefopt.mathloop.loop`, cached.
@@ -11,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from prefopt.errors import ConfigError, DataError
 from prefopt.io import atomic_write_text
@@ -57,7 +59,9 @@ class PairsConfig:
     answer_transform: str | None = None
     limit: int | None = None
     output: str | None = None  # the pairs entry point's file (null: pairs.jsonl in its run directory)
-    labeler: Any = None  # how samples become pairs (conf/pairs/labeler/: verifier | reward_model; prefopt.mathloop.labelers)
+    labeler: Any = (
+        None  # how samples become pairs (conf/pairs/labeler/: verifier | reward_model; prefopt.mathloop.labelers)
+    )
 
     def __post_init__(self):
         validate_sampling(self.k, self.temperature)
@@ -69,9 +73,16 @@ class PairsConfig:
         """The BenchmarkSpec of `path` (None when the problems are the generated arithmetic ones)."""
         if self.path is None:
             return None
-        return BenchmarkSpec(name="pairs", path=self.path, split=self.split, problem_field=self.problem_field,
-                             answer_field=self.answer_field, answer_transform=self.answer_transform, limit=self.limit,
-                             key="pairs")
+        return BenchmarkSpec(
+            name="pairs",
+            path=self.path,
+            split=self.split,
+            problem_field=self.problem_field,
+            answer_field=self.answer_field,
+            answer_transform=self.answer_transform,
+            limit=self.limit,
+            key="pairs",
+        )
 
     def fingerprint(self) -> dict:
         """What the pairs depend on (not eval_size or output: they only split or place the same file)."""
@@ -86,8 +97,7 @@ def validate_sampling(k: Any, temperature: Any, key: str = "pairs") -> None:
     """Refuse sampling settings that cannot give a prompt both a right and a wrong sample (`key`: the config node)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise ConfigError(
-            f"{key}.k must be an integer >= 2 (a pair needs two different samples of one prompt), "
-            f"got {k!r}"
+            f"{key}.k must be an integer >= 2 (a pair needs two different samples of one prompt), got {k!r}"
         )
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ConfigError(
@@ -125,8 +135,7 @@ def build_pairs(
     """
     if len(samples) != len(prompts) or len(verdicts) != len(prompts):
         raise DataError(
-            f"build_pairs got {len(prompts)} prompts, {len(samples)} sample lists "
-            f"and {len(verdicts)} verdict lists"
+            f"build_pairs got {len(prompts)} prompts, {len(samples)} sample lists and {len(verdicts)} verdict lists"
         )
     limit = max_pairs_per_prompt
     validate_pair_limit(limit)
@@ -139,7 +148,7 @@ def build_pairs(
             raise DataError(f"prompt {i}: {len(completions)} samples but {len(checks)} verdicts")
         right: list[int] = []
         wrong: list[int] = []
-        for j, (text, verdict) in enumerate(zip(completions, checks)):
+        for j, verdict in enumerate(checks):
             status = _status(verdict, f"prompt {i}, sample {j}")
             setattr(stats, status, getattr(stats, status) + 1)
             (right if status == "correct" else wrong).append(j)
@@ -208,8 +217,14 @@ def write_pairs(
     return meta
 
 
-def sample_pairs(generator, rows: Sequence[dict], prompts: Sequence[str], config: PairsConfig, labeler, context,
-                 ) -> tuple[list[dict], Any, dict]:
+def sample_pairs(
+    generator,
+    rows: Sequence[dict],
+    prompts: Sequence[str],
+    config: PairsConfig,
+    labeler,
+    context,
+) -> tuple[list[dict], Any, dict]:
     """Sample `config.k` completions of each prompt and let `labeler` turn them into pairs.
 
     `prompts[i]` is row i's problem rendered the way the preference run will render it (so the samples

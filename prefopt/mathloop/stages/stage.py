@@ -102,10 +102,17 @@ class WarmupStage(Stage):
 
     def key(self, spec, data) -> str:
         loop = self.loop
-        return stage_key("warmup", {"model": spec_fingerprint(spec), "data": data_fingerprint(data, training=True),
-                                    "tokenize": loop.tokenize, "warmup": {**vars(loop.warmup), "progress": None},
-                                    "optimizer": optimizer_fingerprint(loop.optimizer_factory),
-                                    "max_grad_norm": loop.max_grad_norm})
+        return stage_key(
+            "warmup",
+            {
+                "model": spec_fingerprint(spec),
+                "data": data_fingerprint(data, training=True),
+                "tokenize": loop.tokenize,
+                "warmup": {**vars(loop.warmup), "progress": None},
+                "optimizer": optimizer_fingerprint(loop.optimizer_factory),
+                "max_grad_norm": loop.max_grad_norm,
+            },
+        )
 
     def run(self, key: str, spec, data, hardware, out: Path):
         """Train into out (resumable from its checkpoints), the policy to out/policy; (model, tokenizer, result)."""
@@ -115,8 +122,13 @@ class WarmupStage(Stage):
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "policy", ignore_errors=True)
             (out / "final").rename(out / "policy")
-            record = {"key": key, "seconds": time.perf_counter() - t0, "metrics": result["metrics"],
-                      "model": spec_fingerprint(spec), "warmup": vars(self.loop.warmup)}
+            record = {
+                "key": key,
+                "seconds": time.perf_counter() - t0,
+                "metrics": result["metrics"],
+                "model": spec_fingerprint(spec),
+                "warmup": vars(self.loop.warmup),
+            }
             atomic_write_text(out / self.record, json.dumps(record, indent=2, default=str))
         return model, tokenizer, result
 
@@ -129,10 +141,19 @@ class PairsStage(Stage):
     def key(self, spec, problems_id: Any) -> str:
         loop = self.loop
         render = {k: loop.tokenize[k] for k in ("chat_template", "system_prompt", "user_suffix") if k in loop.tokenize}
-        return stage_key("pairs", {"policy": spec_fingerprint(spec), "problems": problems_id, "render": render,
-                                   "pairs": loop.pairs.fingerprint(), "max_new_tokens": loop.generation.max_new_tokens,
-                                   "top_p": loop.generation.top_p, "verify_timeout_s": loop.verify.timeout_s,
-                                   **stop_tokens(loop)})
+        return stage_key(
+            "pairs",
+            {
+                "policy": spec_fingerprint(spec),
+                "problems": problems_id,
+                "render": render,
+                "pairs": loop.pairs.fingerprint(),
+                "max_new_tokens": loop.generation.max_new_tokens,
+                "top_p": loop.generation.top_p,
+                "verify_timeout_s": loop.verify.timeout_s,
+                **stop_tokens(loop),
+            },
+        )
 
     def entry(self, key: str) -> Path:
         return Path(self.loop.switches.cache_dir) / self.name / f"{key}.jsonl"
@@ -159,10 +180,18 @@ class EvalStage(Stage):
 
     def key(self, spec, data, prefix: str) -> str:
         loop = self.loop
-        return stage_key("eval", {"policy": spec_fingerprint(spec), "evaluation": loop.evaluation.fingerprint(),
-                                  "problems": loop.problem_source(data).fingerprint(), "prefix": prefix,
-                                  "max_new_tokens": loop.generation.max_new_tokens,
-                                  "verify_timeout_s": loop.verify.timeout_s, **stop_tokens(loop)})
+        return stage_key(
+            "eval",
+            {
+                "policy": spec_fingerprint(spec),
+                "evaluation": loop.evaluation.fingerprint(),
+                "problems": loop.problem_source(data).fingerprint(),
+                "prefix": prefix,
+                "max_new_tokens": loop.generation.max_new_tokens,
+                "verify_timeout_s": loop.verify.timeout_s,
+                **stop_tokens(loop),
+            },
+        )
 
     def run(self, loaded, spec, data, hardware, prefix: str, out: Path) -> tuple[dict, dict]:
         out.mkdir(parents=True, exist_ok=True)

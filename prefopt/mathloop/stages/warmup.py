@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from transformers import get_scheduler
@@ -31,8 +31,11 @@ def nll(policy: PairLogps, reference: PairLogps | None = None) -> LossOutput:
     The rejected side is not used; rewards report the per-token log-probs ℓ̄_w and ℓ̄_l, as reference-free
     losses do.
     """
-    return LossOutput(loss=-policy.chosen_mean, chosen_reward=policy.chosen_mean.detach(),
-                      rejected_reward=policy.rejected_mean.detach())
+    return LossOutput(
+        loss=-policy.chosen_mean,
+        chosen_reward=policy.chosen_mean.detach(),
+        rejected_reward=policy.rejected_mean.detach(),
+    )
 
 
 class SFTObjective(Loss):
@@ -69,13 +72,21 @@ class StageSchedule:
         if not self.lr > 0:
             raise ConfigError(f"{self.key}.lr must be > 0 (got {self.lr})")
         if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"{self.key}.batch_size ({self.batch_size}) must be divisible by "
-                              f"{self.key}.micro_batch_size ({self.micro_batch_size})")
+            raise ConfigError(
+                f"{self.key}.batch_size ({self.batch_size}) must be divisible by "
+                f"{self.key}.micro_batch_size ({self.micro_batch_size})"
+            )
 
     def train_config(self, **settings) -> TrainConfig:
         """The engine's TrainConfig for this stage: its own steps and batches, no periodic eval."""
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
-                           eval_every=0, progress=self.progress, **settings)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            eval_every=0,
+            progress=self.progress,
+            **settings,
+        )
 
     def optimizer(self, factory: Callable) -> Callable:
         """The run's optimizer factory at this stage's learning rate."""
@@ -83,8 +94,9 @@ class StageSchedule:
 
     def scheduler_factory(self) -> Callable:
         """A transformers schedule of `scheduler` over this stage's steps."""
-        return lambda opt: get_scheduler(self.scheduler, opt, num_warmup_steps=self.warmup_steps,
-                                         num_training_steps=self.steps)
+        return lambda opt: get_scheduler(
+            self.scheduler, opt, num_warmup_steps=self.warmup_steps, num_training_steps=self.steps
+        )
 
 
 @dataclass
@@ -92,21 +104,40 @@ class WarmupConfig(StageSchedule):
     """`warmup:` in conf/mathloop.yaml: the SFT stage's schedule."""
 
 
-def warm_up(policy: torch.nn.Module, train_pairs: Sequence, eval_pairs: Sequence, pad_id: int,
-            config: WarmupConfig, optimizer_factory: Callable, hardware, run_dir: Path,
-            max_grad_norm: float | None = 1.0, chunk_elements: int | None = None, run_log=None) -> dict:
+def warm_up(
+    policy: torch.nn.Module,
+    train_pairs: Sequence,
+    eval_pairs: Sequence,
+    pad_id: int,
+    config: WarmupConfig,
+    optimizer_factory: Callable,
+    hardware,
+    run_dir: Path,
+    max_grad_norm: float | None = 1.0,
+    chunk_elements: int | None = None,
+    run_log=None,
+) -> dict:
     """Train `policy` in place on the chosen responses of `train_pairs`; returns the Trainer's result.
 
     Checkpoints go to `run_dir/checkpoints`, so an interrupted warm-up resumes where it stopped.
     """
     train_pairs, eval_pairs = targets_only(train_pairs), targets_only(eval_pairs)
     train = config.train_config(**({"chunk_elements": chunk_elements} if chunk_elements else {}))
-    parts = TrainerParts(policy=policy, loss=SFTObjective(), optimizer_factory=config.optimizer(optimizer_factory),
-                         scheduler_factory=config.scheduler_factory(), train_pairs=train_pairs, eval_pairs=eval_pairs,
-                         pad_id=pad_id, seed=config.seed, max_grad_norm=max_grad_norm)
+    parts = TrainerParts(
+        policy=policy,
+        loss=SFTObjective(),
+        optimizer_factory=config.optimizer(optimizer_factory),
+        scheduler_factory=config.scheduler_factory(),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        pad_id=pad_id,
+        seed=config.seed,
+        max_grad_norm=max_grad_norm,
+    )
     trainer = Trainer(parts, train, hardware, run_dir).setup()
-    run_log = run_log or RunLog(run_dir, {"warmup": vars(config)}, None, enabled=hardware.is_main,
-                                resume_step=trainer.resumed_from)
+    run_log = run_log or RunLog(
+        run_dir, {"warmup": vars(config)}, None, enabled=hardware.is_main, resume_step=trainer.resumed_from
+    )
     if trainer.resumed_from is not None:
         log.info("warm-up resumed at step %d", trainer.resumed_from)
     log.info("warm-up (SFT): %d steps of %d responses, lr %g", config.steps, config.batch_size, config.lr)
