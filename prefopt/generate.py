@@ -48,10 +48,12 @@ class GenerationConfig:
 
 @dataclass
 class Completions:
-    """`texts[i]` are prompt i's samples; `finished[i][j]` says sample j ended with a stop token."""
+    """`texts[i]` are prompt i's samples; `finished[i][j]` says sample j ended with a stop token; `token_ids[i][j]`
+    are sample j's generated token ids up to and including its stop token (None where a generator gives none)."""
 
     texts: list[list[str]]
     finished: list[list[bool]]
+    token_ids: list[list[list[int]]] | None = None
 
     @property
     def unfinished(self) -> int:
@@ -70,6 +72,14 @@ def stop_token_ids(tokenizer, completion_eos: str | None, extra: Sequence[str] =
     if not ids:
         raise ConfigError("the tokenizer has no EOS token to stop generation at (set model.completion_eos)")
     return ids
+
+
+def _until_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """A generated row up to and including its first stop token (what follows it is padding)."""
+    for i, token in enumerate(row):
+        if token in stop_ids:
+            return row[: i + 1]
+    return row
 
 
 class HFGenerator:
@@ -100,7 +110,7 @@ class HFGenerator:
         )
         if sample:
             kwargs.update(temperature=float(temperature), top_p=self.cfg.top_p, top_k=0)
-        texts, finished = [], []
+        texts, finished, ids = [], [], []
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -112,13 +122,15 @@ class HFGenerator:
                     new = out[:, enc.input_ids.shape[1] :].cpu()
                     ended = torch.isin(new, torch.tensor(self.stop_ids)).any(dim=1).tolist()
                     decoded = tok.batch_decode(new, skip_special_tokens=True)
+                    cut = [_until_stop(row, self.stop_ids) for row in new.tolist()]
                     for i in range(len(chunk)):
                         texts.append(decoded[i * n : (i + 1) * n])
                         finished.append(ended[i * n : (i + 1) * n])
+                        ids.append(cut[i * n : (i + 1) * n])
         finally:
             tok.padding_side = side
             model.train(was_training)
-        return Completions(texts, finished)
+        return Completions(texts, finished, ids)
 
 
 class VLLMGenerator:
@@ -158,7 +170,7 @@ class VLLMGenerator:
         outputs = self.llm.generate(ids, params, use_tqdm=False)
         texts = [[c.text for c in o.outputs] for o in outputs]
         finished = [[c.finish_reason == "stop" for c in o.outputs] for o in outputs]
-        return Completions(texts, finished)
+        return Completions(texts, finished, [[list(c.token_ids) for c in o.outputs] for o in outputs])
 
 
 def vllm_usable() -> bool:

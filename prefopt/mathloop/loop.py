@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from prefopt.ches_scores import score_pair_rows
 from prefopt.data.arith import ArithmeticData
 from prefopt.data.batching import render_prompt, tokenize_pairs
 from prefopt.data.sources import FileData
@@ -32,6 +33,7 @@ from prefopt.generate import GenerationConfig, HFGenerator, VLLMGenerator, choos
 from prefopt.mathloop.fingerprints import data_fingerprint, weights_id, with_weights
 from prefopt.mathloop.judging.pairwise import greedy_answers, judge_prompts, judged_evaluation, reference_answers
 from prefopt.mathloop.labelers import LabelContext, VerifierLabeler
+from prefopt.mathloop.policy_kl import kl_estimator
 from prefopt.mathloop.reward.bradley_terry import RewardConfig
 from prefopt.mathloop.stages.reward_training import cached_reward
 from prefopt.mathloop.stages.sampling import PairsConfig, sample_pairs, write_pairs
@@ -281,6 +283,10 @@ class MathLoop:
             self.generator(model, tokenizer, spec), rows, prompts, self.pairs, labeler, context
         )
         summary = extra.pop("summary")
+        if self.pairs.ches:  # CHES under the policy that sampled them, the preference run's reference
+            extra["ches"] = score_pair_rows(
+                model, tokenizer, pairs, {**self.tokenize, "completion_eos": spec.completion_eos}
+            )
         provenance = {
             "policy": weights_id(spec),
             "labeler": labeler.fingerprint(),
@@ -317,7 +323,9 @@ class MathLoop:
         }
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def run_eval(self, model, tokenizer, spec: ModelSpec, data, out_dir: Path | None, prefix: str) -> tuple[dict, dict]:
+    def run_eval(
+        self, model, tokenizer, spec: ModelSpec, data, out_dir: Path | None, prefix: str, kl=None
+    ) -> tuple[dict, dict]:
         return evaluate_policy(
             self.generator(model, tokenizer, spec),
             tokenizer,
@@ -326,6 +334,7 @@ class MathLoop:
             self.evaluation,
             out_dir,
             prefix=prefix,
+            kl=kl,
         )
 
     def cached_eval(self, spec: ModelSpec, loaded, data, hardware, out_dir: Path, prefix: str) -> tuple[dict, dict]:
@@ -394,10 +403,14 @@ class MathLoop:
             or (prepared.model.lora["load_in_4bit"] and choose_backend(self.generation, spec.name_or_path) == "hf")
         ):
             policy, tokenizer = self.load(spec, hardware)
-        try:
-            metrics, details = self.run_eval(
-                policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified"
+        try:  # KL(π‖π_ref) on the policy's own answers, against the policy the run started from
+            kl = kl_estimator(
+                policy, tokenizer, prepared.model, lambda s: self.load(s, hardware)[0], self.chunk_elements
             )
+            metrics, details = self.run_eval(
+                policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified", kl
+            )
+            del kl
             if self.evaluation.judge is not None:
                 judged, details["judge"] = self.judge_after(policy, tokenizer, spec, prepared, hardware, run_dir)
                 metrics.update(judged)

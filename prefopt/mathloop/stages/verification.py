@@ -130,11 +130,14 @@ def evaluate_policy(
     config: EvalConfig,
     out_dir: Path | None,
     prefix: str = "eval/verified",
+    kl: Any = None,
 ) -> tuple[dict, dict]:
     """(metrics, details): greedy pass@1 (and avg@k) per benchmark and their mean; per-sample JSONL in out_dir.
 
     An output with no extractable answer is wrong and counted as `no_answer`; a checker timeout is wrong
-    and counted as `timeout` (the counts are in `details[benchmark]`).
+    and counted as `timeout` (the counts are in `details[benchmark]`). With `kl` (a
+    `prefopt.mathloop.policy_kl.KLEstimator`), each answer's log π − log π_ref joins its row (`kl`) and the
+    metrics get `eval/kl/greedy` (and `eval/kl/sampled`) with their intervals.
     """
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
@@ -170,19 +173,14 @@ def evaluate_policy(
         ]
         metrics[f"{prefix}/{spec.name}"] = result["accuracy"]
         greedy_scores.append(result)
+        if kl is not None:
+            for s, value in zip(samples, kl.score("greedy", prompts, greedy)):
+                s["kl"] = value
         if config.samples:
-            sampled = generator.generate(prompts, n=config.samples, temperature=config.temperature, seed=config.seed)
-            flat = [t for texts in sampled.texts for t in texts]
-            sv = checker.check_many(flat, [g for g in golds for _ in range(config.samples)])
-            avg = score(sv)
+            avg = _sampled(generator, checker, config, prompts, golds, samples, kl)
             result["avg@k"] = {"k": config.samples, **avg}
             metrics[f"{prefix}_avg@{config.samples}/{spec.name}"] = avg["accuracy"]
             sampled_scores.append(avg)
-            for i, s in enumerate(samples):
-                s["sampled"] = [
-                    {"output": t, "extracted": v.extracted, "correct": v.correct, "status": v.status}
-                    for t, v in zip(sampled.texts[i], sv[i * config.samples : (i + 1) * config.samples])
-                ]
         details[spec.name] = result
         if out_dir is not None:
             atomic_write_text(
@@ -201,4 +199,22 @@ def evaluate_policy(
     metrics[f"{prefix}/mean"] = mean_accuracy(greedy_scores)
     if sampled_scores:
         metrics[f"{prefix}_avg@{config.samples}/mean"] = mean_accuracy(sampled_scores)
+    if kl is not None:
+        metrics.update(kl.metrics())
     return metrics, details
+
+
+def _sampled(generator, checker, config: EvalConfig, prompts, golds, samples: list[dict], kl) -> dict:
+    """avg@k: k sampled answers per prompt, checked; each row gets its `sampled` answers (and their mean `kl`)."""
+    sampled = generator.generate(prompts, n=config.samples, temperature=config.temperature, seed=config.seed)
+    flat = [t for texts in sampled.texts for t in texts]
+    sv = checker.check_many(flat, [g for g in golds for _ in range(config.samples)])
+    for i, s in enumerate(samples):
+        s["sampled"] = [
+            {"output": t, "extracted": v.extracted, "correct": v.correct, "status": v.status}
+            for t, v in zip(sampled.texts[i], sv[i * config.samples : (i + 1) * config.samples])
+        ]
+    if kl is not None:
+        for s, value in zip(samples, kl.score("sampled", prompts, sampled)):
+            s["kl_sampled"] = value
+    return score(sv)
