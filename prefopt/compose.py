@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from prefopt import ranks
+from prefopt.ches_scores import ches_filter
 from prefopt.config import conf_dir
 from prefopt.data.batching import TRUNCATION
 from prefopt.errors import ConfigError, PrefoptError
@@ -248,6 +249,10 @@ def _check_values(cfg: DictConfig, objects: dict, found: list[str]) -> None:
         found.append(
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length ({cfg.data.max_length})"
         )
+    try:  # data.drop_top_ches / data.ches_score: the CHES filter (None when off)
+        objects["ches_filter"] = ches_filter(cfg.data)
+    except ConfigError as exc:
+        found.append(str(exc))
     if loss is not None:
         objects["reference_cache"] = _attempt(
             found, "reference_cache", lambda: reference_cache_dir(cfg.get("reference_cache"), loss)
@@ -388,6 +393,7 @@ def build(cfg: DictConfig, read_data: bool = False, job_type: str | None = None,
         seed=cfg.seed,
         resume=cfg.resume,
         reference_cache=objects.get("reference_cache"),
+        ches_filter=objects.get("ches_filter"),
         resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
         info=info,
     )

@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import get_scheduler
 
+from prefopt.ches_scores import CHESFilter
 from prefopt.data.batching import tokenize_pairs
 from prefopt.engine import Trainer, TrainerParts, resolve_steps, resolve_warmup
 from prefopt.errors import ConfigError
@@ -102,6 +103,7 @@ class RunPlan:
     reference_cache: Path | None
     resolved: dict  # the resolved config (plain), as written to resolved_config.yaml and W&B
     info: HydraInfo
+    ches_filter: CHESFilter | None = None  # data.drop_top_ches: drop the highest-CHES training pairs first
 
     def run_dir(self, default: str) -> Path:
         """Hydra's job directory, else `default` (outside a Hydra app)."""
@@ -153,6 +155,10 @@ def prepare_inputs(plan: RunPlan, hw, run_dir: Path) -> Inputs:
     tokenizer = load_tokenizer(prepared.model)
     train_rows, eval_rows, data_info = prepared.data.load()
     args = dict(plan.tokenize, completion_eos=prepared.model.completion_eos)
+    if plan.ches_filter is not None:  # scored under the starting policy, the run's reference
+        train_rows, data_info["ches_filter"] = plan.ches_filter.apply(
+            train_rows, prepared.model, tokenizer, args, hw, run_dir
+        )
     train_pairs, train_tok = tokenize_pairs(train_rows, tokenizer, **args)
     eval_pairs, eval_tok = tokenize_pairs(eval_rows, tokenizer, **args)
     return Inputs(

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "prefopt"
-ENTRY_POINTS = {"run", "sft", "pairs", "evaluate", "reference", "report", "dcr", "wandb_dashboard"}
+ENTRY_POINTS = {"run", "sft", "pairs", "evaluate", "reference", "report", "dcr", "wandb_dashboard", "ches"}
 MAX_FUNCTION_LINES = 80
 
 

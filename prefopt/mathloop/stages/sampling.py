@@ -62,12 +62,15 @@ class PairsConfig:
     labeler: Any = (
         None  # how samples become pairs (conf/pairs/labeler/: verifier | reward_model; prefopt.mathloop.labelers)
     )
+    ches: bool = False  # score each pair by CHES under the sampling policy (prefopt.ches_scores), in its row
 
     def __post_init__(self):
         validate_sampling(self.k, self.temperature)
         validate_pair_limit(self.max_pairs_per_prompt)
         if self.eval_size < 0:
             raise ConfigError(f"pairs.eval_size must be >= 0 (got {self.eval_size})")
+        if not isinstance(self.ches, bool):
+            raise ConfigError(f"pairs.ches must be true or false (got {self.ches!r})")
 
     def problems(self):
         """The BenchmarkSpec of `path` (None when the problems are the generated arithmetic ones)."""
@@ -90,6 +93,8 @@ class PairsConfig:
         for name in ("eval_size", "output"):
             d.pop(name)
         d["labeler"] = self.labeler.fingerprint() if self.labeler is not None else None
+        if not self.ches:  # part of the key only when on (the keys of pair files without scores stay valid)
+            d.pop("ches")
         return d
 
 
@@ -204,7 +209,17 @@ def write_pairs(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = ("prompt", "chosen", "rejected", "pair_id", "chosen_score", "rejected_score")  # scores: reward-model pairs
+    # chosen/rejected_score: reward-model pairs; ches*: pairs.ches=true (prefopt.ches_scores)
+    kept = (
+        "prompt",
+        "chosen",
+        "rejected",
+        "pair_id",
+        "chosen_score",
+        "rejected_score",
+        "ches",
+        "ches_length_normalized",
+    )
     lines = [json.dumps({k: p[k] for k in kept if k in p}, ensure_ascii=False) for p in pairs]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     record = dict(provenance)
