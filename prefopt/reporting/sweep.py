@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from prefopt import ranks
 from prefopt.io import atomic_write_text
 from prefopt.reporting.compare import METHODS, compare, rows_for_csv, tables
+from prefopt.reporting.frontier import frontier_section
 from prefopt.reporting.plots import plot_all
 from prefopt.reporting.runs import (
     CSV_METRICS,
@@ -94,7 +95,7 @@ def build_table(records: list[RunRecord]) -> dict[str, Any]:
     show_loss = len({r.loss for r in records}) > 1 and "loss" not in differ
     verified = [
         k
-        for prefix in (VERIFIED, VERIFIED_BEFORE, "eval/preserved/", "eval/improved/")
+        for prefix in (VERIFIED, VERIFIED_BEFORE, "eval/preserved/", "eval/improved/", "eval/kl/")
         for k in _verified_keys(records, prefix)
     ]
     has = lambda k: any(k in r.final for r in records)  # noqa: E731
@@ -124,6 +125,7 @@ def build_table(records: list[RunRecord]) -> dict[str, Any]:
         ["run", *differ, "status", "step"]
         + (["loss"] if show_loss else [])
         + [k for k in TABLE_METRICS if has(k)]
+        + [k for k in ("eval/kl/greedy", "eval/kl/sampled") if has(k)]
         + ["wall_time_s"]
     )  # accuracy has its own table
     return {
@@ -227,7 +229,9 @@ def write_report(
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     seeds = seed_section(comparison)
-    md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds
+    frontier, frontier_plots = frontier_section(comparison["groups"], comparison["benchmarks"], out)
+    plots += frontier_plots
+    md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds + frontier
     md_path = out / "report.md"
     atomic_write_text(md_path, md, what="report")
     if echo:

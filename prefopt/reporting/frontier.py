@@ -1,0 +1,205 @@
+"""Losses compared at equal distance from the reference: accuracy against KL(π‖π_ref) over each loss's β values.
+
+β does not mean the same thing in DPO, IPO, SLiC, Cal-DPO and BPO, so a comparison at one nominal β may only say
+which loss moved less. Each run's verified evaluation estimates KL(π‖π_ref) on the policy's greedy answers
+(`eval/kl/greedy`, `prefopt.mathloop.policy_kl`); here every setting of a sweep (the runs of one override set but
+`seed`) is a point (KL, verified accuracy), and the settings that differ only in `beta` make one line, its
+frontier. The matched-KL table reads each line's accuracy, interpolated linearly between its points ordered by
+KL, at a few KL values inside every line's KL range; the nominal-β table beside it is the comparison at equal β.
+Drawn with matplotlib's object API on the Agg canvas, as `prefopt.reporting.plots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from prefopt.reporting.plots import DPI, _color
+from prefopt.stats import Interval, scalar_mean
+
+KL = "eval/kl/greedy"
+ACCURACY = "eval/verified/mean"
+BETA_KEYS = ("beta", "loss.beta")
+MATCHED = 3  # common KL values in the matched-KL table
+PLOT = "kl_frontier.png"
+
+
+@dataclass
+class Point:
+    beta: float
+    kl: Interval
+    accuracy: Interval
+
+
+@dataclass
+class Line:
+    """The settings that differ only in β (one loss, unless other overrides differ too), ordered by KL."""
+
+    label: str
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def kl(self) -> np.ndarray:
+        return np.array([p.kl.estimate for p in self.points])
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return np.array([p.accuracy.estimate for p in self.points])
+
+
+def _beta(setting: dict[str, str]) -> float | None:
+    for key in BETA_KEYS:
+        try:
+            return float(setting[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _kl(runs: Sequence[Any]) -> Interval | None:
+    """One run: its estimate with the interval over prompts; several seeds: their mean with a t interval."""
+    if len(runs) == 1:
+        final = runs[0].final
+        if final.get(KL) is None:
+            return None
+        return Interval(final[KL], final.get(KL + "_low"), final.get(KL + "_high"), 1, "Student t over prompts")
+    return scalar_mean([r.final.get(KL) for r in runs])
+
+
+def _accuracy(group: Any, names: Sequence[str]) -> Interval | None:
+    """The group's accuracy on its one benchmark (interval over seeds and problems), else the mean over them."""
+    if len(names) == 1 and names[0] in group.accuracy:
+        return group.accuracy[names[0]]
+    return scalar_mean([r.final.get(ACCURACY) for r in group.runs])
+
+
+def frontier_lines(groups: Sequence[Any], names: Sequence[str]) -> list[Line]:
+    """The lines of the comparison's groups (`prefopt.reporting.compare.Group`) that have a β, KL and accuracy."""
+    lines: dict[tuple, Line] = {}
+    for g in groups:
+        beta, kl, accuracy = _beta(g.setting), _kl(g.runs), _accuracy(g, names)
+        if beta is None or kl is None or accuracy is None:
+            continue
+        rest = {k: v for k, v in g.setting.items() if k not in BETA_KEYS}
+        key = tuple(sorted(rest.items()))
+        label = rest["loss"] + "".join(f" {k}={v}" for k, v in rest.items() if k not in ("loss", "loss.key"))
+        lines.setdefault(key, Line(label)).points.append(Point(beta, kl, accuracy))
+    for line in lines.values():
+        line.points.sort(key=lambda p: (p.kl.estimate, p.beta))
+    return list(lines.values())
+
+
+def common_kl(lines: Sequence[Line], count: int = MATCHED) -> list[float]:
+    """`count` KL values evenly spread over the range every line covers ([] when the ranges do not overlap)."""
+    if not lines:
+        return []
+    low = max(float(line.kl.min()) for line in lines)
+    high = min(float(line.kl.max()) for line in lines)
+    if low > high:
+        return []
+    return [low] if low == high else np.linspace(low, high, count).tolist()
+
+
+def accuracy_at(line: Line, kl: Sequence[float]) -> list[float | None]:
+    """The line's accuracy at each KL value, linear between its points ordered by KL; None outside its range."""
+    xs, ys = line.kl, line.accuracy
+    return [float(np.interp(x, xs, ys)) if xs.min() <= x <= xs.max() else None for x in kl]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def matched_table(lines: Sequence[Line], kl: Sequence[float]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): accuracy (%) of each line at the common KL values."""
+    header = ["loss", *(f"KL = {x:.3g}" for x in kl)]
+    return header, [[line.label, *map(_pct, accuracy_at(line, kl))] for line in lines]
+
+
+def nominal_table(lines: Sequence[Line]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): accuracy (%) and KL of each line at each β it was trained with."""
+    betas = sorted({p.beta for line in lines for p in line.points})
+    rows = []
+    for line in lines:
+        at = {p.beta: p for p in line.points}
+        rows.append(
+            [line.label]
+            + [f"{_pct(at[b].accuracy.estimate)} (KL {at[b].kl.estimate:.3g})" if b in at else "-" for b in betas]
+        )
+    return ["loss", *(f"β = {b:g}" for b in betas)], rows
+
+
+def _bars(interval: Interval, scale: float = 1.0) -> list[float]:
+    """Distances from the estimate to the interval's ends (0 where it has none), for `errorbar`."""
+    if interval.low is None or interval.high is None:
+        return [0.0, 0.0]
+    return [scale * (interval.estimate - interval.low), scale * (interval.high - interval.estimate)]
+
+
+def plot_frontier(lines: Sequence[Line], kl: Sequence[float], path: Path, before: float | None = None) -> Path:
+    """Accuracy (%) against KL per line, 95% interval bars on both, β beside each point; the common KL values
+    dotted, the accuracy before preference training dashed."""
+    fig = Figure(figsize=(9.0, 5.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, line in enumerate(lines):
+        color = _color(i, len(lines))
+        xerr = np.array([_bars(p.kl) for p in line.points]).T
+        yerr = np.array([_bars(p.accuracy, 100) for p in line.points]).T
+        ax.errorbar(line.kl, 100 * line.accuracy, xerr=xerr, yerr=yerr, color=color, marker="o", capsize=3)
+        ax.plot([], [], color=color, marker="o", label=line.label)
+        for p in line.points:
+            ax.annotate(
+                f"β={p.beta:g}", (p.kl.estimate, 100 * p.accuracy.estimate), xytext=(4, 4), textcoords="offset points"
+            )
+    for x in kl:
+        ax.axvline(x, color="gray", ls=":", lw=1)
+    if before is not None:
+        ax.axhline(100 * before, color="black", ls="--", lw=1, label="before preference training")
+    ax.set_xlabel("KL(π‖π_ref) on the greedy answers (nats per prompt)")
+    ax.set_ylabel("verified accuracy (%)")
+    ax.legend(fontsize="small", frameon=False)
+    fig.savefig(path)
+    return path
+
+
+def frontier_section(groups: Sequence[Any], names: Sequence[str], out_dir: Path) -> tuple[str, list[Path]]:
+    """The report's section (markdown) and its plot; ("", []) when no run has a β, KL and accuracy."""
+    from prefopt.reporting.sweep import markdown_table
+
+    lines = frontier_lines(groups, names)
+    if not lines:
+        return "", []
+    kl = common_kl(lines)
+    befores = {g.before[names[0]].estimate for g in groups if len(names) == 1 and names[0] in g.before}
+    plot = plot_frontier(lines, kl, out_dir / PLOT, befores.pop() if len(befores) == 1 else None)
+    text = [
+        "",
+        "## Accuracy against KL to the reference",
+        "",
+        f"![KL frontier]({PLOT})",
+        "",
+        "Each point: one setting (mean over its seeds), its verified accuracy against KL(π‖π_ref) estimated on "
+        "the policy's greedy answers (`eval/kl/greedy`: log π − log π_ref of each answer, mean over prompts; a "
+        "plug-in value at the policy's mode, not an unbiased estimate). Bars: 95% intervals (accuracy: bootstrap "
+        "over seeds and problems; KL: Student t over prompts for one seed, over seeds for several).",
+        "",
+        "### Accuracy (%) at matched KL",
+        "",
+    ]
+    if kl:
+        text += [
+            markdown_table(*matched_table(lines, kl)),
+            "",
+            "Linear interpolation between each loss's points ordered by KL, at KL values inside every loss's range.",
+        ]
+    else:
+        text += ["The losses' KL ranges do not overlap: no KL at which all can be compared."]
+    text += ["", "### Accuracy (%) at nominal β", "", markdown_table(*nominal_table(lines)), ""]
+    return "\n".join(text), [plot]

@@ -1,0 +1,95 @@
+"""Losses at equal KL: the KL estimate in a run's summary, and the sweep report's frontier and matched-KL table on
+hand-written run directories (2 losses x 3 β, 20 problems). The interpolated values are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from prefopt.mathloop.loop import MathLoop
+from prefopt.reporting.compare import compare
+from prefopt.reporting.frontier import accuracy_at, common_kl, frontier_lines, matched_table
+from prefopt.reporting.sweep import collect, write_report
+from tests.integration.test_math_loop import LOOP, StubGenerator, half_right
+
+# (loss, β): (KL on greedy answers, problems solved of 20)
+RUNS = {
+    ("dpo", "0.1"): (0.8, 8),
+    ("dpo", "0.2"): (0.4, 12),
+    ("dpo", "0.4"): (0.2, 10),
+    ("bpo", "0.1"): (0.3, 14),
+    ("bpo", "0.2"): (0.1, 10),
+    ("bpo", "0.4"): (0.05, 8),
+}
+
+
+def write_sweep(root: Path, runs: dict, kl: bool = True) -> Path:
+    for n, ((loss, beta), (value, solved)) in enumerate(runs.items()):
+        run = root / str(n)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- beta={beta}\n- seed=0\n")
+        (run / "verified").mkdir()
+        rows = [{"benchmark": "arith", "index": i, "correct": i < solved} for i in range(20)]
+        (run / "verified" / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {"eval/verified/arith": solved / 20, "eval/verified/mean": solved / 20}
+        if kl:
+            metrics.update(
+                {"eval/kl/greedy": value, "eval/kl/greedy_low": value - 0.01, "eval/kl/greedy_high": value + 0.01}
+            )
+        (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss, "metrics": metrics}))
+    return root
+
+
+def test_lines_follow_kl_and_interpolate_at_common_kl(tmp_path):
+    comparison = compare(collect([write_sweep(tmp_path, RUNS)])[0])
+    lines = {line.label: line for line in frontier_lines(comparison["groups"], comparison["benchmarks"])}
+    assert list(lines) == ["dpo", "bpo"]
+    dpo, bpo = lines["dpo"], lines["bpo"]
+    assert [p.beta for p in dpo.points] == [0.4, 0.2, 0.1]  # ordered by KL, not by β
+    assert dpo.points[0].kl.low == pytest.approx(0.19) and dpo.points[0].accuracy.estimate == 0.5
+    kl = common_kl([dpo, bpo])  # dpo covers [0.2, 0.8], bpo [0.05, 0.3]
+    assert kl == pytest.approx([0.2, 0.25, 0.3])
+    # dpo: (0.2, 0.5) -> (0.4, 0.6); bpo: (0.1, 0.5) -> (0.3, 0.7)
+    assert accuracy_at(dpo, kl) == pytest.approx([0.5, 0.525, 0.55])
+    assert accuracy_at(bpo, kl) == pytest.approx([0.6, 0.65, 0.7])
+    assert accuracy_at(bpo, [0.01, 0.9]) == [None, None]  # outside its range: no extrapolation
+    header, rows = matched_table([dpo, bpo], kl)
+    assert header == ["loss", "KL = 0.2", "KL = 0.25", "KL = 0.3"]
+    assert rows == [["dpo", "50.0", "52.5", "55.0"], ["bpo", "60.0", "65.0", "70.0"]]
+
+
+def test_the_report_has_the_frontier_plot_and_both_tables(tmp_path):
+    result = write_report([write_sweep(tmp_path / "sweep", RUNS)])
+    md = result["files"]["md"].read_text()
+    plot = tmp_path / "sweep" / "kl_frontier.png"
+    assert plot in result["files"]["plots"] and imread(plot).shape[:2] == (550, 900)
+    assert "![KL frontier](kl_frontier.png)" in md
+    assert "| dpo  | 50.0     | 52.5      | 55.0     |" in md  # matched KL
+    assert "| bpo  | 70.0 (KL 0.3) | 50.0 (KL 0.1) | 40.0 (KL 0.05) |" in md  # nominal β: 0.1, 0.2, 0.4
+    assert "eval/kl/greedy" in result["columns"] and result["rows"][0]["eval/kl/greedy"] == 0.8
+
+
+def test_disjoint_kl_ranges_are_said_and_runs_without_kl_have_no_section(tmp_path):
+    apart = {("dpo", "0.1"): (0.8, 8), ("dpo", "0.2"): (0.6, 9), ("bpo", "0.1"): (0.1, 10), ("bpo", "0.2"): (0.2, 9)}
+    md = write_report([write_sweep(tmp_path / "apart", apart)])["files"]["md"].read_text()
+    assert "KL ranges do not overlap" in md and "| dpo  | 40.0 (KL 0.8) | 45.0 (KL 0.6) |" in md
+    old = write_report([write_sweep(tmp_path / "old", RUNS, kl=False)])
+    assert "KL to the reference" not in old["files"]["md"].read_text()
+    assert not (tmp_path / "old" / "kl_frontier.png").exists()
+
+
+def test_a_run_with_evaluation_reports_kl_per_answer_and_in_its_summary(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(MathLoop, "generator", lambda self, model, tok, spec: StubGenerator(half_right))
+    summary, run = tiny_run(*LOOP, f"mathloop.cache_dir={tmp_path / 'cache'}", "evaluation.samples=2")
+    metrics = summary["metrics"]
+    for kind in ("greedy", "sampled"):
+        assert metrics[f"eval/kl/{kind}_low"] <= metrics[f"eval/kl/{kind}"] <= metrics[f"eval/kl/{kind}_high"]
+    rows = [json.loads(line) for line in (run / "verified" / "arith.jsonl").read_text().splitlines()]
+    assert metrics["eval/kl/greedy"] == pytest.approx(sum(r["kl"] for r in rows) / len(rows))
+    assert metrics["eval/kl/sampled"] == pytest.approx(sum(r["kl_sampled"] for r in rows) / len(rows))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/kl/greedy" in entry for entry in logged)
+    assert not any(k.startswith("eval/kl") and "before" in k for k in metrics)
