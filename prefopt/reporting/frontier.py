@@ -11,7 +11,7 @@ Drawn with matplotlib's object API on the Agg canvas, as `prefopt.reporting.plot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,10 +169,11 @@ def plot_frontier(lines: Sequence[Line], kl: Sequence[float], path: Path, before
     return path
 
 
-def frontier_section(groups: Sequence[Any], names: Sequence[str], out_dir: Path) -> tuple[str, list[Path]]:
-    """The report's section (markdown) and its plot; ("", []) when no run has a β, KL and accuracy."""
-    from prefopt.reporting.sweep import markdown_table
-
+def frontier_section(
+    groups: Sequence[Any], names: Sequence[str], out_dir: Path, markdown_table: Callable[..., str]
+) -> tuple[str, list[Path]]:
+    """The report's section (markdown, tables drawn by the report's `markdown_table`) and its plot; ("", []) when
+    no run has a β, KL and accuracy."""
     lines = frontier_lines(groups, names)
     if not lines:
         return "", []

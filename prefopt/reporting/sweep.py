@@ -229,7 +229,7 @@ def write_report(
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     seeds = seed_section(comparison)
-    frontier, frontier_plots = frontier_section(comparison["groups"], comparison["benchmarks"], out)
+    frontier, frontier_plots = frontier_section(comparison["groups"], comparison["benchmarks"], out, markdown_table)
     plots += frontier_plots
     md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds + frontier
     md_path = out / "report.md"
