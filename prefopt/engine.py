@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
+from prefopt.displacement import DisplacementLog, batch_rows
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, process_age_s, rng_state, set_rng_state, stop_signals
 from prefopt.io import atomic_dir
@@ -187,6 +188,8 @@ class TrainerParts:
     max_grad_norm: float | None = 1.0
     # the module that turns a batch into PairLogps (a reward model's pair scores: prefopt.mathloop.reward.bradley_terry)
     pair_model: Callable = PairLogpsModel
+    # a held-out pair's prompt and responses as text, for the displacement file (prefopt.displacement.pair_texts)
+    describe: Callable | None = None
 
 
 class Trainer:
@@ -214,6 +217,9 @@ class Trainer:
         self.config_record: dict = {}  # what a checkpoint must have been made with to be resumed
         self.packing = packing_layout(config.packing, self.policy)  # the batch layout: shared_prefix, flat or None
         self.resumed_from: int | None = None
+        # token-level displacement of the held-out pairs against the reference, at every evaluation
+        tracked = loss.reference and parts.reference is not None
+        self.displacement = DisplacementLog(run_dir, self.eval_pairs, parts.describe) if tracked else None
 
     def setup(self, resume_from: Path | str | None = None, config_record: dict | None = None) -> Trainer:
         """Resume the weights (from `resume_from`, else this run's checkpoints), wrap the policy and the
@@ -259,21 +265,26 @@ class Trainer:
         return self
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def reference_logps(self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair]) -> PairLogps | None:
+    def reference_logps(
+        self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair], per_token: bool = False
+    ) -> PairLogps | None:
         if not self.loss.reference or self.reference is None:  # (None only for a reference-free loss)
             return None
         with torch.no_grad():
-            return self.reference.logps(batch, pairs)
+            return (
+                self.reference.logps(batch, pairs, per_token=True) if per_token else self.reference.logps(batch, pairs)
+            )
 
     def collate(self, pairs: Sequence[TokenizedPair]) -> PreferenceBatch:
         """A micro-batch on the device."""
         return collate(pairs, self.pad_id, packing=self.packing).to(self.device)
 
     def forward_loss(
-        self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair]
+        self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair], per_token: bool = False
     ) -> tuple[LossOutput, PairLogps, PairLogps | None]:
-        policy = self.policy_logps(batch)
-        reference = self.reference_logps(batch, pairs)
+        """`per_token` (the evaluation's displacement): with each completion token's log-prob too."""
+        policy = self.policy_logps(batch, per_token=True) if per_token else self.policy_logps(batch)
+        reference = self.reference_logps(batch, pairs, per_token)
         return self.loss(policy, reference), policy, reference
 
     def accumulate(self, pairs: Sequence[TokenizedPair], step: int) -> tuple[MetricSums, int]:
@@ -335,20 +346,30 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, run_log: RunLog | None = None) -> dict[str, float]:
+        """Metrics over the held-out pairs; with a reference also their token-level displacement (its file, its
+        scalars, and its histograms through `run_log`)."""
         if not self.eval_pairs:
             return {}
         self.policy.eval()
         self.loss.eval()
-        sums = MetricSums()
+        sums, rows = MetricSums(), []
         share = self.eval_pairs[self.hw.rank :: self.hw.world_size]
         for micro in micro_batches(share, self.cfg.micro_batch_size):
             batch = self.collate(micro)
-            out, policy, reference = self.forward_loss(batch, micro)
+            out, policy, reference = self.forward_loss(batch, micro, per_token=self.displacement is not None)
             sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
+            if self.displacement is not None and reference is not None:
+                rows += batch_rows(micro, policy, reference)
         self.policy.train()
         self.loss.train()
-        return self.hw.all_reduce_mean(sums.means("eval"))
+        metrics = self.hw.all_reduce_mean(sums.means("eval"))
+        if self.displacement is not None:
+            scalars, values = self.displacement.finish(self.step, self.hw.all_gather_list(rows), self.hw.is_main)
+            metrics.update(scalars)
+            if run_log is not None:
+                run_log.log_histograms(self.step, values)
+        return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -427,7 +448,7 @@ class Trainer:
                 if self.reference is not None:
                     self.reference.after_step(self.step)  # TR-DPO's sync: before this step's evaluation and checkpoint
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
-                    metrics.update(self.evaluate())
+                    metrics.update(self.evaluate(run_log))
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     run_log.log(self.step, metrics)
                 last.update(metrics)
@@ -453,7 +474,7 @@ class Trainer:
                     stop.hand_over()  # to submitit's own handler (it requeues the job), else a clean exit
         bar.close()
         if not self.finished:
-            final_eval = self.evaluate()
+            final_eval = self.evaluate(run_log)
             if final_eval:
                 run_log.log(self.step, final_eval)
                 last.update(final_eval)

@@ -156,6 +156,14 @@ class Hardware:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def all_gather_list(self, items: list) -> list:
+        """Every rank's `items` (picklable), concatenated in rank order; every rank gets the same list back."""
+        if not self.distributed:
+            return list(items)
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, items)
+        return [x for part in gathered for x in part]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -207,6 +207,14 @@ class ScoredTokens:
         rank = torch.arange(seq.shape[0], device=seq.device) - starts.to(seq.device)[ordered] + 1
         return torch.empty_like(rank).scatter_(0, order, rank)
 
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-scored-token value laid out per sequence, (2B, T): row s holds its completion tokens' values in
+        completion order, zeros past `counts[s]` (T = the longest completion)."""
+        width = int(self.counts.max()) if self.counts.numel() else 0
+        out = torch.zeros((self.counts.shape[0], width), dtype=values.dtype, device=values.device)
+        out[self.contrib_seq, self.completion_position() - 1] = values[self.contrib_score]
+        return out
+
 
 def sequence_logps(
     model: torch.nn.Module,
@@ -337,9 +345,11 @@ def pair_logps(
     backbone: Callable | None = None,
     fields: Sequence[str] = (),
     diagnostics: bool = False,
+    per_token: bool = False,
 ) -> PairLogps:
     """The batch's `PairLogps`; the optional field groups in `fields` (a loss's `needs`, see
-    `prefopt.losses.base.FIELD_GROUPS`) and, with `diagnostics`, the entropy / top-1 sums for the metrics.
+    `prefopt.losses.base.FIELD_GROUPS`), with `diagnostics` the entropy / top-1 sums for the metrics, and with
+    `per_token` each completion token's log-prob (`chosen_token_logps` / `rejected_token_logps`, detached).
 
     `prefix_logps`: ℓ_{≤m}, the sum over the first m = min(n_w, n_l) completion tokens of each sequence
     (differentiable). `head_logps`: Σ_t (log p_t − log Σ_v p_v²) (detached). Both come from the tiled head's
@@ -366,6 +376,9 @@ def pair_logps(
         entropy = scored.per_sequence(scored.stats[:, STAT_ENTROPY])
         top1 = scored.per_sequence(scored.stats[:, STAT_TOP1])
         extra.update(chosen_entropy=entropy[:b], rejected_entropy=entropy[b:], chosen_top1=top1[:b])
+    if per_token:
+        tokens = scored.per_token(scored.token_logps.detach())
+        extra.update(chosen_token_logps=tokens[:b], rejected_token_logps=tokens[b:])
     return PairLogps(chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:], **extra)
 
 
@@ -401,7 +414,8 @@ class PairLogpsModel(torch.nn.Module):
         lm: Any = model  # a transformers (or PEFT) model
         self.__dict__["compiled_backbone"] = torch.compile(lm.get_decoder(), dynamic=True) if compile else None
 
-    def forward(self, batch: PreferenceBatch) -> PairLogps:
+    def forward(self, batch: PreferenceBatch, per_token: bool = False) -> PairLogps:
+        """`per_token`: also each completion token's log-prob (the evaluation's displacement; see `pair_logps`)."""
         args: tuple[Any, ...] = (
             self.model,
             batch,
@@ -409,6 +423,7 @@ class PairLogpsModel(torch.nn.Module):
             self.compiled_backbone,
             self.fields,
             self.diagnostics,
+            per_token,
         )
         if self.autocast is None:
             return pair_logps(*args)

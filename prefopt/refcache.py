@@ -37,6 +37,9 @@ log = logging.getLogger("prefopt")
 
 DEFAULT_DIR = "outputs/cache/reference"
 FORMAT = 1  # bump when the meaning of the stored values changes
+# The held-out pairs' per-token log-probs (the evaluation's displacement), flat in pair order. Added to a file
+# beside its sums: a file without them keeps its key and is completed on load (see `build`).
+TOKEN_TENSORS = ("eval_chosen_token_logps", "eval_rejected_token_logps")
 
 
 def _columns(fields: Sequence[str]) -> list[str]:
@@ -149,6 +152,7 @@ class ReferenceCache(ReferenceProvider):
         path: Path | None,
         device: torch.device | str = "cpu",
         fields: Sequence[str] = (),
+        token_logps: dict[TokenizedPair, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.columns = _columns(fields)
         if values.shape != (len(pairs), len(self.columns)):
@@ -156,6 +160,8 @@ class ReferenceCache(ReferenceProvider):
         self.index = {p: i for i, p in enumerate(pairs)}  # by value: equal pairs have equal reference values
         self.values = values.to(device)
         self.key, self.path = key, path
+        # the held-out pairs' per-token log-probs (chosen, rejected): the evaluation's displacement reads them
+        self.token_logps = token_logps or {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -168,8 +174,27 @@ class ReferenceCache(ReferenceProvider):
         v = self.values[torch.tensor(idx, device=self.values.device)]
         return PairLogps(**{name: v[:, i] for i, name in enumerate(self.columns)})
 
-    def logps(self, batch, pairs: Sequence[TokenizedPair]) -> PairLogps:
-        return self(pairs)
+    def logps(self, batch, pairs: Sequence[TokenizedPair], per_token: bool = False) -> PairLogps:
+        lp = self(pairs)
+        if per_token:
+            lp.chosen_token_logps, lp.rejected_token_logps = self.tokens(pairs)
+        return lp
+
+    def tokens(self, pairs: Sequence[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored per-token log-probs of held-out `pairs`, (B, T) each, zeros past a completion's end."""
+        try:
+            rows = [self.token_logps[p] for p in pairs]
+        except KeyError as exc:
+            raise TrainingError(
+                f"pair {exc.args[0].pair_id!r} has no per-token values in the reference cache {self.path} "
+                f"(only the held-out pairs have)"
+            ) from None
+        width = max((len(t) for row in rows for t in row), default=0)
+        out = torch.zeros((2, len(rows), width), dtype=torch.float32, device=self.values.device)
+        for i, row in enumerate(rows):
+            for side, t in enumerate(row):
+                out[side, i, : len(t)] = t
+        return out[0], out[1]
 
 
 @torch.no_grad()
@@ -189,6 +214,37 @@ def compute_values(
         lp = logps(collate(micro, pad_id, packing=packing).to(device))
         out.append(torch.stack([getattr(lp, c) for c in columns], dim=1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, len(columns))
+
+
+@torch.no_grad()
+def compute_token_values(
+    logps: Callable,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    micro_batch_size: int,
+    packing: bool | str | None,
+    device: torch.device,
+    fields: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """The held-out pairs' values from one pass: "eval" as `compute_values`, and every completion token's
+    log-prob (`TOKEN_TENSORS`: chosen, rejected), flat, pair after pair in completion order."""
+    out, columns = [], _columns(fields)
+    chosen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []
+    for micro in micro_batches(list(pairs), micro_batch_size):
+        lp = logps(collate(micro, pad_id, packing=packing).to(device), per_token=True)
+        out.append(torch.stack([getattr(lp, c) for c in columns], dim=1).float().cpu())
+        for flat, values, counts in (
+            (chosen, lp.chosen_token_logps, lp.chosen_tokens),
+            (rejected, lp.rejected_token_logps, lp.rejected_tokens),
+        ):
+            keep = torch.arange(values.shape[1], device=values.device)[None, :] < counts.long()[:, None]
+            flat.append(values[keep].float().cpu())
+    return {
+        "eval": torch.cat(out) if out else torch.zeros(0, len(columns)),
+        TOKEN_TENSORS[0]: torch.cat(chosen) if chosen else torch.zeros(0),
+        TOKEN_TENSORS[1]: torch.cat(rejected) if rejected else torch.zeros(0),
+    }
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -219,8 +275,12 @@ def load(path: Path, key: str, sizes: dict[str, int], width: int = 4) -> dict[st
         problem = None
         if meta.get("key") != key:
             problem = "its key does not match its name"
-        elif sorted(tensors) != sorted(sizes) or any(tensors[k].shape != (n, width) for k, n in sizes.items()):
+        elif sorted(set(tensors) - set(TOKEN_TENSORS)) != sorted(sizes) or any(
+            tensors[k].shape != (n, width) for k, n in sizes.items()
+        ):
             problem = f"it holds { ({k: tuple(v.shape) for k, v in tensors.items()}) }, expected {sizes} pairs"
+        elif any(k in tensors for k in TOKEN_TENSORS) and not _tokens_fit(tensors):
+            problem = "its per-token values do not match its token counts"
         elif meta.get("sha256") != _checksum(tensors):
             problem = "its checksum does not match"
     except Exception as exc:  # noqa: BLE001 - a truncated or garbled file raises all sorts of errors
@@ -229,6 +289,12 @@ def load(path: Path, key: str, sizes: dict[str, int], width: int = 4) -> dict[st
         log.warning("reference log-probs: cache file %s is damaged (%s); rebuilding it", path, problem)
         return None
     return tensors
+
+
+def _tokens_fit(tensors: dict[str, torch.Tensor]) -> bool:
+    """Both per-token tensors, each as long as the held-out pairs' completions together."""
+    counts = tensors["eval"][:, 2:4].sum(0).long().tolist()
+    return all(k in tensors and tensors[k].shape == (n,) for k, n in zip(TOKEN_TENSORS, counts))
 
 
 def build(
@@ -245,12 +311,19 @@ def build(
     device: torch.device,
     is_main: bool = True,
 ) -> ReferenceCache:
-    """Load the cache for `header`, or compute it with `logps` (no grad, `model` in eval mode) and store it."""
+    """Load the cache for `header`, or compute it with `logps` (no grad, `model` in eval mode) and store it.
+
+    A file written before the held-out pairs' per-token values were kept is completed (one pass over the
+    held-out pairs) and rewritten under the same key: its sums stay as they are."""
     key = reference_key(header)
     path = directory / f"{key}.safetensors"
     sizes = {"train": len(train_pairs), "eval": len(eval_pairs)}
     fields = header.get("fields", ())
     tensors = load(path, key, sizes, len(_columns(fields)))
+    compute = lambda what, pairs: _no_grad_pass(  # noqa: E731
+        model, what, logps, pairs, pad_id, micro_batch_size, packing, device, fields
+    )
+    t0 = time.perf_counter()
     if tensors is not None:
         log.info(
             "reference log-probs: loaded %d pairs from cache %s (key %s); no reference model",
@@ -258,16 +331,13 @@ def build(
             path,
             key[:16],
         )
+        if TOKEN_TENSORS[0] not in tensors:  # an older file: the sums only
+            tensors.update({k: v for k, v in compute("tokens", eval_pairs).items() if k in TOKEN_TENSORS})
+            if is_main:
+                save(path, key, header, tensors)
+            log.info("reference log-probs: added the held-out pairs' per-token values to %s", path)
     else:
-        t0, was_training = time.perf_counter(), model.training
-        model.eval()
-        try:
-            tensors = {
-                name: compute_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)
-                for name, pairs in (("train", train_pairs), ("eval", eval_pairs))
-            }
-        finally:
-            model.train(was_training)
+        tensors = {"train": compute("values", train_pairs)["train"], **compute("tokens", eval_pairs)}
         if is_main:  # every rank computes the same values; one writes them
             save(path, key, header, tensors)
         log.info(
@@ -279,7 +349,29 @@ def build(
         )
     pairs = list(train_pairs) + list(eval_pairs)
     values = torch.cat([tensors["train"], tensors["eval"]]) if pairs else torch.zeros(0, len(_columns(fields)))
-    return ReferenceCache(pairs, values, key, path, device, fields)
+    return ReferenceCache(pairs, values, key, path, device, fields, split_tokens(eval_pairs, tensors))
+
+
+def _no_grad_pass(model, what: str, logps, pairs, pad_id, micro_batch_size, packing, device, fields) -> dict:
+    """`compute_values` ("values": {"train": ...}) or `compute_token_values` ("tokens"), `model` in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        if what == "values":
+            return {"train": compute_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)}
+        return compute_token_values(logps, pairs, pad_id, micro_batch_size, packing, device, fields)
+    finally:
+        model.train(was_training)
+
+
+def split_tokens(
+    eval_pairs: Sequence[TokenizedPair], tensors: dict[str, torch.Tensor]
+) -> dict[TokenizedPair, tuple[torch.Tensor, torch.Tensor]]:
+    """The stored flat per-token values cut into each held-out pair's (chosen, rejected) by its token counts."""
+    counts = tensors["eval"][:, 2:4].long()
+    chosen = torch.split(tensors[TOKEN_TENSORS[0]], counts[:, 0].tolist())
+    rejected = torch.split(tensors[TOKEN_TENSORS[1]], counts[:, 1].tolist())
+    return {p: (c, r) for p, c, r in zip(eval_pairs, chosen, rejected)}
 
 
 def reference_cache(
@@ -315,11 +407,11 @@ def reference_cache(
     )
     logps_model = PairLogpsModel(policy, train_cfg.chunk_elements, autocast, fields=fields)
 
-    def logps(batch):
+    def logps(batch, per_token: bool = False):
         if getattr(spec, "uses_lora", False):
             with cast(Any, policy).disable_adapter():
-                return logps_model(batch)
-        return logps_model(batch)
+                return logps_model(batch, per_token)
+        return logps_model(batch, per_token)
 
     packing = packing_layout(getattr(train_cfg, "packing", False), policy)
     return build(

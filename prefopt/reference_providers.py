@@ -30,8 +30,9 @@ class ReferenceProvider:
         """Called once by the Trainer's set-up. `policy`: the unwrapped policy; `policy_logps`: its wrapped
         log-prob module; `wrap(model)`: a frozen model as a wrapped log-prob module of the same arithmetic."""
 
-    def logps(self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair]) -> PairLogps:
-        """The reference log-probs of `batch` (collated from `pairs`, on the device); called without gradients."""
+    def logps(self, batch: PreferenceBatch, pairs: Sequence[TokenizedPair], per_token: bool = False) -> PairLogps:
+        """The reference log-probs of `batch` (collated from `pairs`, on the device); called without gradients.
+        `per_token` (the evaluation's held-out pairs): with each completion token's log-prob too."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
@@ -55,8 +56,8 @@ class FrozenReference(ReferenceProvider):
     def attach(self, *, policy, policy_logps, wrap, hardware) -> None:
         self.model_logps = wrap(self.model)
 
-    def logps(self, batch, pairs) -> PairLogps:
-        return self.model_logps(batch)
+    def logps(self, batch, pairs, per_token: bool = False) -> PairLogps:
+        return self.model_logps(batch, per_token=True) if per_token else self.model_logps(batch)
 
 
 class AdapterOffReference(ReferenceProvider):
@@ -69,9 +70,9 @@ class AdapterOffReference(ReferenceProvider):
     def attach(self, *, policy, policy_logps, wrap, hardware) -> None:
         self.policy_logps = policy_logps
 
-    def logps(self, batch, pairs) -> PairLogps:
+    def logps(self, batch, pairs, per_token: bool = False) -> PairLogps:
         with self.context():
-            return self.policy_logps(batch)
+            return self.policy_logps(batch, per_token=True) if per_token else self.policy_logps(batch)
 
 
 class MovingReference(FrozenReference):

@@ -146,6 +146,19 @@ class RunLog:
                 log.warning("W&B log failed (%s); continuing with local files", exc)
                 self.wandb = None
 
+    def log_histograms(self, step: int, values: dict[str, Any]) -> None:
+        """Distributions over pairs (name: array of per-pair values) as `wandb.Histogram`s; W&B only (the local
+        files hold the per-pair values themselves, see prefopt.displacement)."""
+        if not self.enabled or self.wandb is None or not values:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({"step": step, **{k: wandb.Histogram(list(v)) for k, v in values.items() if len(v)}})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B histogram log failed (%s); continuing with local files", exc)
+            self.wandb = None
+
     def write_json(self, name: str, payload: dict) -> Path | None:
         if not self.enabled:
             return None

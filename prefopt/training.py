@@ -25,6 +25,7 @@ from transformers import get_scheduler
 
 from prefopt.ches_scores import CHESFilter
 from prefopt.data.batching import tokenize_pairs
+from prefopt.displacement import pair_texts
 from prefopt.engine import Trainer, TrainerParts, resolve_steps, resolve_warmup
 from prefopt.errors import ConfigError
 from prefopt.hardware import seed_everything
@@ -223,6 +224,7 @@ def make_trainer(
         pad_id=inputs.tokenizer.pad_token_id,
         seed=plan.seed,
         max_grad_norm=plan.max_grad_norm,
+        describe=pair_texts(inputs.tokenizer),
     )
     trainer = Trainer(parts, config, hw, run_dir).setup(
         resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),

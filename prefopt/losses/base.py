@@ -34,6 +34,8 @@ class PairLogps:
     Σ_t (log p_t − log Σ_v p_v²); and the diagnostics `chosen_entropy` / `rejected_entropy` (summed
     per-token entropy of the model's next-token distribution) and `chosen_top1` (how many chosen tokens
     are the model's argmax), which the engine turns into the `entropy` and `mean_token_accuracy` metrics.
+    `chosen_token_logps` / `rejected_token_logps` (B, T), asked for by the evaluation only: each completion
+    token's log-prob in completion order, zeros past the completion's token count.
     """
 
     chosen: Tensor
@@ -47,6 +49,8 @@ class PairLogps:
     chosen_entropy: Tensor | None = None
     rejected_entropy: Tensor | None = None
     chosen_top1: Tensor | None = None
+    chosen_token_logps: Tensor | None = None
+    rejected_token_logps: Tensor | None = None
 
     @property
     def chosen_mean(self) -> Tensor:

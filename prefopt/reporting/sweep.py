@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from prefopt import ranks
 from prefopt.io import atomic_write_text
 from prefopt.reporting.compare import METHODS, compare, rows_for_csv, tables
+from prefopt.reporting.displaced import section as displaced_section
 from prefopt.reporting.frontier import frontier_section
 from prefopt.reporting.plots import plot_all
 from prefopt.reporting.runs import (
@@ -232,10 +233,12 @@ def write_report(
     frontier, frontier_plots = frontier_section(comparison["groups"], comparison["benchmarks"], out, markdown_table)
     plots += frontier_plots
     md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds + frontier
+    displaced_md, displaced_plots, displaced_text = displaced_section(records, out, markdown_table)
+    md, plots = md + displaced_md, plots + displaced_plots
     md_path = out / "report.md"
     atomic_write_text(md_path, md, what="report")
     if echo:
-        print(main + ("\n\nVerified accuracy (%):\n" + vtable if vtable else "") + "\n" + seeds)
+        print(main + ("\n\nVerified accuracy (%):\n" + vtable if vtable else "") + "\n" + seeds + displaced_text)
         written = ", ".join([csv_path.name, comparison_path.name] + [p.name for p in plots])
         print(f"\nreport: {md_path} ({len(records)} run{'s' * (len(records) != 1)}; {written})")
     return {

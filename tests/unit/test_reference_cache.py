@@ -170,15 +170,17 @@ def test_damaged_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
     pairs = [TokenizedPair(f"p{i}", (1, 2, 3), (4, 5 + i), (6,)) for i in range(5)]
     hdr = {"format": 1, "what": "test"}
 
-    def logps(batch):
+    def logps(batch, per_token=False):
         from prefopt.losses import PairLogps
 
         n = batch.num_pairs
+        tokens = dict(chosen_token_logps=torch.full((n, 2), 0.5), rejected_token_logps=torch.ones(n, 2))
         return PairLogps(
             torch.arange(n, dtype=torch.float32),
             -torch.arange(n, dtype=torch.float32),
             torch.full((n,), 2.0),
             torch.ones(n),
+            **(tokens if per_token else {}),
         )
 
     model = torch.nn.Linear(1, 1)
