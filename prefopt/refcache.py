@@ -4,7 +4,9 @@ Every loss with a reference compares the policy with the *initial* policy (a fro
 with adapters off). The reference's summed completion log-probs and token counts over the train and eval
 pairs depend only on its weights, the tokenizer, the tokenized pairs and the numeric set-up, so a sweep over
 losses and β computes them in one no-grad pass and every run loads them: no reference model in memory and no
-reference forward per step. `python -m prefopt.reference [overrides]` builds the cache as its own job.
+reference forward per step. `python -m prefopt.reference [overrides]` builds the cache as its own job. For the
+held-out pairs it also keeps every completion token's log-prob (`TOKEN_TENSORS`), which the evaluation's
+token-level displacement reads (`prefopt.displacement`).
 
 The file name is the sha256 of everything that determines the values (see `cache_header`), so a cache made
 for other weights, tokenizer, data, template, lengths or precision cannot be picked up; a file whose header
