@@ -84,3 +84,23 @@ def test_the_policy_equal_to_its_reference_has_kl_zero_exactly(models):
     completions = HFGenerator(same, tok, GenerationConfig(max_new_tokens=8)).generate(PROMPTS, n=2, temperature=1.0)
     assert estimator.score("sampled", PROMPTS, completions) == [0.0, 0.0, 0.0]
     assert estimator.metrics() == {"eval/kl/sampled": 0.0, "eval/kl/sampled_low": 0.0, "eval/kl/sampled_high": 0.0}
+
+
+def test_a_lora_policy_is_measured_against_its_base_with_the_adapters_off(models):
+    spec, tok, reference, _ = models
+    lora = ModelSpec(**TINY_SPEC, lora={"r": 4, "dropout": 0.0})
+    policy = load_model(lora, vocab_size=len(tok))  # the same base weights (init seed), adapters B = 0
+    loads = []
+    estimator = kl_estimator(policy, tok, lora, loads.append)
+    assert estimator.reference_model is policy and loads == []  # no second copy
+    completions = HFGenerator(policy, tok, GenerationConfig(max_new_tokens=8)).generate(PROMPTS, n=1)
+    assert estimator.score("greedy", PROMPTS, completions) == pytest.approx([0.0] * 3, abs=1e-6)  # B = 0: the base
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    got = estimator.score("greedy", PROMPTS, completions)
+    for i, prompt in enumerate(PROMPTS):
+        p, a = tok(prompt, add_special_tokens=False).input_ids, completions.token_ids[i][0]
+        assert got[i] == pytest.approx(plain_logp(policy, p, a) - plain_logp(reference, p, a), abs=1e-4)
+    assert any(abs(v) > 1e-3 for v in got)  # the adapters moved the policy
