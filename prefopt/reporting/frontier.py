@@ -82,14 +82,15 @@ def _accuracy(group: Any, names: Sequence[str]) -> Interval | None:
 def frontier_lines(groups: Sequence[Any], names: Sequence[str]) -> list[Line]:
     """The lines of the comparison's groups (`prefopt.reporting.compare.Group`) that have a β, KL and accuracy."""
     lines: dict[tuple, Line] = {}
-    for g in groups:
+    rests = [{k: v for k, v in g.setting.items() if k not in BETA_KEYS} for g in groups]
+    keys = dict.fromkeys(k for rest in rests for k in rest if k not in ("loss", "loss.key"))
+    differ = [k for k in keys if len({rest.get(k) for rest in rests}) > 1]  # what tells lines of one loss apart
+    for g, rest in zip(groups, rests):
         beta, kl, accuracy = _beta(g.setting), _kl(g.runs), _accuracy(g, names)
         if beta is None or kl is None or accuracy is None:
             continue
-        rest = {k: v for k, v in g.setting.items() if k not in BETA_KEYS}
-        key = tuple(sorted(rest.items()))
-        label = rest["loss"] + "".join(f" {k}={v}" for k, v in rest.items() if k not in ("loss", "loss.key"))
-        lines.setdefault(key, Line(label)).points.append(Point(beta, kl, accuracy))
+        label = rest["loss"] + "".join(f" {k}={rest[k]}" for k in differ if k in rest)
+        lines.setdefault(tuple(sorted(rest.items())), Line(label)).points.append(Point(beta, kl, accuracy))
     for line in lines.values():
         line.points.sort(key=lambda p: (p.kl.estimate, p.beta))
     return list(lines.values())
@@ -201,6 +202,7 @@ def frontier_section(
             "Linear interpolation between each loss's points ordered by KL, at KL values inside every loss's range.",
         ]
     else:
-        text += ["The losses' KL ranges do not overlap: no KL at which all can be compared."]
+        ranges = ", ".join(f"{line.label} [{line.kl.min():.3g}, {line.kl.max():.3g}]" for line in lines)
+        text += [f"The losses' KL ranges do not overlap ({ranges}): no KL at which all can be compared."]
     text += ["", "### Accuracy (%) at nominal β", "", markdown_table(*nominal_table(lines)), ""]
     return "\n".join(text), [plot]

@@ -30,7 +30,8 @@ def write_sweep(root: Path, runs: dict, kl: bool = True) -> Path:
     for n, ((loss, beta), (value, solved)) in enumerate(runs.items()):
         run = root / str(n)
         (run / ".hydra").mkdir(parents=True)
-        (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- beta={beta}\n- seed=0\n")
+        overrides = f"- experiment=dcr_mini\n- loss={loss}\n- beta={beta}\n- seed=0\n"  # one setting common to all
+        (run / ".hydra" / "overrides.yaml").write_text(overrides)
         (run / "verified").mkdir()
         rows = [{"benchmark": "arith", "index": i, "correct": i < solved} for i in range(20)]
         (run / "verified" / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -75,7 +76,10 @@ def test_the_report_has_the_frontier_plot_and_both_tables(tmp_path):
 def test_disjoint_kl_ranges_are_said_and_runs_without_kl_have_no_section(tmp_path):
     apart = {("dpo", "0.1"): (0.8, 8), ("dpo", "0.2"): (0.6, 9), ("bpo", "0.1"): (0.1, 10), ("bpo", "0.2"): (0.2, 9)}
     md = write_report([write_sweep(tmp_path / "apart", apart)])["files"]["md"].read_text()
-    assert "KL ranges do not overlap" in md and "| dpo  | 40.0 (KL 0.8) | 45.0 (KL 0.6) |" in md
+    assert (
+        "KL ranges do not overlap (dpo [0.6, 0.8], bpo [0.1, 0.2])" in md
+        and "| dpo  | 40.0 (KL 0.8) | 45.0 (KL 0.6) |" in md
+    )
     old = write_report([write_sweep(tmp_path / "old", RUNS, kl=False)])
     assert "KL to the reference" not in old["files"]["md"].read_text()
     assert not (tmp_path / "old" / "kl_frontier.png").exists()
