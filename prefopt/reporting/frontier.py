@@ -157,7 +157,12 @@ def plot_frontier(lines: Sequence[Line], kl: Sequence[float], path: Path, before
         ax.plot([], [], color=color, marker="o", label=line.label)
         for p in line.points:
             ax.annotate(
-                f"β={p.beta:g}", (p.kl.estimate, 100 * p.accuracy.estimate), xytext=(4, 4), textcoords="offset points"
+                f"β={p.beta:g}",
+                (p.kl.estimate, 100 * p.accuracy.estimate),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize="x-small",
+                color=color,
             )
     for x in kl:
         ax.axvline(x, color="gray", ls=":", lw=1)
