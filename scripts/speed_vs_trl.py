@@ -26,6 +26,19 @@ every step) and `cached` (reference log-probs computed before training: prefopt'
 - `--precision` sets the arithmetic of both tools: `bf16` (the default, TRL's own default here: bf16 autocast
   over float32 weights; prefopt's `hardware.mixed_precision=bf16`) or `fp32` (TRL `bf16=False`, prefopt plain).
 
+The real workload (`--model smollm2`; docs/results/speed_vs_trl_real.md): SmolLM2-135M-Instruct's real weights,
+the smollm2_135m preset's GGUF file converted once into a Hugging Face directory that both tools load in float32
+(the precision is `--precision`'s for both: bf16 autocast by default); chat pairs written here (everyday word
+problems: a correct worked answer against one written another way with an arithmetic slip) rendered with the
+model's chat template and its default system message, prompts 116-133 tokens, completions 72-129; 8 pairs per
+step; DPO β = 0.1, lr 5e-6 (full) or 5e-5 (LoRA); full fine-tuning and LoRA (`--tuning`: r = α = 16, dropout 0,
+on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; three
+tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`) and `trl`.
+Each tool's child reports the tokens per step it trains on (they must be equal). Model FLOPs per token for MFU:
+6·params for full fine-tuning, 4·params for LoRA (no weight gradients of the frozen base), + 2·params for a live
+reference. The 1-minute load average at the start of each run is in the table ("load 1m").
+    python scripts/speed_vs_trl.py --model smollm2 --doc docs/results/speed_vs_trl_real.md [--tuning full,lora]
+
 Timing: "first step s" is the wall-clock time from a tool's start (model, data, reference precompute,
 compilation) to the end of its first step. Throughput: the wall-clock time of each optimizer step after the first
 `--warmup` steps, between hooks at the
@@ -84,21 +97,198 @@ def dataset(pairs: int):
     return train, tokenized, tok
 
 
-def tokens_per_step(tokenized) -> float:
+def tokens_per_step(tokenized, pairs_per_step: int = PAIRS_PER_STEP) -> float:
     per_pair = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized]
-    return PAIRS_PER_STEP * sum(per_pair) / len(per_pair)
+    return pairs_per_step * sum(per_pair) / len(per_pair)
+
+
+# -- the real workload: SmolLM2-135M-Instruct on everyday word problems rendered with its chat template --------
+REAL_EOS, REAL_VOCAB = "<|im_end|>", 49152  # the smollm2_135m preset's completion_eos
+REAL = dict(pairs_per_step=8, beta=0.1, lr={"full": 5e-6, "lora": 5e-5}, n_eval=8, seed=2024)
+LORA = dict(
+    r=16,
+    alpha=16,
+    dropout=0.0,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+NAMES = ("Maria", "Tom", "Aisha", "Kenji", "Lena", "Diego", "Priya", "Sam", "Olga", "Noah", "Fatima", "Lucas")
+ASK = "Please explain your reasoning step by step and put the final answer in \\boxed{}."
+
+
+def _bake_sale(name: str, rng) -> tuple[str, str, str]:
+    a, b, c, d = int(rng.integers(3, 9)), int(rng.integers(4, 13)), int(rng.integers(5, 20)), int(rng.integers(2, 9))
+    packs, wrong = a * b, a * b + b  # the slip: one pack too many
+    prompt = (
+        f"{name} is getting ready for the school bake sale on Saturday. {name} buys {a} packs of muffins with {b} "
+        f"muffins in each pack, and a neighbour brings over {c} more muffins baked at home. On the morning of the "
+        f"sale, {d} muffins turn out to be too burnt to sell and are set aside. How many muffins can {name} put on "
+        f"the table for the sale? {ASK}"
+    )
+    chosen = (
+        "Let's work through it step by step.\n\n"
+        f"1. Muffins from the packs: {a} packs × {b} muffins = {packs} muffins.\n"
+        f"2. Adding the neighbour's muffins: {packs} + {c} = {packs + c} muffins.\n"
+        f"3. Setting aside the burnt ones: {packs + c} − {d} = {packs + c - d} muffins.\n\n"
+        f"So {name} can put {packs + c - d} muffins on the table for the sale.\n\n\\boxed{{{packs + c - d}}}"
+    )
+    rejected = (
+        f"{name} starts with the packs: {a} × {b} = {wrong} muffins. Together with the {c} muffins from the "
+        f"neighbour that makes {wrong + c} muffins. The {d} burnt muffins cannot be sold, so {name} has "
+        f"{wrong + c} − {d} = {wrong + c - d} muffins left for the table.\n\n\\boxed{{{wrong + c - d}}}"
+    )
+    return prompt, chosen, rejected
+
+
+def _train(name: str, rng) -> tuple[str, str, str]:
+    a, b, c = int(rng.integers(40, 90)), int(rng.integers(5, 20)), int(rng.integers(3, 15))
+    after, wrong = a - b + c, a + b + c  # the slip: the people who got off are added
+    prompt = (
+        f"A morning train leaves the city station with {a} passengers on board. At the first stop, {b} people get "
+        f"off and {c} people get on. At the second stop, a school group joins the trip and the number of passengers "
+        f"on the train doubles. {name} wants to know how many passengers are on the train after the second stop. "
+        f"{ASK}"
+    )
+    chosen = (
+        "Let's follow the passengers stop by stop.\n\n"
+        f"- At the start there are {a} passengers.\n"
+        f"- At the first stop, {b} get off and {c} get on: {a} − {b} + {c} = {after} passengers.\n"
+        f"- At the second stop the number doubles: {after} × 2 = {2 * after} passengers.\n\n"
+        f"There are {2 * after} passengers on the train after the second stop.\n\n\\boxed{{{2 * after}}}"
+    )
+    rejected = (
+        f"The train starts with {a} passengers, and at the first stop {b} people and then {c} people are added, "
+        f"which gives {a} + {b} + {c} = {wrong}. When the school group joins, the number doubles, so there are "
+        f"{wrong} × 2 = {2 * wrong} passengers after the second stop.\n\n\\boxed{{{2 * wrong}}}"
+    )
+    return prompt, chosen, rejected
+
+
+def _garden(name: str, rng) -> tuple[str, str, str]:
+    a, b, c, d = int(rng.integers(3, 8)), int(rng.integers(4, 10)), int(rng.integers(6, 15)), int(rng.integers(10, 40))
+    plants, total = a * b, a * b * c
+    wrong = (a + b) * c  # the slip: rows and plants per row added, not multiplied
+    prompt = (
+        f"{name} is planting a vegetable garden this spring with {a} rows of tomato plants and {b} plants in each "
+        f"row. Each plant produces about {c} tomatoes over the summer. {name} plans to give {d} tomatoes to friends "
+        f"and family and keep the rest for cooking. How many tomatoes will be left for cooking at the end of the "
+        f"summer? {ASK}"
+    )
+    chosen = (
+        "Let's break the problem into steps.\n\n"
+        f"1. Number of plants: {a} rows × {b} plants = {plants} plants.\n"
+        f"2. Tomatoes over the summer: {plants} plants × {c} tomatoes = {total} tomatoes.\n"
+        f"3. After giving {d} away: {total} − {d} = {total - d} tomatoes.\n\n"
+        f"{name} will have {total - d} tomatoes left for cooking.\n\n\\boxed{{{total - d}}}"
+    )
+    rejected = (
+        f"The garden has {a} + {b} = {a + b} tomato plants. Each of them gives about {c} tomatoes, so the harvest is "
+        f"{a + b} × {c} = {wrong} tomatoes. After {name} gives {d} tomatoes to friends and family, "
+        f"{wrong} − {d} = {wrong - d} tomatoes are left for cooking.\n\n\\boxed{{{wrong - d}}}"
+    )
+    return prompt, chosen, rejected
+
+
+def _savings(name: str, rng) -> tuple[str, str, str]:
+    b, s = int(rng.integers(10, 30)), int(rng.integers(15, 40))
+    a, d, weeks = b + s, int(rng.integers(20, 80)), int(rng.integers(4, 12))
+    c = d + s * weeks - int(rng.integers(0, s))  # needs exactly `weeks` full weeks
+    need, wrong = c - d, -(-(c - d) // (b + s))  # the slip: divides by the whole pay, not what is saved
+    prompt = (
+        f"{name} earns {a} dollars a week from a part-time job at the public library and spends {b} dollars of it "
+        f"each week on lunches and bus fares. {name} wants to buy a bicycle that costs {c} dollars and already has "
+        f"{d} dollars saved. After how many full weeks of work will {name} have enough money for the bicycle? {ASK}"
+    )
+    chosen = (
+        "Let's work it out step by step.\n\n"
+        f"1. Money saved each week: {a} − {b} = {s} dollars.\n"
+        f"2. Money still needed: {c} − {d} = {need} dollars.\n"
+        f"3. Weeks needed: {need} ÷ {s} ≈ {need / s:.2f}, so {name} needs {weeks} full weeks "
+        f"({weeks} × {s} = {weeks * s} dollars ≥ {need}).\n\n"
+        f"After {weeks} full weeks {name} can buy the bicycle.\n\n\\boxed{{{weeks}}}"
+    )
+    rejected = (
+        f"{name} needs {c} − {d} = {need} more dollars and earns {a} dollars a week, so it takes {need} ÷ {a} ≈ "
+        f"{need / a:.2f} weeks, which rounds up to {wrong} full weeks. After {wrong} weeks {name} can buy the "
+        f"bicycle.\n\n\\boxed{{{wrong}}}"
+    )
+    return prompt, chosen, rejected
+
+
+PROBLEMS = (_bake_sale, _train, _garden, _savings)
+
+
+def real_pairs(n: int, seed: int = REAL["seed"]):
+    """`n` chat pairs: an everyday word problem, a correct worked answer (chosen) and a worked answer written
+    another way with one arithmetic slip (rejected), so that the two answers share no long common start."""
+    import numpy as np
+
+    from prefopt.data.sources import PreferencePair
+
+    rng = np.random.default_rng(seed)
+    return [
+        PreferencePair(*PROBLEMS[i % len(PROBLEMS)](NAMES[int(rng.integers(len(NAMES)))], rng), f"real{i}")
+        for i in range(n)
+    ]
+
+
+def real_model_dir() -> str:
+    """The converted Hugging Face directory of the smollm2_135m preset's GGUF file (converted once, then cached)."""
+    from omegaconf import OmegaConf
+
+    from prefopt.config import conf_dir
+    from prefopt.models import ModelSpec
+
+    preset = OmegaConf.load(conf_dir() / "model" / "smollm2_135m.yaml")
+    gguf_cache = REPO / preset.gguf_cache
+    return str(ModelSpec(gguf_file=preset.gguf_file, gguf_cache=str(gguf_cache)).converted().name_or_path)
+
+
+def real_dataset(pairs: int, tok):
+    """The real pairs, prefopt's tokenization of them (chat template, default system message, completion + EOS)
+    and the rows TRL reads: the prompt as rendered by the template, each completion followed by its EOS."""
+    from prefopt.data.batching import render_prompt, tokenize_pairs
+
+    train = real_pairs(pairs)
+    tokenized, _ = tokenize_pairs(train, tok, max_length=1024, max_prompt_length=512, completion_eos=REAL_EOS)
+    rows = [
+        {
+            "prompt": render_prompt(tok, p.prompt, True, None),
+            "chosen": p.chosen + REAL_EOS,
+            "rejected": p.rejected + REAL_EOS,
+        }
+        for p in train
+    ]
+    return train, tokenized, tok, rows
 
 
 # -- children ------------------------------------------------------------------------------------------------
-def run_prefopt(args, out: dict) -> None:
-    from hydra import compose, initialize_config_dir
+def real_overrides(args, work: Path) -> list[str]:
+    """prefopt's run of the real workload: the smollm2_135m preset on the converted directory, in float32
+    weights (the precision is `--precision`'s, as TRL's), full fine-tuning or its LoRA, on the real pairs."""
+    data = work / "pairs.jsonl"
+    rows = real_pairs(args.pairs + REAL["n_eval"])  # the first args.pairs are TRL's pairs; the last held out
+    data.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in rows)
+    )
+    return [
+        "model=smollm2_135m",
+        "model.gguf_file=null",
+        f"++model.name_or_path={args.model_dir}",
+        "model.dtype=float32",
+        f"model.lora.r={LORA['r'] if args.tuning == 'lora' else 0}",
+        "data=jsonl",
+        f"data.source.path={data}",
+        f"data.source.eval_size={REAL['n_eval']}",
+        "loss=dpo",
+        f"beta={REAL['beta']}",
+        f"lr={REAL['lr'][args.tuning]}",
+        f"batch_size={REAL['pairs_per_step']}",
+        f"micro_batch_size={REAL['pairs_per_step']}",
+    ]
 
-    import prefopt.engine
-    from prefopt.config import conf_dir
-    from prefopt.run import train
 
-    work = Path(tempfile.mkdtemp(prefix="bench-prefopt-"))
-    overrides = [
+def tiny_overrides(args) -> list[str]:
+    return [
         "model=tiny_qwen",
         *[f"model.config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MODEL.items()],
         f"model.config.vocab_size={VOCABS[args.vocab]}",
@@ -112,6 +302,19 @@ def run_prefopt(args, out: dict) -> None:
         f"lr={LR}",
         f"batch_size={PAIRS_PER_STEP}",
         f"micro_batch_size={PAIRS_PER_STEP}",
+    ]
+
+
+def run_prefopt(args, out: dict) -> None:
+    from hydra import compose, initialize_config_dir
+
+    import prefopt.engine
+    from prefopt.config import conf_dir
+    from prefopt.run import train
+
+    work = Path(tempfile.mkdtemp(prefix="bench-prefopt-"))
+    overrides = [
+        *(real_overrides(args, work) if args.model == "smollm2" else tiny_overrides(args)),
         f"steps={args.steps}",
         "eval_every=0",
         "resume=null",
@@ -135,7 +338,11 @@ def run_prefopt(args, out: dict) -> None:
     cpu: list[float] = []
     step = prefopt.engine.Trainer.train_step
 
+    seen: list[float] = []
+
     def timed_step(self):
+        if not seen:  # the tokens prefopt trains on, counted as tokens/s counts them
+            seen.append(tokens_per_step(self.parts.train_pairs, self.cfg.batch_size))
         metrics = step(self)
         ends.append(time.perf_counter())
         cpu.append(time.process_time())
@@ -150,26 +357,65 @@ def run_prefopt(args, out: dict) -> None:
         first_step_s=ends[0] - start,
         total_s=time.perf_counter() - start,
         final_loss=summary["metrics"].get("train/loss"),
+        tokens_per_step_seen=seen[0],
         overrides=overrides,
     )
 
 
-def run_trl(args, out: dict) -> None:
+def trl_tiny(args) -> dict:
+    """TRL's inputs for the tiny workload: the same random weights as prefopt's policy, the arithmetic pairs."""
     import copy
 
-    import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     from prefopt.models import ModelSpec, load_model
 
-    torch.set_num_threads(args.threads)
-    train, tokenized, tok = dataset(args.pairs)
+    train, _, tok = dataset(args.pairs)
     spec = ModelSpec(arch="qwen2", config={**MODEL, "vocab_size": VOCABS[args.vocab]}, tokenizer="char")
     model = load_model(spec)  # the same weights as prefopt's policy (same config, same init seed)
     ref = copy.deepcopy(model).eval() if args.reference == "live" else None
     ds = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in train])
+    return dict(model=model, ref_model=ref, train_dataset=ds, processing_class=tok), (PAIRS_PER_STEP, LR, BETA)
+
+
+def trl_real(args) -> dict:
+    """TRL's inputs for the real workload: the converted directory loaded as a TRL user loads a model (float32
+    weights, sdpa), the rendered chat pairs, and for LoRA peft's adapters of the smollm2_135m preset (TRL then
+    takes the reference from the base with the adapters off, as prefopt does)."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, tok, rows = real_dataset(args.pairs, AutoTokenizer.from_pretrained(args.model_dir))
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lora = args.tuning == "lora"
+    ref = copy.deepcopy(model).eval() if args.reference == "live" and not lora else None
+    peft_config = (
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        )
+        if lora
+        else None
+    )
+    inputs = dict(model=model, ref_model=ref, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return {**inputs, "peft_config": peft_config}, (REAL["pairs_per_step"], REAL["lr"][args.tuning], REAL["beta"])
+
+
+def run_trl(args, out: dict) -> None:
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()  # the tool's start: model and data, as prefopt's
+    inputs, (pairs_per_step, lr, beta) = (trl_real if args.model == "smollm2" else trl_tiny)(args)
     ends: list[float] = []
     cpu: list[float] = []
 
@@ -181,10 +427,10 @@ def run_trl(args, out: dict) -> None:
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
         use_cpu=True,
-        per_device_train_batch_size=PAIRS_PER_STEP,
-        learning_rate=LR,
+        per_device_train_batch_size=pairs_per_step,
+        learning_rate=lr,
         max_steps=args.steps,
-        beta=BETA,
+        beta=beta,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -194,15 +440,12 @@ def run_trl(args, out: dict) -> None:
         precompute_ref_log_probs=args.reference == "cached",
         **{"bf16": args.precision == "bf16", **json.loads(args.trl_args)},
     )
-    start = time.perf_counter()
-    trainer = DPOTrainer(
-        model=model, ref_model=ref, args=config, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
-    )
+    trainer = DPOTrainer(args=config, callbacks=[Clock()], **inputs)
     setup = time.perf_counter() - start
     # TRL tokenizes by itself: check that it sees the same tokens as prefopt (tokens/s counts the same work)
     seen = trainer.train_dataset
     trl_tokens = (
-        PAIRS_PER_STEP
+        pairs_per_step
         * sum(
             2 * len(a) + len(b) + len(c)
             for a, b, c in zip(seen["prompt_ids"], seen["chosen_ids"], seen["rejected_ids"])
@@ -226,6 +469,8 @@ def run_trl(args, out: dict) -> None:
 
 def child(args) -> None:
     out: dict = {"tool": args.child, "vocab": VOCABS[args.vocab], "reference": args.reference}
+    if args.model == "smollm2":
+        out.update(vocab=REAL_VOCAB, tuning=args.tuning)
     (run_prefopt if args.child == "prefopt" else run_trl)(args, out)
     Path(args.out).write_text(json.dumps(out))
 
@@ -259,7 +504,8 @@ def param_count(vocab: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
+def spawn(tool: str, vocab: str, reference: str, args, steps: int, extra: tuple[str, ...] = ()) -> dict:
+    """Run one tool in its own process (`--child`); `extra` adds child arguments (the real workload's)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [
@@ -274,7 +520,9 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
         "--steps",
         str(steps),
         "--pairs",
-        str(n_train(args.steps)),
+        str(REAL["pairs_per_step"] * args.steps if args.model == "smollm2" else n_train(args.steps)),
+        "--model",
+        args.model,
         "--threads",
         str(args.threads),
         "--out",
@@ -285,6 +533,7 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
         args.precision,
         "--prefopt-args",
         args.prefopt_args,
+        *extra,
     ]
     env = {
         **os.environ,
@@ -295,6 +544,7 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     }
     log = Path(out).with_suffix(".log")
+    load = os.getloadavg()[0]  # other work on the machine when the run starts
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -305,12 +555,33 @@ def spawn(tool: str, vocab: str, reference: str, args, steps: int) -> dict:
         )
     row = json.loads(Path(out).read_text())
     row["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
+    row["load_1m"] = load
     return row
+
+
+def add_timing(row: dict, warmup: int, tps: float) -> None:
+    """Steps/s (of the median step), CPU s/step and tokens/s from the step ends the child recorded."""
+    ends = row.pop("ends")
+    row["step_s"] = [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
+    # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
+    row["steps_per_s"] = 1 / statistics.median(row["step_s"])
+    row["steps_per_s_mean"] = len(row["step_s"]) / sum(row["step_s"])
+    cpu = row.pop("cpu_ends")
+    # CPU seconds (all threads) per step: the work, nearly independent of other load on the machine
+    row["cpu_s_per_step"] = statistics.median(b - a for a, b in zip(cpu[warmup - 1 :], cpu[warmup:]))
+    row["tokens_per_s"] = row["steps_per_s"] * tps
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    ap.add_argument(
+        "--model",
+        default="tiny",
+        choices=["tiny", "smollm2"],
+        help="tiny: the random tiny Qwen2 rows; smollm2: the real SmolLM2-135M-Instruct rows (--tuning)",
+    )
+    ap.add_argument("--tuning", default="full,lora", help="smollm2: full, lora (r = alpha = 16) or both")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 12; smollm2: 6)")
     ap.add_argument(
         "--large-steps",
         type=int,
@@ -320,7 +591,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2, at least 1)")
     ap.add_argument("--vocab", default="small,qwen", help="small, qwen or both (comma-separated)")
     ap.add_argument("--reference", default="live,cached", help="live, cached or both")
-    ap.add_argument("--tools", default="prefopt,trl")
+    ap.add_argument(
+        "--tools",
+        help="default prefopt,trl; smollm2: prefopt,prefopt-compiled,trl (prefopt there: its defaults, no compile)",
+    )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
     ap.add_argument(
         "--threads",
@@ -331,18 +605,27 @@ def main(argv=None) -> None:
     ap.add_argument("--trl-args", default="{}", help="extra DPOConfig fields as JSON")
     ap.add_argument(
         "--prefopt-args",
-        default="train.compile=true",
-        help="extra prefopt overrides, space-separated (default: train.compile=true)",
+        help="extra prefopt overrides, space-separated (default: train.compile=true; smollm2: none)",
     )
     ap.add_argument("--json", help="write the rows to this file as a JSON list")
     ap.add_argument("--doc", help="also write the table as a results page of the documentation (docs/results/...)")
     ap.add_argument("--child", choices=["prefopt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    real = args.model == "smollm2"
+    if args.steps is None:
+        args.steps = 6 if real else 12
+    if args.prefopt_args is None:
+        args.prefopt_args = "" if real else "train.compile=true"
+    if args.tools is None:
+        args.tools = "prefopt,prefopt-compiled,trl" if real else "prefopt,trl"
     if args.child:
         args.vocab = args.vocab if args.vocab in VOCABS else "small"
         return child(args)
+    if real:
+        return main_real(args)
     if not 1 <= args.warmup < min(args.steps, args.large_steps):
         raise SystemExit(f"need 1 <= --warmup ({args.warmup}) < --steps ({args.steps}) and --large-steps")
 
@@ -366,18 +649,8 @@ def main(argv=None) -> None:
         for reference in args.reference.split(","):
             for tool in args.tools.split(","):
                 row = spawn(tool, vocab, reference, args, steps)
-                ends = row.pop("ends")
-                row["step_s"] = [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])]
-                # the median step: robust to bursts of other work on a shared machine (the mean is kept too)
-                row["steps_per_s"] = 1 / statistics.median(row["step_s"])
-                row["steps_per_s_mean"] = len(row["step_s"]) / sum(row["step_s"])
-                cpu = row.pop("cpu_ends")
-                # CPU seconds (all threads) per step: the work, nearly independent of other load on the machine
-                row["cpu_s_per_step"] = statistics.median(
-                    b - a for a, b in zip(cpu[args.warmup - 1 :], cpu[args.warmup :])
-                )
-                row["tokens_per_s"] = row["steps_per_s"] * tps
-                precision = args.precision if tool == "prefopt" else ("bf16" if row.get("bf16") else "fp32")
+                add_timing(row, args.warmup, tps)
+                precision = args.precision if tool != "trl" else ("bf16" if row.get("bf16") else "fp32")
                 flops = (6 + (2 if reference == "live" else 0)) * params * tps
                 row["mfu"] = flops * row["steps_per_s"] / (peaks[precision] * 1e9)
                 row.update(
@@ -407,14 +680,110 @@ def main(argv=None) -> None:
         print(f"wrote {write_doc_page(args.doc, 'Speed against TRL 1.16', body)}")
 
 
+def real_param_count(model_dir: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def real_row(tool: str, tuning: str, reference: str, args, tps: float, params: int, peaks: dict) -> dict:
+    """One real run: `prefopt` (its defaults: no compile), `prefopt-compiled` (train.compile=true) or `trl`."""
+    import copy
+
+    if tool not in ("prefopt", "prefopt-compiled", "trl"):
+        raise SystemExit(f"--tools: {tool!r} is not one of prefopt, prefopt-compiled, trl")
+    run_args = copy.copy(args)
+    if tool == "prefopt-compiled":
+        run_args.prefopt_args = f"{args.prefopt_args} train.compile=true".strip()
+    child_tool = "trl" if tool == "trl" else "prefopt"
+    row = spawn(
+        child_tool, "small", reference, run_args, args.steps, ("--tuning", tuning, "--model-dir", args.model_dir)
+    )
+    add_timing(row, args.warmup, tps)
+    precision = args.precision if tool != "trl" else ("bf16" if row.get("bf16") else "fp32")
+    # model FLOPs per token: forward 2N + backward 4N (full) or 2N (LoRA: no weight gradients of the frozen base),
+    # + 2N for a live reference's forward
+    flops = ((6 if tuning == "full" else 4) + (2 if reference == "live" else 0)) * params * tps
+    row.update(
+        tool=tool,
+        mfu=flops * row["steps_per_s"] / (peaks[precision] * 1e9),
+        params=params,
+        tokens_per_step=tps,
+        steps=args.steps,
+        warmup=args.warmup,
+        matmul_peak_gflops=peaks[precision],
+        precision=precision,
+    )
+    print(
+        f"  {tool:16s} {tuning:4s} {reference:6s} {row['steps_per_s']:.3f} steps/s {row['tokens_per_s']:.0f} tok/s "
+        f"{row['peak_rss_mb']:.0f} MB (tokens per step seen {row['tokens_per_step_seen']:.0f} of {tps:.0f}; "
+        f"load {row['load_1m']:.2f})",
+        flush=True,
+    )
+    return row
+
+
+def main_real(args) -> None:
+    """The real rows: SmolLM2-135M-Instruct (the smollm2_135m preset's weights), full fine-tuning and LoRA,
+    live and cached reference, prefopt with its defaults and compiled, and TRL."""
+    if not 1 <= args.warmup < args.steps:
+        raise SystemExit(f"need 1 <= --warmup ({args.warmup}) < --steps ({args.steps})")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peaks = {dt: matmul_peak_gflops(dt) for dt in ("fp32", "bf16")}
+    args.model_dir = real_model_dir()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    _, tokenized, _, _ = real_dataset(REAL["pairs_per_step"] * args.steps, tok)
+    tps = tokens_per_step(tokenized, REAL["pairs_per_step"])
+    params = real_param_count(args.model_dir)
+    lengths = {f: [len(getattr(p, f"{f}_ids")) for p in tokenized] for f in ("prompt", "chosen", "rejected")}
+    load = os.getloadavg()
+    setup = (
+        f"SmolLM2-135M-Instruct ({params / 1e6:.1f} M parameters, vocabulary {REAL_VOCAB:,}), float32 weights; "
+        f"{args.threads} threads per tool; matmul peak {peaks['fp32']:.0f} GFLOP/s float32, {peaks['bf16']:.0f} "
+        f"bf16; {len(tokenized)} chat pairs (prompt {min(lengths['prompt'])}-{max(lengths['prompt'])} tokens with "
+        f"the template's system message, chosen {min(lengths['chosen'])}-{max(lengths['chosen'])}, rejected "
+        f"{min(lengths['rejected'])}-{max(lengths['rejected'])}), {tps:.0f} tokens per step of "
+        f"{REAL['pairs_per_step']} pairs; {args.steps} steps, {args.warmup} of them warm-up; 1-minute load "
+        f"average {load[0]:.2f} at the start"
+    )
+    print(f"# {setup}", flush=True)
+    rows = []
+    for tuning in args.tuning.split(","):
+        for reference in args.reference.split(","):
+            for tool in args.tools.split(","):
+                rows.append(real_row(tool, tuning, reference, args, tps, params, peaks))
+                if args.json:  # after every run: a failure later keeps the rows measured so far
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    setup += f", {os.getloadavg()[0]:.2f} at the end"
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.doc:
+        from prefopt.reporting.doc_page import write_doc_page
+
+        body = (
+            f"{setup}. [Performance](../performance.md#on-a-real-model-smollm2-135m-instruct) describes the "
+            f"workload and what the figures mean.\n\n{table_text(rows)}"
+        )
+        print(f"wrote {write_doc_page(args.doc, 'Speed against TRL 1.16 on SmolLM2-135M-Instruct', body)}")
+
+
 def print_table(rows: list[dict]) -> None:
     print(table_text(rows))
 
 
 def table_text(rows: list[dict]) -> str:
     """The rows as a Markdown table, with the prefopt/TRL ratios."""
+    real = any("tuning" in r for r in rows)  # the real rows: one vocabulary, full fine-tuning or LoRA
     head = (
-        "vocab",
+        "fine-tuning" if real else "vocab",
         "reference",
         "tool",
         "precision",
@@ -427,23 +796,21 @@ def table_text(rows: list[dict]) -> str:
         "tok/s ×TRL",
         "RSS ×TRL",
         "CPU ×TRL",
+        *(("load 1m",) if real else ()),
     )
     lines = []
     for r in rows:
+        key = (r["vocab"], r["reference"], r.get("tuning"))
         trl = next(
-            (t for t in rows if t["tool"] == "trl" and t["vocab"] == r["vocab"] and t["reference"] == r["reference"]),
-            None,
+            (t for t in rows if t["tool"] == "trl" and (t["vocab"], t["reference"], t.get("tuning")) == key), None
         )
-        ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl and r["tool"] == "prefopt" else ""
-        rss = f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if trl and r["tool"] == "prefopt" else ""
-        cpu = (
-            f"{trl['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}"
-            if trl and r["tool"] == "prefopt" and "cpu_s_per_step" in r
-            else ""
-        )
+        ours = trl is not None and r["tool"] != "trl"
+        ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if ours else ""
+        rss = f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}" if ours else ""
+        cpu = f"{trl['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}" if ours and "cpu_s_per_step" in r else ""
         lines.append(
             (
-                f"{r['vocab']:,}",
+                r["tuning"] if real else f"{r['vocab']:,}",
                 r["reference"],
                 r["tool"],
                 r["precision"],
@@ -456,6 +823,7 @@ def table_text(rows: list[dict]) -> str:
                 ratio,
                 rss,
                 cpu,
+                *((f"{r['load_1m']:.2f}" if "load_1m" in r else "",) if real else ()),
             )
         )
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
