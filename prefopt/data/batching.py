@@ -294,16 +294,23 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool | str | N
     if packing not in (False, None):
         raise ValueError(f"packing must be False, True or one of {PACKING_LAYOUTS} (got {packing!r})")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return PreferenceBatch(*padded_rows(rows, pad_id), [p.pair_id for p in pairs])
+
+
+def padded_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, completion ids) rows → right-padded (input_ids, attention_mask, completion_mask)."""
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     comp = torch.zeros((len(rows), width), dtype=torch.bool)
     for r, (prompt, completion) in enumerate(rows):
         n, m = len(prompt), len(completion)
-        ids[r, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
+        ids[r, : n + m] = torch.tensor([*prompt, *completion], dtype=torch.long)
         attn[r, : n + m] = 1
         comp[r, n : n + m] = True
-    return PreferenceBatch(ids, attn, comp, [p.pair_id for p in pairs])
+    return ids, attn, comp
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

@@ -23,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from prefopt.data.batching import PreferenceBatch
+from prefopt.data.batching import PreferenceBatch, padded_rows
 from prefopt.logprobs import DEFAULT_CHUNK_ELEMENTS, sequence_logps
 from prefopt.stats import scalar_mean
 
@@ -46,16 +46,8 @@ def answer_logps(
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
-                width = max(len(p) + len(a) for p, a in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attn = torch.zeros((len(chunk), width), dtype=torch.long)
-                comp = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for r, (prompt, answer) in enumerate(chunk):
-                    n, m = len(prompt), len(answer)
-                    ids[r, : n + m] = torch.tensor([*prompt, *answer], dtype=torch.long)
-                    attn[r, : n + m] = 1
-                    comp[r, n : n + m] = True
-                batch = PreferenceBatch(ids, attn, comp, [str(i) for i in range(len(chunk))]).to(device)
+                tensors = padded_rows(chunk, pad_id)
+                batch = PreferenceBatch(*tensors, [str(i) for i in range(len(chunk))]).to(device)
                 sums, _ = sequence_logps(model, batch, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
                 out += sums.float().cpu().tolist()
     finally:

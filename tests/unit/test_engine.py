@@ -12,20 +12,9 @@ from prefopt.data.batching import PairBatcher, collate, tokenize_pairs
 from prefopt.logprobs import pair_logps, plain_sequence_logps, sequence_logps
 from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+from tests.helpers.config import TINY_SPEC
 
-SPEC = dict(
-    arch="qwen2",
-    config=dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    tokenizer="char",
-)
+SPEC = TINY_SPEC
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,9 @@ from prefopt.hardware import Hardware
 from prefopt.losses import get_loss
 from prefopt.models import ModelSpec, load_model, load_tokenizer
 from prefopt.reference_providers import MovingReference, choose_reference
+from tests.helpers.config import TINY_SPEC
 
-SPEC = ModelSpec(
-    arch="qwen2",
-    config=dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    tokenizer="char",
-)
+SPEC = ModelSpec(**TINY_SPEC)
 
 
 @pytest.fixture(scope="module")
