@@ -34,7 +34,7 @@ from prefopt.mathloop.loop import MathLoop, Prepared
 from prefopt.merge import MERGED, merge_adapters
 from prefopt.models import freeze, load_model, load_tokenizer, reference_context
 from prefopt.refcache import ReferenceCache, reference_cache
-from prefopt.reference_providers import ReferenceProvider, choose_reference
+from prefopt.reference_providers import FrozenReference, ReferenceProvider, choose_reference
 from prefopt.tokenizer import save_tokenizer
 from prefopt.tracking import RunLog
 
@@ -275,11 +275,22 @@ def fit_and_export(trainer: Trainer, run_log: RunLog, inputs: Inputs, hw, run_di
 
 
 def verify(
-    trainer: Trainer, run_log: RunLog, plan: RunPlan, policy, inputs: Inputs, hw, run_dir: Path, result: dict
+    trainer: Trainer,
+    run_log: RunLog,
+    plan: RunPlan,
+    policy,
+    reference: ReferenceProvider | None,
+    inputs: Inputs,
+    hw,
+    run_dir: Path,
+    result: dict,
 ) -> dict:
-    """Verified accuracy after training (the loop's last stage); its metrics join the run's. Returns details."""
+    """Verified accuracy after training (the loop's last stage); its metrics join the run's. Returns details.
+    A frozen reference in memory is the starting policy the KL estimate needs, so it is not loaded again
+    (unless sharded under FSDP)."""
     prepared = inputs.prepared
-    verified, details = plan.loop.verify_after(policy, inputs.tokenizer, prepared, hw, run_dir)
+    start = reference.model if isinstance(reference, FrozenReference) and hw.strategy != "fsdp" else None
+    verified, details = plan.loop.verify_after(policy, inputs.tokenizer, prepared, hw, run_dir, start_model=start)
     if verified or prepared.metrics:
         result["metrics"].update({**prepared.metrics, **verified})
         run_log.log(trainer.step, {**prepared.metrics, **verified})
@@ -315,7 +326,7 @@ def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
     reference = make_reference(plan, policy, inputs, hw)
     trainer, run_log = make_trainer(plan, policy, reference, inputs, hw, run_dir)
     result = fit_and_export(trainer, run_log, inputs, hw, run_dir, evaluates=plan.loop.switches.evaluate)
-    details = verify(trainer, run_log, plan, policy, inputs, hw, run_dir, result)
+    details = verify(trainer, run_log, plan, policy, reference, inputs, hw, run_dir, result)
     summary = summarize(plan, trainer, inputs, hw, result, details)
     run_log.finish(summary)
     hw.teardown()

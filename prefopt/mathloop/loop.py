@@ -388,13 +388,16 @@ class MathLoop:
         _release_memory()
         return prepared
 
-    def verify_after(self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path) -> tuple[dict, dict]:
+    def verify_after(
+        self, policy, tokenizer, prepared: Prepared, hardware, run_dir: Path, start_model=None
+    ) -> tuple[dict, dict]:
         """Verified accuracy of the trained policy (exported to run_dir/final): eval/verified/<benchmark>, mean;
         with `evaluation.judge` set, also the judged win rate against the baseline (eval/judge/...).
 
         vLLM loads the trained weights from disk: `final/`, or for LoRA the adapters merged into a full-precision
         copy of the base (prefopt.merge.trained_weights). HF generate uses the policy in memory, except under FSDP
-        (sharded) and with a 4-bit base, where it loads the same weights vLLM would."""
+        (sharded) and with a 4-bit base, where it loads the same weights vLLM would. `start_model`: the starting
+        policy when the caller holds it (the KL estimate's reference; otherwise loaded from `prepared.model`)."""
         if not (self.switches.evaluate and hardware.is_main):
             return {}, {}
         spec, temporary = trained_weights(prepared.model, run_dir, tokenizer)
@@ -404,9 +407,11 @@ class MathLoop:
         ):
             policy, tokenizer = self.load(spec, hardware)
         try:  # KL(π‖π_ref) on the policy's own answers, against the policy the run started from
-            kl = kl_estimator(
-                policy, tokenizer, prepared.model, lambda s: self.load(s, hardware)[0], self.chunk_elements
-            )
+
+            def load_start(start: ModelSpec):
+                return start_model if start_model is not None else self.load(start, hardware)[0]
+
+            kl = kl_estimator(policy, tokenizer, prepared.model, load_start, self.chunk_elements)
             metrics, details = self.run_eval(
                 policy, tokenizer, spec, prepared.source, run_dir / "verified", "eval/verified", kl
             )

@@ -97,3 +97,28 @@ def test_a_run_with_evaluation_reports_kl_per_answer_and_in_its_summary(tiny_run
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/kl/greedy" in entry for entry in logged)
     assert not any(k.startswith("eval/kl") and "before" in k for k in metrics)
+
+
+def test_the_kl_reference_is_the_runs_frozen_reference_not_a_second_load(tiny_run, tmp_path, monkeypatch):
+    """The run holds the starting policy as its frozen reference: the after-training KL uses it, loading nothing."""
+    import prefopt.mathloop.loop as loop_module
+
+    monkeypatch.setattr(MathLoop, "generator", lambda self, model, tok, spec: StubGenerator(half_right))
+    loads_during_kl, references = [], []
+    real_estimator, real_load = loop_module.kl_estimator, MathLoop.load
+
+    def recording_load(self, spec, hardware):
+        loads_during_kl.append(spec)
+        return real_load(self, spec, hardware)
+
+    def estimator(policy, tokenizer, start, load, chunk_elements=None):
+        with monkeypatch.context() as m:
+            m.setattr(MathLoop, "load", recording_load)
+            references.append(load(start))
+        return real_estimator(policy, tokenizer, start, lambda s: references[-1], chunk_elements)
+
+    monkeypatch.setattr(loop_module, "kl_estimator", estimator)
+    summary, _ = tiny_run(*LOOP, f"mathloop.cache_dir={tmp_path / 'cache'}")
+    assert loads_during_kl == [] and len(references) == 1
+    assert not references[0].training and not any(p.requires_grad for p in references[0].parameters())
+    assert "eval/kl/greedy" in summary["metrics"]
