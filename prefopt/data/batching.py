@@ -251,7 +251,6 @@ class PreferenceBatch:
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
     pair_ids: list[str]
-    reference: object | None = None  # PairLogps from the reference cache, when one is used
     extras: dict = field(default_factory=dict)
     packed: SharedPrefixRows | None = None
 
@@ -265,17 +264,11 @@ class PreferenceBatch:
         return self.packed.tokens if self.packed is not None else int(self.attention_mask.sum())
 
     def to(self, device) -> PreferenceBatch:
-        ref = (
-            self.reference.to(device)
-            if self.reference is not None and hasattr(self.reference, "to")
-            else self.reference
-        )
         return PreferenceBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.completion_mask.to(device),
             self.pair_ids,
-            ref,
             self.extras,
             self.packed.to(device) if self.packed is not None else None,
         )
