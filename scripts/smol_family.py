@@ -1,0 +1,125 @@
+"""Which problem family the real-model study trains on: the starting model's greedy accuracy per family.
+
+    python scripts/smol_family.py                       # the documented candidates, 200 validation problems each
+    python scripts/smol_family.py --sweep-dir DIR       # the table of a finished sweep
+
+The BPO protocol in miniature (`experiment=smol_math`) needs problems the starting SmolLM2-135M-Instruct solves
+sometimes but not always: greedy accuracy between 25% and 70% on a validation split, never on the held-out set.
+For every candidate family (largest operand, operators) this runs
+`python -m prefopt.evaluate -m experiment=smol_math evaluation.benchmarks=[arith_val]` on 200 validation problems
+of that family (drawn from the whole family: the held-out, pair and training splits are set to 0 here; a family
+of fewer problems is measured whole), with the experiment's prompt (the paper's `\\boxed{}` instruction) and
+generation settings, and prints greedy accuracy with its Clopper-Pearson 95% interval, the share of answers with a
+`\\boxed{}`, and whether the family has room for the study's 1,200 problems (500 held out, 200 validation, 400 pair
+sampling, 100 training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from dcr_study import machine  # noqa: E402
+from prefopt.stats import proportion  # noqa: E402
+
+CANDIDATES = "9:+,9:+-,20:+,20:+-,25:+-,30:+,40:+"
+NEEDED = 500 + 200 + 400 + 100
+
+
+def run(candidates: str, extra: list[str]) -> tuple[Path, str]:
+    sweep = ROOT / "outputs" / "smol_math" / f"family-{datetime.now(timezone.utc):%Y-%m-%d_%H-%M-%S}"
+    cmds = []
+    for n, candidate in enumerate(candidates.split(",")):
+        largest, ops = candidate.split(":")
+        n_val = min(200, (int(largest) + 1) ** 2 * len(ops))  # a family of fewer problems is measured whole
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefopt.evaluate",
+            "experiment=smol_math",
+            "evaluation.benchmarks=[arith_val]",
+            f"data.source.ops={ops}",
+            f"data.source.max_operand={largest}",
+            "data.source.n_eval=0",
+            "data.source.n_pairs=0",
+            "data.source.n_train=0",
+            f"data.source.n_val={n_val}",
+            *extra,
+            f"hydra.run.dir={sweep / str(n)}",
+        ]
+        cmds.append(shlex.join(["python", *cmd[1:-1]]))
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"smol_family: the evaluation failed; see {sweep / str(n)}")
+    return sweep, "\n".join(f"- command: `{c}`" for c in cmds)
+
+
+def rows(sweep: Path) -> list[list[str]]:
+    out = []
+    for summary in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name)):
+        config = yaml.safe_load((summary.parent / ".hydra" / "config.yaml").read_text())
+        source = config["data"]["source"]
+        m, ops = int(source["max_operand"]), str(source["ops"])
+        answers = [
+            json.loads(line) for line in (summary.parent / "verified" / "arith_val.jsonl").open() if line.strip()
+        ]
+        ci = proportion(sum(a["correct"] for a in answers), len(answers))
+        boxed = f"{100 * sum('boxed{' in a['output'] for a in answers) / len(answers):.0f}"
+        space = (m + 1) ** 2 * len(ops)
+        fits = 25 <= 100 * ci.estimate <= 70
+        out.append(
+            [
+                f"a {' or '.join(ops)} b, a, b in 0..{m}",
+                str(space),
+                f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]",
+                boxed,
+                ("yes" if fits else "no") + ("" if space >= NEEDED else f"; {space} < {NEEDED} problems"),
+            ]
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--candidates", default=CANDIDATES, help="max_operand:ops, comma-separated")
+    ap.add_argument("--sweep-dir", help="a finished sweep: print its table")
+    ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    args = ap.parse_args(argv)
+    if args.sweep_dir:
+        sweep = Path(args.sweep_dir)
+        header = (sweep / "study_header.md").read_text().strip() if (sweep / "study_header.md").is_file() else ""
+    else:
+        t0, started = time.perf_counter(), datetime.now(timezone.utc)
+        sweep, commands = run(args.candidates, args.extra)
+        header = (
+            f"## SmolLM2-135M-Instruct greedy accuracy per problem family, {started:%Y-%m-%d %H:%M} UTC\n\n"
+            f"- machine: {machine()}\n{commands}\n- wall time: {(time.perf_counter() - t0) / 60:.1f} min\n"
+        )
+        (sweep / "study_header.md").write_text(header)
+    print(header + "\n")
+    head = [
+        "family",
+        "problems",
+        "greedy accuracy % [95% CI]",
+        "answers with \\boxed{} %",
+        "25-70% and room for the study",
+    ]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows(sweep):
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
