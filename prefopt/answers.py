@@ -144,3 +144,38 @@ def last_boxed(text: str) -> str | None:
             i = k
         else:
             i = j
+
+
+# Answers without a box: the harness's order (QwenLM/Qwen2.5-Math `evaluation/parser.py`, `extract_answer`): the
+# value after the last "the answer is", else the last number of the output. A number with thousands commas counts
+# as one; a list marker `1.` ends at its digits.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|-?\d+(?:\.\d+)?")
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\n|\.(?=\s|$)")  # a full stop, not a decimal point
+# An expression of plain numbers and operators (`2 + 40`, `26 + 12 =`): a restated question or a working, not a value.
+_PLAIN_ARITHMETIC = re.compile(r"^[-+]?\d[\d.,]*(?:\s*(?:[-+*/×÷=]|\\times|\\cdot|\\div)\s*[-+]?\d[\d.,]*)+\s*=?$")
+
+
+def stated_answer(text: str) -> str | None:
+    """The value stated after the last "the answer is" of `text`, else None: the number that starts the rest of
+    its sentence, or, when the sentence is a working (`the answer is 3 + 12 = 15.`), the number after its last `=`.
+    `So, the answer is 40.` → `40`; `The answer is within \\boxed{}.` states none."""
+    hits = list(_ANSWER_IS.finditer(text))
+    if not hits:
+        return None
+    sentence = _SENTENCE_END.split(text[hits[-1].end() :], maxsplit=1)[0]
+    value = sentence.rsplit("=", 1)[-1].strip().lstrip("$").strip()
+    number = _NUMBER.match(value)
+    return number.group(0).replace(",", "") if number else None
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text`, thousands commas removed; None when there is none."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def plain_arithmetic(answer: str) -> bool:
+    """Whether `answer` is plain numbers joined by operators (`2 + 40`): an expression the output never evaluated.
+    math-verify would evaluate it and credit a model that only restated the question."""
+    return bool(_PLAIN_ARITHMETIC.match(answer.strip()))

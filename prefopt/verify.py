@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Literal
 
-from prefopt.answers import last_boxed, normalize_answer, same_answer
+from prefopt.answers import last_boxed, last_number, normalize_answer, plain_arithmetic, same_answer, stated_answer
 from prefopt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import
 
 Status = Literal["correct", "wrong", "no_answer", "timeout", "error"]
 STATUSES: tuple[str, ...] = ("correct", "wrong", "no_answer", "timeout", "error")
+
+# Bump when the verdict on an output can change: the cached pairs and accuracies carry it in their keys.
+# 2: answers without a box are read as the harness reads them (`unboxed_answer`).
+CHECKER_VERSION = 2
 
 # How long a fresh worker may take to import math-verify (sympy) and report ready.
 _START_TIMEOUT_S = 120.0
@@ -66,10 +70,10 @@ def _parsed_string(parsed: list) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a model output: the content of its last `\\boxed{}`, else math-verify's own.
+    """The final answer of a model output: the content of its last `\\boxed{}`, else `unboxed_answer`'s.
 
-    math-verify's fallback (a last `$...$` expression, `x = 3`, a trailing number, ...) runs in this
-    process: with its signal timeout in the main thread, without one elsewhere. None when nothing fits.
+    math-verify's extraction (a last `$...$` expression, `x = 3`, ...) runs in this process: with its signal
+    timeout in the main thread, without one elsewhere. None when nothing fits.
     """
     if not isinstance(text, str):
         return None
@@ -77,7 +81,28 @@ def extract_answer(text: str) -> str | None:
     if boxed is not None:
         return boxed
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    return _parsed_string(_parse(text, timeout))
+    return unboxed_answer(text, lambda t: _parse(t, timeout))[0]
+
+
+def unboxed_answer(text: str, parse: Callable[[str], list] | None = None) -> tuple[str | None, list | None]:
+    """The answer of an output without a `\\boxed{}`, and math-verify's parse when that gave it.
+
+    In order: the number after the last "the answer is" (the harness's rule); math-verify's own extraction
+    (LaTeX such as `$\\frac{3}{8}$`), unless it is plain numbers joined by operators (`2 + 40`: a restated
+    question math-verify would evaluate and credit); else the last number of the output (the harness's
+    `use_last_number`). Read by hand on SmolLM2-135M-Instruct's answers (docs/decisions.md#unboxed-answers).
+    """
+    stated = stated_answer(text)
+    if stated is not None:
+        return stated, None
+    pred = (parse or (lambda t: _parse(t, None)))(text)
+    extracted = _parsed_string(pred)
+    if extracted is not None and not plain_arithmetic(extracted):
+        return extracted, pred
+    last = last_number(text)
+    if last is not None:
+        return last, None
+    return extracted, pred or None
 
 
 def _parse_gold(gold: str) -> list:
@@ -107,7 +132,7 @@ def check_answer(output: str, gold: str) -> Verdict:
     """Verify one model output against one gold answer: the harness's normalised match, then math-verify.
 
     The prediction is the last `\\boxed{}` when there is one (math-verify alone would read several boxes
-    as a set), else whatever math-verify extracts from the whole output. Equal after `normalize_answer`
+    as a set), else `unboxed_answer`'s. Equal after `normalize_answer`
     (what the Qwen2.5-Math harness strips: `\\$`, `\\!`, thousands commas, units, `^\\circ`, `\\%`, ...) is
     correct at once; otherwise math-verify decides, on the strings as written and, when normalising changed
     them, once more on the normalised strings (a gold `\\$18.90` does not parse, `18.90` does).
@@ -121,13 +146,12 @@ def check_answer(output: str, gold: str) -> Verdict:
     if boxed is not None:
         extracted: str | None = boxed
     else:
-        pred = _parse(output, None)
-        extracted = _parsed_string(pred)
-        if not pred:
+        extracted, pred = unboxed_answer(output)
+        if extracted is None:
             return Verdict(False, "no_answer", None)
     if extracted is not None and same_answer(extracted, gold):
         return Verdict(True, "correct", extracted)
-    correct = _verify(gold, boxed, pred)
+    correct = _verify(gold, extracted if pred is None else None, pred)
     if not correct and extracted is not None:
         norm_gold, norm_pred = normalize_answer(gold), normalize_answer(extracted)
         if norm_gold and norm_pred and (norm_gold, norm_pred) != (gold.strip(), extracted.strip()):

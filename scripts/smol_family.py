@@ -6,12 +6,12 @@
 The BPO protocol in miniature (`experiment=smol_math`) needs problems the starting SmolLM2-135M-Instruct solves
 sometimes but not always: greedy accuracy between 25% and 70% on a validation split, never on the held-out set.
 For every candidate family (largest operand, operators) this runs
-`python -m prefopt.evaluate -m experiment=smol_math evaluation.benchmarks=[arith_val]` on 200 validation problems
+`python -m prefopt.evaluate experiment=smol_math evaluation.benchmarks=[arith_val]` on 200 validation problems
 of that family (drawn from the whole family: the held-out, pair and training splits are set to 0 here; a family
 of fewer problems is measured whole), with the experiment's prompt (the paper's `\\boxed{}` instruction) and
-generation settings, and prints greedy accuracy with its Clopper-Pearson 95% interval, the share of answers with a
-`\\boxed{}`, and whether the family has room for the study's 1,200 problems (500 held out, 200 validation, 400 pair
-sampling, 100 training).
+generation settings, and prints greedy accuracy (the stored answers scored by the current answer checker) with
+its Clopper-Pearson 95% interval, the share of answers with a filled `\\boxed{}`, and whether the family has
+room for the study's 1,200 problems (500 held out, 200 validation, 400 pair sampling, 100 training).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from dcr_study import machine  # noqa: E402
+from prefopt.answers import last_boxed  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
+from prefopt.verify import check_answer  # noqa: E402
 
 CANDIDATES = "9:+,9:+-,20:+,20:+-,25:+-,30:+,40:+"
 NEEDED = 500 + 200 + 400 + 100
@@ -74,8 +76,10 @@ def rows(sweep: Path) -> list[list[str]]:
         answers = [
             json.loads(line) for line in (summary.parent / "verified" / "arith_val.jsonl").open() if line.strip()
         ]
-        ci = proportion(sum(a["correct"] for a in answers), len(answers))
-        boxed = f"{100 * sum('boxed{' in a['output'] for a in answers) / len(answers):.0f}"
+        # scored again by the current checker: the greedy answers do not depend on it, the verdicts may
+        correct = sum(check_answer(a["output"], a["gold"]).correct for a in answers)
+        ci = proportion(correct, len(answers))
+        boxed = f"{100 * sum(last_boxed(a['output']) is not None for a in answers) / len(answers):.0f}"
         space = (m + 1) ** 2 * len(ops)
         fits = 25 <= 100 * ci.estimate <= 70
         out.append(
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "family",
         "problems",
         "greedy accuracy % [95% CI]",
-        "answers with \\boxed{} %",
+        "answers with a filled \\boxed{} %",
         "25-70% and room for the study",
     ]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

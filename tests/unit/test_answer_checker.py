@@ -143,3 +143,38 @@ def test_check_fn_by_name_and_a_bad_one():
     with AnswerChecker(workers=1, check_fn="no_such_module:check") as c:
         with pytest.raises(RuntimeError, match="could not start: ModuleNotFoundError"):
             c.check("1", "1")
+
+
+# Answers SmolLM2-135M-Instruct wrote to `What is a + b?` with the paper's \boxed{} instruction (experiment=smol_math),
+# none of them with a filled box, each with the verdict a reader gives it: (output, gold, extracted, correct).
+UNBOXED = [
+    ("1. Add 10 to 30: 30 + 10 = 40\n\nSo, the answer is 40.", "40", "40", True),
+    ("14 + 30 = 44\n\nThe answer is within \\boxed{}.", "44", "44", True),  # an empty box states nothing
+    ("12 + 39 = 52\n\nThe answer is within \\boxed{}.", "51", "52", False),
+    ("10 + 0 = 10\n\nThe answer is within the specified format.", "10", "10", True),
+    ("1. 31 + 12 = 25\n2. 31 + 12 = 43\n\nSo, the answer is: 43", "43", "43", True),
+    ("the sum of 40 and 31.\n2. 40 + 31 = 71\n\nSo, the answer is 40 + 31 = 71.", "71", "71", True),
+    ("So, the final answer is 24 - 20 = 10.\n\nThe answer is 10.", "4", "10", False),
+    # a restated question: math-verify evaluates `2 + 40` and would credit it
+    ("1 + 40 = 2 + 40 = 2 + 40 = 2 + 40", "42", "40", False),
+    ("we can add 14 to 4 again, which gives us 4.\n\nSo, the answer is 4 + 14", "18", "4", False),
+    ("Now, we can add 26 and 12 using the formula for multiplication: 26 + 12 =", "38", "12", False),
+    # math-verify alone reads `3` out of this
+    (
+        "The sum of 0 and 3 is 0, which is the only possible value that can be added to 3 to get 0.\n\n"
+        "So, the answer is 0.\n\nThis is the only possible answer that can be added to 3 to get 0, which is 0.",
+        "3",
+        "0",
+        False,
+    ),
+    ("The answer is 1,234.", "1234", "1234", True),
+    ("so the probability is $\\frac{3}{8}$", "\\frac{3}{8}", "\\frac{3}{8}", True),  # LaTeX: math-verify's
+]
+
+
+@pytest.mark.parametrize("output,gold,extracted,correct", UNBOXED)
+def test_unboxed_answers_are_read_as_the_harness_reads_them(output, gold, extracted, correct):
+    verdict = check_answer(output, gold)
+    assert (verdict.extracted, verdict.correct) == (extracted, correct)
+    assert verdict.status == ("correct" if correct else "wrong")
+    assert extract_answer(output) == extracted

@@ -22,6 +22,7 @@ from typing import Any
 from prefopt.io import atomic_write_text, cache_key, locked, replace_dir
 from prefopt.mathloop.fingerprints import data_fingerprint, optimizer_fingerprint, spec_fingerprint
 from prefopt.mathloop.stages.sampling import provenance_path
+from prefopt.verify import CHECKER_VERSION
 
 log = logging.getLogger("prefopt")
 
@@ -151,6 +152,7 @@ class PairsStage(Stage):
                 "max_new_tokens": loop.generation.max_new_tokens,
                 "top_p": loop.generation.top_p,
                 "verify_timeout_s": loop.verify.timeout_s,
+                "checker": CHECKER_VERSION,
                 **stop_tokens(loop),
             },
         )
@@ -189,6 +191,7 @@ class EvalStage(Stage):
                 "prefix": prefix,
                 "max_new_tokens": loop.generation.max_new_tokens,
                 "verify_timeout_s": loop.verify.timeout_s,
+                "checker": CHECKER_VERSION,
                 **stop_tokens(loop),
             },
         )
