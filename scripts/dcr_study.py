@@ -5,7 +5,7 @@
     python scripts/dcr_study.py --sweep-dir outputs/dcr_arith/2026-11-30/21-55-00   # table of a finished sweep
     python scripts/dcr_study.py --experiment dcr_mini --doc docs/results/dcr_mini.md   # also write the results page
 
-It runs `python -m prefopt.run -m experiment=<experiment> loss=<losses> seed=<seeds> [extra...]` (unless
+It runs `python -m prefopt.run -m experiment=<experiment> seed=<seeds> loss=<losses> [extra...]` (unless
 `--sweep-dir` names a finished sweep), then `prefopt.reporting.dcr_table.write_dcr_table` over the sweep, and prints
 a header (UTC date, machine: CPU model, cores, load average, torch threads; the exact command; the sweep's wall
 time) followed by the table per loss over seeds (95% intervals, paired differences against DPO,
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             "prefopt.run",
             "-m",
             f"experiment={args.experiment}",
+            f"seed={args.seeds}",  # seeds outermost: each seed's pairs are sampled once, then every loss trains on them
             f"loss={args.losses}",
-            f"seed={args.seeds}",
             *args.extra,
             f"hydra.sweep.dir={sweep}",
         ]
