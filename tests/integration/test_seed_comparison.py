@@ -268,7 +268,7 @@ def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
     script = script_module("dcr_validation")
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n")
+    (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n  eval_size: 200\n")
     metrics = {
         "eval/verified_before/arith_val": 0.5,
         "eval/verified/arith_val": 0.52,
@@ -293,6 +293,7 @@ def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
     assert cells[:5] == ["pairs.max_pairs_per_prompt=4 lr=1e-05 epochs=3", "161", "50.0 → 52.0", "90 [84, 94]", "12"]
     # 120 of 200 held-out pairs: Clopper-Pearson [0.529, 0.668]
     assert cells[5] == "0.56 0.60 [0.53, 0.67]" and cells[6] == "-0.004"
+    assert cells[7] == "yes"  # the whole interval above ½: healthy
     assert out.startswith("## DCR miniature validation sweep, 2026-12-01 00:15 UTC")
 
 
