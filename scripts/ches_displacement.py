@@ -65,9 +65,10 @@ def table(sweep: Path) -> str:
     for run in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
         loss = config["loss"].get("key") or run.name
-        for record in run_pairs(run):
-            by_loss[loss].append(record)
-        seeds[loss].add(config["seed"])
+        records = run_pairs(run)
+        if records:  # a run still going (or without scores) adds nothing, not even its seed
+            by_loss[loss] += records
+            seeds[loss].add(config["seed"])
     header = [
         "loss",
         "seeds",
