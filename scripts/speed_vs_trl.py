@@ -33,7 +33,9 @@ problems: a correct worked answer against one written another way with an arithm
 model's chat template and its default system message, prompts 116-133 tokens, completions 72-129; 8 pairs per
 step; DPO β = 0.1, lr 5e-6 (full) or 5e-5 (LoRA); full fine-tuning and LoRA (`--tuning`: r = α = 16, dropout 0,
 on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; three
-tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`) and `trl`.
+tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`),
+`prefopt-checkpointed` (`model.gradient_checkpointing=true train.packing=false`: activations recomputed, as TRL does
+by default on CPU) and `trl`.
 Each tool's child reports the tokens per step it trains on (they must be equal). Model FLOPs per token for MFU:
 6·params for full fine-tuning, 4·params for LoRA (no weight gradients of the frozen base), + 2·params for a live
 reference. The 1-minute load average at the start of each run is in the table ("load 1m").
@@ -593,7 +595,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reference", default="live,cached", help="live, cached or both")
     ap.add_argument(
         "--tools",
-        help="default prefopt,trl; smollm2: prefopt,prefopt-compiled,trl (prefopt there: its defaults, no compile)",
+        help="default prefopt,trl; smollm2: prefopt,prefopt-compiled,trl (prefopt there: its defaults, no compile;"
+        " also prefopt-checkpointed)",
     )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
     ap.add_argument(
@@ -689,15 +692,24 @@ def real_param_count(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# the real workload's tools: prefopt's extra overrides (trl: none). prefopt-checkpointed recomputes the decoder
+# layers' activations in the backward pass, on padded rows (shared-prefix packing and checkpointing do not mix)
+REAL_TOOLS = {
+    "prefopt": "",
+    "prefopt-compiled": "train.compile=true",
+    "prefopt-checkpointed": "model.gradient_checkpointing=true train.packing=false",
+    "trl": "",
+}
+
+
 def real_row(tool: str, tuning: str, reference: str, args, tps: float, params: int, peaks: dict) -> dict:
     """One real run: `prefopt` (its defaults: no compile), `prefopt-compiled` (train.compile=true) or `trl`."""
     import copy
 
-    if tool not in ("prefopt", "prefopt-compiled", "trl"):
-        raise SystemExit(f"--tools: {tool!r} is not one of prefopt, prefopt-compiled, trl")
+    if tool not in REAL_TOOLS:
+        raise SystemExit(f"--tools: {tool!r} is not one of {', '.join(REAL_TOOLS)}")
     run_args = copy.copy(args)
-    if tool == "prefopt-compiled":
-        run_args.prefopt_args = f"{args.prefopt_args} train.compile=true".strip()
+    run_args.prefopt_args = f"{args.prefopt_args} {REAL_TOOLS[tool]}".strip()
     child_tool = "trl" if tool == "trl" else "prefopt"
     row = spawn(
         child_tool, "small", reference, run_args, args.steps, ("--tuning", tuning, "--model-dir", args.model_dir)
