@@ -44,6 +44,21 @@ def machine() -> str:
     return f"{cpu}; {os.cpu_count()} cores; load average {load}; {platform.system()} {platform.release()}"
 
 
+def sweep_header(title: str, started: datetime, t0: float, commands: str) -> str:
+    """A validation or measuring sweep's header: title and UTC start, machine, the commands' lines, wall time."""
+    wall = (time.perf_counter() - t0) / 60
+    when = f"{started:%Y-%m-%d %H:%M} UTC"
+    return f"## {title}, {when}\n\n- machine: {machine()}\n{commands}\n- wall time: {wall:.1f} min\n"
+
+
+def run_logged(cmd: list[str], script: str, where: Path) -> str:
+    """Run one command (`python -m ...`, its last argument the output directory) from the repository root and stop
+    the script if it fails; returns the command as a header shows it, without the output directory."""
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"{script}: the run failed; see {where}")
+    return shlex.join(["python", *cmd[1:-1]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="dcr_arith")

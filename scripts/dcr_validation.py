@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from dcr_study import machine  # noqa: E402
+from dcr_study import run_logged, sweep_header  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
 
 BASE = ["loss=dpo", "seed=0", "evaluation.benchmarks=[arith_val]", "steps=null"]
@@ -64,9 +62,7 @@ def run_grid(experiment: str, extra: list[str]) -> tuple[list[Path], str]:
             *extra,
             f"hydra.sweep.dir={sweep}",
         ]
-        commands.append(shlex.join(["python", *cmd[1:-1]]))
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"dcr_validation: the sweep failed; see {sweep}")
+        commands.append(run_logged(cmd, "dcr_validation", sweep))
         dirs.append(sweep)
     return dirs, "\n".join(f"- command: `{c}`" for c in commands)
 
@@ -141,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t0, started = time.perf_counter(), datetime.now(timezone.utc)
         dirs, commands = run_grid(args.experiment, args.extra)
-        header = (
-            f"## {args.experiment} validation sweep, {started:%Y-%m-%d %H:%M} UTC\n\n- machine: {machine()}\n"
-            f"{commands}\n- wall time: {(time.perf_counter() - t0) / 60:.1f} min\n"
-        )
+        header = sweep_header(f"{args.experiment} validation sweep", started, t0, commands)
         for d in dirs:
             (d / "study_header.md").write_text(header)
     print(header + "\n")

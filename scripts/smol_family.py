@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from dcr_study import machine  # noqa: E402
+from dcr_study import run_logged, sweep_header  # noqa: E402
 from prefopt.answers import last_boxed  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
 from prefopt.verify import check_answer  # noqa: E402
@@ -61,9 +59,7 @@ def run(candidates: str, extra: list[str]) -> tuple[Path, str]:
             *extra,
             f"hydra.run.dir={sweep / str(n)}",
         ]
-        cmds.append(shlex.join(["python", *cmd[1:-1]]))
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"smol_family: the evaluation failed; see {sweep / str(n)}")
+        cmds.append(run_logged(cmd, "smol_family", sweep / str(n)))
     return sweep, "\n".join(f"- command: `{c}`" for c in cmds)
 
 
@@ -106,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t0, started = time.perf_counter(), datetime.now(timezone.utc)
         sweep, commands = run(args.candidates, args.extra)
-        header = (
-            f"## SmolLM2-135M-Instruct greedy accuracy per problem family, {started:%Y-%m-%d %H:%M} UTC\n\n"
-            f"- machine: {machine()}\n{commands}\n- wall time: {(time.perf_counter() - t0) / 60:.1f} min\n"
-        )
+        header = sweep_header("SmolLM2-135M-Instruct greedy accuracy per problem family", started, t0, commands)
         (sweep / "study_header.md").write_text(header)
     print(header + "\n")
     head = [
