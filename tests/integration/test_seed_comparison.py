@@ -268,7 +268,9 @@ def test_dcr_validation_script_tabulates_a_finished_sweep(tmp_path, capsys):
     script = script_module("dcr_validation")
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text("lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n  eval_size: 200\n")
+    (run / ".hydra" / "config.yaml").write_text(
+        "lr: 1.0e-05\nepochs: 3\npairs:\n  max_pairs_per_prompt: 4\n  eval_size: 200\n"
+    )
     metrics = {
         "eval/verified_before/arith_val": 0.5,
         "eval/verified/arith_val": 0.52,
