@@ -102,7 +102,7 @@ def unboxed_answer(text: str, parse: Callable[[str], list] | None = None) -> tup
     last = last_number(text)
     if last is not None:
         return last, None
-    return extracted, pred or None
+    return None, pred or None  # nothing to read as a string; math-verify's parse (if any) is still checked
 
 
 def _parse_gold(gold: str) -> list:
@@ -147,7 +147,7 @@ def check_answer(output: str, gold: str) -> Verdict:
         extracted: str | None = boxed
     else:
         extracted, pred = unboxed_answer(output)
-        if extracted is None:
+        if extracted is None and pred is None:
             return Verdict(False, "no_answer", None)
     if extracted is not None and same_answer(extracted, gold):
         return Verdict(True, "correct", extracted)
