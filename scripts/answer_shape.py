@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prefopt.answers import stated_answer  # noqa: E402
+from prefopt.reporting.sweep import markdown_table  # noqa: E402
 
 SHORT = 40  # characters
 
@@ -57,25 +58,21 @@ def table(sweep: Path) -> str:
         for path in post:
             after[loss] += read(path)
     header = ["loss", "seeds", "answers", "mean length (chars)", f"under {SHORT} chars", "state a value", "accuracy"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for loss in before:
         b, a = shape(before[loss]), shape(after[loss])
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    loss,
-                    ",".join(str(s) for s in sorted(seeds[loss])),
-                    str(len(after[loss])),
-                    f"{b['length']:.0f} → {a['length']:.0f}",
-                    f"{100 * b['short']:.0f}% → {100 * a['short']:.0f}%",
-                    f"{100 * b['stated']:.0f}% → {100 * a['stated']:.0f}%",
-                    f"{100 * b['accuracy']:.1f}% → {100 * a['accuracy']:.1f}%",
-                ]
-            )
-            + " |"
+        rows.append(
+            [
+                loss,
+                ",".join(str(s) for s in sorted(seeds[loss])),
+                str(len(after[loss])),
+                f"{b['length']:.0f} → {a['length']:.0f}",
+                f"{100 * b['short']:.0f}% → {100 * a['short']:.0f}%",
+                f"{100 * b['stated']:.0f}% → {100 * a['stated']:.0f}%",
+                f"{100 * b['accuracy']:.1f}% → {100 * a['accuracy']:.1f}%",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

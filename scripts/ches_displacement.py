@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from prefopt import displacement  # noqa: E402
 from prefopt.reporting.doc_page import write_doc_page  # noqa: E402
+from prefopt.reporting.sweep import markdown_table  # noqa: E402
 
 
 def run_pairs(run: Path) -> list[dict]:
@@ -78,7 +79,7 @@ def table(sweep: Path) -> str:
         "rho(normalised CHES, chosen change per token)",
         "chosen change per token: top-CHES quarter / rest",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for loss, records in by_loss.items():
         if len(records) < 3:
             continue
@@ -89,22 +90,18 @@ def table(sweep: Path) -> str:
         cut = np.quantile(normalized, 0.75)
         top = [d for d, s in zip(per_token, normalized) if s >= cut]
         rest = [d for d, s in zip(per_token, normalized) if s < cut]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    loss,
-                    ",".join(str(s) for s in sorted(seeds[loss])),
-                    str(len(records)),
-                    correlation(ches, total),
-                    correlation(ches, per_token),
-                    correlation(normalized, per_token),
-                    f"{np.mean(top):+.4f} / {np.mean(rest):+.4f}",
-                ]
-            )
-            + " |"
+        rows.append(
+            [
+                loss,
+                ",".join(str(s) for s in sorted(seeds[loss])),
+                str(len(records)),
+                correlation(ches, total),
+                correlation(ches, per_token),
+                correlation(normalized, per_token),
+                f"{np.mean(top):+.4f} / {np.mean(rest):+.4f}",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

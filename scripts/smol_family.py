@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from dcr_study import run_logged, sweep_header  # noqa: E402
 from prefopt.answers import last_boxed  # noqa: E402
+from prefopt.reporting.sweep import markdown_table  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
 from prefopt.verify import check_answer  # noqa: E402
 
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "answers with a filled \\boxed{} %",
         "25-70% and room for the study",
     ]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows(sweep):
-        print("| " + " | ".join(r) + " |")
+    print(markdown_table(head, rows(sweep)))
     return 0
 
 
