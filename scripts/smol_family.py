@@ -33,7 +33,7 @@ from dcr_study import run_logged, sweep_header  # noqa: E402
 from prefopt.answers import last_boxed  # noqa: E402
 from prefopt.reporting.sweep import markdown_table  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
-from prefopt.verify import check_answer  # noqa: E402
+from prefopt.verify import AnswerChecker  # noqa: E402
 
 CANDIDATES = "9:+,9:+-,20:+,20:+-,25:+-,30:+,40:+"
 NEEDED = 500 + 200 + 400 + 100
@@ -66,28 +66,28 @@ def run(candidates: str, extra: list[str]) -> tuple[Path, str]:
 
 def rows(sweep: Path) -> list[list[str]]:
     out = []
-    for summary in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name)):
-        config = yaml.safe_load((summary.parent / ".hydra" / "config.yaml").read_text())
-        source = config["data"]["source"]
-        m, ops = int(source["max_operand"]), str(source["ops"])
-        answers = [
-            json.loads(line) for line in (summary.parent / "verified" / "arith_val.jsonl").open() if line.strip()
-        ]
-        # scored again by the current checker: the greedy answers do not depend on it, the verdicts may
-        correct = sum(check_answer(a["output"], a["gold"]).correct for a in answers)
-        ci = proportion(correct, len(answers))
-        boxed = f"{100 * sum(last_boxed(a['output']) is not None for a in answers) / len(answers):.0f}"
-        space = (m + 1) ** 2 * len(ops)
-        fits = 25 <= 100 * ci.estimate <= 70
-        out.append(
-            [
-                f"a {' or '.join(ops)} b, a, b in 0..{m}",
-                str(space),
-                f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]",
-                boxed,
-                ("yes" if fits else "no") + ("" if space >= NEEDED else f"; {space} < {NEEDED} problems"),
-            ]
-        )
+    with AnswerChecker() as checker:  # the loop's checker: worker processes, a timeout per answer
+        for summary in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name)):
+            config = yaml.safe_load((summary.parent / ".hydra" / "config.yaml").read_text())
+            source = config["data"]["source"]
+            m, ops = int(source["max_operand"]), str(source["ops"])
+            text = (summary.parent / "verified" / "arith_val.jsonl").read_text(encoding="utf-8")
+            answers = [json.loads(line) for line in text.splitlines() if line.strip()]
+            # scored again by the current checker: the greedy answers do not depend on it, the verdicts may
+            verdicts = checker.check_many([a["output"] for a in answers], [a["gold"] for a in answers])
+            ci = proportion(sum(v.correct for v in verdicts), len(answers))
+            boxed = f"{100 * sum(last_boxed(a['output']) is not None for a in answers) / len(answers):.0f}"
+            space = (m + 1) ** 2 * len(ops)
+            fits = 25 <= 100 * ci.estimate <= 70
+            out.append(
+                [
+                    f"a {' or '.join(ops)} b, a, b in 0..{m}",
+                    str(space),
+                    f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]",
+                    boxed,
+                    ("yes" if fits else "no") + ("" if space >= NEEDED else f"; {space} < {NEEDED} problems"),
+                ]
+            )
     return out
 
 
