@@ -38,7 +38,7 @@ GRIDS = {
         ["pairs.eval_size=200", "pairs.max_pairs_per_prompt=1", "lr=3e-5,1e-4", "epochs=1,3"],
         ["pairs.eval_size=200", "pairs.max_pairs_per_prompt=4", "lr=1e-5,3e-5", "epochs=3"],
     ],
-    # LoRA r = 16 on 135M parameters, ~200 training pairs: the paper's lr 5e-6 (7B, thousands of pairs) barely moves it
+    # LoRA r = 16 on 135M parameters, ~85 training pairs: the paper's lr 5e-6 (7B, thousands of pairs) barely moves it
     "smol_math": [
         ["pairs.max_pairs_per_prompt=1", "lr=2e-5,1e-4,4e-4", "epochs=2"],
     ],

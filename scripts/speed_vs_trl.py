@@ -32,7 +32,7 @@ the smollm2_135m preset's GGUF file converted once into a Hugging Face directory
 problems: a correct worked answer against one written another way with an arithmetic slip) rendered with the
 model's chat template and its default system message, prompts 116-133 tokens, completions 72-129; 8 pairs per
 step; DPO β = 0.1, lr 5e-6 (full) or 5e-5 (LoRA); full fine-tuning and LoRA (`--tuning`: r = α = 16, dropout 0,
-on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; three
+on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; four
 tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`),
 `prefopt-checkpointed` (`model.gradient_checkpointing=true train.packing=false`: activations recomputed, as TRL does
 by default on CPU) and `trl`.
@@ -703,7 +703,8 @@ REAL_TOOLS = {
 
 
 def real_row(tool: str, tuning: str, reference: str, args, tps: float, params: int, peaks: dict) -> dict:
-    """One real run: `prefopt` (its defaults: no compile), `prefopt-compiled` (train.compile=true) or `trl`."""
+    """One real run of one of REAL_TOOLS: `prefopt` (its defaults: no compile), `prefopt-compiled`,
+    `prefopt-checkpointed` or `trl`."""
     import copy
 
     if tool not in REAL_TOOLS:
