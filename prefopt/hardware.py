@@ -6,6 +6,7 @@ RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID),
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -81,8 +82,14 @@ class Hardware:
         return self
 
     def teardown(self) -> None:
+        """End the process group after a finished job: every rank waits for the others (no collective of one
+        rank is left pending), then the group is destroyed and the objects that held it (FSDP's meshes, gloo's
+        pending work) are collected while the interpreter is alive. Gloo's worker threads that outlive the
+        group into interpreter shutdown abort the process ("terminate called without an active exception")."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
 
     # -- wrapping and state dicts -------------------------------------------------------------------------
     def wrap(self, module: torch.nn.Module, trainable: bool = True) -> torch.nn.Module:

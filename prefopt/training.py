@@ -318,9 +318,15 @@ def summarize(plan: RunPlan, trainer: Trainer, inputs: Inputs, hw, result: dict,
 
 
 def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
-    """One preference-optimization run; returns the summary that is also written to `summary.json`."""
-    run_dir = run_directory(plan, run_dir)
+    """One preference-optimization run; returns the summary that is also written to `summary.json`. The
+    process group ends after the run's models are released (`Hardware.teardown`)."""
     hw = plan.hardware.setup()
+    summary = _train(plan, hw, run_directory(plan, run_dir))
+    hw.teardown()
+    return summary
+
+
+def _train(plan: RunPlan, hw, run_dir: Path) -> dict:
     inputs = prepare_inputs(plan, hw, run_dir)
     policy = load_policy(inputs, hw)
     reference = make_reference(plan, policy, inputs, hw)
@@ -329,7 +335,6 @@ def train(plan: RunPlan, run_dir: Path | str | None = None) -> dict:
     details = verify(trainer, run_log, plan, policy, reference, inputs, hw, run_dir, result)
     summary = summarize(plan, trainer, inputs, hw, result, details)
     run_log.finish(summary)
-    hw.teardown()
     return summary
 
 
