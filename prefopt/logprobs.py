@@ -278,7 +278,7 @@ def packed_hidden(
     if mask is not None and _attention(model) == "eager":
         dtype = mask_dtype()
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    with _attention_kernel(batch.input_ids):
+    with _attention_kernel(batch.input_ids, checkpointed=_checkpointed(model)):
         return backbone(
             input_ids=batch.input_ids, attention_mask=mask, position_ids=pk.position_ids, use_cache=False
         ).last_hidden_state
@@ -287,12 +287,19 @@ def packed_hidden(
 MATH_ATTENTION_MAX_LENGTH = 1024
 
 
-def _attention_kernel(input_ids: torch.Tensor):
+def _checkpointed(model: torch.nn.Module) -> bool:
+    """Whether a layer of `model` recomputes its activations in the backward pass (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _attention_kernel(input_ids: torch.Tensor, checkpointed: bool = False):
     """On CPU, short packed rows run sdpa's math kernel: with an arbitrary mask it beats the CPU flash kernel
-    (measured: 9% of a whole training step at ~90-token rows); long rows keep the flash kernel's O(L) memory."""
+    (measured: 9% of a whole training step at ~90-token rows); long rows keep the flash kernel's O(L) memory.
+    Not under gradient checkpointing: the backward pass recomputes each layer outside this context, with the
+    default kernel, and a recomputation that saves other tensors than the forward did is refused."""
     from contextlib import nullcontext
 
-    if input_ids.device.type != "cpu" or input_ids.shape[1] > MATH_ATTENTION_MAX_LENGTH:
+    if checkpointed or input_ids.device.type != "cpu" or input_ids.shape[1] > MATH_ATTENTION_MAX_LENGTH:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -68,6 +68,25 @@ def test_packed_equals_padded_with_eager_attention(setup):
     assert_same_logps_and_grads(model, collate(micro, tok.pad_token_id), collate(micro, tok.pad_token_id, packing=True))
 
 
+def test_packed_equals_padded_under_gradient_checkpointing(setup):
+    """The backward pass recomputes each layer: the packed rows' kernel choice must hold there too, or torch
+    refuses the recomputation (CheckpointError). Checkpointed packed rows give the plain padded layout's values."""
+    model, tok, pairs, odd = setup
+    arch = "qwen2" if "Qwen2" in type(model).__name__ else "llama"
+    spec = ModelSpec(**{**SPEC, "arch": arch, "gradient_checkpointing": True})
+    checkpointed = load_model(spec, vocab_size=len(tok))
+    checkpointed.load_state_dict(model.state_dict())
+    checkpointed.train()
+    assert checkpointed.is_activation_checkpointing
+    micro = pairs[:4] + odd[:2]
+    s_exp, c_exp, g_exp = _grads(model, collate(micro, tok.pad_token_id))
+    s_act, c_act, g_act = _grads(checkpointed, collate(micro, tok.pad_token_id, packing=True))
+    torch.testing.assert_close(s_act, s_exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_act, c_exp)
+    for n in g_exp:
+        torch.testing.assert_close(g_act[n], g_exp[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 def test_packed_layout_shares_the_prefix_and_isolates_the_answers(setup):
     _, tok, pairs, odd = setup
     p = odd[0]  # chosen (40, 41) is a prefix of rejected (40, 41, 42, 43)
