@@ -34,8 +34,8 @@ model's chat template and its default system message, prompts 116-133 tokens, co
 step; DPO β = 0.1, lr 5e-6 (full) or 5e-5 (LoRA); full fine-tuning and LoRA (`--tuning`: r = α = 16, dropout 0,
 on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; four
 tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`),
-`prefopt-checkpointed` (`model.gradient_checkpointing=true train.packing=false`: activations recomputed, as TRL does
-by default on CPU) and `trl`.
+`prefopt-checkpointed` (`model.gradient_checkpointing=true`: activations recomputed, as TRL does by default on CPU,
+on shared-prefix rows) and `trl`.
 Each tool's child reports the tokens per step it trains on (they must be equal). Model FLOPs per token for MFU:
 6·params for full fine-tuning, 4·params for LoRA (no weight gradients of the frozen base), + 2·params for a live
 reference. The 1-minute load average at the start of each run is in the table ("load 1m").
@@ -693,11 +693,11 @@ def real_param_count(model_dir: str) -> int:
 
 
 # the real workload's tools: prefopt's extra overrides (trl: none). prefopt-checkpointed recomputes the decoder
-# layers' activations in the backward pass, on padded rows (shared-prefix packing and checkpointing do not mix)
+# layers' activations in the backward pass, on prefopt's default shared-prefix rows
 REAL_TOOLS = {
     "prefopt": "",
     "prefopt-compiled": "train.compile=true",
-    "prefopt-checkpointed": "model.gradient_checkpointing=true train.packing=false",
+    "prefopt-checkpointed": "model.gradient_checkpointing=true",
     "trl": "",
 }
 

@@ -56,7 +56,7 @@ COMMON = {
     "train.epochs": 2,
     "train.steps": None,  # [C:26]
     "batch_size": 8,  # [C:27-28]
-    "train.packing": False,  # [D] shared-prefix packing + gradient checkpointing raises CheckpointError (notes)
+    "train.packing": True,  # [D] shared-prefix rows, checkpointed (docs/decisions.md#packing-under-checkpointing)
     "micro_batch_size": 1,  # [D]
     "data.max_length": 2048,
     "data.max_prompt_length": 256,
