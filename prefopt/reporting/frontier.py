@@ -42,6 +42,7 @@ class Line:
     """The settings that differ only in β (one loss, unless other overrides differ too), ordered by KL."""
 
     label: str
+    loss: str = ""
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -90,7 +91,9 @@ def frontier_lines(groups: Sequence[Any], names: Sequence[str]) -> list[Line]:
         if beta is None or kl is None or accuracy is None:
             continue
         label = rest["loss"] + "".join(f" {k}={rest[k]}" for k in differ if k in rest)
-        lines.setdefault(tuple(sorted(rest.items())), Line(label)).points.append(Point(beta, kl, accuracy))
+        lines.setdefault(tuple(sorted(rest.items())), Line(label, rest["loss"])).points.append(
+            Point(beta, kl, accuracy)
+        )
     for line in lines.values():
         line.points.sort(key=lambda p: (p.kl.estimate, p.beta))
     return list(lines.values())
@@ -121,6 +124,30 @@ def matched_table(lines: Sequence[Line], kl: Sequence[float]) -> tuple[list[str]
     """(header, rows): accuracy (%) of each line at the common KL values."""
     header = ["loss", *(f"KL = {x:.3g}" for x in kl)]
     return header, [[line.label, *map(_pct, accuracy_at(line, kl))] for line in lines]
+
+
+def versus_table(lines: Sequence[Line], baseline: str) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows): each line against the baseline loss's line of the same other overrides, at the low end,
+    middle and high end of the KL range the two share ("-" where they share none); None without a baseline line.
+    When all lines' ranges do not overlap, two of them often still do."""
+    by_label = {line.label: line for line in lines}
+    header = ["loss", "shared KL range", "KL", f"{baseline} (%)", "loss (%)", "difference (points)"]
+    rows: list[list[str]] = []
+    for line in lines:
+        if line.loss == baseline:
+            continue
+        base = by_label.get(baseline + line.label[len(line.loss) :])
+        if base is None:
+            continue
+        kl = common_kl([base, line])
+        if not kl:
+            rows.append([line.label, "none", "-", "-", "-", "-"])
+            continue
+        shared = f"[{kl[0]:.3g}, {kl[-1]:.3g}]"
+        for x, a, b in zip(kl, accuracy_at(base, kl), accuracy_at(line, kl)):
+            assert a is not None and b is not None  # inside both ranges
+            rows.append([line.label, shared, f"{x:.3g}", _pct(a), _pct(b), f"{100 * (b - a):+.1f}"])
+    return (header, rows) if rows else None
 
 
 def nominal_table(lines: Sequence[Line]) -> tuple[list[str], list[list[str]]]:
@@ -176,10 +203,15 @@ def plot_frontier(lines: Sequence[Line], kl: Sequence[float], path: Path, before
 
 
 def frontier_section(
-    groups: Sequence[Any], names: Sequence[str], out_dir: Path, markdown_table: Callable[..., str]
+    groups: Sequence[Any],
+    names: Sequence[str],
+    out_dir: Path,
+    markdown_table: Callable[..., str],
+    baseline: str | None = None,
 ) -> tuple[str, list[Path]]:
     """The report's section (markdown, tables drawn by the report's `markdown_table`) and its plot; ("", []) when
-    no run has a β, KL and accuracy."""
+    no run has a β, KL and accuracy. With a `baseline` loss, also each loss against it where their KL ranges
+    overlap."""
     lines = frontier_lines(groups, names)
     if not lines:
         return "", []
@@ -209,5 +241,16 @@ def frontier_section(
     else:
         ranges = ", ".join(f"{line.label} [{line.kl.min():.3g}, {line.kl.max():.3g}]" for line in lines)
         text += [f"The losses' KL ranges do not overlap ({ranges}): no KL at which all can be compared."]
+    versus = versus_table(lines, baseline) if baseline else None
+    if versus is not None:
+        text += [
+            "",
+            f"### Against {baseline} at matched KL",
+            "",
+            markdown_table(*versus),
+            "",
+            f"Each loss and {baseline} interpolated as above at the low end, middle and high end of the KL range "
+            "the two share; no interval (each point's own accuracy interval is in the plot).",
+        ]
     text += ["", "### Accuracy (%) at nominal β", "", markdown_table(*nominal_table(lines)), ""]
     return "\n".join(text), [plot]

@@ -230,7 +230,9 @@ def write_report(
     main = markdown_table(table["shown"], [[row.get(c) for c in table["shown"]] for row in table["rows"]])
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     seeds = seed_section(comparison)
-    frontier, frontier_plots = frontier_section(comparison["groups"], comparison["benchmarks"], out, markdown_table)
+    frontier, frontier_plots = frontier_section(
+        comparison["groups"], comparison["benchmarks"], out, markdown_table, comparison["baseline"]
+    )
     plots += frontier_plots
     md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds + frontier
     displaced_md, displaced_plots, displaced_text = displaced_section(records, out, markdown_table)

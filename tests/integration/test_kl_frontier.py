@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from prefopt.mathloop.loop import MathLoop
 from prefopt.reporting.compare import compare
-from prefopt.reporting.frontier import accuracy_at, common_kl, frontier_lines, matched_table
+from prefopt.reporting.frontier import accuracy_at, common_kl, frontier_lines, matched_table, versus_table
 from prefopt.reporting.sweep import collect, write_report
 from tests.integration.test_math_loop import LOOP, StubGenerator, half_right
 
@@ -83,6 +83,41 @@ def test_disjoint_kl_ranges_are_said_and_runs_without_kl_have_no_section(tmp_pat
     old = write_report([write_sweep(tmp_path / "old", RUNS, kl=False)])
     assert "KL to the reference" not in old["files"]["md"].read_text()
     assert not (tmp_path / "old" / "kl_frontier.png").exists()
+
+
+def test_each_loss_meets_the_baseline_where_their_kl_ranges_overlap(tmp_path):
+    """Three losses with no KL common to all: the all-loss table is empty, but dpo meets bpo on [0.2, 0.3] and
+    ipo on [0.5, 0.8]; a loss that never meets dpo's range gets one row that says so."""
+    runs = {
+        **RUNS,
+        ("ipo", "0.1"): (0.9, 16),
+        ("ipo", "0.2"): (0.5, 12),
+        ("slic", "0.1"): (1.5, 9),
+        ("slic", "0.2"): (1.2, 9),
+    }
+    comparison = compare(collect([write_sweep(tmp_path / "three", runs)])[0])
+    lines = frontier_lines(comparison["groups"], comparison["benchmarks"])
+    assert common_kl(lines) == []
+    versus = versus_table(lines, "dpo")
+    assert versus is not None
+    header, rows = versus
+    assert header == ["loss", "shared KL range", "KL", "dpo (%)", "loss (%)", "difference (points)"]
+    # dpo: (0.2, 50) (0.4, 60) (0.8, 40); bpo: (0.05, 40) (0.1, 50) (0.3, 70); ipo: (0.5, 60) (0.9, 80)
+    assert rows[:3] == [
+        ["bpo", "[0.2, 0.3]", "0.2", "50.0", "60.0", "+10.0"],
+        ["bpo", "[0.2, 0.3]", "0.25", "52.5", "65.0", "+12.5"],
+        ["bpo", "[0.2, 0.3]", "0.3", "55.0", "70.0", "+15.0"],
+    ]
+    # at 0.65 dpo is 60 - 20 * 0.25/0.4 = 47.5 and ipo 60 + 20 * 0.15/0.4 = 67.5
+    assert rows[3:6] == [
+        ["ipo", "[0.5, 0.8]", "0.5", "55.0", "60.0", "+5.0"],
+        ["ipo", "[0.5, 0.8]", "0.65", "47.5", "67.5", "+20.0"],
+        ["ipo", "[0.5, 0.8]", "0.8", "40.0", "75.0", "+35.0"],
+    ]
+    assert rows[6] == ["slic", "none", "-", "-", "-", "-"]
+    assert versus_table(lines, "caldpo") is None  # no run of the baseline: no table
+    md = write_report([tmp_path / "three"])["files"]["md"].read_text()
+    assert "### Against dpo at matched KL" in md and "no KL at which all can be compared" in md
 
 
 def test_a_run_with_evaluation_reports_kl_per_answer_and_in_its_summary(tiny_run, tmp_path, monkeypatch):
