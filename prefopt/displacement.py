@@ -77,26 +77,39 @@ def pair_record(step: int, row: Row, texts: dict[str, str]) -> dict[str, Any]:
     return record
 
 
+def _per_token(logps: PairLogps) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each pair's per-token log-probs (chosen, rejected), in batch order (`logps` with per-token values)."""
+    if logps.chosen_token_logps is None or logps.rejected_token_logps is None:
+        raise ValueError("displacement rows need the per-token log-probs of the policy and the reference")
+    chosen, rejected = (
+        t.detach().float().cpu().numpy() for t in (logps.chosen_token_logps, logps.rejected_token_logps)
+    )
+    n_c, n_r = logps.chosen_tokens.long().tolist(), logps.rejected_tokens.long().tolist()
+    return [(chosen[i, : n_c[i]], rejected[i, : n_r[i]]) for i in range(len(n_c))]
+
+
+def token_logps(pairs: Sequence[TokenizedPair], logps: PairLogps) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each pair's per-token log-probs (chosen, rejected) of one evaluated micro-batch, by pair id."""
+    return {p.pair_id: values for p, values in zip(pairs, _per_token(logps))}
+
+
 def batch_rows(pairs: Sequence[TokenizedPair], policy: PairLogps, reference: PairLogps) -> list[Row]:
     """The `Row`s of one evaluated micro-batch (both `PairLogps` computed with per-token values)."""
-    if policy.chosen_token_logps is None or reference.chosen_token_logps is None:
-        raise ValueError("displacement rows need the per-token log-probs of the policy and the reference")
-    assert policy.rejected_token_logps is not None and reference.rejected_token_logps is not None  # come together
-    arrays = [
-        t.detach().float().cpu().numpy()
-        for t in (
-            policy.chosen_token_logps,
-            reference.chosen_token_logps,
-            policy.rejected_token_logps,
-            reference.rejected_token_logps,
-        )
-    ]
-    n_c = policy.chosen_tokens.long().tolist()
-    n_r = policy.rejected_tokens.long().tolist()
     return [
-        (p.pair_id, arrays[0][i, : n_c[i]], arrays[1][i, : n_c[i]], arrays[2][i, : n_r[i]], arrays[3][i, : n_r[i]])
-        for i, p in enumerate(pairs)
+        (p.pair_id, pc, rc, pr, rr) for p, (pc, pr), (rc, rr) in zip(pairs, _per_token(policy), _per_token(reference))
     ]
+
+
+def start_rows(
+    pairs: Sequence[TokenizedPair], policy: PairLogps, start: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> list[Row]:
+    """The `Row`s of one evaluated micro-batch against per-token log-probs kept by pair id (`token_logps`): a
+    reference-free loss's starting policy, recorded before its first step."""
+    rows: list[Row] = []
+    for p, (pc, pr) in zip(pairs, _per_token(policy)):
+        sc, sr = start[p.pair_id]
+        rows.append((p.pair_id, pc, sc, pr, sr))
+    return rows
 
 
 def summary(records: Sequence[dict[str, Any]]) -> dict[str, float]:

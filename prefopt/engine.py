@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from prefopt.checkpoint import last_complete, load_latest, remove_partial, save_checkpoint
 from prefopt.data.batching import PairBatcher, PreferenceBatch, TokenizedPair, collate, micro_batches
-from prefopt.displacement import DisplacementLog, batch_rows
+from prefopt.displacement import DisplacementLog, batch_rows, start_rows, token_logps
 from prefopt.errors import ConfigError, TrainingError
 from prefopt.hardware import Hardware, peak_memory_mb, process_age_s, rng_state, set_rng_state, stop_signals
 from prefopt.io import atomic_dir
@@ -190,6 +190,9 @@ class TrainerParts:
     pair_model: Callable = PairLogpsModel
     # a held-out pair's prompt and responses as text, for the displacement file (prefopt.displacement.pair_texts)
     describe: Callable | None = None
+    # token-level displacement of the held-out pairs at every evaluation (a preference run; not the warm-up's SFT
+    # nor a reward model's pair scores)
+    track_displacement: bool = False
 
 
 class Trainer:
@@ -217,9 +220,11 @@ class Trainer:
         self.config_record: dict = {}  # what a checkpoint must have been made with to be resumed
         self.packing = packing_layout(config.packing, self.policy)  # the batch layout: shared_prefix, flat or None
         self.resumed_from: int | None = None
-        # token-level displacement of the held-out pairs against the reference, at every evaluation
-        tracked = loss.reference and parts.reference is not None
+        # token-level displacement of the held-out pairs at every evaluation: against the reference, or for a
+        # reference-free loss against the starting policy's per-token log-probs, recorded in `setup`
+        tracked = parts.track_displacement and (parts.reference is not None or not loss.reference)
         self.displacement = DisplacementLog(run_dir, self.eval_pairs, parts.describe) if tracked else None
+        self.start_logps: dict | None = None  # pair id -> (chosen, rejected) per-token log-probs at step 0
 
     def setup(self, resume_from: Path | str | None = None, config_record: dict | None = None) -> Trainer:
         """Resume the weights (from `resume_from`, else this run's checkpoints), wrap the policy and the
@@ -262,7 +267,23 @@ class Trainer:
             self._restore(*found)
         elif resume_from:
             raise ConfigError(f"resume={resume_from}: no complete checkpoint there")
+        if self.displacement is not None and self.reference is None and self.eval_pairs:
+            if found is None:
+                self.start_logps = self._held_out_token_logps()
+            elif self.start_logps is None:  # a checkpoint written before the starting values were kept
+                log.warning("%s keeps no starting log-probs: no displacement in this run", found[0])
+                self.displacement = None
         return self
+
+    @torch.no_grad()
+    def _held_out_token_logps(self) -> dict:
+        """The policy's per-token log-probs of every held-out pair, by pair id (the same on every rank)."""
+        self.policy.eval()
+        values: dict = {}
+        for micro in micro_batches(self.eval_pairs[self.hw.rank :: self.hw.world_size], self.cfg.micro_batch_size):
+            values.update(token_logps(micro, self.policy_logps(self.collate(micro), per_token=True)))
+        self.policy.train()
+        return dict(self.hw.all_gather_list(list(values.items())))
 
     # -- one optimizer step -------------------------------------------------------------------------
     def reference_logps(
@@ -359,8 +380,12 @@ class Trainer:
             batch = self.collate(micro)
             out, policy, reference = self.forward_loss(batch, micro, per_token=self.displacement is not None)
             sums.add(pair_metrics(out, policy, reference), out.metrics, batch.num_pairs)
-            if self.displacement is not None and reference is not None:
-                rows += batch_rows(micro, policy, reference)
+            if self.displacement is not None:
+                rows += (
+                    batch_rows(micro, policy, reference)
+                    if reference is not None
+                    else start_rows(micro, policy, cast(dict, self.start_logps))
+                )
         self.policy.train()
         self.loss.train()
         metrics = self.hw.all_reduce_mean(sums.means("eval"))
@@ -383,6 +408,7 @@ class Trainer:
             "finished": self.finished,
             "config": self.config_record,
             **(self.reference.state_dict() if self.reference is not None else {}),
+            **({"start_logps": self.start_logps} if self.start_logps is not None else {}),
         }
 
     def save(self) -> Path | None:
@@ -420,6 +446,7 @@ class Trainer:
             self.reference.load_state_dict(state, path)
         set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        self.start_logps = state.get("start_logps")  # a reference-free loss's held-out values at step 0
         # finished = its final evaluation and checkpoint were written; a resume with more steps goes on
         assert self.cfg.steps is not None  # resolved (resolve_steps) before the Trainer is built
         self.finished = state.get("finished", False) and self.step >= self.cfg.steps

@@ -225,6 +225,7 @@ def make_trainer(
         seed=plan.seed,
         max_grad_norm=plan.max_grad_norm,
         describe=pair_texts(inputs.tokenizer),
+        track_displacement=True,
     )
     trainer = Trainer(parts, config, hw, run_dir).setup(
         resume_from=None if plan.resume in (None, "auto") else Path(plan.resume),

@@ -1,6 +1,6 @@
-"""Every run with evaluation and a reference writes the held-out pairs' token-level displacement: the file per
-evaluation, the `eval/displacement/...` scalars, and the report's figures and worst pairs; with the reference cache
-and with a live reference, in every batch layout, to the same values."""
+"""Every run with evaluation writes the held-out pairs' token-level displacement: the file per evaluation, the
+`eval/displacement/...` scalars, and the report's figures and worst pairs; with the reference cache and with a live
+reference, in every batch layout, to the same values; a reference-free loss against its starting policy."""
 
 from __future__ import annotations
 
@@ -92,7 +92,23 @@ def test_the_report_draws_the_distributions_and_lists_the_worst_pairs(runs, caps
     assert worst[0]["pair_id"] in capsys.readouterr().out
 
 
-def test_a_reference_free_loss_writes_no_displacement(tiny_run, tmp_path):
-    summary, run_dir = tiny_run("loss=simpo", "eval_every=0", run_dir=tmp_path / "simpo")
-    assert displacement.steps(run_dir) == {}
-    assert not any(k.startswith(displacement.PREFIX) for k in summary["metrics"])
+def test_a_reference_free_loss_is_measured_against_its_starting_policy(runs, tmp_path):
+    """SimPO has no reference: its held-out pairs' starting log-probs are recorded before the first step, so its
+    `ref_logp` equals the live DPO run's reference (the same initial weights and pairs), and a resumed run keeps
+    them from its checkpoint instead of recording the resumed weights."""
+    from prefopt.run import train
+    from tests.helpers.config import compose_cfg
+
+    summary = train(compose_cfg(["loss=simpo"]), run_dir=tmp_path / "simpo")
+    live = displacement.read(displacement.steps(runs["live"][1])[3])
+    train(compose_cfg(["loss=simpo", "steps=2", "save_every=2"]), run_dir=tmp_path / "cut")
+    resumed = train(compose_cfg(["loss=simpo", "save_every=2"]), run_dir=tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 2
+    for name in ("simpo", "cut"):
+        records = displacement.read(displacement.steps(tmp_path / name)[3])
+        assert [r["pair_id"] for r in records] == [r["pair_id"] for r in live], name
+        for a, b in zip(records, live):
+            for side in ("chosen", "rejected"):
+                assert a[f"{side}_ref_logp"] == pytest.approx(b[f"{side}_ref_logp"], abs=1e-4), (name, side)
+        assert max(abs(r["chosen_delta"]) for r in records) > 1e-3, name  # the policy moved from its start
+    assert 0.0 <= summary["metrics"]["eval/displacement/chosen_fell"] <= 1.0
