@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from dcr_study import run_logged, sweep_header  # noqa: E402
+from prefopt.reporting.sweep import markdown_table  # noqa: E402
 from prefopt.stats import proportion  # noqa: E402
 
 BASE = ["loss=dpo", "seed=0", "evaluation.benchmarks=[arith_val]", "steps=null"]
@@ -119,8 +120,7 @@ def table(dirs: list[Path]) -> str:
         for r in [row(run)]
         if r
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
