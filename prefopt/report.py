@@ -34,12 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         help="compare every setting with the same setting under this loss (default: dpo when a run "
         "used it; none: no paired differences)",
     )
+    parser.add_argument(
+        "--along",
+        default="beta",
+        metavar="KEY[,KEY]",
+        help="the overrides whose settings of one loss make one line of the KL frontier (default: beta; e.g. "
+        "beta,lr where β hardly moves the distance); β is always one",
+    )
     args = parser.parse_args(argv)
     paths = list(args.paths) + [f"wandb:{w}" for w in args.wandb]
     if not paths:
         parser.error("give at least one PATH (or --wandb ENTITY/PROJECT/GROUP)")
     try:
-        write_report(paths, args.out, echo=True, baseline=args.baseline)
+        along = ["beta", *(k.strip() for k in args.along.split(",") if k.strip() and k.strip() != "beta")]
+        write_report(paths, args.out, echo=True, baseline=args.baseline, along=along)
     except PrefoptError as exc:
         print(f"prefopt.report: error: {exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@
 which loss moved less. Each run's verified evaluation estimates KL(π‖π_ref) on the policy's greedy answers
 (`eval/kl/greedy`, `prefopt.mathloop.policy_kl`); here every setting of a sweep (the runs of one override set but
 `seed`) is a point (KL, verified accuracy), and the settings that differ only in `beta` make one line, its
-frontier. The matched-KL table reads each line's accuracy, interpolated linearly between its points ordered by
-KL, at a few KL values inside every line's KL range; the nominal-β table beside it is the comparison at equal β.
+frontier. Where β hardly moves the distance, another knob can trace the line too (`along=("beta", "lr")`: the
+settings of a loss that differ in β or the learning rate). The matched-KL table reads each line's accuracy,
+interpolated linearly between its points ordered by KL, at a few KL values inside every line's KL range; the
+nominal table beside it is the comparison at equal β (and equal other knobs).
 Drawn with matplotlib's object API on the Agg canvas, as `prefopt.reporting.plots`.
 """
 
@@ -35,6 +37,12 @@ class Point:
     beta: float
     kl: Interval
     accuracy: Interval
+    knobs: dict[str, str] = field(default_factory=dict)  # the other `along` overrides of this point
+
+    @property
+    def name(self) -> str:
+        """`β = 0.1`, with the other knobs after it (`β = 0.1, lr = 1e-4`)."""
+        return ", ".join([f"β = {self.beta:g}", *(f"{k} = {v}" for k, v in sorted(self.knobs.items()))])
 
 
 @dataclass
@@ -54,13 +62,15 @@ class Line:
         return np.array([p.accuracy.estimate for p in self.points])
 
 
-def _beta(setting: dict[str, str]) -> float | None:
+def _beta(setting: dict[str, str], runs: Sequence[Any] = ()) -> float | None:
+    """The setting's `beta` override, else its runs' resolved β (a run left at the loss's default)."""
     for key in BETA_KEYS:
         try:
             return float(setting[key])
         except (KeyError, TypeError, ValueError):
             continue
-    return None
+    resolved = {getattr(r, "beta", None) for r in runs} - {None}
+    return resolved.pop() if len(resolved) == 1 else None
 
 
 def _kl(runs: Sequence[Any]) -> Interval | None:
@@ -80,20 +90,21 @@ def _accuracy(group: Any, names: Sequence[str]) -> Interval | None:
     return scalar_mean([r.final.get(ACCURACY) for r in group.runs])
 
 
-def frontier_lines(groups: Sequence[Any], names: Sequence[str]) -> list[Line]:
-    """The lines of the comparison's groups (`prefopt.reporting.compare.Group`) that have a β, KL and accuracy."""
+def frontier_lines(groups: Sequence[Any], names: Sequence[str], along: Sequence[str] = ("beta",)) -> list[Line]:
+    """The lines of the comparison's groups (`prefopt.reporting.compare.Group`) that have a β, KL and accuracy;
+    the settings of one line differ only in the `along` overrides (β always among them)."""
     lines: dict[tuple, Line] = {}
-    rests = [{k: v for k, v in g.setting.items() if k not in BETA_KEYS} for g in groups]
+    knobs = set(along) - set(BETA_KEYS)
+    rests = [{k: v for k, v in g.setting.items() if k not in BETA_KEYS and k not in knobs} for g in groups]
     keys = dict.fromkeys(k for rest in rests for k in rest if k not in ("loss", "loss.key"))
     differ = [k for k in keys if len({rest.get(k) for rest in rests}) > 1]  # what tells lines of one loss apart
     for g, rest in zip(groups, rests):
-        beta, kl, accuracy = _beta(g.setting), _kl(g.runs), _accuracy(g, names)
+        beta, kl, accuracy = _beta(g.setting, g.runs), _kl(g.runs), _accuracy(g, names)
         if beta is None or kl is None or accuracy is None:
             continue
         label = rest["loss"] + "".join(f" {k}={rest[k]}" for k in differ if k in rest)
-        lines.setdefault(tuple(sorted(rest.items())), Line(label, rest["loss"])).points.append(
-            Point(beta, kl, accuracy)
-        )
+        point = Point(beta, kl, accuracy, {k: v for k, v in g.setting.items() if k in knobs})
+        lines.setdefault(tuple(sorted(rest.items())), Line(label, rest["loss"])).points.append(point)
     for line in lines.values():
         line.points.sort(key=lambda p: (p.kl.estimate, p.beta))
     return list(lines.values())
@@ -151,16 +162,17 @@ def versus_table(lines: Sequence[Line], baseline: str) -> tuple[list[str], list[
 
 
 def nominal_table(lines: Sequence[Line]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): accuracy (%) and KL of each line at each β it was trained with."""
-    betas = sorted({p.beta for line in lines for p in line.points})
+    """(header, rows): accuracy (%) and KL of each line at each β (and other knobs) it was trained with."""
+    order = {p.name: (sorted(p.knobs.items()), p.beta) for line in lines for p in line.points}
+    columns = sorted(order, key=lambda name: order[name])
     rows = []
     for line in lines:
-        at = {p.beta: p for p in line.points}
+        at = {p.name: p for p in line.points}
         rows.append(
             [line.label]
-            + [f"{_pct(at[b].accuracy.estimate)} (KL {at[b].kl.estimate:.3g})" if b in at else "-" for b in betas]
+            + [f"{_pct(at[c].accuracy.estimate)} (KL {at[c].kl.estimate:.3g})" if c in at else "-" for c in columns]
         )
-    return ["loss", *(f"β = {b:g}" for b in betas)], rows
+    return ["loss", *columns], rows
 
 
 def _bars(interval: Interval, scale: float = 1.0) -> list[float]:
@@ -184,7 +196,7 @@ def plot_frontier(lines: Sequence[Line], kl: Sequence[float], path: Path, before
         ax.plot([], [], color=color, marker="o", label=line.label)
         for p in line.points:
             ax.annotate(
-                f"β={p.beta:g}",
+                p.name.replace(" = ", "="),
                 (p.kl.estimate, 100 * p.accuracy.estimate),
                 xytext=(4, 4),
                 textcoords="offset points",
@@ -208,11 +220,12 @@ def frontier_section(
     out_dir: Path,
     markdown_table: Callable[..., str],
     baseline: str | None = None,
+    along: Sequence[str] = ("beta",),
 ) -> tuple[str, list[Path]]:
     """The report's section (markdown, tables drawn by the report's `markdown_table`) and its plot; ("", []) when
     no run has a β, KL and accuracy. With a `baseline` loss, also each loss against it where their KL ranges
     overlap."""
-    lines = frontier_lines(groups, names)
+    lines = frontier_lines(groups, names, along)
     if not lines:
         return "", []
     kl = common_kl(lines)
@@ -252,5 +265,6 @@ def frontier_section(
             f"Each loss and {baseline} interpolated as above at the low end, middle and high end of the KL range "
             "the two share; no interval (each point's own accuracy interval is in the plot).",
         ]
-    text += ["", "### Accuracy (%) at nominal β", "", markdown_table(*nominal_table(lines)), ""]
+    knobs = " and ".join(["β", *sorted(set(along) - set(BETA_KEYS))])
+    text += ["", f"### Accuracy (%) at nominal {knobs}", "", markdown_table(*nominal_table(lines)), ""]
     return "\n".join(text), [plot]

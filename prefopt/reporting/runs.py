@@ -64,6 +64,7 @@ class RunRecord:
     peak_memory_mb: float | None = None
     label: str = ""  # set by the report: the overrides that tell this run from the others
     seed: str | None = None  # the run's `seed` (override, else resolved config)
+    beta: float | None = None  # the loss's resolved β (a run without a `beta` override still has one)
     # per benchmark {problem index: correct} from `verified/` and `verified_before/` (empty when not written)
     outcomes: dict[str, dict[int, bool]] = field(default_factory=dict)
     outcomes_before: dict[str, dict[int, bool]] = field(default_factory=dict)
@@ -167,6 +168,7 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
     )
     seed = record.overrides.get("seed", resolved.get("seed") if isinstance(resolved, dict) else None)
     record.seed = None if seed is None else str(seed)
+    record.beta = to_number((resolved.get("loss") or {}).get("beta")) if isinstance(resolved, dict) else None
     try:
         record.outcomes = read_benchmarks(run_dir / "verified")
         record.outcomes_before = read_benchmarks(run_dir / "verified_before")

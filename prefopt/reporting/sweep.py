@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -184,10 +184,15 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
 
 
 def write_report(
-    paths: Iterable[str | Path], out_dir: str | Path | None = None, echo: bool = False, baseline: str | None = None
+    paths: Iterable[str | Path],
+    out_dir: str | Path | None = None,
+    echo: bool = False,
+    baseline: str | None = None,
+    along: Sequence[str] = ("beta",),
 ) -> dict:
     """Write `report.md`, `report.csv`, `comparison.csv` and the plots for the runs under `paths`; returns what
-    it wrote. `baseline`: the loss every other setting is compared with (None: dpo when present; "none": off)."""
+    it wrote. `baseline`: the loss every other setting is compared with (None: dpo when present; "none": off).
+    `along`: the overrides whose settings of one loss make one line of the KL frontier (β always)."""
     names = [str(p) for p in paths]
     records, root = collect(names)
     if out_dir is None:
@@ -231,7 +236,7 @@ def write_report(
     vtable = verified_table(records, table["verified"]) if table["verified"] else ""
     seeds = seed_section(comparison)
     frontier, frontier_plots = frontier_section(
-        comparison["groups"], comparison["benchmarks"], out, markdown_table, comparison["baseline"]
+        comparison["groups"], comparison["benchmarks"], out, markdown_table, comparison["baseline"], along
     )
     plots += frontier_plots
     md = _markdown(records, names, table, main, vtable, {p.name for p in plots}) + seeds + frontier

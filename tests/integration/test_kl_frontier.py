@@ -11,7 +11,14 @@ from matplotlib.image import imread
 
 from prefopt.mathloop.loop import MathLoop
 from prefopt.reporting.compare import compare
-from prefopt.reporting.frontier import accuracy_at, common_kl, frontier_lines, matched_table, versus_table
+from prefopt.reporting.frontier import (
+    accuracy_at,
+    common_kl,
+    frontier_lines,
+    matched_table,
+    nominal_table,
+    versus_table,
+)
 from prefopt.reporting.sweep import collect, write_report
 from tests.integration.test_math_loop import LOOP, StubGenerator, half_right
 
@@ -118,6 +125,47 @@ def test_each_loss_meets_the_baseline_where_their_kl_ranges_overlap(tmp_path):
     assert versus_table(lines, "caldpo") is None  # no run of the baseline: no table
     md = write_report([tmp_path / "three"])["files"]["md"].read_text()
     assert "### Against dpo at matched KL" in md and "no KL at which all can be compared" in md
+
+
+def test_a_second_knob_traces_the_line_and_runs_at_the_default_beta_join_it(tmp_path):
+    """`along=("beta", "lr")`: a loss's settings that differ in β or lr make one line; a run without a `beta`
+    override takes its resolved β (0.1 here) and joins the β-swept points of its loss."""
+    runs = {  # (loss, overrides): (KL, solved of 20)
+        ("dpo", ()): (0.8, 8),
+        ("dpo", ("lr=1e-4",)): (0.2, 10),
+        ("dpo", ("beta=0.2",)): (0.6, 12),
+        ("bpo", ()): (0.3, 14),
+        ("bpo", ("lr=1e-4",)): (0.1, 10),
+    }
+    root = tmp_path / "knobs"
+    for n, ((loss, extra), (value, solved)) in enumerate(runs.items()):
+        run = root / str(n)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in (f"loss={loss}", *extra, "seed=0")))
+        beta = next((o.split("=")[1] for o in extra if o.startswith("beta=")), "0.1")
+        (run / "resolved_config.yaml").write_text(f"seed: 0\nloss:\n  key: {loss}\n  beta: {beta}\n")
+        (run / "verified").mkdir()
+        rows = [{"benchmark": "arith", "index": i, "correct": i < solved} for i in range(20)]
+        (run / "verified" / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {"eval/verified/arith": solved / 20, "eval/verified/mean": solved / 20, "eval/kl/greedy": value}
+        (run / "summary.json").write_text(json.dumps({"status": "complete", "loss": loss, "metrics": metrics}))
+    comparison = compare(collect([root])[0])
+    by_beta = {line.label: line for line in frontier_lines(comparison["groups"], comparison["benchmarks"])}
+    assert sorted(by_beta) == ["bpo", "bpo lr=1e-4", "dpo", "dpo lr=1e-4"]  # lr apart: lines of their own
+    assert [p.beta for p in by_beta["dpo"].points] == [0.2, 0.1]  # the default-β run joins the β=0.2 one
+    lines = {ln.label: ln for ln in frontier_lines(comparison["groups"], comparison["benchmarks"], ("beta", "lr"))}
+    assert sorted(lines) == ["bpo", "dpo"]
+    assert [p.name for p in lines["dpo"].points] == ["β = 0.1, lr = 1e-4", "β = 0.2", "β = 0.1"]  # by KL
+    kl = common_kl(list(lines.values()))
+    assert kl == pytest.approx([0.2, 0.25, 0.3])
+    assert accuracy_at(lines["dpo"], kl) == pytest.approx([0.5, 0.5125, 0.525])
+    assert accuracy_at(lines["bpo"], kl) == pytest.approx([0.6, 0.65, 0.7])
+    header, rows = nominal_table(list(lines.values()))
+    assert header == ["loss", "β = 0.1", "β = 0.2", "β = 0.1, lr = 1e-4"]
+    assert rows[0] == ["dpo", "40.0 (KL 0.8)", "60.0 (KL 0.6)", "50.0 (KL 0.2)"]
+    assert rows[1] == ["bpo", "70.0 (KL 0.3)", "-", "50.0 (KL 0.1)"]
+    md = write_report([root], along=("beta", "lr"))["files"]["md"].read_text()
+    assert "### Accuracy (%) at nominal β and lr" in md and "| dpo  | 50.0     | 51.2" in md
 
 
 def test_a_run_with_evaluation_reports_kl_per_answer_and_in_its_summary(tiny_run, tmp_path, monkeypatch):
