@@ -226,6 +226,17 @@ def paired_difference(runs: Sequence[Mapping[int, bool]], baseline: Sequence[Map
     return Difference(estimate, low, high, p, a.size, f"{BOOTSTRAP}; exact McNemar p ({wins} vs {losses} discordant)")
 
 
+def problem_mean(values: Sequence[float]) -> Interval:
+    """The mean of one value per problem (e.g. the difference of two accuracies interpolated per problem), with
+    the percentile bootstrap over problems."""
+    grid = np.asarray(values, float).reshape(1, -1)
+    if grid.size == 0:
+        raise StatsError("no problems to average over")
+    result = _two_level(grid, np.ones_like(grid))
+    assert result is not None  # at least one problem: the denominator is positive
+    return Interval(*result, grid.shape[1], f"percentile bootstrap over problems ({RESAMPLES} resamples)")
+
+
 # --- a scalar per seed ---------------------------------------------------------------------------------
 
 

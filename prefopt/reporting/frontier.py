@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from prefopt.reporting.plots import DPI, _color
-from prefopt.stats import Interval, scalar_mean
+from prefopt.stats import Interval, problem_mean, scalar_mean
 
 KL = "eval/kl/greedy"
 ACCURACY = "eval/verified/mean"
@@ -38,6 +38,7 @@ class Point:
     kl: Interval
     accuracy: Interval
     knobs: dict[str, str] = field(default_factory=dict)  # the other `along` overrides of this point
+    solved: dict[int, float] | None = None  # per problem of the one benchmark: the share of seeds that solved it
 
     @property
     def name(self) -> str:
@@ -90,6 +91,30 @@ def _accuracy(group: Any, names: Sequence[str]) -> Interval | None:
     return scalar_mean([r.final.get(ACCURACY) for r in group.runs])
 
 
+def _solved(group: Any, names: Sequence[str]) -> dict[int, float] | None:
+    """Per problem, the share of the group's seeds that solved it (one benchmark, every run's answers on disk)."""
+    found = [getattr(r, "outcomes", {}).get(names[0]) for r in group.runs] if len(names) == 1 else [None]
+    files: list[dict[int, bool]] = [f for f in found if f is not None]
+    if not files or len(files) < len(found):
+        return None
+    shared = set(files[0]).intersection(*files[1:])
+    return {i: float(np.mean([f[i] for f in files])) for i in sorted(shared)}
+
+
+def interpolated_solved(line: Line, x: float) -> dict[int, float] | None:
+    """The line's per-problem solved share at KL `x`, interpolated with the same weights as its accuracy (so its
+    mean is `accuracy_at`); None without per-problem answers or outside the line's range."""
+    if any(p.solved is None for p in line.points) or not line.kl.min() <= x <= line.kl.max():
+        return None
+    weights = [float(np.interp(x, line.kl, np.eye(len(line.points))[k])) for k in range(len(line.points))]
+    used: list[tuple[float, dict[int, float]]] = []
+    for w, p in zip(weights, line.points):
+        if w > 0 and p.solved is not None:
+            used.append((w, p.solved))
+    shared = set.intersection(*(set(solved) for _, solved in used))
+    return {i: sum(w * solved[i] for w, solved in used) for i in sorted(shared)}
+
+
 def frontier_lines(groups: Sequence[Any], names: Sequence[str], along: Sequence[str] = ("beta",)) -> list[Line]:
     """The lines of the comparison's groups (`prefopt.reporting.compare.Group`) that have a β, KL and accuracy;
     the settings of one line differ only in the `along` overrides (β always among them)."""
@@ -103,7 +128,7 @@ def frontier_lines(groups: Sequence[Any], names: Sequence[str], along: Sequence[
         if beta is None or kl is None or accuracy is None:
             continue
         label = rest["loss"] + "".join(f" {k}={rest[k]}" for k in differ if k in rest)
-        point = Point(beta, kl, accuracy, {k: v for k, v in g.setting.items() if k in knobs})
+        point = Point(beta, kl, accuracy, {k: v for k, v in g.setting.items() if k in knobs}, _solved(g, names))
         lines.setdefault(tuple(sorted(rest.items())), Line(label, rest["loss"])).points.append(point)
     for line in lines.values():
         line.points.sort(key=lambda p: (p.kl.estimate, p.beta))
@@ -142,7 +167,7 @@ def versus_table(lines: Sequence[Line], baseline: str) -> tuple[list[str], list[
     middle and high end of the KL range the two share ("-" where they share none); None without a baseline line.
     When all lines' ranges do not overlap, two of them often still do."""
     by_label = {line.label: line for line in lines}
-    header = ["loss", "shared KL range", "KL", f"{baseline} (%)", "loss (%)", "difference (points)"]
+    header = ["loss", "shared KL range", "KL", f"{baseline} (%)", "loss (%)", "difference (points, 95% CI)"]
     rows: list[list[str]] = []
     for line in lines:
         if line.loss == baseline:
@@ -157,8 +182,20 @@ def versus_table(lines: Sequence[Line], baseline: str) -> tuple[list[str], list[
         shared = f"[{kl[0]:.3g}, {kl[-1]:.3g}]"
         for x, a, b in zip(kl, accuracy_at(base, kl), accuracy_at(line, kl)):
             assert a is not None and b is not None  # inside both ranges
-            rows.append([line.label, shared, f"{x:.3g}", _pct(a), _pct(b), f"{100 * (b - a):+.1f}"])
+            rows.append([line.label, shared, f"{x:.3g}", _pct(a), _pct(b), _difference(base, line, x, b - a)])
     return (header, rows) if rows else None
+
+
+def _difference(base: Line, line: Line, x: float, estimate: float) -> str:
+    """The difference in points at KL `x`, with the bootstrap interval over the problems both answered when every
+    point has its per-problem answers (the interpolated per-problem differences: paired, same problems)."""
+    mine, theirs = interpolated_solved(line, x), interpolated_solved(base, x)
+    shared = sorted(set(mine or {}) & set(theirs or {}))
+    if mine is None or theirs is None or not shared:
+        return f"{100 * estimate:+.1f}"
+    diff = problem_mean([mine[i] - theirs[i] for i in shared])
+    assert diff.low is not None and diff.high is not None  # a bootstrap interval always has both ends
+    return f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
 
 
 def nominal_table(lines: Sequence[Line]) -> tuple[list[str], list[list[str]]]:
@@ -263,7 +300,9 @@ def frontier_section(
             markdown_table(*versus),
             "",
             f"Each loss and {baseline} interpolated as above at the low end, middle and high end of the KL range "
-            "the two share; no interval (each point's own accuracy interval is in the plot).",
+            "the two share. The interval: each problem's answers interpolated with the accuracy's weights (the "
+            "share of seeds that solved it), differences paired on the same problems, percentile bootstrap over "
+            "problems; it does not count the uncertainty of where each run's KL lies.",
         ]
     knobs = " and ".join(["β", *sorted(set(along) - set(BETA_KEYS))])
     text += ["", f"### Accuracy (%) at nominal {knobs}", "", markdown_table(*nominal_table(lines)), ""]

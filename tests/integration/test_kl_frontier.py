@@ -4,6 +4,7 @@ hand-written run directories (2 losses x 3 β, 20 problems). The interpolated va
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,19 +109,24 @@ def test_each_loss_meets_the_baseline_where_their_kl_ranges_overlap(tmp_path):
     versus = versus_table(lines, "dpo")
     assert versus is not None
     header, rows = versus
-    assert header == ["loss", "shared KL range", "KL", "dpo (%)", "loss (%)", "difference (points)"]
+    assert header == ["loss", "shared KL range", "KL", "dpo (%)", "loss (%)", "difference (points, 95% CI)"]
     # dpo: (0.2, 50) (0.4, 60) (0.8, 40); bpo: (0.05, 40) (0.1, 50) (0.3, 70); ipo: (0.5, 60) (0.9, 80)
-    assert rows[:3] == [
-        ["bpo", "[0.2, 0.3]", "0.2", "50.0", "60.0", "+10.0"],
-        ["bpo", "[0.2, 0.3]", "0.25", "52.5", "65.0", "+12.5"],
-        ["bpo", "[0.2, 0.3]", "0.3", "55.0", "70.0", "+15.0"],
-    ]
     # at 0.65 dpo is 60 - 20 * 0.25/0.4 = 47.5 and ipo 60 + 20 * 0.15/0.4 = 67.5
-    assert rows[3:6] == [
-        ["ipo", "[0.5, 0.8]", "0.5", "55.0", "60.0", "+5.0"],
-        ["ipo", "[0.5, 0.8]", "0.65", "47.5", "67.5", "+20.0"],
-        ["ipo", "[0.5, 0.8]", "0.8", "40.0", "75.0", "+35.0"],
+    expected = [
+        ["bpo", "[0.2, 0.3]", "0.2", "50.0", "60.0", 10.0],
+        ["bpo", "[0.2, 0.3]", "0.25", "52.5", "65.0", 12.5],
+        ["bpo", "[0.2, 0.3]", "0.3", "55.0", "70.0", 15.0],
+        ["ipo", "[0.5, 0.8]", "0.5", "55.0", "60.0", 5.0],
+        ["ipo", "[0.5, 0.8]", "0.65", "47.5", "67.5", 20.0],
+        ["ipo", "[0.5, 0.8]", "0.8", "40.0", "75.0", 35.0],
     ]
+    for row, want in zip(rows[:6], expected):
+        assert row[:5] == want[:5]
+        estimate, low, high = (float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", row[5]).groups())
+        assert estimate == pytest.approx(want[5]) and 0.0 < low < estimate < high, row
+    # problems solved are the first k of 20 in every run: at 0.2 bpo (half (0.1, 10), half (0.3, 14)) differs from
+    # dpo (0.2, 10) by +0.5 on 4 problems, so no resample of problems can favour dpo
+    assert re.fullmatch(r"\+10\.0 \[\+\d+\.\d, \+\d+\.\d\]", rows[0][5])
     assert rows[6] == ["slic", "none", "-", "-", "-", "-"]
     assert versus_table(lines, "caldpo") is None  # no run of the baseline: no table
     md = write_report([tmp_path / "three"])["files"]["md"].read_text()
