@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefopt.mathloop.fingerprints import weights_id
+from prefopt.mathloop.fingerprints import weights_id, with_weights
 from prefopt.mathloop.loop import MathLoop
+from prefopt.mathloop.policy_kl import KLEstimator
 from prefopt.tracking import RunLog
 
 
@@ -51,11 +52,14 @@ def pairs_job(loop: MathLoop, spec, data, hardware, run_dir: Path) -> dict:
 
 
 def evaluate_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None) -> dict:
-    """Verified accuracy of the policy on `evaluation.benchmarks`; writes summary.json and prints the metrics."""
+    """Verified accuracy of the policy on `evaluation.benchmarks`; writes summary.json and prints the metrics.
+    With `evaluation.kl_reference`, also KL(π‖π_ref) on the policy's answers (`eval/kl/*`)."""
     hardware.setup()
+    base = spec
     spec = loop.start_spec(spec)
     model, tokenizer = loop.load(spec, hardware)
-    metrics, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified")
+    kl = kl_against(loop, model, tokenizer, base, hardware)
+    metrics, details = loop.run_eval(model, tokenizer, spec, data, run_dir / "verified", "eval/verified", kl)
     run_log = RunLog(run_dir, {"evaluation": vars(loop.evaluation)}, wandb, enabled=hardware.is_main)
     run_log.log(0, metrics)
     summary = {
@@ -69,3 +73,14 @@ def evaluate_job(loop: MathLoop, spec, data, hardware, run_dir: Path, wandb=None
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
     return summary
+
+
+def kl_against(loop: MathLoop, policy, tokenizer, base, hardware) -> KLEstimator | None:
+    """The KL estimator against `evaluation.kl_reference`: `model` (the model preset's own weights, `base`) or a
+    saved policy directory, loaded as a second, frozen copy; None when it is not set."""
+    chosen = loop.evaluation.kl_reference
+    if not chosen:
+        return None
+    reference = loop.load(base if chosen == "model" else with_weights(base, chosen), hardware)[0]
+    reference.requires_grad_(False)
+    return KLEstimator(policy, reference, tokenizer, chunk_elements=loop.chunk_elements)

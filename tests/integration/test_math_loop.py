@@ -365,6 +365,16 @@ def test_entry_points_sft_pairs_evaluate_in_process(tmp_path, monkeypatch):
     summary = evaluate_job(p.loop, p.model, p.data, p.hardware, tmp_path / "eval")
     assert summary["metrics"] == {"eval/verified/arith": share, "eval/verified/mean": share}
     assert (tmp_path / "eval" / "verified" / "arith.jsonl").is_file()
+    # KL(π‖π_ref) on the policy's answers, against itself (exactly 0) and against the model's own random weights
+    final = tmp_path / "sft" / "final"
+    for reference, name in ((final, "kl_self"), ("model", "kl_model")):
+        p = build(compose_cfg(over + [f"policy={final}", f"evaluation.kl_reference={reference}"]))
+        metrics = evaluate_job(p.loop, p.model, p.data, p.hardware, tmp_path / name)["metrics"]
+        assert metrics["eval/verified/mean"] == share
+        if name == "kl_self":
+            assert metrics["eval/kl/greedy"] == pytest.approx(0.0, abs=1e-6)
+        else:
+            assert metrics["eval/kl/greedy"] > 0.1 and metrics["eval/kl/greedy_low"] < metrics["eval/kl/greedy"]
 
 
 REPO = Path(__file__).resolve().parents[2]

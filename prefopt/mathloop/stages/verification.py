@@ -38,6 +38,7 @@ class EvalConfig:
     temperature: float = 0.6  # of the avg@k samples
     seed: int = 0
     judge: Any = None  # a judged win rate after training (prefopt.mathloop.judging.judges; conf/evaluation/judge/)
+    kl_reference: str | None = None  # `python -m prefopt.evaluate`: KL against `model` (the preset's weights) or a DIR
 
     def __post_init__(self):
         self.benchmarks = list(self.benchmarks)
