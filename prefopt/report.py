@@ -11,7 +11,7 @@ from prefopt.errors import PrefoptError
 from prefopt.reporting.sweep import write_report
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prefopt.report",
         description="Sweep reports: a table and plots over run directories, a multirun directory, or a W&B group.",
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the overrides whose settings of one loss make one line of the KL frontier (default: beta; e.g. "
         "beta,lr where β hardly moves the distance); β is always one",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     paths = list(args.paths) + [f"wandb:{w}" for w in args.wandb]
     if not paths:
