@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         parser.error("give at least one PATH (or --wandb ENTITY/PROJECT/GROUP)")
     try:
-        along = ["beta", *(k.strip() for k in args.along.split(",") if k.strip() and k.strip() != "beta")]
+        along = [key.strip() for key in args.along.split(",") if key.strip()]  # β always traces a line
         write_report(paths, args.out, echo=True, baseline=args.baseline, along=along)
     except PrefoptError as exc:
         print(f"prefopt.report: error: {exc}", file=sys.stderr)
