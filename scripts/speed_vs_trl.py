@@ -33,9 +33,9 @@ problems: a correct worked answer against one written another way with an arithm
 model's chat template and its default system message, prompts 116-133 tokens, completions 72-129; 8 pairs per
 step; DPO β = 0.1, lr 5e-6 (full) or 5e-5 (LoRA); full fine-tuning and LoRA (`--tuning`: r = α = 16, dropout 0,
 on the seven projections, as the preset; TRL gets the same `peft.LoraConfig`); live and cached reference; four
-tools (`--tools`): `prefopt` with its defaults (no compile), `prefopt-compiled` (`train.compile=true`),
-`prefopt-checkpointed` (`model.gradient_checkpointing=true`: activations recomputed, as TRL does by default on CPU,
-on shared-prefix rows) and `trl`.
+tools (`--tools`): `prefopt` with its defaults (no compile; the preset recomputes the decoder layers' activations in
+the backward pass, on shared-prefix rows, as TRL does by default on CPU), `prefopt-compiled` (`train.compile=true`),
+`prefopt-unchecked` (`model.gradient_checkpointing=false`: every activation kept) and `trl`.
 Each tool's child reports the tokens per step it trains on (they must be equal). Model FLOPs per token for MFU:
 6·params for full fine-tuning, 4·params for LoRA (no weight gradients of the frozen base), + 2·params for a live
 reference. The 1-minute load average at the start of each run is in the table ("load 1m").
@@ -596,7 +596,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--tools",
         help="default prefopt,trl; smollm2: prefopt,prefopt-compiled,trl (prefopt there: its defaults, no compile;"
-        " also prefopt-checkpointed)",
+        " also prefopt-unchecked)",
     )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools' arithmetic")
     ap.add_argument(
@@ -692,19 +692,19 @@ def real_param_count(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# the real workload's tools: prefopt's extra overrides (trl: none). prefopt-checkpointed recomputes the decoder
-# layers' activations in the backward pass, on prefopt's default shared-prefix rows
+# the real workload's tools: prefopt's extra overrides (trl: none). The preset recomputes the decoder layers'
+# activations in the backward pass (on shared-prefix rows); prefopt-unchecked keeps them all
 REAL_TOOLS = {
     "prefopt": "",
     "prefopt-compiled": "train.compile=true",
-    "prefopt-checkpointed": "model.gradient_checkpointing=true",
+    "prefopt-unchecked": "model.gradient_checkpointing=false",
     "trl": "",
 }
 
 
 def real_row(tool: str, tuning: str, reference: str, args, tps: float, params: int, peaks: dict) -> dict:
     """One real run of one of REAL_TOOLS: `prefopt` (its defaults: no compile), `prefopt-compiled`,
-    `prefopt-checkpointed` or `trl`."""
+    `prefopt-unchecked` or `trl`."""
     import copy
 
     if tool not in REAL_TOOLS:

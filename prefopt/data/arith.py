@@ -58,8 +58,9 @@ def problems(n: int, seed: int, max_operand: int, ops: str, exclude: set | None 
     exclude = exclude or set()
     if n > space - len(exclude):
         raise ConfigError(
-            f"data: {n} distinct problems requested but only {space - len(exclude)} exist "
-            f"with max_operand={max_operand}, ops={ops!r}"
+            f"data: {n} more distinct problems requested but only {space - len(exclude)} of the {space} with "
+            f"max_operand={max_operand}, ops={ops!r} are left after the other splits ({len(exclude)}); lower "
+            f"data.source.n_eval/n_val/n_pairs/n_train or raise data.source.max_operand"
         )
     rng, seen = random.Random(seed), set(exclude)
     out: list[tuple[int, str, int]] = []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, tiny_model
 
 COMMON = [
     "steps=5",
@@ -43,7 +43,7 @@ def launch(tmp_path, name, nproc, *overrides):
         else [sys.executable, "-m", "prefopt.run"]
     )
     out = subprocess.run(
-        prefix + COMMON + list(overrides) + [f"hydra.run.dir={run_dir}"],
+        prefix + tiny_model(COMMON + list(overrides)) + [f"hydra.run.dir={run_dir}"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from prefopt.config import conf_dir
 from prefopt.errors import ConfigError
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "launchers" / "sbatch_torchrun.sh"
@@ -243,6 +243,7 @@ def test_submitit_local_sweep_runs_two_points_end_to_end(tmp_path):
         "-m",
         "prefopt.run",
         "-m",
+        TINY_MODEL,
         "hydra/launcher=submitit_local",
         "loss=dpo,bpo",
         "steps=2",
@@ -280,6 +281,7 @@ def test_a_requeued_task_reruns_in_its_run_directory_and_resumes(tmp_path, monke
         "-m",
         "prefopt.run",
         "-m",
+        TINY_MODEL,
         "hydra/launcher=submitit_local",
         "loss=dpo",
         "steps=2",

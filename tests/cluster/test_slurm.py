@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, tiny_model
 from tests.integration.test_faults import strip
 
 pytestmark = pytest.mark.slurm
@@ -63,7 +63,7 @@ def spawn(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
 def local_run(cluster, run_dir: Path, *overrides: str) -> subprocess.Popen:
     """The uninterrupted reference, as a plain process (it runs while the SLURM job does)."""
     return spawn(
-        [sys.executable, "-m", "prefopt.run", *overrides, "hardware.threads=1", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "prefopt.run", *tiny_model(overrides), "hardware.threads=1", f"hydra.run.dir={run_dir}"],
         job_env(cluster),
         run_dir.parent,
         run_dir.parent / f"{run_dir.name}.out",
@@ -87,7 +87,7 @@ def finish(proc: subprocess.Popen, cluster, timeout: float, during=None) -> str:
 
 
 def sweep(cluster, sweep_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "prefopt.run", "-m", *LAUNCH, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "prefopt.run", "-m", *LAUNCH, *tiny_model(overrides), f"hydra.sweep.dir={sweep_dir}"]
     return spawn(cmd, job_env(cluster), sweep_dir.parent, sweep_dir.parent / f"{sweep_dir.name}.out")
 
 

@@ -10,8 +10,12 @@ from prefopt.config import conf_dir
 
 # The verified-math stages around a run (warm-up, on-policy pairs, verified accuracy) have tests of their own.
 MATHLOOP_OFF = ["mathloop.warmup=false", "mathloop.pairs=false", "mathloop.evaluate=false"]
+# The tiny random-init model: the default model is the real SmolLM2-135M-Instruct (conf/config.yaml), which the
+# real-model tests choose themselves. A later model= or an experiment's own model choice wins over this one.
+TINY_MODEL = "model=tiny_qwen"
 # Small enough for a few seconds per run on 2 cores.
 TINY = [
+    TINY_MODEL,
     "steps=3",
     "batch_size=4",
     "micro_batch_size=2",
@@ -38,9 +42,17 @@ TINY_SPEC = dict(
 )
 
 
+def tiny_model(args) -> list[str]:
+    """`python -m prefopt.run` arguments on the tiny model, unless they choose a model or an experiment."""
+    args = list(args)
+    return args if any(a.startswith(("model=", "experiment=")) for a in args) else [*args, TINY_MODEL]  # after -m
+
+
 def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):
     overrides = list(overrides or [])
-    base = TINY if tiny else []
+    base = TINY if tiny else []  # tiny=False: the config as a user composes it (the real default model)
+    if any(o.startswith("experiment=") for o in overrides):  # the experiment picks its own model
+        base = [o for o in base if o != TINY_MODEL]
     if any(o.startswith("data=") for o in overrides):  # the sizes below belong to the arithmetic source only
         base = [o for o in base if not o.startswith("data.source.")]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -9,6 +9,7 @@ import pytest
 
 from prefopt.data.sources import load_rows
 from prefopt.errors import DataError
+from tests.helpers.config import TINY_MODEL
 
 GOOD = {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}
 
@@ -144,7 +145,15 @@ def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path
         assert expected in out.stdout, (expected, out.stdout)
     assert out.stdout.startswith("prefopt: 5 problems (recipe qwen_math: conf/recipe/qwen_math.yaml):")
     tiny = subprocess.run(
-        [sys.executable, "-m", "prefopt.run", "validate=true", "data.max_length=8192", "data.max_prompt_length=64"],
+        [
+            sys.executable,
+            "-m",
+            "prefopt.run",
+            TINY_MODEL,
+            "validate=true",
+            "data.max_length=8192",
+            "data.max_prompt_length=64",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -152,7 +161,7 @@ def test_validate_reports_every_problem_at_once_without_loading_a_model(tmp_path
     )
     assert tiny.returncode == 2 and "data.max_length (8192) exceeds the model's context (4096 positions)" in tiny.stdout
     ok = subprocess.run(
-        [sys.executable, "-m", "prefopt.run", "validate=true", "data=jsonl", f"data.source.path={bad}"],
+        [sys.executable, "-m", "prefopt.run", TINY_MODEL, "validate=true", "data=jsonl", f"data.source.path={bad}"],
         capture_output=True,
         text=True,
         timeout=120,

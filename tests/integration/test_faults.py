@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from prefopt.checkpoint import list_checkpoints
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, TINY_MODEL
 from tests.helpers.small_fs import tmpfs
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 ARGS = [
+    TINY_MODEL,
     "steps=8",
     "save_every=3",
     "eval_every=2",

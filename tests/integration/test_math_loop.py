@@ -18,7 +18,7 @@ from prefopt.mathloop.loop import MathLoop
 from prefopt.mathloop.stages.verification import EvalConfig, benchmark_rows, evaluate_policy
 from prefopt.tokenizer import char_tokenizer
 from prefopt.verify import AnswerChecker
-from tests.helpers.config import compose_cfg
+from tests.helpers.config import compose_cfg, tiny_model
 
 QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 
@@ -386,7 +386,7 @@ def _cli(module, *args, cwd):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", module, *tiny_model(args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -495,5 +495,5 @@ def test_dcr_table_with_seeds_shows_them_and_the_means(tmp_path):
 def test_experiment_overlay_composes_with_every_stage_and_the_table_callback():
     cfg = compose_cfg(["experiment=dcr_arith", "loss=caldpo"], tiny=False)
     assert cfg.mathloop.warmup and cfg.mathloop.pairs and cfg.mathloop.evaluate and cfg.loss.key == "caldpo"
-    default = compose_cfg([], tiny=False)  # the default run has every stage on (the fast tests turn them off)
-    assert default.mathloop.warmup is default.mathloop.pairs is default.mathloop.evaluate is True
+    tiny = compose_cfg(["model=tiny_qwen"], tiny=False)  # every stage on (the fast tests turn them off)
+    assert tiny.mathloop.warmup is tiny.mathloop.pairs is tiny.mathloop.evaluate is True

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prefopt.errors import ConfigError, DataError, TrainingError
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 def cli(*args, cwd, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, "-m", "prefopt.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "prefopt.run", *tiny_model(args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -21,7 +21,7 @@ from prefopt.data.arith import ArithmeticData
 from prefopt.reporting.compare import compare
 from prefopt.reporting.runs import RunRecord
 from prefopt.reporting.sweep import ReportCallback, ReportError, write_report
-from tests.helpers.config import script_module
+from tests.helpers.config import script_module, tiny_model
 
 # per seed: the starting policy's outcomes on problems 0-3, and each loss's after training
 BEFORE = {"0": "1100", "1": "1010"}
@@ -192,7 +192,7 @@ def test_real_seed_sweep_end_to_end(tmp_path):
         f"hydra.sweep.dir={out}",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "prefopt.run", "-m", *args],
+        [sys.executable, "-m", "prefopt.run", "-m", *tiny_model(args)],
         cwd=Path(__file__).resolve().parents[2],
         env=env,
         capture_output=True,

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from prefopt import report, wandb_dashboard
 from prefopt.reporting import dashboard
 from prefopt.reporting.sweep import ReportCallback, ReportError, fmt, write_report
-from tests.helpers.config import MATHLOOP_OFF
+from tests.helpers.config import MATHLOOP_OFF, TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = [
@@ -48,6 +48,7 @@ def sweep(tmp_path_factory) -> Path:
             "-m",
             "prefopt.run",
             "-m",
+            TINY_MODEL,
             *SWEEP,
             f"hydra.sweep.dir={out}",
             "++hydra.callbacks.report._target_=prefopt.reporting.sweep.ReportCallback",

@@ -13,7 +13,7 @@ import prefopt.models
 from prefopt.compose import collect, unknown_additions
 from prefopt.errors import ConfigError
 from prefopt.losses import get_loss
-from tests.helpers.config import compose_cfg
+from tests.helpers.config import compose_cfg, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,12 @@ def test_a_good_loss_value_of_another_numeric_type_is_accepted():
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "prefopt.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "prefopt.run", *tiny_model(args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -83,9 +83,19 @@ def test_every_yaml_composes_and_instantiates(group, option):
 
 
 def test_defaults_compose_to_the_embedded_run():
-    run = plan(compose_cfg([], tiny=False))
-    assert run.model.arch == "qwen2" and run.loss.key == "dpo" and run.loss.hparams["beta"] == 0.1
-    assert run.hardware.strategy == "none" and run.wandb is None
+    """No arguments: the real SmolLM2 weights with their recipe (LoRA, no warm-up, on-policy pairs, every core);
+    model=tiny_qwen: the tiny random-init model with the loop's own defaults (warm-up first, one thread)."""
+    cfg = compose_cfg([], tiny=False)
+    run = plan(cfg)
+    assert run.model.gguf_file.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and run.model.uses_lora
+    assert run.loss.key == "dpo" and run.loss.hparams["beta"] == 0.1 and run.train.steps == 12
+    assert run.hardware.strategy == "none" and run.hardware.threads != 1 and run.wandb is None
+    assert not cfg.mathloop.warmup and cfg.mathloop.pairs and cfg.mathloop.evaluate
+    assert cfg.data.source.max_operand == 15 and cfg.evaluation.benchmarks == ["arith"]
+    tiny_cfg = compose_cfg(["model=tiny_qwen"], tiny=False)
+    tiny = plan(tiny_cfg)
+    assert tiny.model.arch == "qwen2" and not tiny.model.uses_lora and tiny.hardware.threads == 1
+    assert tiny.train.steps == 60 and tiny_cfg.mathloop.warmup and tiny_cfg.data.source.max_operand == 9
 
 
 @pytest.mark.parametrize(
