@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.config import MATHLOOP_OFF, tiny_model
+from tests.helpers.config import MATHLOOP_OFF, TINY_MODEL, tiny_model
 from tests.integration.test_faults import strip
 
 pytestmark = pytest.mark.slurm
@@ -36,6 +36,7 @@ SMALL = [
     "train.progress=false",
     "lr=1e-3",
     *MATHLOOP_OFF,
+    TINY_MODEL,  # also for sbatch launchers/sbatch_torchrun.sh, which passes its arguments on as they are
 ]
 
 
